@@ -1,0 +1,48 @@
+"""interaction-trainer's producer side: the event, the client, settings and errors (no numpy)."""
+
+from producer.client import EventLike, TrainingClient
+from producer.errors import (
+    CheckpointError,
+    ConfigurationError,
+    InvalidEventError,
+    ItrainError,
+    LockTimeoutError,
+    ModelError,
+    ModelExistsError,
+    ModelNotInitialisedError,
+    NonFiniteUpdateError,
+    PublishError,
+    QueueFullError,
+    TargetError,
+)
+from producer.events import InteractionData, event_json_schema
+from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
+from producer.settings import Settings, get_settings
+
+__all__ = [
+    # The event and the client
+    "InteractionData",
+    "EventLike",
+    "TrainingClient",
+    "event_json_schema",
+    # Configuration
+    "Settings",
+    "get_settings",
+    # Task names
+    "TASK_TRAIN_STEP",
+    "TASK_TRAIN_BATCH",
+    "TASK_PREDICT",
+    # Errors
+    "ItrainError",
+    "ConfigurationError",
+    "PublishError",
+    "QueueFullError",
+    "ModelError",
+    "ModelNotInitialisedError",
+    "ModelExistsError",
+    "CheckpointError",
+    "InvalidEventError",
+    "TargetError",
+    "NonFiniteUpdateError",
+    "LockTimeoutError",
+]

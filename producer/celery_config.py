@@ -1,0 +1,82 @@
+"""The Celery configuration shared by producers and workers, built from ``Settings``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
+from producer.settings import Settings
+
+__all__ = ["celery_config", "make_celery"]
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    return {
+        # A message of a dead worker comes back after this long, not the transport's hour.
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": settings.publish_timeout,
+        "socket_connect_timeout": settings.publish_timeout,
+        "retry_on_timeout": True,
+        # Bounded: publishing during an outage fails with a clear error instead of hanging.
+        "max_retries": 3,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 1.0,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings for both sides. JSON only: a pickle message is refused, never executed."""
+    transport = _transport_options(settings)
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_queues": [Queue(settings.queue, routing_key=settings.queue)],
+        "task_routes": {
+            name: {"queue": settings.queue}
+            for name in (TASK_TRAIN_STEP, TASK_TRAIN_BATCH, TASK_PREDICT)
+        },
+        "result_expires": settings.result_expires,
+        "result_extended": False,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": dict(transport),
+        "visibility_timeout": settings.visibility_timeout,
+        "redis_socket_timeout": settings.publish_timeout,
+        "redis_socket_connect_timeout": settings.publish_timeout,
+        "redis_retry_on_timeout": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 1.0,
+        },
+        # At-least-once: acknowledge after the work, requeue when a pool child dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # Flower sees every task: sent, received, started, succeeded, failed.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+        "broker_channel_error_retry": True,
+    }
+
+
+def make_celery(settings: Settings, main: str = "itrain") -> Celery:
+    """A Celery app configured for the project (the producer's needs no task code)."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

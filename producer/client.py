@@ -1,0 +1,142 @@
+"""``TrainingClient``: what any Python service uses to publish events and get job handles."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from producer.celery_config import make_celery
+from producer.errors import PublishError, QueueFullError
+from producer.events import EVENT_LIST, InteractionData
+from producer.protocol import (
+    TASK_PREDICT,
+    TASK_TRAIN_BATCH,
+    TASK_TRAIN_STEP,
+    encode_envelope,
+    new_task_id,
+)
+from producer.redis_conn import connect, redact_url
+from producer.settings import Settings, get_settings
+from producer.stats import read_stats
+
+__all__ = ["TrainingClient", "EventLike"]
+
+EventLike = InteractionData | dict[str, Any]
+
+_UNREACHABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class TrainingClient:
+    """Publishes interaction events; every call returns Celery ``AsyncResult`` job handles at once.
+
+    Events are validated before anything is sent: an invalid one raises
+    ``pydantic.ValidationError`` (a ``ValueError``) and nothing is enqueued.
+    """
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        base = settings or get_settings()
+        if redis_url is not None:
+            base = base.model_copy(
+                update={"redis_url": redis_url, "broker_url": None, "result_backend": None, "store_url": None}
+            )
+        self.settings = base
+        self.app = make_celery(base, main="itrain-producer")
+        self._broker = connect(base.broker, base.publish_timeout)
+        self._store = connect(base.store, base.publish_timeout)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def train_step(self, event: EventLike) -> AsyncResult:
+        """Enqueue one training step; the handle resolves to the contract's result object."""
+        payload = _validate_one(event).model_dump(mode="json")
+        self._check_queue()
+        return self._send(TASK_TRAIN_STEP, payload)
+
+    def train_many(self, events: Iterable[EventLike]) -> list[AsyncResult]:
+        """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
+
+        Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``) and all
+        messages go to Redis in one pipelined round trip. All or nothing: an invalid event or a
+        full queue raises before anything is sent.
+        """
+        items = list(events)
+        if not items:
+            return []
+        payloads = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
+        ids = [new_task_id() for _ in payloads]
+        size = self.settings.chunk_size
+        queue = self.settings.queue
+        envelopes = [
+            encode_envelope(TASK_TRAIN_BATCH, new_task_id(), [ids[i : i + size], payloads[i : i + size]], queue)
+            for i in range(0, len(payloads), size)
+        ]
+        self._check_queue()
+        try:
+            pipe = self._broker.pipeline(transaction=False)
+            # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
+            for envelope in envelopes:
+                pipe.lpush(queue, envelope)
+            pipe.execute()
+        except _UNREACHABLE as exc:
+            raise PublishError(f"cannot publish to {redact_url(self.settings.broker)}: {exc}") from exc
+        make = self.app.AsyncResult
+        return [make(task_id) for task_id in ids]
+
+    def predict(self, event: EventLike) -> AsyncResult:
+        """Ask the model for its prediction for an event; resolves to ``{model, version, prediction}``."""
+        return self._send(TASK_PREDICT, _validate_one(event).model_dump(mode="json"))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def stats(self, model: str = "default") -> dict[str, Any]:
+        """The model's statistics, the same object as ``itrain stats --json``."""
+        try:
+            return read_stats(self._store, model)
+        except _UNREACHABLE as exc:
+            raise PublishError(f"cannot reach {redact_url(self.settings.store)}: {exc}") from exc
+
+    def queue_length(self) -> int:
+        """Messages waiting in the queue (a ``train_many`` chunk counts as one)."""
+        try:
+            return int(self._broker.llen(self.settings.queue))
+        except _UNREACHABLE as exc:
+            raise PublishError(f"cannot reach {redact_url(self.settings.broker)}: {exc}") from exc
+
+    def close(self) -> None:
+        self._broker.close()
+        self._store.close()
+        self.app.close()
+
+    def __enter__(self) -> TrainingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _check_queue(self) -> None:
+        limit = self.settings.max_queue_length
+        if limit and (length := self.queue_length()) >= limit:
+            raise QueueFullError(
+                f"queue {self.settings.queue!r} holds {length} messages, "
+                f"ITRAIN_MAX_QUEUE_LENGTH is {limit}; nothing was enqueued"
+            )
+
+    def _send(self, task: str, payload: dict[str, Any]) -> AsyncResult:
+        try:
+            return self.app.send_task(task, args=[payload], queue=self.settings.queue)
+        except _UNREACHABLE as exc:
+            raise PublishError(f"cannot publish to {redact_url(self.settings.broker)}: {exc}") from exc
+
+
+def _validate_one(event: EventLike) -> InteractionData:
+    if isinstance(event, InteractionData):
+        return event
+    return InteractionData.model_validate(event)
+
+

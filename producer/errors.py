@@ -1,0 +1,66 @@
+"""The project's errors: one base class, a shallow tree, a message that names the cause."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ItrainError",
+    "ConfigurationError",
+    "PublishError",
+    "QueueFullError",
+    "ModelError",
+    "ModelNotInitialisedError",
+    "ModelExistsError",
+    "InvalidEventError",
+    "TargetError",
+    "NonFiniteUpdateError",
+    "LockTimeoutError",
+    "CheckpointError",
+]
+
+
+class ItrainError(Exception):
+    """Base class of every error interaction-trainer raises."""
+
+
+class ConfigurationError(ItrainError):
+    """A setting has a value the project cannot work with."""
+
+
+class PublishError(ItrainError):
+    """An event could not be handed to the broker (Redis unreachable or too slow)."""
+
+
+class QueueFullError(PublishError):
+    """The queue is longer than ``ITRAIN_MAX_QUEUE_LENGTH``; nothing was enqueued."""
+
+
+class ModelError(ItrainError):
+    """Something is wrong with a model's state in the store."""
+
+
+class ModelNotInitialisedError(ModelError):
+    """The named model has no checkpoint yet (run ``itrain init``)."""
+
+
+class ModelExistsError(ModelError):
+    """``itrain init`` without ``--force`` on a model that already has a checkpoint."""
+
+
+class CheckpointError(ModelError):
+    """A stored checkpoint is unreadable (bad shape, dtype or size)."""
+
+
+class InvalidEventError(ItrainError, ValueError):
+    """A message that reached a worker is not a valid event (bad JSON, type or field)."""
+
+
+class TargetError(InvalidEventError):
+    """No training target can be made for an event (unknown action and no label, bad label)."""
+
+
+class NonFiniteUpdateError(ItrainError):
+    """An update would have put a non-finite value (NaN or infinity) into the weights."""
+
+
+class LockTimeoutError(ItrainError):
+    """The model's lock could not be had within the bounded wait, after every retry."""

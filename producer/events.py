@@ -1,0 +1,166 @@
+"""The event every producer sends: ``InteractionData``, its rules and its JSON Schema."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+__all__ = [
+    "CONTEXT_MAX_ENTRIES",
+    "CONTEXT_KEY_MAX",
+    "CONTEXT_VALUE_MAX",
+    "LABEL_MAX_OUTPUTS",
+    "InteractionData",
+    "EVENT_LIST",
+    "event_json_schema",
+    "describe_validation_error",
+]
+
+CONTEXT_MAX_ENTRIES = 64
+CONTEXT_KEY_MAX = 64
+CONTEXT_VALUE_MAX = 256
+LABEL_MAX_OUTPUTS = 64
+# Epoch seconds beyond year 9999 cannot be a real interaction time.
+_MAX_EPOCH = 253_402_300_799.0
+
+ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=CONTEXT_KEY_MAX)]
+ContextValue = (
+    StrictBool
+    | StrictInt
+    | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+    | Annotated[str, StringConstraints(max_length=CONTEXT_VALUE_MAX)]
+)
+Probability = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def _new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+class InteractionData(BaseModel):
+    """One user interaction: who did what, when, in which context.
+
+    >>> e = InteractionData(user_id="u1", action_type="click", timestamp=0)
+    >>> e.timestamp.isoformat(), e.model
+    ('1970-01-01T00:00:00+00:00', 'default')
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        default_factory=_new_event_id,
+        description="De-duplication key; a UUID4 is generated when absent.",
+    )
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+        description="Who interacted; only its hash is ever stored."
+    )
+    action_type: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="What they did, e.g. click, view, purchase, dismiss."
+    )
+    timestamp: datetime = Field(
+        description="When: an ISO 8601 datetime (naive means UTC) or epoch seconds."
+    )
+    context: dict[ContextKey, ContextValue] | None = Field(
+        default=None,
+        max_length=CONTEXT_MAX_ENTRIES,
+        description="Flat str -> str/int/float/bool map, at most 64 entries.",
+    )
+    label: Probability | list[Probability] | None = Field(
+        default=None,
+        description="Explicit target in [0, 1], one per model output; overrides the action mapping.",
+    )
+    model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = Field(
+        default="default", description="Which model the event trains."
+    )
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _epoch_seconds(cls, value: Any) -> Any:
+        # Numbers are epoch seconds, always: pydantic would read large ones as milliseconds.
+        if isinstance(value, bool):
+            raise ValueError("timestamp must be a datetime or epoch seconds, not a boolean")
+        if isinstance(value, int | float):
+            if not math.isfinite(value) or not 0.0 <= value <= _MAX_EPOCH:
+                raise ValueError(f"timestamp {value!r} is not epoch seconds in [0, {_MAX_EPOCH:.0f}]")
+            return datetime.fromtimestamp(value, tz=UTC)
+        return value
+
+    @field_validator("timestamp", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    @field_validator("label", mode="after")
+    @classmethod
+    def _label_length(cls, value: Any) -> Any:
+        if isinstance(value, list) and not 1 <= len(value) <= LABEL_MAX_OUTPUTS:
+            raise ValueError(f"label list must have 1 to {LABEL_MAX_OUTPUTS} values, got {len(value)}")
+        return value
+
+    def labels(self) -> list[float] | None:
+        """The label as a list of floats (a scalar label is one output), or None."""
+        if self.label is None:
+            return None
+        if isinstance(self.label, list):
+            return [float(v) for v in self.label]
+        return [float(self.label)]
+
+
+#: Validates a list of events in one call (faster than one model call per event).
+EVENT_LIST: TypeAdapter[list[InteractionData]] = TypeAdapter(list[InteractionData])
+
+
+def event_json_schema() -> dict[str, Any]:
+    """The JSON Schema of one event, as ``itrain schema`` prints it."""
+    return InteractionData.model_json_schema(mode="validation")
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
+    """A one-line summary naming each bad field and the kind of value it got (never the value).
+
+    Values are left out on purpose: they may be huge (an oversized string) or a user id. The
+    alternatives of a union field (a context value, the label) are folded into one line.
+    """
+    lines: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        kind = type(err.get("input")).__name__
+        if loc[:1] == ["context"] and len(loc) >= 3:
+            field = ".".join(loc[:2])
+            msg = (
+                f"must be a string of at most {CONTEXT_VALUE_MAX} characters, an integer, "
+                f"a finite float or a boolean; got {kind}"
+            )
+        elif loc[:1] == ["label"] and len(loc) >= 3:
+            field = f"label[{loc[2]}]"
+            msg = f"{err['msg']} (got {kind})"
+        elif loc[:1] == ["label"] and len(loc) == 2:
+            if loc[1].startswith("list[") != (kind == "list"):
+                continue  # the other branch's error says it better
+            field = "label"
+            msg = f"must be a number in [0, 1] or a list of them: {err['msg']} (got {kind})"
+        else:
+            field = ".".join(loc) or "event"
+            msg = f"{err['msg']} (got {kind})"
+        lines.setdefault(field, msg)
+    parts = [f"{field}: {msg}" for field, msg in list(lines.items())[:limit]]
+    if len(lines) > limit:
+        parts.append(f"and {len(lines) - limit} more")
+    return "; ".join(parts)

@@ -1,0 +1,68 @@
+"""The Redis key layout: every key the project writes, in one place.
+
+All keys of one model share the hash tag ``{model}``, so a Redis Cluster keeps them in one slot
+and the commit script may touch them together.
+
+| key | type | what |
+|---|---|---|
+| ``itrain:models`` | set | names of initialised models |
+| ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta`` (JSON shapes and dtype), ``config`` (JSON hyper-parameters), ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at`` |
+| ``itrain:{m}:stats`` | hash | analytics counters: ``interactions``, ``failures`` |
+| ``itrain:{m}:actions`` | hash | interactions per action type |
+| ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |
+| ``itrain:{m}:dead`` | list | the last ``ITRAIN_DEAD_LETTER_MAX`` failed messages, newest first (JSON) |
+| ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
+| ``itrain:{m}:done:<event_id>`` | string | the step that trained the event; TTL ``ITRAIN_DEDUPE_TTL`` |
+| ``itrain:{_unrouted}:dead`` | list | failed messages that name no initialised model |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MODELS", "UNROUTED_DEAD", "ModelKeys"]
+
+MODELS = "itrain:models"
+UNROUTED_DEAD = "itrain:{_unrouted}:dead"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """The keys of one model."""
+
+    model: str
+
+    @property
+    def prefix(self) -> str:
+        return f"itrain:{{{self.model}}}:"
+
+    @property
+    def ckpt(self) -> str:
+        return self.prefix + "ckpt"
+
+    @property
+    def stats(self) -> str:
+        return self.prefix + "stats"
+
+    @property
+    def actions(self) -> str:
+        return self.prefix + "actions"
+
+    @property
+    def history(self) -> str:
+        return self.prefix + "history"
+
+    @property
+    def dead(self) -> str:
+        return self.prefix + "dead"
+
+    @property
+    def lock(self) -> str:
+        return self.prefix + "lock"
+
+    @property
+    def done_prefix(self) -> str:
+        return self.prefix + "done:"
+
+    def done(self, event_id: str) -> str:
+        return self.done_prefix + event_id

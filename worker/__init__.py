@@ -1,0 +1,17 @@
+"""interaction-trainer's worker side: the Celery app, the tasks and the training engine.
+
+``celery -A worker worker`` finds ``worker.app``. It is made on first access, not on import, so
+that importing a helper module (``worker.embedded_redis``, ``worker.mlp``) reads no settings.
+"""
+
+from typing import Any
+
+__all__ = ["app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "celery"):
+        from worker.tasks import app
+
+        return app
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")

@@ -1,0 +1,95 @@
+"""Decoding task messages by hand, so that a hostile one becomes a clear error, never code.
+
+The worker reads each training message's body itself instead of letting Celery decode it: the
+content type must be JSON (a pickle message is refused unread), the size is bounded before
+parsing, and every way a body can be wrong ends as an ``InvalidEventError`` naming the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from producer.errors import InvalidEventError
+from producer.events import InteractionData, describe_validation_error
+
+__all__ = ["RawMessage", "decode_args", "validate_event", "split_batch", "model_hint"]
+
+_JSON = "application/json"
+MAX_BATCH_EVENTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A task message as it arrived; plain data, so it can cross into a pool process."""
+
+    task: str
+    task_id: str
+    content_type: str | None
+    content_encoding: str | None
+    compression: str | None
+    body: bytes
+
+
+def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
+    """The positional arguments of a Celery protocol 2 message."""
+    if msg.content_type != _JSON:
+        raise InvalidEventError(
+            f"content type {msg.content_type!r} refused: only {_JSON} is accepted (never pickle)"
+        )
+    if msg.compression:
+        raise InvalidEventError(f"compressed messages ({msg.compression!r}) are refused")
+    if msg.content_encoding not in (None, "utf-8", "utf8", "binary"):
+        raise InvalidEventError(f"content encoding {msg.content_encoding!r} refused: expected utf-8")
+    if len(msg.body) > max_bytes:
+        raise InvalidEventError(
+            f"message body is {len(msg.body)} bytes, larger than ITRAIN_MAX_MESSAGE_BYTES={max_bytes}"
+        )
+    try:
+        body = orjson.loads(msg.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEventError(f"message body is not valid JSON: {exc}") from exc
+    if not (isinstance(body, list) and len(body) == 3 and isinstance(body[0], list)):
+        raise InvalidEventError(
+            f"message body must be [args, kwargs, embed] (Celery protocol 2), got {type(body).__name__}"
+        )
+    if body[1]:
+        raise InvalidEventError(f"task {msg.task} takes no keyword arguments")
+    args: list[Any] = body[0]
+    return args
+
+
+def validate_event(payload: Any) -> InteractionData:
+    """One event from its JSON object; ``InvalidEventError`` names each bad field."""
+    if not isinstance(payload, dict):
+        raise InvalidEventError(f"event must be a JSON object, got {type(payload).__name__}")
+    try:
+        return InteractionData.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidEventError(f"invalid event: {describe_validation_error(exc)}") from None
+
+
+def split_batch(args: list[Any]) -> list[tuple[str, Any]]:
+    """``itrain.train_batch`` arguments ``[ids, events]`` as (result id, event) pairs."""
+    if len(args) != 2 or not isinstance(args[0], list) or not isinstance(args[1], list):
+        raise InvalidEventError("itrain.train_batch takes two arguments: a list of ids and a list of events")
+    ids, events = args
+    if len(ids) != len(events):
+        raise InvalidEventError(f"itrain.train_batch got {len(ids)} ids for {len(events)} events")
+    if len(ids) > MAX_BATCH_EVENTS:
+        raise InvalidEventError(f"itrain.train_batch carries at most {MAX_BATCH_EVENTS} events, got {len(ids)}")
+    for task_id in ids:
+        if not (isinstance(task_id, str) and 0 < len(task_id) <= 255):
+            raise InvalidEventError("itrain.train_batch ids must be strings of 1 to 255 characters")
+    return list(zip(ids, events, strict=True))
+
+
+def model_hint(payload: Any) -> str:
+    """The model a (possibly invalid) payload names, for routing its dead letter."""
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if isinstance(model, str) and 0 < len(model) <= 64:
+        return model
+    return "default"

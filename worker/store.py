@@ -1,0 +1,235 @@
+"""The model store in Redis: checkpoint reads, the fenced commit, dead letters, model creation.
+
+Every write that must be atomic is one Lua script, so a reader never sees weights without the
+``version`` and ``step`` that go with them, and a commit either lands whole or not at all.
+Key names come from ``producer.keys``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from producer.errors import ModelExistsError
+from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
+from producer.settings import Settings
+from worker.checkpoint import Checkpoint, decode, encode
+
+__all__ = ["Store", "ReadResult", "CommitResult", "READ", "COMMIT"]
+
+#: Returns nothing when the model has no checkpoint, only the version when the caller's cached
+#: copy is current (no weights cross the network), else the whole checkpoint.
+READ = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return false end
+if v == ARGV[1] then return {v} end
+return redis.call('HMGET', KEYS[1], 'version', 'params', 'meta', 'config', 'step', 'loss_ema', 'loss_last')
+"""
+
+#: The fenced commit. It lands only if the checkpoint is still at the version read under the lock:
+#: a holder whose lock expired while it was paused finds a newer version and is refused, instead
+#: of overwriting newer weights. Weights, version, step, the event markers, history, counters and
+#: dead letters are written together.
+#: KEYS: ckpt stats actions history dead
+#: ARGV: expected params n loss_last loss_ema now history_max dedupe_ttl done_prefix dead_max
+#:       n_actions n_history n_dead, then n event ids, n_actions (name, count) pairs,
+#:       n_history entries (newest last), n_dead entries.
+COMMIT = """
+local v = redis.call('HGET', KEYS[1], 'version')
+if v ~= ARGV[1] then return {0, v or -1, 0} end
+local n = tonumber(ARGV[3])
+local n_actions, n_hist, n_dead = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local step0 = tonumber(redis.call('HGET', KEYS[1], 'step'))
+local newv = tonumber(v)
+local i = 14
+if n > 0 then
+  newv = newv + 1
+  redis.call('HSET', KEYS[1], 'params', ARGV[2], 'version', newv, 'step', step0 + n,
+             'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6])
+  for j = 1, n do
+    redis.call('SET', ARGV[9] .. ARGV[i], step0 + j, 'EX', ARGV[8])
+    i = i + 1
+  end
+  redis.call('HINCRBY', KEYS[2], 'interactions', n)
+end
+for j = 1, n_actions do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if n_hist > 0 then
+  redis.call('LPUSH', KEYS[4], unpack(ARGV, i, i + n_hist - 1))
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
+  i = i + n_hist
+end
+if n_dead > 0 then
+  redis.call('LPUSH', KEYS[5], unpack(ARGV, i, i + n_dead - 1))
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
+  redis.call('HINCRBY', KEYS[2], 'failures', n_dead)
+end
+return {1, newv, step0}
+"""
+
+#: Dead letters for a model if it exists, else for the unrouted list (so hostile messages naming
+#: random models cannot create keys). KEYS: models dead stats unrouted; ARGV: model max entries...
+DEAD = """
+local dead, stats = KEYS[2], KEYS[3]
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then dead, stats = KEYS[4], false end
+redis.call('LPUSH', dead, unpack(ARGV, 3))
+redis.call('LTRIM', dead, 0, tonumber(ARGV[2]) - 1)
+if stats then redis.call('HINCRBY', stats, 'failures', #ARGV - 2) end
+return 1
+"""
+
+#: Creates (or, with force, replaces) a model. The version keeps rising across a replacement, so
+#: a worker's cached copy of the old model can never pass for the new one.
+#: KEYS: models ckpt stats actions history dead; ARGV: model force fields...
+INIT = """
+local old = redis.call('HGET', KEYS[2], 'version')
+if old and ARGV[2] ~= '1' then return {0, old} end
+local version = (tonumber(old) or 0) + 1
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[2], 'version', version, unpack(ARGV, 3))
+redis.call('SADD', KEYS[1], ARGV[1])
+return {1, version}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """What a read under the lock found."""
+
+    state: Literal["missing", "unchanged", "fresh"]
+    version: int
+    checkpoint: Checkpoint | None
+    done: list[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    ok: bool
+    version: int
+    first_step: int
+
+
+class Store:
+    """Redis I/O for models; one instance per process, shared by its tasks."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._read = client.register_script(READ)
+        self._commit = client.register_script(COMMIT)
+        self._dead = client.register_script(DEAD)
+        self._init = client.register_script(INIT)
+
+    def read(self, model: str, cached_version: int | None, event_ids: Sequence[str]) -> ReadResult:
+        """The checkpoint (unless the cached version is current) and which events are done, in one
+        round trip."""
+        keys = ModelKeys(model)
+        pipe = self.client.pipeline(transaction=False)
+        self._read(keys=[keys.ckpt], args=["" if cached_version is None else cached_version], client=pipe)
+        if event_ids:
+            pipe.mget([keys.done(e) for e in event_ids])
+        replies = pipe.execute()
+        reply = replies[0]
+        done = [v is not None for v in replies[1]] if event_ids else []
+        if not reply:
+            return ReadResult("missing", 0, None, done)
+        if len(reply) == 1:
+            return ReadResult("unchanged", int(reply[0]), None, done)
+        version, params, meta, config, step, loss_ema, loss_last = reply
+        ckpt = decode(
+            params=params, meta=meta, config=config, version=version, step=step,
+            loss_ema=loss_ema, loss_last=loss_last,
+        )
+        return ReadResult("fresh", ckpt.version, ckpt, done)
+
+    def load(self, model: str) -> Checkpoint | None:
+        """The current checkpoint, read without the lock (one atomic HMGET)."""
+        result = self.read(model, None, ())
+        return result.checkpoint
+
+    def commit(
+        self,
+        model: str,
+        *,
+        expected_version: int,
+        params: bytes,
+        event_ids: Sequence[str],
+        loss_last: float,
+        loss_ema: float,
+        actions: dict[str, int],
+        history: Sequence[bytes],
+        dead: Sequence[bytes],
+    ) -> CommitResult:
+        """The fenced commit (script ``COMMIT``); ``ok`` is False when the version moved on."""
+        keys = ModelKeys(model)
+        s = self.settings
+        args: list[Any] = [
+            expected_version, params, len(event_ids), repr(loss_last), repr(loss_ema), time.time(),
+            s.history_max, s.dedupe_ttl, keys.done_prefix, s.dead_letter_max,
+            len(actions), len(history), len(dead),
+        ]
+        args.extend(event_ids)
+        for name, count in actions.items():
+            args.extend((name, count))
+        args.extend(history)
+        args.extend(dead)
+        ok, version, first = self._commit(
+            keys=[keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead], args=args
+        )
+        return CommitResult(bool(ok), int(version), int(first))
+
+    def dead_letter(self, model: str, entries: Sequence[bytes]) -> None:
+        """Record failed messages in the model's bounded dead-letter list (or the unrouted one)."""
+        if not entries:
+            return
+        keys = ModelKeys(model)
+        self._dead(
+            keys=[MODELS, keys.dead, keys.stats, UNROUTED_DEAD],
+            args=[model, self.settings.dead_letter_max, *entries],
+        )
+
+    def create(self, model: str, ckpt: Checkpoint, *, force: bool) -> int:
+        """Write a new model's first checkpoint; returns its version.
+
+        Without ``force`` an existing model is left alone and ``ModelExistsError`` is raised. With
+        it, the old history, counters, dead letters and event markers go too.
+        """
+        keys = ModelKeys(model)
+        fields = encode(ckpt)
+        fields.pop("version")
+        flat: list[Any] = [model, "1" if force else "0"]
+        for name, value in fields.items():
+            flat.extend((name, value))
+        ok, version = self._init(
+            keys=[MODELS, keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead], args=flat
+        )
+        if not ok:
+            raise ModelExistsError(
+                f"model {model!r} already exists at version {int(version)}; use --force to replace it"
+            )
+        if force:
+            self._delete_prefix(keys.done_prefix)
+        return int(version)
+
+    def models(self) -> list[str]:
+        return sorted(m.decode() for m in self.client.smembers(MODELS))
+
+    def _delete_prefix(self, prefix: str) -> None:
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                self.client.unlink(*batch)
+                batch.clear()
+        if batch:
+            self.client.unlink(*batch)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
