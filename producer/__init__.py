@@ -13,6 +13,7 @@ from producer.errors import (
     NonFiniteUpdateError,
     PublishError,
     QueueFullError,
+    ResultTimeoutError,
     TargetError,
 )
 from producer.events import InteractionData, event_json_schema
@@ -45,4 +46,5 @@ __all__ = [
     "TargetError",
     "NonFiniteUpdateError",
     "LockTimeoutError",
+    "ResultTimeoutError",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
 from producer.settings import Settings
@@ -39,10 +39,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "task_default_queue": settings.queue,
-        "task_queues": [Queue(settings.queue, routing_key=settings.queue)],
+        "task_queues": [Queue(settings.queue, routing_key=settings.queue)],  # type: ignore[no-untyped-call]
         "task_routes": {
-            name: {"queue": settings.queue}
-            for name in (TASK_TRAIN_STEP, TASK_TRAIN_BATCH, TASK_PREDICT)
+            name: {"queue": settings.queue} for name in (TASK_TRAIN_STEP, TASK_TRAIN_BATCH, TASK_PREDICT)
         },
         "result_expires": settings.result_expires,
         "result_extended": False,

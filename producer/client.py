@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 import redis
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
-from producer.errors import PublishError, QueueFullError
+from producer.errors import PublishError, QueueFullError, ResultTimeoutError
 from producer.events import EVENT_LIST, InteractionData
 from producer.protocol import (
     TASK_PREDICT,
@@ -18,15 +20,17 @@ from producer.protocol import (
     TASK_TRAIN_STEP,
     encode_envelope,
     new_task_id,
+    result_key,
 )
 from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
 
-__all__ = ["TrainingClient", "EventLike"]
+__all__ = ["EventLike", "TrainingClient"]
 
 EventLike = InteractionData | dict[str, Any]
 
+_PENDING = object()
 _UNREACHABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
 
 
@@ -47,6 +51,7 @@ class TrainingClient:
         self.app = make_celery(base, main="itrain-producer")
         self._broker = connect(base.broker, base.publish_timeout)
         self._store = connect(base.store, base.publish_timeout)
+        self._results = connect(base.backend, base.publish_timeout)
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -71,7 +76,9 @@ class TrainingClient:
         size = self.settings.chunk_size
         queue = self.settings.queue
         envelopes = [
-            encode_envelope(TASK_TRAIN_BATCH, new_task_id(), [ids[i : i + size], payloads[i : i + size]], queue)
+            encode_envelope(
+                TASK_TRAIN_BATCH, new_task_id(), [ids[i : i + size], payloads[i : i + size]], queue
+            )
             for i in range(0, len(payloads), size)
         ]
         self._check_queue()
@@ -106,9 +113,51 @@ class TrainingClient:
         except _UNREACHABLE as exc:
             raise PublishError(f"cannot reach {redact_url(self.settings.broker)}: {exc}") from exc
 
+    def wait_all(
+        self, handles: Sequence[AsyncResult], timeout: float = 60.0, poll: float = 0.01
+    ) -> list[Any]:
+        """Every handle's result, in order: the result object, or the exception of a failed job.
+
+        Reads results in pipelined ``MGET`` calls, so waiting for 100,000 events costs a few
+        round trips instead of one subscription per handle. ``ResultTimeoutError`` when some are
+        still pending after ``timeout`` seconds.
+        """
+        backend = self.app.backend
+        results: list[Any] = [_PENDING] * len(handles)
+        pending = list(range(len(handles)))
+        deadline = time.monotonic() + timeout
+        while pending:
+            still: list[int] = []
+            for start in range(0, len(pending), 5000):
+                part = pending[start : start + 5000]
+                try:
+                    values = self._results.mget([result_key(handles[i].id) for i in part])
+                except _UNREACHABLE as exc:
+                    raise PublishError(f"cannot reach {redact_url(self.settings.backend)}: {exc}") from exc
+                for i, raw in zip(part, values, strict=True):
+                    if raw is None:
+                        still.append(i)
+                        continue
+                    meta = orjson.loads(raw)
+                    if meta["status"] == "SUCCESS":
+                        results[i] = meta["result"]
+                    elif meta["status"] == "FAILURE":
+                        results[i] = backend.exception_to_python(meta["result"])
+                    else:
+                        still.append(i)
+            pending = still
+            if pending:
+                if time.monotonic() > deadline:
+                    raise ResultTimeoutError(
+                        f"{len(pending)} of {len(handles)} job(s) still pending after {timeout:g} s"
+                    )
+                time.sleep(poll)
+        return results
+
     def close(self) -> None:
         self._broker.close()
         self._store.close()
+        self._results.close()
         self.app.close()
 
     def __enter__(self) -> TrainingClient:
@@ -138,5 +187,3 @@ def _validate_one(event: EventLike) -> InteractionData:
     if isinstance(event, InteractionData):
         return event
     return InteractionData.model_validate(event)
-
-

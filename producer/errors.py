@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 __all__ = [
-    "ItrainError",
+    "CheckpointError",
     "ConfigurationError",
+    "InvalidEventError",
+    "ItrainError",
+    "LockTimeoutError",
+    "ModelError",
+    "ModelExistsError",
+    "ModelNotInitialisedError",
+    "NonFiniteUpdateError",
     "PublishError",
     "QueueFullError",
-    "ModelError",
-    "ModelNotInitialisedError",
-    "ModelExistsError",
-    "InvalidEventError",
+    "ResultTimeoutError",
     "TargetError",
-    "NonFiniteUpdateError",
-    "LockTimeoutError",
-    "CheckpointError",
 ]
 
 
@@ -64,3 +65,7 @@ class NonFiniteUpdateError(ItrainError):
 
 class LockTimeoutError(ItrainError):
     """The model's lock could not be had within the bounded wait, after every retry."""
+
+
+class ResultTimeoutError(ItrainError, TimeoutError):
+    """Job results were not all ready within the time the caller allowed."""

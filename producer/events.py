@@ -21,14 +21,14 @@ from pydantic import (
 )
 
 __all__ = [
-    "CONTEXT_MAX_ENTRIES",
     "CONTEXT_KEY_MAX",
+    "CONTEXT_MAX_ENTRIES",
     "CONTEXT_VALUE_MAX",
+    "EVENT_LIST",
     "LABEL_MAX_OUTPUTS",
     "InteractionData",
-    "EVENT_LIST",
-    "event_json_schema",
     "describe_validation_error",
+    "event_json_schema",
 ]
 
 CONTEXT_MAX_ENTRIES = 64
@@ -72,9 +72,7 @@ class InteractionData(BaseModel):
     action_type: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
         description="What they did, e.g. click, view, purchase, dismiss."
     )
-    timestamp: datetime = Field(
-        description="When: an ISO 8601 datetime (naive means UTC) or epoch seconds."
-    )
+    timestamp: datetime = Field(description="When: an ISO 8601 datetime (naive means UTC) or epoch seconds.")
     context: dict[ContextKey, ContextValue] | None = Field(
         default=None,
         max_length=CONTEXT_MAX_ENTRIES,

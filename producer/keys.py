@@ -6,7 +6,8 @@ and the commit script may touch them together.
 | key | type | what |
 |---|---|---|
 | ``itrain:models`` | set | names of initialised models |
-| ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta`` (JSON shapes and dtype), ``config`` (JSON hyper-parameters), ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at`` |
+| ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta``, |
+| | | ``config``, ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at`` |
 | ``itrain:{m}:stats`` | hash | analytics counters: ``interactions``, ``failures`` |
 | ``itrain:{m}:actions`` | hash | interactions per action type |
 | ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |

@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 
 __all__ = [
-    "TASK_TRAIN_STEP",
-    "TASK_TRAIN_BATCH",
-    "TASK_PREDICT",
     "RESULT_KEY_PREFIX",
-    "result_key",
-    "new_task_id",
+    "TASK_PREDICT",
+    "TASK_TRAIN_BATCH",
+    "TASK_TRAIN_STEP",
     "encode_envelope",
+    "new_task_id",
+    "result_key",
 ]
 
 TASK_TRAIN_STEP = "itrain.train_step"

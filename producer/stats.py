@@ -28,18 +28,14 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
     pipe.hgetall(keys.actions)
     pipe.llen(keys.history)
     pipe.llen(keys.dead)
-    (version, step, loss_last, loss_ema), (interactions, failures), actions, hist, dead = (
-        pipe.execute()
-    )
+    (version, step, loss_last, loss_ema), (interactions, failures), actions, hist, dead = pipe.execute()
     return {
         "model": model,
         "initialized": version is not None,
         "version": _int(version) if version is not None else None,
         "step": _int(step),
         "interactions": _int(interactions),
-        "interactions_by_action": {
-            k.decode(): int(v) for k, v in sorted(actions.items())
-        },
+        "interactions_by_action": {k.decode(): int(v) for k, v in sorted(actions.items())},
         "loss_last": _float(loss_last),
         "loss_ema": _float(loss_ema),
         "history_len": int(hist),

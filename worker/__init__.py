@@ -11,7 +11,8 @@ __all__ = ["app"]
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
-        from worker.tasks import app
+        import worker.tasks  # noqa: F401 - registers the tasks
+        from worker.celery_app import app
 
         return app
     raise AttributeError(f"module 'worker' has no attribute {name!r}")

@@ -34,7 +34,7 @@ logger = logging.getLogger("itrain.batching")
 
 
 class _Pending:
-    __slots__ = ("raw", "ack", "reject", "received")
+    __slots__ = ("ack", "raw", "received", "reject")
 
     def __init__(self, raw: RawMessage, ack: Any, reject: Any) -> None:
         self.raw = raw
@@ -72,10 +72,16 @@ class _Buffer:
         )
         if self.send_event:
             self.send_event(
-                "task-received", uuid=task_id, name=self.task.name,
-                args=str(headers.get("argsrepr") or "")[:200], kwargs="{}",
-                retries=headers.get("retries", 0) or 0, root_id=headers.get("root_id"),
-                parent_id=headers.get("parent_id"), eta=None, expires=None,
+                "task-received",
+                uuid=task_id,
+                name=self.task.name,
+                args=str(headers.get("argsrepr") or "")[:200],
+                kwargs="{}",
+                retries=headers.get("retries", 0) or 0,
+                root_id=headers.get("root_id"),
+                parent_id=headers.get("parent_id"),
+                eta=None,
+                expires=None,
             )
         with self.mutex:
             self.items.append(_Pending(raw, ack, reject))
@@ -110,7 +116,9 @@ class _Buffer:
         for p, (task_id, state, result, runtime) in zip(items, summaries, strict=True):
             if self.send_event:
                 if state == "SUCCESS":
-                    self.send_event("task-succeeded", uuid=task_id, result=repr(result)[:1024], runtime=runtime)
+                    self.send_event(
+                        "task-succeeded", uuid=task_id, result=repr(result)[:1024], runtime=runtime
+                    )
                 else:
                     self.send_event("task-failed", uuid=task_id, exception=str(result)[:1024], traceback="")
             # Late ack: only now are the results and weights in Redis.
@@ -123,8 +131,13 @@ class _Buffer:
         logger.error("batch of %d message(s) not finished (%r); requeued", len(items), exc)
         for p in items:
             if self.send_event:
-                self.send_event("task-failed" if not lost else "task-rejected", uuid=p.raw.task_id,
-                                exception=repr(exc)[:1024], traceback="", requeue=True)
+                self.send_event(
+                    "task-failed" if not lost else "task-rejected",
+                    uuid=p.raw.task_id,
+                    exception=repr(exc)[:1024],
+                    traceback="",
+                    requeue=True,
+                )
             p.reject(logger, self.connection_errors, True)
 
 

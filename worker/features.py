@@ -17,7 +17,15 @@ import numpy.typing as npt
 
 from producer.events import InteractionData
 
-__all__ = ["N_FEATURES", "unit_hash", "action_hash", "user_hash", "time_of_day", "featurize", "featurize_many"]
+__all__ = [
+    "N_FEATURES",
+    "action_hash",
+    "featurize",
+    "featurize_many",
+    "time_of_day",
+    "unit_hash",
+    "user_hash",
+]
 
 N_FEATURES = 4
 _U64_MAX = float(2**64 - 1)

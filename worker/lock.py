@@ -9,6 +9,7 @@ checkpoint version (see ``store.COMMIT``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from types import TracebackType
 
@@ -59,10 +60,8 @@ class ModelLock:
         """Give the lock back; returns how long it was held. An expired lock is not an error:
         the fenced commit already refused any write made after it expired."""
         held = time.perf_counter() - self.acquired_at
-        try:
+        with contextlib.suppress(LockNotOwnedError, LockError):
             self._lock.release()
-        except (LockNotOwnedError, LockError):
-            pass
         return held
 
     def __enter__(self) -> ModelLock:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from producer.errors import InvalidEventError
 from producer.events import InteractionData, describe_validation_error
 
-__all__ = ["RawMessage", "decode_args", "validate_event", "split_batch", "model_hint"]
+__all__ = ["RawMessage", "decode_args", "model_hint", "split_batch", "validate_event"]
 
 _JSON = "application/json"
 MAX_BATCH_EVENTS = 10_000
@@ -80,7 +80,9 @@ def split_batch(args: list[Any]) -> list[tuple[str, Any]]:
     if len(ids) != len(events):
         raise InvalidEventError(f"itrain.train_batch got {len(ids)} ids for {len(events)} events")
     if len(ids) > MAX_BATCH_EVENTS:
-        raise InvalidEventError(f"itrain.train_batch carries at most {MAX_BATCH_EVENTS} events, got {len(ids)}")
+        raise InvalidEventError(
+            f"itrain.train_batch carries at most {MAX_BATCH_EVENTS} events, got {len(ids)}"
+        )
     for task_id in ids:
         if not (isinstance(task_id, str) and 0 < len(task_id) <= 255):
             raise InvalidEventError("itrain.train_batch ids must be strings of 1 to 255 characters")

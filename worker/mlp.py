@@ -16,17 +16,17 @@ import numpy.typing as npt
 from producer.errors import NonFiniteUpdateError
 
 __all__ = [
-    "Shape",
     "Params",
-    "init_params",
-    "unpack",
-    "forward",
-    "bce_with_logits",
-    "loss_and_grad",
-    "clip_by_norm",
-    "sgd_update",
     "PerEventSGD",
+    "Shape",
+    "bce_with_logits",
+    "clip_by_norm",
+    "forward",
+    "init_params",
+    "loss_and_grad",
     "minibatch_step",
+    "sgd_update",
+    "unpack",
 ]
 
 Array = npt.NDArray[np.float64]

@@ -25,7 +25,7 @@ Status = Literal["SUCCESS", "FAILURE"]
 class Outcome:
     """The end of one job: its result object, or the error that failed it."""
 
-    __slots__ = ("task_id", "status", "result")
+    __slots__ = ("result", "status", "task_id")
 
     def __init__(self, task_id: str, status: Status, result: dict[str, Any]) -> None:
         self.task_id = task_id

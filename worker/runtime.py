@@ -23,7 +23,7 @@ from worker.results import Outcome, write_results
 from worker.store import Store
 from worker.trainer import Job, Trainer, dead_letter_entry
 
-__all__ = ["Runtime", "get_runtime", "run_messages", "Summary"]
+__all__ = ["Runtime", "Summary", "get_runtime", "run_messages"]
 
 logger = logging.getLogger("itrain.runtime")
 
@@ -99,11 +99,15 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
         if m in message_error:
             summaries.append((msg.task_id, "FAILURE", message_error[m], runtime))
         elif msg.task == TASK_TRAIN_BATCH:
-            summaries.append((msg.task_id, "SUCCESS", _count(per_message.get(m, []), invalid.get(m, 0)), runtime))
+            summaries.append(
+                (msg.task_id, "SUCCESS", _count(per_message.get(m, []), invalid.get(m, 0)), runtime)
+            )
         else:
             (o,) = per_message[m]
             state = o.status
-            summaries.append((msg.task_id, state, o.result if state == "SUCCESS" else o.result["exc_message"][0], runtime))
+            summaries.append(
+                (msg.task_id, state, o.result if state == "SUCCESS" else o.result["exc_message"][0], runtime)
+            )
     return summaries
 
 
@@ -114,17 +118,24 @@ def _single(msg: RawMessage, args: list[Any]) -> list[tuple[str, Any]]:
 
 
 def _fail(
-    failures: list[Outcome], dead: dict[str, list[bytes]], task_id: str,
-    exc: InvalidEventError, payload: Any,
+    failures: list[Outcome],
+    dead: dict[str, list[bytes]],
+    task_id: str,
+    exc: InvalidEventError,
+    payload: Any,
 ) -> str:
     failures.append(Outcome.failure(task_id, exc))
     model = model_hint(payload)
     event_id = payload.get("event_id") if isinstance(payload, dict) else None
     extra = {"payload_kind": type(payload).__name__} if payload is not None else None
     dead.setdefault(model, []).append(
-        dead_letter_entry(task_id, exc, model=model,
-                          event_id=event_id if isinstance(event_id, str) and len(event_id) <= 128 else None,
-                          extra=extra)
+        dead_letter_entry(
+            task_id,
+            exc,
+            model=model,
+            event_id=event_id if isinstance(event_id, str) and len(event_id) <= 128 else None,
+            extra=extra,
+        )
     )
     logger.warning("task %s failed: %s", task_id, exc)
     return str(exc)

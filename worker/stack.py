@@ -14,7 +14,14 @@ from celery import Celery
 
 from producer.errors import ConfigurationError
 
-__all__ = ["worker_command", "flower_command", "start_worker", "start_flower", "wait_for_workers", "stop_process"]
+__all__ = [
+    "flower_command",
+    "start_flower",
+    "start_worker",
+    "stop_process",
+    "wait_for_workers",
+    "worker_command",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,27 +29,58 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker_command(name: str, concurrency: int, loglevel: str = "info", pool: str = "prefork") -> list[str]:
     """The command line a container or a shell uses to start one worker."""
     return [
-        sys.executable, "-m", "celery", "-A", "worker", "worker",
-        "--hostname", f"{name}@%h", "--concurrency", str(concurrency),
-        "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "worker",
+        "--hostname",
+        f"{name}@%h",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
 def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--address={address}", f"--port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "flower",
+        f"--address={address}",
+        f"--port={port}",
+    ]
 
 
 def _popen(cmd: list[str], env: Mapping[str, str], log: Path | None) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
-        cmd, env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        cmd,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C in a terminal reaches only us; we stop the children
     )
 
 
 def start_worker(
-    name: str, env: Mapping[str, str], *, concurrency: int = 2, log: Path | None = None,
-    loglevel: str = "info", pool: str = "prefork",
+    name: str,
+    env: Mapping[str, str],
+    *,
+    concurrency: int = 2,
+    log: Path | None = None,
+    loglevel: str = "info",
+    pool: str = "prefork",
 ) -> subprocess.Popen[bytes]:
     return _popen(worker_command(name, concurrency, loglevel, pool), env, log)
 

@@ -19,7 +19,7 @@ from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
 from producer.settings import Settings
 from worker.checkpoint import Checkpoint, decode, encode
 
-__all__ = ["Store", "ReadResult", "CommitResult", "READ", "COMMIT"]
+__all__ = ["COMMIT", "READ", "CommitResult", "ReadResult", "Store"]
 
 #: Returns nothing when the model has no checkpoint, only the version when the caller's cached
 #: copy is current (no weights cross the network), else the whole checkpoint.
@@ -143,8 +143,13 @@ class Store:
             return ReadResult("unchanged", int(reply[0]), None, done)
         version, params, meta, config, step, loss_ema, loss_last = reply
         ckpt = decode(
-            params=params, meta=meta, config=config, version=version, step=step,
-            loss_ema=loss_ema, loss_last=loss_last,
+            params=params,
+            meta=meta,
+            config=config,
+            version=version,
+            step=step,
+            loss_ema=loss_ema,
+            loss_last=loss_last,
         )
         return ReadResult("fresh", ckpt.version, ckpt, done)
 
@@ -170,9 +175,19 @@ class Store:
         keys = ModelKeys(model)
         s = self.settings
         args: list[Any] = [
-            expected_version, params, len(event_ids), repr(loss_last), repr(loss_ema), time.time(),
-            s.history_max, s.dedupe_ttl, keys.done_prefix, s.dead_letter_max,
-            len(actions), len(history), len(dead),
+            expected_version,
+            params,
+            len(event_ids),
+            repr(loss_last),
+            repr(loss_ema),
+            time.time(),
+            s.history_max,
+            s.dedupe_ttl,
+            keys.done_prefix,
+            s.dead_letter_max,
+            len(actions),
+            len(history),
+            len(dead),
         ]
         args.extend(event_ids)
         for name, count in actions.items():
@@ -218,7 +233,7 @@ class Store:
         return int(version)
 
     def models(self) -> list[str]:
-        return sorted(m.decode() for m in self.client.smembers(MODELS))
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(MODELS))
 
     def _delete_prefix(self, prefix: str) -> None:
         batch: list[bytes] = []

@@ -15,7 +15,7 @@ from worker.celery_app import app
 from worker.messages import RawMessage, validate_event
 from worker.runtime import get_runtime, run_messages
 
-__all__ = ["TrainingTask", "train_step", "train_batch", "predict"]
+__all__ = ["TrainingTask", "predict", "train_batch", "train_step"]
 
 
 class TrainingTask(Task):  # type: ignore[misc]

@@ -57,8 +57,13 @@ class Job:
 
 
 def dead_letter_entry(
-    task_id: str, exc: BaseException, *, model: str | None = None, event_id: str | None = None,
-    action_type: str | None = None, extra: dict[str, Any] | None = None,
+    task_id: str,
+    exc: BaseException,
+    *,
+    model: str | None = None,
+    event_id: str | None = None,
+    action_type: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """A dead-letter record: what failed and why. Never the raw user id, never the raw payload."""
     entry: dict[str, Any] = {
@@ -119,8 +124,12 @@ class Trainer:
                 return outcomes
             # Fenced out: another worker committed first (our lock had expired). Retry on its weights.
             self._cache.pop(model, None)
-            logger.warning("model=%s commit refused (attempt %d/%d); retrying on fresh weights",
-                           model, attempt + 1, attempts)
+            logger.warning(
+                "model=%s commit refused (attempt %d/%d); retrying on fresh weights",
+                model,
+                attempt + 1,
+                attempts,
+            )
         return self._fail_all(model, jobs, ItrainError(f"commit refused {attempts} times in a row"))
 
     def _critical_section(
@@ -187,19 +196,25 @@ class Trainer:
         keep = trained[-self.settings.history_max :]
         target_of = dict(zip(train_idx, targets, strict=True))
         offset = len(trained) - len(keep)
-        history = [
-            orjson.dumps({
-                "step": first + offset + k + 1,
-                "event_id": jobs[i].event.event_id,
-                "action_type": jobs[i].event.action_type,
-                "features": X[i].tolist(),
-                "target": target_of[i].tolist(),
-                "loss": loss,
-                "event_time": jobs[i].event.timestamp.timestamp(),
-                "trained_at": now,
-            })
-            for k, (i, loss) in enumerate(keep)
-        ] if keep else []
+        history = (
+            [
+                orjson.dumps(
+                    {
+                        "step": first + offset + k + 1,
+                        "event_id": jobs[i].event.event_id,
+                        "action_type": jobs[i].event.action_type,
+                        "features": X[i].tolist(),
+                        "target": target_of[i].tolist(),
+                        "loss": loss,
+                        "event_time": jobs[i].event.timestamp.timestamp(),
+                        "trained_at": now,
+                    }
+                )
+                for k, (i, loss) in enumerate(keep)
+            ]
+            if keep
+            else []
+        )
         commit = self.store.commit(
             model,
             expected_version=ckpt.version,
@@ -215,16 +230,33 @@ class Trainer:
             return None
         for k, (i, loss) in enumerate(trained):
             step = commit.first_step + k + 1
-            outcomes[i] = Outcome.success(jobs[i].task_id, {
-                "status": "trained", "model": model, "event_id": jobs[i].event.event_id,
-                "step": step, "version": commit.version, "loss": loss,
-            })
+            outcomes[i] = Outcome.success(
+                jobs[i].task_id,
+                {
+                    "status": "trained",
+                    "model": model,
+                    "event_id": jobs[i].event.event_id,
+                    "step": step,
+                    "version": commit.version,
+                    "loss": loss,
+                },
+            )
             if step % self.settings.log_every == 0:
-                logger.info("model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
-                            model, step, commit.version, loss, ema)
+                logger.info(
+                    "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
+                    model,
+                    step,
+                    commit.version,
+                    loss,
+                    ema,
+                )
         self._cache[model] = Checkpoint(
-            config=cfg, theta=theta, version=commit.version, step=first + len(trained),
-            loss_ema=ema, loss_last=trained[-1][1] if trained else ckpt.loss_last,
+            config=cfg,
+            theta=theta,
+            version=commit.version,
+            step=first + len(trained),
+            loss_ema=ema,
+            loss_last=trained[-1][1] if trained else ckpt.loss_last,
         )
         return [o for o in outcomes if o is not None]
 
@@ -237,7 +269,9 @@ class Trainer:
         cached = self._cache.get(model)
         read = self.store.read(model, cached.version if cached else None, ())
         if read.state == "missing":
-            raise ModelNotInitialisedError(f"model {model!r} is not initialised; run `itrain init --model {model}`")
+            raise ModelNotInitialisedError(
+                f"model {model!r} is not initialised; run `itrain init --model {model}`"
+            )
         ckpt = read.checkpoint if read.checkpoint is not None else cached
         assert ckpt is not None
         self._cache[model] = ckpt
@@ -248,10 +282,15 @@ class Trainer:
 
     def _skipped(self, job: Job) -> Outcome:
         model = job.event.model
-        return Outcome.success(job.task_id, {
-            "status": "skipped", "model": model, "event_id": job.event.event_id,
-            "reason": f"model {model!r} is not initialised; run `itrain init --model {model}`",
-        })
+        return Outcome.success(
+            job.task_id,
+            {
+                "status": "skipped",
+                "model": model,
+                "event_id": job.event.event_id,
+                "reason": f"model {model!r} is not initialised; run `itrain init --model {model}`",
+            },
+        )
 
     def _fail_all(self, model: str, jobs: list[Job], exc: ItrainError) -> list[Outcome]:
         self.store.dead_letter(model, [_dead(j, exc) for j in jobs])

@@ -1,0 +1,125 @@
+"""Shared fixtures: a private redis-server on a free port, real worker processes, a client.
+
+Nothing here touches a Redis the tests did not start: the session sets ``ITRAIN_REDIS_URL`` to
+its own server before anything reads settings, and every model name is unique per test, so the
+workers' in-memory checkpoint caches never mix tests.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import TrainingClient
+from producer.settings import Settings, get_settings
+from worker.checkpoint import Checkpoint, ModelConfig
+from worker.embedded_redis import RedisServer
+from worker.mlp import init_params
+from worker.stack import start_worker, stop_process, wait_for_workers
+from worker.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    previous = os.environ.get("ITRAIN_REDIS_URL")
+    os.environ["ITRAIN_REDIS_URL"] = server.url
+    get_settings.cache_clear()
+    yield server
+    server.close()
+    if previous is None:
+        os.environ.pop("ITRAIN_REDIS_URL", None)
+    else:
+        os.environ["ITRAIN_REDIS_URL"] = previous
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, settings: Settings) -> Store:
+    return Store(redis_client, settings)
+
+
+@pytest.fixture
+def model_name() -> str:
+    return f"m-{uuid.uuid4().hex[:12]}"
+
+
+ModelFactory = Callable[..., str]
+
+
+@pytest.fixture
+def make_model(store: Store) -> ModelFactory:
+    """Creates an initialised model; keyword arguments are ``ModelConfig`` fields."""
+
+    def make(name: str | None = None, **config: object) -> str:
+        name = name or f"m-{uuid.uuid4().hex[:12]}"
+        cfg = ModelConfig.model_validate(config)
+        store.create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[TrainingClient]:
+    with TrainingClient(redis_url=redis_url) as c:
+        yield c
+
+
+WorkerFactory = Callable[..., list]
+
+
+@pytest.fixture
+def start_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Starts ``celery -A worker worker`` processes; every one is stopped (by pid) at teardown.
+
+    ``start_workers(2, concurrency=1, env={"ITRAIN_LOCK_TIMEOUT": "1"})`` returns the Popen objects
+    once all of them answer a ping. Logs go to ``tmp_path``.
+    """
+    procs: list = []
+    apps: list = []
+
+    def start(
+        count: int = 1, *, concurrency: int = 1, env: dict[str, str] | None = None, pool: str = "prefork"
+    ) -> list:
+        full_env = {"ITRAIN_REDIS_URL": redis_url, **(env or {})}
+        started = []
+        for _ in range(count):
+            name = f"w{len(procs) + 1}-{uuid.uuid4().hex[:6]}"
+            proc = start_worker(
+                name, full_env, concurrency=concurrency, pool=pool, log=tmp_path / f"{name}.log"
+            )
+            procs.append(proc)
+            started.append(proc)
+        app = TrainingClient(redis_url=redis_url).app
+        apps.append(app)
+        wait_for_workers(app, len(procs), timeout=90)
+        return started
+
+    yield start
+    for proc in procs:
+        stop_process(proc)

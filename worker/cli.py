@@ -1,0 +1,369 @@
+"""``itrain``: the command line. Every command exits 0 on success; on bad input or an unreachable
+Redis it prints one line on stderr (no traceback) and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer.client import TrainingClient
+from producer.errors import ItrainError
+from producer.events import describe_validation_error, event_json_schema
+from producer.redis_conn import connect, redact_url
+from producer.settings import Settings, get_settings
+from producer.stats import read_stats
+from worker.checkpoint import Checkpoint, ModelConfig
+from worker.mlp import init_params
+from worker.store import Store
+from worker.synthetic import synthetic_events
+
+__all__ = ["main", "build_parser"]
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    config = ModelConfig(
+        hidden=args.hidden, outputs=args.outputs, lr=args.lr, clip=args.clip, seed=args.seed, mode=args.mode
+    )
+    store = Store(connect(settings.store, settings.publish_timeout), settings)
+    ckpt = Checkpoint(config=config, theta=init_params(config.shape, config.seed), version=0, step=0)
+    version = store.create(args.model, ckpt, force=args.force)
+    out.print(
+        f"model [bold]{args.model}[/] initialised at version {version}: "
+        f"4 -> {config.hidden} -> {config.outputs}, lr {config.lr:g}, clip {config.clip:g}, "
+        f"seed {config.seed}, mode {config.mode}"
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    stats = read_stats(connect(settings.store, settings.publish_timeout), args.model)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print_stats(stats)
+    return 0
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    table = Table(title=f"model {stats['model']}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in stats.items():
+        if key == "interactions_by_action":
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, float):
+            value = f"{value:.6f}"
+        table.add_row(key, "-" if value is None else str(value))
+    out.print(table)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    client = connect(settings.store, settings.publish_timeout)
+    store = Store(client, settings)
+    table = Table("model", "version", "step", "loss_ema", "history", "dead letters")
+    for name in store.models():
+        s = read_stats(client, name)
+        ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
+        table.add_row(
+            name, str(s["version"]), str(s["step"]), ema, str(s["history_len"]), str(s["dead_letters"])
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    with TrainingClient(settings=settings) as client:
+        summary = produce(
+            client, args.events, model=args.model, rate=args.rate, users=args.users, wait=args.wait
+        )
+    out.print(summary)
+    return 0 if "failed" not in summary else EXIT_FAIL
+
+
+def produce(
+    client: TrainingClient,
+    n: int,
+    *,
+    model: str,
+    rate: float | None,
+    users: int,
+    wait: bool,
+    timeout: float = 600.0,
+) -> str:
+    """Send ``n`` synthetic events (paced at ``rate`` per second if given) and describe the run."""
+    events = synthetic_events(n, users=users, model=model)
+    # Paced runs send small slices on a clock; unpaced runs send large train_many calls.
+    slice_size = max(1, int(rate / 20)) if rate else 5000
+    handles = []
+    start = time.perf_counter()
+    with _progress() as progress:
+        sent_bar = progress.add_task("enqueued", total=n)
+        for i in range(0, n, slice_size):
+            if rate:
+                due = start + i / rate
+                if (delay := due - time.perf_counter()) > 0:
+                    time.sleep(delay)
+            handles.extend(client.train_many(events[i : i + slice_size]))
+            progress.update(sent_bar, completed=len(handles))
+    sent = time.perf_counter() - start
+    lines = [f"enqueued {n} events in {sent:.2f} s ({n / sent:,.0f} events/s)"]
+    if wait:
+        results = _wait_with_progress(client, handles, timeout)
+        total = time.perf_counter() - start
+        counts = Counter(r.get("status", "?") if isinstance(r, dict) else "failed" for r in results)
+        lines.append(
+            f"trained end to end in {total:.2f} s ({n / total:,.0f} events/s): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
+    return "\n".join(lines)
+
+
+def _wait_with_progress(client: TrainingClient, handles: list[Any], timeout: float) -> list[Any]:
+    with _progress() as progress:
+        bar = progress.add_task("results", total=len(handles))
+        results: list[Any] = []
+        for i in range(0, len(handles), 5000):
+            results.extend(client.wait_all(handles[i : i + 5000], timeout=timeout))
+            progress.update(bar, completed=len(results))
+    return results
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    context = dict(_parse_kv(kv) for kv in args.context) or None
+    event = {
+        "user_id": args.user,
+        "action_type": args.action,
+        "timestamp": time.time(),
+        "context": context,
+        "model": args.model,
+    }
+    with TrainingClient(settings=settings) as client:
+        (result,) = client.wait_all([client.predict(event)], timeout=args.timeout)
+    if isinstance(result, BaseException):
+        raise result
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.local_stack import local_stack
+
+    stop = _stop_on_signals()
+    with local_stack(
+        settings,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        flower=not args.no_flower,
+        flower_port=args.flower_port,
+        embedded=args.embedded_redis,
+    ) as stack:
+        _print_stack(stack)
+        out.print("Ctrl-C stops everything.")
+        while not stop():
+            time.sleep(0.2)
+        out.print("stopping ...")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """The quickstart: stack up, model initialised, synthetic events trained, stats printed."""
+    from worker.local_stack import local_stack, stack_settings
+
+    with local_stack(
+        settings, workers=args.workers, concurrency=2, flower=False, embedded=args.embedded_redis
+    ) as stack:
+        _print_stack(stack)
+        s = stack_settings(settings, stack)
+        store = Store(connect(s.store, s.publish_timeout), s)
+        if args.model not in store.models():
+            config = ModelConfig()
+            store.create(args.model, Checkpoint(config, init_params(config.shape, 0), 0, 0), force=False)
+            out.print(f"model [bold]{args.model}[/] initialised")
+        with TrainingClient(settings=s) as client:
+            out.print(produce(client, args.events, model=args.model, rate=None, users=1000, wait=True))
+            print_stats(client.stats(args.model))
+    return 0
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=out,
+        transient=False,
+    )
+
+
+def _print_stack(stack: Any) -> None:
+    kind = "embedded redis-server" if stack.embedded else "Redis"
+    out.print(f"{kind} at {redact_url(stack.redis_url)}")
+    out.print(f"workers: {', '.join(stack.workers)} (logs in {stack.logs})")
+    if stack.flower_url:
+        out.print(f"Flower: {stack.flower_url}")
+
+
+def _stop_on_signals() -> Callable[[], bool]:
+    stopped = {"flag": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        stopped["flag"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: stopped["flag"]
+
+
+def _parse_kv(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--context takes key=value, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    if value in ("true", "false"):
+        return key, value == "true"
+    return key, value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itrain", description="Online training from user interactions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a model (refuses to replace one without --force)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--hidden", type=_positive_int, default=16)
+    p.add_argument("--outputs", type=_positive_int, default=1)
+    p.add_argument("--lr", type=_positive_float, default=0.05)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm limit; 0 disables clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=["per_event", "minibatch"], default="per_event")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("stats", help="a model's statistics")
+    p.add_argument("--model", default="default")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("models", help="every initialised model")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("produce", help="send synthetic events")
+    p.add_argument("--model", default="default")
+    p.add_argument("--events", type=_positive_int, required=True)
+    p.add_argument(
+        "--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)"
+    )
+    p.add_argument("--users", type=_positive_int, default=1000)
+    p.add_argument("--wait", action="store_true", help="wait for every result and count them")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("schema", help="print the event's JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("predict", help="the model's prediction for one interaction (needs a worker)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--action", required=True)
+    p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model", default="default")
+    p.add_argument("--timeout", type=_positive_float, default=30.0)
+    p.set_defaults(func=cmd_predict)
+
+    for name, func, help_text in (
+        ("up", cmd_up, "run a local stack (Redis, workers, Flower) until Ctrl-C"),
+        ("demo", cmd_demo, "the quickstart: local stack, model, synthetic events trained, stats"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--workers", type=_positive_int, default=2)
+        p.add_argument("--embedded-redis", action="store_true", help="always start a private redis-server")
+        p.set_defaults(func=func)
+        if name == "up":
+            p.add_argument("--concurrency", type=_positive_int, default=2, help="pool processes per worker")
+            p.add_argument("--no-flower", action="store_true")
+            p.add_argument("--flower-port", type=_positive_int, default=5555)
+        else:
+            p.add_argument("--model", default="default")
+            p.add_argument("--events", type=_positive_int, default=20_000)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        bad = "; ".join(
+            (f"ITRAIN_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors(include_url=False)
+        )
+        err.print(f"itrain: invalid setting: {bad}", markup=False, highlight=False)
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args, settings)
+        return code
+    except ValidationError as exc:
+        err.print(f"itrain: invalid input: {describe_validation_error(exc)}", markup=False, highlight=False)
+        return EXIT_USAGE
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        err.print(
+            f"itrain: cannot reach {redact_url(settings.redis_url)}: {exc}", markup=False, highlight=False
+        )
+        return EXIT_FAIL
+    except (ItrainError, ValueError, OSError, redis.RedisError) as exc:
+        err.print(f"itrain: {exc}", markup=False, highlight=False)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

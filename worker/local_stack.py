@@ -1,0 +1,108 @@
+"""A local stack for ``itrain up`` and the quickstart: Redis (embedded when none is reachable),
+worker processes and Flower, all on 127.0.0.1, all stopped together."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from producer.celery_config import make_celery
+from producer.errors import ConfigurationError
+from producer.redis_conn import redact_url
+from producer.settings import Settings
+from worker.embedded_redis import RedisServer, free_port, is_reachable
+from worker.stack import start_flower, start_worker, stop_process, wait_for_workers
+
+__all__ = ["Stack", "local_stack", "stack_settings"]
+
+_URL_VARS = ("ITRAIN_REDIS_URL", "ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL")
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    embedded: bool
+    workers: list[str] = field(default_factory=list)
+    flower_url: str | None = None
+    logs: Path | None = None
+
+
+@contextmanager
+def local_stack(
+    settings: Settings,
+    *,
+    workers: int = 2,
+    concurrency: int = 2,
+    flower: bool = True,
+    flower_port: int = 5555,
+    state_dir: Path = Path(".itrain"),
+    loglevel: str = "info",
+    embedded: bool = False,
+) -> Iterator[Stack]:
+    """Bring the stack up; on exit (Ctrl-C included) stop every process it started, by pid.
+
+    With no ``ITRAIN_*_URL`` set and no Redis answering at the default URL, an embedded
+    ``redis-server`` (append-only file in ``state_dir/redis``) is started on 127.0.0.1:6379, or
+    on a free port when 6379 is taken by something that is not Redis. ``embedded`` always starts
+    a private one on a free port, whatever is configured.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    logs = state_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    server: RedisServer | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    url = settings.redis_url
+    configured = any(os.environ.get(v) for v in _URL_VARS)
+    try:
+        if embedded or not is_reachable(settings.broker):
+            if configured and not embedded:
+                raise ConfigurationError(f"Redis at {redact_url(settings.broker)} is not reachable")
+            port = 6379 if _port_free(6379) and not embedded else free_port()
+            server = RedisServer(port, data_dir=state_dir / "redis", appendonly=True).start()
+            url = server.url
+        env = {"ITRAIN_REDIS_URL": url} if server else {}
+        stack = Stack(redis_url=url, embedded=server is not None, logs=logs)
+        for i in range(workers):
+            procs.append(
+                start_worker(
+                    f"itrain{i + 1}",
+                    env,
+                    concurrency=concurrency,
+                    log=logs / f"worker{i + 1}.log",
+                    loglevel=loglevel,
+                )
+            )
+        if flower:
+            procs.append(start_flower(flower_port, env, log=logs / "flower.log"))
+            stack.flower_url = f"http://127.0.0.1:{flower_port}"
+        app = make_celery(stack_settings(settings, stack))
+        try:
+            stack.workers = wait_for_workers(app, workers, timeout=90)
+        finally:
+            app.close()
+        yield stack
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+        if server is not None:
+            server.stop()
+
+
+def stack_settings(settings: Settings, stack: Stack) -> Settings:
+    """The settings that talk to this stack's Redis."""
+    if not stack.embedded:
+        return settings
+    return settings.model_copy(
+        update={"redis_url": stack.redis_url, "broker_url": None, "result_backend": None, "store_url": None}
+    )
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
