@@ -9,6 +9,6 @@ __all__ = ["app"]
 
 settings = get_settings()
 app = make_celery(settings, main="worker")
-app.conf.update(include=["worker.tasks"])
+app.conf.update(include=["worker.tasks", "worker.naive"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency

@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -47,6 +48,9 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         hidden=args.hidden, outputs=args.outputs, lr=args.lr, clip=args.clip, seed=args.seed, mode=args.mode
     )
     store = Store(connect(settings.store, settings.publish_timeout), settings)
+    if args.exist_ok and not args.force and args.model in store.models():
+        out.print(f"model [bold]{args.model}[/] exists; left unchanged")
+        return 0
     ckpt = Checkpoint(config=config, theta=init_params(config.shape, config.seed), version=0, step=0)
     version = store.create(args.model, ckpt, force=args.force)
     out.print(
@@ -212,6 +216,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.bench import run_bench
+
+    return run_bench(args, out)
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 
@@ -285,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm limit; 0 disables clipping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=["per_event", "minibatch"], default="per_event")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an existing model")
+    p.add_argument("--exist-ok", action="store_true", help="succeed without change when the model exists")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("stats", help="a model's statistics")
@@ -333,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default="default")
             p.add_argument("--events", type=_positive_int, default=20_000)
 
+    p = sub.add_parser("bench", help="the throughput benchmark (starts its own Redis and workers)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE")
+    p.add_argument("--quick", action="store_true", help="a fifth of the events per scenario")
+    p.add_argument(
+        "--logs", type=Path, default=None, help="where the workers' logs go (default .itrain/logs)"
+    )
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

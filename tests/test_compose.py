@@ -1,0 +1,307 @@
+"""docker-compose.yml: its structure, and each service's command run as a local process.
+
+No Docker engine runs here, so the file is checked by parsing it (PyYAML) and by running the
+worker, init and Flower commands it names against the private redis-server, with the service URL
+swapped for the private one. Nothing connects to a Redis the tests did not start.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from producer.celery_config import make_celery
+from producer.client import TrainingClient
+from producer.keys import MODELS
+from producer.settings import Settings
+from worker.embedded_redis import free_port
+from worker.stack import stop_process
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+BIN = Path(sys.executable).parent
+APP_SERVICES = ("worker", "flower")
+
+
+# -- reading the file -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    assert COMPOSE.exists(), f"{COMPOSE} is missing"
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict), "docker-compose.yml must be a mapping"
+    assert isinstance(data.get("services"), dict), "docker-compose.yml has no services mapping"
+    return data["services"]
+
+
+def command_of(service: Mapping[str, Any]) -> list[str]:
+    cmd = service.get("command")
+    if cmd is None:
+        return []
+    if isinstance(cmd, str):
+        return shlex.split(cmd)
+    return [str(part) for part in cmd]
+
+
+def env_of(service: Mapping[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's variable substitution: $$, $VAR, ${VAR}, ${VAR:-d}, ${VAR-d}, ${VAR:?e}, ${VAR?e}."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group("plain"):
+            return env.get(m.group("plain"), "")
+        expr = m.group("braced")
+        name, op, arg = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(:?[-?]?)(.*)", expr).groups()  # type: ignore[union-attr]
+        value = env.get(name)
+        empty = value is None or (op.startswith(":") and value == "")
+        if op.endswith("-") and empty:
+            return arg
+        if op.endswith("?") and empty:
+            raise ValueError(f"required variable {name} is not set: {arg}")
+        return value or ""
+
+    return _VAR.sub(sub, text)
+
+
+def _set_option(cmd: list[str], option: str, value: str) -> list[str]:
+    """``cmd`` with ``option`` (as ``--opt=v`` or ``--opt v``) set to ``value``, added if absent."""
+    out: list[str] = []
+    skip = False
+    found = False
+    for i, part in enumerate(cmd):
+        if skip:
+            skip = False
+            continue
+        if part == option and i + 1 < len(cmd):
+            out += [option, value]
+            skip = found = True
+        elif part.startswith(option + "="):
+            out.append(f"{option}={value}")
+            found = True
+        else:
+            out.append(part)
+    return out if found else [*out, f"{option}={value}"]
+
+
+def _local(cmd: list[str]) -> list[str]:
+    """The command with the container's entry points replaced by this virtualenv's."""
+    if cmd[0] == "celery":
+        return [sys.executable, "-m", "celery", *cmd[1:]]
+    if cmd[0] == "itrain":
+        return [str(BIN / "itrain"), *cmd[1:]]
+    return cmd
+
+
+def _local_env(service: Mapping[str, Any], redis_url: str, queue: str, extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: interpolate(v, extra) for k, v in env_of(service).items()}
+    env["ITRAIN_REDIS_URL"] = redis_url
+    env["ITRAIN_QUEUE"] = queue  # a queue of its own: it takes no other test's messages
+    for var in ("ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL"):
+        env.pop(var, None)
+    return {**os.environ, **env}
+
+
+# -- structure --------------------------------------------------------------------------------
+
+
+def test_services_redis_worker_flower(services: dict[str, Any]) -> None:
+    assert {"redis", "worker", "flower"} <= set(services)
+    redis_svc = services["redis"]
+    assert str(redis_svc.get("image", "")).startswith("redis") or command_of(redis_svc)[:1] == [
+        "redis-server"
+    ]
+
+
+def test_worker_command_is_the_celery_worker(services: dict[str, Any]) -> None:
+    assert command_of(services["worker"])[:4] == ["celery", "-A", "worker", "worker"]
+
+
+def test_flower_command_is_celery_flower_with_auth(services: dict[str, Any]) -> None:
+    cmd = command_of(services["flower"])
+    assert cmd[:4] == ["celery", "-A", "worker", "flower"]
+    env = env_of(services["flower"])
+    assert any(p.startswith(("--basic-auth", "--auth")) for p in cmd) or "FLOWER_BASIC_AUTH" in env, (
+        "Flower must not be reachable without authentication"
+    )
+
+
+def test_worker_is_scalable(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    assert "container_name" not in worker, "a fixed container_name prevents --scale worker=N"
+    assert "hostname" not in worker, "a fixed hostname gives every replica the same Celery node name"
+    for port in worker.get("ports") or []:
+        if isinstance(port, dict):
+            assert not port.get("published"), f"worker publishes host port {port}"
+        else:
+            assert ":" not in str(port), f"worker publishes a fixed host port: {port!r}"
+    cmd = command_of(worker)
+    for i, part in enumerate(cmd):
+        name = None
+        if part in ("-n", "--hostname") and i + 1 < len(cmd):
+            name = cmd[i + 1]
+        elif part.startswith("--hostname="):
+            name = part.split("=", 1)[1]
+        if name is not None:
+            assert "%h" in name or "%n" in name, f"fixed node name {name!r} clashes across replicas"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_point_at_the_redis_service(services: dict[str, Any], name: str) -> None:
+    service = services[name]
+    env = env_of(service)
+    assert "ITRAIN_REDIS_URL" in env, f"{name} sets no ITRAIN_REDIS_URL"
+    url = urlsplit(interpolate(env["ITRAIN_REDIS_URL"], {}))
+    assert url.scheme in ("redis", "rediss")
+    assert url.hostname == "redis", f"{name} points at {url.hostname!r}, not the redis service"
+    # no role override pointing elsewhere
+    for var in ("ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL"):
+        if var in env:
+            assert urlsplit(interpolate(env[var], {})).hostname == "redis"
+    depends = service.get("depends_on") or []
+    assert "redis" in depends, f"{name} does not depend on redis"
+
+
+def test_services_that_build_have_a_dockerfile(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        build = service.get("build")
+        if build is None:
+            continue
+        context = build if isinstance(build, str) else build.get("context", ".")
+        dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        assert (ROOT / context / dockerfile).is_file(), f"{name}: {context}/{dockerfile} is missing"
+
+
+# -- the commands, run locally ----------------------------------------------------------------
+
+
+def test_init_command_runs_and_is_repeatable(services: dict[str, Any], redis_url: str) -> None:
+    if "init" not in services:
+        pytest.skip("no init service")
+    model = f"compose-{uuid.uuid4().hex[:10]}"
+    cmd = _set_option(_local(command_of(services["init"])), "--model", model)
+    env = _local_env(services["init"], redis_url, "unused", {})
+    for _ in range(2):  # a second `docker compose up` must not fail on the existing model
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert r.sismember(MODELS, model)
+    finally:
+        r.close()
+
+
+def test_worker_command_runs_and_trains(
+    services: dict[str, Any], redis_url: str, make_model, tmp_path: Path
+) -> None:
+    model = make_model()
+    queue = f"compose-{uuid.uuid4().hex[:8]}"
+    node = f"compose-{uuid.uuid4().hex[:6]}"
+    # the compose command, plus a node name so this test can find its worker
+    cmd = [*_local(command_of(services["worker"])), "--hostname", f"{node}@%h"]
+    log = tmp_path / "worker.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env=_local_env(services["worker"], redis_url, queue, {}),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        app = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, f"worker exited; see {log}"
+                replies = app.control.ping(timeout=1.0) or []
+                if any(n.startswith(node + "@") for reply in replies for n in reply):
+                    break
+            else:
+                pytest.fail(f"worker did not answer within 60 s; see {log}")
+        finally:
+            app.close()
+        with TrainingClient(settings=Settings(redis_url=redis_url, queue=queue)) as client:
+            event = {"user_id": "u1", "action_type": "click", "timestamp": time.time(), "model": model}
+            result = client.train_step(event).get(timeout=60)
+        assert result["status"] == "trained"
+        assert result["step"] == 1
+    finally:
+        stop_process(proc)
+
+
+def _http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_flower_command_runs_and_requires_auth(
+    services: dict[str, Any], redis_url: str, tmp_path: Path
+) -> None:
+    user, password = "tester", f"pw-{uuid.uuid4().hex[:8]}"
+    variables = {"FLOWER_USER": user, "FLOWER_PASSWORD": password}
+    port = free_port()
+    cmd = [interpolate(p, variables) for p in command_of(services["flower"])]
+    cmd = _set_option(_set_option(_local(cmd), "--port", str(port)), "--address", "127.0.0.1")
+    log = tmp_path / "flower.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env=_local_env(services["flower"], redis_url, f"compose-{uuid.uuid4().hex[:8]}", variables),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"flower exited; see {log}"
+            try:
+                status = _http_status(base + "/api/tasks")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        assert status == 401, f"flower answered {status} without credentials"
+        assert _http_status(base + "/api/tasks", (user, "wrong")) == 401
+        assert _http_status(base + "/api/tasks", (user, password)) == 200
+    finally:
+        stop_process(proc)

@@ -1,0 +1,309 @@
+"""``itrain bench``: end-to-end throughput and latency, every design side by side in one run.
+
+Self-contained: it starts its own ``redis-server`` on a free port and its own worker processes
+(``celery -A worker worker``, one pool process each), so the figures of one run compare like
+with like. Per scenario: events/s from the first enqueue to the last result written, per-event
+latency (enqueue to result), lock wait and lock hold per critical section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from producer.client import TrainingClient
+from producer.keys import ModelKeys
+from producer.protocol import result_key
+from producer.settings import Settings
+from worker.checkpoint import Checkpoint, Mode, ModelConfig
+from worker.embedded_redis import RedisServer
+from worker.mlp import init_params
+from worker.naive import TASK_NAIVE, naive_init
+from worker.stack import start_worker, stop_process, wait_for_workers
+from worker.store import Store
+from worker.synthetic import synthetic_events
+
+__all__ = ["ScenarioResult", "run_bench", "percentile"]
+
+
+@dataclass
+class ScenarioResult:
+    key: str
+    description: str
+    workers: int
+    events: int
+    seconds: float
+    events_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    lock_wait_p50_ms: float | None
+    lock_wait_p99_ms: float | None
+    lock_hold_p50_ms: float | None
+    lock_hold_p99_ms: float | None
+    critical_sections: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    offered_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    description: str
+    workers: int
+    events: int
+    send: str  # naive | step | many
+    mode: Mode = "per_event"
+    rate: float | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+
+
+def plan(quick: bool) -> list[Scenario]:
+    scale = 0.2 if quick else 1.0
+
+    def n(x: int) -> int:
+        return max(200, int(x * scale))
+
+    out = [
+        Scenario("a", "naive: task per event, Lock(sleep=0.1), GET/step/SET", 2, n(2000), "naive"),
+        Scenario("d", "train_many, minibatch mode", 2, n(300_000), "many", "minibatch"),
+        Scenario("latency", "train_step at a fixed 500 events/s", 2, n(5000), "step", rate=500.0),
+    ]
+    for w in (1, 2, 4):
+        out.append(Scenario(f"b{w}", "train_step, one event a call", w, n(3000), "step"))
+        out.append(Scenario(f"c{w}", "train_many, per_event mode", w, n(200_000), "many"))
+    return sorted(out, key=lambda s: (s.workers != 2, s.workers, s.key))
+
+
+@contextmanager
+def _workers(count: int, env: dict[str, str], client: TrainingClient, logs: Path) -> Iterator[None]:
+    procs = [
+        start_worker(
+            f"bench{i + 1}-{uuid.uuid4().hex[:4]}",
+            env,
+            concurrency=1,
+            loglevel="warning",
+            log=logs / f"bench-worker{i + 1}.log",
+        )
+        for i in range(count)
+    ]
+    try:
+        wait_for_workers(client.app, count, timeout=120)
+        yield
+    finally:
+        for p in procs:
+            stop_process(p)
+
+
+def _new_model(store: Store, raw: redis.Redis, mode: Mode) -> str:
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    cfg = ModelConfig(mode=mode)
+    store.create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
+    naive_init(raw, name, cfg)
+    return name
+
+
+def _send(
+    client: TrainingClient, sc: Scenario, events: list[dict[str, Any]]
+) -> tuple[list[str], list[float]]:
+    """Enqueue; returns the result ids and each event's enqueue time (epoch seconds)."""
+    ids: list[str] = []
+    sent: list[float] = []
+    start = time.perf_counter()
+    if sc.send == "many":
+        for i in range(0, len(events), 5000):
+            now = time.time()
+            part = client.train_many(events[i : i + 5000])
+            ids.extend(h.id for h in part)
+            sent.extend([now] * len(part))
+        return ids, sent
+    for i, ev in enumerate(events):
+        if sc.rate:
+            delay = start + i / sc.rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        now = time.time()
+        handle = client.app.send_task(TASK_NAIVE, args=[ev]) if sc.send == "naive" else client.train_step(ev)
+        ids.append(handle.id)
+        sent.append(now)
+    return ids, sent
+
+
+def _collect(raw: redis.Redis, ids: list[str], timeout: float) -> list[tuple[str, float]]:
+    """(status, completion time) of every result, waiting until all are written."""
+    out: list[tuple[str, float] | None] = [None] * len(ids)
+    pending = list(range(len(ids)))
+    deadline = time.monotonic() + timeout
+    while pending:
+        still = []
+        for s in range(0, len(pending), 10_000):
+            part = pending[s : s + 10_000]
+            for i, value in zip(part, raw.mget([result_key(ids[i]) for i in part]), strict=True):
+                if value is None:
+                    still.append(i)
+                    continue
+                meta = orjson.loads(value)
+                status = meta["result"].get("status", "?") if meta["status"] == "SUCCESS" else "failed"
+                done = _iso_to_epoch(meta["date_done"])
+                out[i] = (status, done)
+        pending = still
+        if pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} results still pending after {timeout:g} s")
+            time.sleep(0.05)
+    return [o for o in out if o is not None]
+
+
+def _iso_to_epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _timings(raw: redis.Redis, model: str) -> tuple[list[float], list[float]]:
+    rows = raw.lrange(ModelKeys(model).prefix + "timings", 0, -1)
+    waits, holds = [], []
+    for row in rows:
+        w, h, _ = row.split()
+        waits.append(float(w) * 1000)
+        holds.append(float(h) * 1000)
+    return waits, holds
+
+
+def run_scenario(sc: Scenario, client: TrainingClient, store: Store, raw: redis.Redis) -> ScenarioResult:
+    model = _new_model(store, raw, sc.mode)
+    events = synthetic_events(sc.events, users=10_000, model=model, seed=7)
+    first = time.time()
+    ids, sent = _send(client, sc, events)
+    results = _collect(raw, ids, timeout=max(120.0, sc.events / 200))
+    last = max(done for _, done in results)
+    seconds = max(last - first, 1e-9)
+    latencies = [(done - s) * 1000 for (_, done), s in zip(results, sent, strict=True)]
+    waits, holds = _timings(raw, model)
+    return ScenarioResult(
+        key=sc.key,
+        description=sc.description,
+        workers=sc.workers,
+        events=sc.events,
+        seconds=round(seconds, 3),
+        events_per_s=round(sc.events / seconds, 1),
+        latency_p50_ms=round(percentile(latencies, 50), 2),
+        latency_p99_ms=round(percentile(latencies, 99), 2),
+        lock_wait_p50_ms=round(percentile(waits, 50), 3) if waits else None,
+        lock_wait_p99_ms=round(percentile(waits, 99), 3) if waits else None,
+        lock_hold_p50_ms=round(percentile(holds, 50), 3) if holds else None,
+        lock_hold_p99_ms=round(percentile(holds, 99), 3) if holds else None,
+        critical_sections=len(holds),
+        statuses=dict(Counter(status for status, _ in results)),
+        offered_rate=sc.rate,
+    )
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_bench(
+    args: argparse.Namespace, console: Console, progress: Callable[[str], None] | None = None
+) -> int:
+    say = progress or (lambda text: console.print(text))
+    results: list[ScenarioResult] = []
+    with RedisServer() as server:
+        env = {"ITRAIN_REDIS_URL": server.url, "ITRAIN_RECORD_TIMINGS": "1"}
+        settings = Settings(redis_url=server.url)
+        raw = redis.Redis.from_url(server.url)
+        store = Store(raw, settings)
+        redis_version = raw.info("server").get("redis_version")
+        logs = Path(args.logs) if getattr(args, "logs", None) else Path(".itrain/logs")
+        logs.mkdir(parents=True, exist_ok=True)
+        with TrainingClient(settings=settings) as client:
+            scenarios = plan(args.quick)
+            for count in sorted({s.workers for s in scenarios}, key=lambda w: (w != 2, w)):
+                with _workers(count, env, client, logs):
+                    for sc in (s for s in scenarios if s.workers == count):
+                        say(
+                            f"scenario {sc.key}: {sc.description}, {sc.workers} worker(s), {sc.events} events"
+                        )
+                        results.append(run_scenario(sc, client, store, raw))
+    report = {"machine": {**machine(), "redis": redis_version}, "scenarios": [asdict(r) for r in results]}
+    order = {r.key: r for r in results}
+    if "a" in order and "b2" in order:
+        report["ratios"] = {
+            "b2/a": round(order["b2"].events_per_s / order["a"].events_per_s, 2),
+            "c2/a": round(order["c2"].events_per_s / order["a"].events_per_s, 2),
+            "d/a": round(order["d"].events_per_s / order["a"].events_per_s, 2),
+        }
+    console.print(render(results, report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def render(results: list[ScenarioResult], report: dict[str, Any]) -> Table:
+    m = report["machine"]
+    table = Table(
+        title=f"itrain bench: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Redis {m['redis']}",
+        caption="; ".join(sorted({f"{r.key.rstrip('124')}: {r.description}" for r in results})),
+    )
+    for col in (
+        "scenario",
+        "workers",
+        "events",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "lock wait p50/p99",
+        "lock hold p50/p99",
+        "sections",
+    ):
+        table.add_column(col, justify="left" if col == "scenario" else "right")
+
+    def pair(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else f"{a:.2f}/{b:.2f}"
+
+    for r in sorted(results, key=lambda r: (r.key[0], r.workers)):
+        table.add_row(
+            r.key,
+            str(r.workers),
+            str(r.events),
+            f"{r.events_per_s:,.0f}",
+            f"{r.latency_p50_ms:.1f}",
+            f"{r.latency_p99_ms:.1f}",
+            pair(r.lock_wait_p50_ms, r.lock_wait_p99_ms),
+            pair(r.lock_hold_p50_ms, r.lock_hold_p99_ms),
+            str(r.critical_sections),
+        )
+    return table

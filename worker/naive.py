@@ -1,0 +1,59 @@
+"""The naive reference design, kept for ``itrain bench`` only: one task per event, redis-py's
+``Lock`` with its defaults (100 ms polling), GET the weights, one step, SET the weights.
+
+It is the baseline the benchmark compares against; it has none of the guarantees of the real
+path (no fencing, no de-duplication, no micro-batching) and is not meant for use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from producer.keys import ModelKeys
+from worker.celery_app import app
+from worker.checkpoint import DTYPE, ModelConfig
+from worker.features import featurize
+from worker.messages import validate_event
+from worker.mlp import PerEventSGD, init_params
+from worker.runtime import get_runtime
+from worker.targets import make_target
+
+__all__ = ["TASK_NAIVE", "naive_key", "naive_init", "naive_train_step"]
+
+TASK_NAIVE = "itrain.bench_naive_step"
+
+
+def naive_key(model: str) -> str:
+    return ModelKeys(model).prefix + "naive"
+
+
+def naive_init(client: Any, model: str, config: ModelConfig) -> None:
+    client.set(naive_key(model), init_params(config.shape, config.seed).astype(DTYPE).tobytes())
+
+
+@app.task(name=TASK_NAIVE)
+def naive_train_step(event: dict[str, Any]) -> dict[str, Any]:
+    rt = get_runtime()
+    ev = validate_event(event)
+    config = ModelConfig()
+    x = featurize(ev)
+    t = make_target(ev, config.outputs, rt.settings.targets).tolist()
+    client = rt.store_client
+    key = naive_key(ev.model)
+    start = time.perf_counter()
+    with client.lock(ModelKeys(ev.model).prefix + "naive-lock", timeout=rt.settings.lock_timeout):
+        acquired = time.perf_counter()
+        raw = client.get(key)
+        assert isinstance(raw, bytes), f"{key} holds no weights"
+        theta = np.frombuffer(raw, dtype=DTYPE).astype(np.float64)
+        loss = PerEventSGD(config.shape, config.lr, config.clip, theta).step(x, t)
+        client.set(key, theta.astype(DTYPE).tobytes())
+        released = time.perf_counter()
+    if rt.settings.record_timings:
+        client.lpush(
+            ModelKeys(ev.model).prefix + "timings", f"{acquired - start:.6f} {released - acquired:.6f} 1"
+        )
+    return {"status": "trained", "model": ev.model, "event_id": ev.event_id, "loss": loss}
