@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError
 from producer.celery_config import make_celery
 from producer.errors import PublishError, QueueFullError, ResultTimeoutError
 from producer.events import EVENT_LIST, InteractionData
+from producer.handles import JobHandle
 from producer.protocol import (
     TASK_PREDICT,
     TASK_TRAIN_BATCH,
@@ -90,8 +91,8 @@ class TrainingClient:
             pipe.execute()
         except _UNREACHABLE as exc:
             raise PublishError(f"cannot publish to {redact_url(self.settings.broker)}: {exc}") from exc
-        make = self.app.AsyncResult
-        return [make(task_id) for task_id in ids]
+        app = self.app
+        return [JobHandle(task_id, app) for task_id in ids]
 
     def predict(self, event: EventLike) -> AsyncResult:
         """Ask the model for its prediction for an event; resolves to ``{model, version, prediction}``."""

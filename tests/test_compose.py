@@ -121,7 +121,9 @@ def _local(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def _local_env(service: Mapping[str, Any], redis_url: str, queue: str, extra: Mapping[str, str]) -> dict[str, str]:
+def _local_env(
+    service: Mapping[str, Any], redis_url: str, queue: str, extra: Mapping[str, str]
+) -> dict[str, str]:
     env = {k: interpolate(v, extra) for k, v in env_of(service).items()}
     env["ITRAIN_REDIS_URL"] = redis_url
     env["ITRAIN_QUEUE"] = queue  # a queue of its own: it takes no other test's messages

@@ -8,6 +8,7 @@ Nothing here mocks Redis or Celery.
 from __future__ import annotations
 
 import base64
+import itertools
 import math
 import time
 import uuid
@@ -281,7 +282,12 @@ def test_concurrent_producers_lose_no_update(
     assert versions == set(range(2, stats["version"] + 1))
     # events committed together have consecutive steps; later steps never have older versions
     by_step = sorted(results, key=lambda r: r["step"])
-    assert all(a["version"] <= b["version"] for a, b in zip(by_step, by_step[1:], strict=False))
+    assert all(a["version"] <= b["version"] for a, b in itertools.pairwise(by_step))
+    steps_of: dict[int, list[int]] = {}
+    for r in results:
+        steps_of.setdefault(r["version"], []).append(r["step"])
+    for v, group in steps_of.items():
+        assert sorted(group) == list(range(min(group), max(group) + 1)), f"version {v}: {group}"
     # A sample of handles also resolves through the plain AsyncResult API
     for h in handles[:: n // 20]:
         assert h.get(timeout=WAIT)["status"] == "trained"
@@ -394,9 +400,7 @@ def test_malformed_message_fails_with_clear_error_and_dead_letter(
     else:
         assert redis_client.llen(keys.dead) == dead0
         assert _dead_elsewhere(redis_client) == elsewhere0 + 1
-        entry_raw = redis_client.lindex(UNROUTED_DEAD, 0) or redis_client.lindex(
-            ModelKeys("default").dead, 0
-        )
+        entry_raw = redis_client.lindex(UNROUTED_DEAD, 0) or redis_client.lindex(ModelKeys("default").dead, 0)
     entry = orjson.loads(entry_raw)
     assert entry["task_id"] == task_id
     assert entry["reason"]

@@ -1,0 +1,335 @@
+"""Helpers shared by ``test_reliability.py`` and ``test_soak.py`` (not a test module).
+
+Real processes only: workers are ``celery -A worker worker`` subprocesses started by
+``worker.stack.start_worker`` (each in its own session, so its process group id is its pid),
+and every signal goes to a pid or a process group this module started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from producer.client import TrainingClient
+from producer.errors import ResultTimeoutError
+from producer.keys import ModelKeys
+from producer.settings import Settings
+from worker.checkpoint import Checkpoint, ModelConfig
+from worker.mlp import init_params
+from worker.stack import start_worker, stop_process
+from worker.store import Store
+
+ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
+
+
+# -- /proc ------------------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (``/proc/<pid>/task/*/children``)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out.extend(int(c) for c in text.split())
+    return sorted(set(out))
+
+
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children(stack.pop()):
+            if child not in found:
+                found.append(child)
+                stack.append(child)
+    return found
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may hold spaces; everything after the last ')' is space-separated.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def pgid_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if fields else None
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[11]) + int(fields[12]) if fields else 0
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a worker: its main process and every pool child."""
+    return sum(rss_bytes(p) for p in [pid, *descendants(pid)])
+
+
+def busiest(pids: Sequence[int], window: float = 0.1) -> tuple[int, int]:
+    """The pid that used the most CPU during ``window`` seconds, and its ticks."""
+    before = {p: cpu_ticks(p) for p in pids}
+    time.sleep(window)
+    deltas = {p: cpu_ticks(p) - before[p] for p in pids}
+    pid = max(deltas, key=lambda p: deltas[p])
+    return pid, deltas[pid]
+
+
+# -- waiting ----------------------------------------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``pred`` until it is truthy; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- workers ----------------------------------------------------------------------------------------
+
+
+class Workers:
+    """Worker processes this test started, on any Redis; all stopped by pid at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: dict[int, str] = {}
+        self.logs: dict[int, Path] = {}
+        self._apps: dict[str, Celery] = {}
+        self._known: dict[int, set[int]] = {}  # worker pid -> every descendant pid ever seen
+
+    def start(
+        self,
+        count: int,
+        *,
+        redis_url: str,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        timeout: float = 90.0,
+    ) -> list[subprocess.Popen[bytes]]:
+        full_env = {
+            "ITRAIN_REDIS_URL": redis_url,
+            # One BLAS thread per process: on 2 cores, threaded BLAS in every pool child only
+            # adds contention and makes the step time erratic.
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
+        started = []
+        for _ in range(count):
+            name = f"r{len(self.procs) + 1}-{uuid.uuid4().hex[:6]}"
+            log = self.log_dir / f"{name}.log"
+            proc = start_worker(name, full_env, concurrency=concurrency, log=log)
+            self.procs.append(proc)
+            self.names[proc.pid] = f"{name}@{socket.gethostname()}"
+            self.logs[proc.pid] = log
+            started.append(proc)
+        self.wait_ready(redis_url, started, timeout)
+        for proc in started:
+            wait_until(
+                lambda p=proc: len(children(p.pid)) >= concurrency, 30, f"pool children of {p.pid}"
+            )
+            self.remember(proc)
+        return started
+
+    def app(self, redis_url: str) -> Celery:
+        if redis_url not in self._apps:
+            self._apps[redis_url] = TrainingClient(redis_url=redis_url).app
+        return self._apps[redis_url]
+
+    def wait_ready(self, redis_url: str, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+        want = {self.names[p.pid] for p in procs}
+        app = self.app(redis_url)
+        deadline = time.monotonic() + timeout
+        got: set[str] = set()
+        while time.monotonic() < deadline:
+            for p in procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"worker {p.pid} exited ({p.returncode}):\n{self.tail(p)}")
+            replies = app.control.ping(destination=sorted(want), timeout=1.0) or []
+            got = {name for reply in replies for name in reply}
+            if want <= got:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"workers {sorted(want - got)} did not answer a ping within {timeout:g} s")
+
+    def remember(self, proc: subprocess.Popen[bytes]) -> None:
+        self._known.setdefault(proc.pid, set()).update(descendants(proc.pid))
+
+    def pool(self, proc: subprocess.Popen[bytes]) -> list[int]:
+        pids = children(proc.pid)
+        self._known.setdefault(proc.pid, set()).update(pids)
+        return pids
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def tail(self, proc: subprocess.Popen[bytes], lines: int = 40) -> str:
+        return "\n".join(self.log(proc).splitlines()[-lines:])
+
+    def tails(self, lines: int = 25) -> str:
+        return "\n".join(f"--- worker {p.pid} ---\n{self.tail(p, lines)}" for p in self.procs)
+
+    def signal_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        """Signal a worker's whole process group (main process and pool children)."""
+        assert pgid_of(proc.pid) == proc.pid, "not a process group we started"
+        self.remember(proc)
+        os.killpg(proc.pid, sig)
+
+    def kill_group(self, proc: subprocess.Popen[bytes]) -> None:
+        self.signal_group(proc, signal.SIGKILL)
+        proc.wait(20)
+        members = self._known.get(proc.pid, set())
+        wait_until(lambda: not any(alive(p) for p in members), 20, "killed pool children to exit")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.remember(proc)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGCONT)  # in case a test left it stopped
+                stop_process(proc)
+        # Pool children that outlived their worker: only pids we saw as its children, and only
+        # while they are still in that worker's process group.
+        for leader, members in self._known.items():
+            for pid in members:
+                if alive(pid) and pgid_of(pid) == leader:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        for app in self._apps.values():
+            app.close()
+
+
+# -- models, events, results ------------------------------------------------------------------------
+
+
+def create_model(client: redis.Redis, settings: Settings, **config: Any) -> str:
+    name = f"m-{uuid.uuid4().hex[:12]}"
+    cfg = ModelConfig.model_validate(config)
+    Store(client, settings).create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
+    return name
+
+
+def make_events(model: str, n: int, tag: str, start: int = 0) -> list[dict[str, Any]]:
+    now = time.time()
+    return [
+        {
+            "event_id": f"{tag}-{i}",
+            "user_id": f"user-{i % 101}",
+            "action_type": ACTIONS[i % len(ACTIONS)],
+            "timestamp": now - (i % 3600),
+            "context": {"page": i % 7, "mobile": i % 2 == 0},
+            "model": model,
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def statuses(results: Iterable[Any]) -> Counter[str]:
+    return Counter(r["status"] if isinstance(r, dict) else "FAILURE" for r in results)
+
+
+def wait_results(
+    client: TrainingClient, handles: Sequence[Any], timeout: float, workers: Workers | None = None
+) -> list[Any]:
+    """Every handle's result; on timeout an AssertionError with the queue state and worker logs."""
+    try:
+        return client.wait_all(handles, timeout=timeout, poll=0.05)
+    except ResultTimeoutError as exc:
+        r = client._broker
+        state = (
+            f"queue={r.llen(client.settings.queue)} unacked={r.hlen('unacked')} "
+            f"unacked_index={r.zcard('unacked_index')}"
+        )
+        logs = workers.tails() if workers else ""
+        raise AssertionError(f"{exc}; {state}\n{logs}") from None
+
+
+def model_state(client: redis.Redis, model: str) -> dict[str, int]:
+    keys = ModelKeys(model)
+    version, step = client.hmget(keys.ckpt, ["version", "step"])
+    return {"version": int(version), "step": int(step)}
+
+
+def check_each_event_once(client: redis.Redis, model: str, event_ids: Sequence[str]) -> dict[str, Any]:
+    """The exactly-once evidence, read from Redis itself.
+
+    * every trained event has a done marker holding the step that trained it (written by the
+      fenced commit), and the markers of ``event_ids`` are exactly the steps 1..step, each once:
+      no event counted twice, no commit lost;
+    * the history (``ITRAIN_HISTORY_MAX`` set >= the number of events) lists each step once and
+      each event once.
+
+    Returns ``{"step", "marked", "markers"}`` (event id -> step) for further checks.
+    """
+    keys = ModelKeys(model)
+    step = model_state(client, model)["step"]
+    markers: dict[str, int] = {}
+    for i in range(0, len(event_ids), 5000):
+        part = event_ids[i : i + 5000]
+        for event_id, value in zip(part, client.mget([keys.done(e) for e in part]), strict=True):
+            if value is not None:
+                markers[event_id] = int(value)
+    marked_steps = sorted(markers.values())
+    assert marked_steps == list(range(1, step + 1)), (
+        f"done markers do not cover steps 1..{step} once each: {len(marked_steps)} markers, "
+        f"{len(set(marked_steps))} distinct, max {max(marked_steps, default=0)}"
+    )
+    history = [_json(e) for e in client.lrange(keys.history, 0, -1)]
+    if len(history) >= step:
+        hist_steps = sorted(h["step"] for h in history)
+        hist_ids = [h["event_id"] for h in history]
+        assert hist_steps == list(range(1, step + 1)), "history steps are not 1..step, each once"
+        assert len(set(hist_ids)) == len(hist_ids), "an event appears twice in the training history"
+        for h in history:
+            assert markers.get(h["event_id"]) == h["step"], f"history and marker disagree for {h}"
+    return {"step": step, "marked": len(markers), "markers": markers}
+
+
+def _json(raw: bytes) -> Any:
+    import orjson
+
+    return orjson.loads(raw)
