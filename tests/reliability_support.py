@@ -169,9 +169,7 @@ class Workers:
             started.append(proc)
         self.wait_ready(redis_url, started, timeout)
         for proc in started:
-            wait_until(
-                lambda p=proc: len(children(p.pid)) >= concurrency, 30, f"pool children of {p.pid}"
-            )
+            wait_until(lambda p=proc: len(children(p.pid)) >= concurrency, 30, f"pool children of {proc.pid}")
             self.remember(proc)
         return started
 

@@ -197,7 +197,9 @@ def test_timestamp_numeric_string_is_epoch_seconds_or_rejected(text) -> None:
     if as_number is None:
         assert as_text is None, f"timestamp {text!r} accepted as {as_text}, but {number} is rejected"
     else:
-        assert as_text in (None, as_number), f"timestamp {text!r} read as {as_text}, the number as {as_number}"
+        assert as_text in (None, as_number), (
+            f"timestamp {text!r} read as {as_text}, the number as {as_number}"
+        )
 
 
 # -- context --------------------------------------------------------------------------------------
