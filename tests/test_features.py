@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -174,7 +175,7 @@ def test_time_of_day_in_range_over_a_day() -> None:
     values = [time_of_day(start + timedelta(seconds=s)) for s in range(0, 86400, 7)]
     # Then all are in [0, 1) and strictly increasing
     assert all(0.0 <= v < 1.0 for v in values)
-    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(values))
 
 
 # -- context indicator ----------------------------------------------------------------------------

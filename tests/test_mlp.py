@@ -239,6 +239,14 @@ def test_clipping_bounds_the_update_norm(kernel) -> None:
 # -- refusing non-finite updates ------------------------------------------------------------------
 
 
+def one_step(kernel, shape, theta, X, T, lr, clip) -> None:
+    """One step of either kernel on ``theta`` (per_event: on the first example, in place)."""
+    if kernel == "per_event":
+        PerEventSGD(shape, lr, clip, theta).step(X[0], T[0].tolist())
+    else:
+        minibatch_step(theta, shape, X, T, lr, clip)
+
+
 @pytest.mark.parametrize("kernel", ["per_event", "minibatch"])
 def test_huge_learning_rate_is_refused_and_weights_unchanged(kernel) -> None:
     """An update with lr=1e308 raises NonFiniteUpdateError and leaves the weights as they were."""
@@ -247,10 +255,7 @@ def test_huge_learning_rate_is_refused_and_weights_unchanged(kernel) -> None:
     before = theta.tobytes()
     # When a step with an absurd learning rate is attempted
     with pytest.raises(NonFiniteUpdateError) as info:
-        if kernel == "per_event":
-            PerEventSGD(shape, 1e308, 1.0, theta).step(X[0], T[0].tolist())
-        else:
-            minibatch_step(theta, shape, X, T, 1e308, 1.0)
+        one_step(kernel, shape, theta, X, T, 1e308, 1.0)
     # Then it is refused with the project's error and the weights are untouched
     assert isinstance(info.value, ItrainError)
     assert "learning rate" in str(info.value) or "non-finite" in str(info.value)
@@ -266,10 +271,7 @@ def test_non_finite_input_is_refused_and_weights_unchanged(kernel) -> None:
     before = theta.tobytes()
     # When a step is attempted
     with pytest.raises(NonFiniteUpdateError):
-        if kernel == "per_event":
-            PerEventSGD(shape, 0.1, 1.0, theta).step(X[0], T[0].tolist())
-        else:
-            minibatch_step(theta, shape, X, T, 0.1, 1.0)
+        one_step(kernel, shape, theta, X, T, 0.1, 1.0)
     # Then the weights are untouched
     assert theta.tobytes() == before
 
