@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
+from producer.backend import backend_url
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
 from producer.settings import Settings
 
@@ -20,7 +21,8 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": settings.publish_timeout,
         "socket_connect_timeout": settings.publish_timeout,
         "retry_on_timeout": True,
-        # Bounded: publishing during an outage fails with a clear error instead of hanging.
+        # Bounded: a dead Redis gives a clear error instead of a hang (the client also retries
+        # publishing until ITRAIN_PUBLISH_TIMEOUT).
         "max_retries": 3,
         "interval_start": 0,
         "interval_step": 0.2,
@@ -46,7 +48,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_expires,
         "result_extended": False,
         "broker_transport_options": transport,
-        "result_backend_transport_options": dict(transport),
+        "result_backend_transport_options": {
+            **transport,
+            # The backend's own default is 20 retries a second apart: a producer would hang for
+            # minutes on a dead Redis. Bounded like publishing instead.
+            "retry_policy": {
+                "max_retries": 2,
+                "interval_start": 0,
+                "interval_step": 0.2,
+                "interval_max": 0.5,
+            },
+        },
         "visibility_timeout": settings.visibility_timeout,
         "redis_socket_timeout": settings.publish_timeout,
         "redis_socket_connect_timeout": settings.publish_timeout,
@@ -74,8 +86,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings, main: str = "itrain") -> Celery:
-    """A Celery app configured for the project (the producer's needs no task code)."""
+def make_celery(settings: Settings, main: str = "itrain", *, producer: bool = False) -> Celery:
+    """A Celery app configured for the project. ``producer``: the publishing side's app, whose
+    result backend subscribes to a result only when someone waits for it."""
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
+    if producer:
+        app.conf.result_backend = backend_url(settings.backend)
+        # One connection attempt per publish: TrainingClient retries within ITRAIN_PUBLISH_TIMEOUT.
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "max_retries": 0,
+            "retry_on_timeout": False,
+        }
     return app

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 import redis
@@ -31,6 +31,7 @@ __all__ = ["EventLike", "TrainingClient"]
 
 EventLike = InteractionData | dict[str, Any]
 
+_T = TypeVar("_T")
 _PENDING = object()
 _UNREACHABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -49,7 +50,7 @@ class TrainingClient:
                 update={"redis_url": redis_url, "broker_url": None, "result_backend": None, "store_url": None}
             )
         self.settings = base
-        self.app = make_celery(base, main="itrain-producer")
+        self.app = make_celery(base, main="itrain-producer", producer=True)
         self._broker = connect(base.broker, base.publish_timeout)
         self._store = connect(base.store, base.publish_timeout)
         self._results = connect(base.backend, base.publish_timeout)
@@ -82,15 +83,17 @@ class TrainingClient:
             )
             for i in range(0, len(payloads), size)
         ]
-        self._check_queue()
-        try:
-            pipe = self._broker.pipeline(transaction=False)
+
+        def push() -> None:
+            self._check_queue()
+            # MULTI/EXEC: all chunks or none, so a retry after an error cannot send a chunk twice.
             # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
+            pipe = self._broker.pipeline(transaction=True)
             for envelope in envelopes:
                 pipe.lpush(queue, envelope)
             pipe.execute()
-        except _UNREACHABLE as exc:
-            raise PublishError(f"cannot publish to {redact_url(self.settings.broker)}: {exc}") from exc
+
+        self._publish(push)
         app = self.app
         return [JobHandle(task_id, app) for task_id in ids]
 
@@ -178,10 +181,36 @@ class TrainingClient:
             )
 
     def _send(self, task: str, payload: dict[str, Any]) -> AsyncResult:
-        try:
-            return self.app.send_task(task, args=[payload], queue=self.settings.queue)
-        except _UNREACHABLE as exc:
-            raise PublishError(f"cannot publish to {redact_url(self.settings.broker)}: {exc}") from exc
+        # Task events (Flower) show this instead of the arguments: never the raw user id.
+        argsrepr = (
+            f"[{{event_id: {payload['event_id']}, action_type: {payload['action_type']}, "
+            f"model: {payload['model']}}}]"
+        )
+
+        def send() -> AsyncResult:
+            return self.app.send_task(
+                task, args=[payload], queue=self.settings.queue, argsrepr=argsrepr, retry=False
+            )
+
+        return self._publish(send)
+
+    def _publish(self, attempt: Callable[[], _T]) -> _T:
+        """Run ``attempt``, retried with backoff while Redis is unreachable, for at most
+        ``ITRAIN_PUBLISH_TIMEOUT`` seconds in all; then ``PublishError``."""
+        deadline = time.monotonic() + self.settings.publish_timeout
+        delay = 0.05
+        while True:
+            try:
+                return attempt()
+            except _UNREACHABLE as exc:
+                left = deadline - time.monotonic()
+                if left <= delay:
+                    raise PublishError(
+                        f"cannot publish to {redact_url(self.settings.broker)} within "
+                        f"ITRAIN_PUBLISH_TIMEOUT={self.settings.publish_timeout:g} s: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
 
 def _validate_one(event: EventLike) -> InteractionData:

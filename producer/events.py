@@ -26,6 +26,7 @@ __all__ = [
     "CONTEXT_VALUE_MAX",
     "EVENT_LIST",
     "LABEL_MAX_OUTPUTS",
+    "MODEL_NAME_PATTERN",
     "InteractionData",
     "describe_validation_error",
     "event_json_schema",
@@ -35,6 +36,8 @@ CONTEXT_MAX_ENTRIES = 64
 CONTEXT_KEY_MAX = 64
 CONTEXT_VALUE_MAX = 256
 LABEL_MAX_OUTPUTS = 64
+#: Model names: they become part of Redis key names and command-line arguments.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 # Epoch seconds beyond year 9999 cannot be a real interaction time.
 _MAX_EPOCH = 253_402_300_799.0
 
@@ -82,7 +85,7 @@ class InteractionData(BaseModel):
         default=None,
         description="Explicit target in [0, 1], one per model output; overrides the action mapping.",
     )
-    model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = Field(
+    model: Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)] = Field(
         default="default", description="Which model the event trains."
     )
 
@@ -96,6 +99,13 @@ class InteractionData(BaseModel):
             if not math.isfinite(value) or not 0.0 <= value <= _MAX_EPOCH:
                 raise ValueError(f"timestamp {value!r} is not epoch seconds in [0, {_MAX_EPOCH:.0f}]")
             return datetime.fromtimestamp(value, tz=UTC)
+        if isinstance(value, str | bytes):
+            # A number in a string is epoch seconds too, with the same bounds.
+            try:
+                number = float(value)
+            except ValueError:
+                return value  # an ISO 8601 string: pydantic parses it
+            return cls._epoch_seconds(number)
         return value
 
     @field_validator("timestamp", mode="after")
@@ -140,8 +150,11 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         kind = type(err.get("input")).__name__
-        if loc[:1] == ["context"] and len(loc) >= 3:
-            field = ".".join(loc[:2])
+        if loc[:1] == ["context"] and len(loc) >= 3 and loc[2] == "[key]":
+            field = "context"
+            msg = f"keys must be strings of 1 to {CONTEXT_KEY_MAX} characters; got one of {len(loc[1])}"
+        elif loc[:1] == ["context"] and len(loc) >= 3:
+            field = ".".join(loc[:2]) if len(loc[1]) <= CONTEXT_KEY_MAX else "context"
             msg = (
                 f"must be a string of at most {CONTEXT_VALUE_MAX} characters, an integer, "
                 f"a finite float or a boolean; got {kind}"

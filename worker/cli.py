@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from producer.client import TrainingClient
 from producer.errors import ItrainError
-from producer.events import describe_validation_error, event_json_schema
+from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event_json_schema
 from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
@@ -44,6 +45,8 @@ EXIT_USAGE = 2
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    if not re.fullmatch(MODEL_NAME_PATTERN, args.model):
+        raise ValueError(f"--model must be 1 to 64 of A-Z a-z 0-9 _ . - (as in events), got {args.model!r}")
     config = ModelConfig(
         hidden=args.hidden, outputs=args.outputs, lr=args.lr, clip=args.clip, seed=args.seed, mode=args.mode
     )

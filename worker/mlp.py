@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 Array = npt.NDArray[np.float64]
+#: No single update may move the weights further than this: beyond it the weights are ruined
+#: even if still finite, and the finiteness check itself would overflow.
+_MAX_STEP_NORM = 1e150
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +125,12 @@ def clip_by_norm(grad: Array, max_norm: float) -> Array:
 
 
 def sgd_update(theta: Array, grad: Array, lr: float) -> Array:
-    """``theta - lr * grad`` as a new vector, refused if any value would be non-finite."""
-    new = theta - lr * grad
-    if not np.isfinite(new).all():
+    """``theta - lr * grad`` as a new vector, refused if it would be non-finite or absurdly large."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        step = lr * math.sqrt(float(grad @ grad))
+        new = theta - lr * grad
+        ok = step <= _MAX_STEP_NORM and math.isfinite(float(new @ new))
+    if not ok:
         raise NonFiniteUpdateError(f"update with learning rate {lr:g} would make the weights non-finite")
     return new
 
@@ -181,6 +187,10 @@ class PerEventSGD:
         scale = self.lr
         if self.clip > 0 and sq > self.clip * self.clip:
             scale *= self.clip / math.sqrt(sq)
+        if not scale * math.sqrt(sq) <= _MAX_STEP_NORM:
+            raise NonFiniteUpdateError(
+                f"update with learning rate {self.lr:g} would make the weights non-finite"
+            )
         new = self._new
         np.multiply(self._grad, -scale, out=new)
         new += self.theta
