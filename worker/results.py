@@ -20,14 +20,20 @@ from producer.protocol import result_key
 
 __all__ = ["Outcome", "failure_payload", "write_results", "WRITE_RESULTS"]
 
-#: ARGV: ttl, then (key, value) pairs.
+#: ARGV: ttl, then (key, value, keep) triples. ``keep`` = 1 leaves an existing result alone: a
+#: redelivered event comes back as ``duplicate`` and must not hide its first, ``trained`` result.
 WRITE_RESULTS = """
 local ttl = ARGV[1]
-for i = 2, #ARGV, 2 do
-  redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ttl)
-  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+for i = 2, #ARGV, 3 do
+  local written
+  if ARGV[i + 2] == '1' then
+    written = redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ttl, 'NX')
+  else
+    written = redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ttl)
+  end
+  if written then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
 end
-return (#ARGV - 1) / 2
+return (#ARGV - 1) / 3
 """
 
 Status = Literal["SUCCESS", "FAILURE"]
@@ -36,16 +42,25 @@ Status = Literal["SUCCESS", "FAILURE"]
 class Outcome:
     """The end of one job: its result object, or the error that failed it."""
 
-    __slots__ = ("result", "status", "task_id")
+    __slots__ = ("keep_existing", "result", "status", "task_id")
 
-    def __init__(self, task_id: str, status: Status, result: dict[str, Any]) -> None:
+    def __init__(
+        self, task_id: str, status: Status, result: dict[str, Any], *, keep_existing: bool = False
+    ) -> None:
         self.task_id = task_id
         self.status = status
         self.result = result
+        #: Written only if the task has no result yet (see ``WRITE_RESULTS``).
+        self.keep_existing = keep_existing
 
     @classmethod
     def success(cls, task_id: str, result: dict[str, Any]) -> Outcome:
         return cls(task_id, "SUCCESS", result)
+
+    @classmethod
+    def duplicate(cls, task_id: str, model: str, event_id: str) -> Outcome:
+        result = {"status": "duplicate", "model": model, "event_id": event_id}
+        return cls(task_id, "SUCCESS", result, keep_existing=True)
 
     @classmethod
     def failure(cls, task_id: str, exc: BaseException) -> Outcome:
@@ -83,6 +98,7 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int
                 }
             )
         )
+        args.append(1 if o.keep_existing else 0)
     _script(client)(keys=[], args=args)
 
 

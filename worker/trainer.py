@@ -153,9 +153,7 @@ class Trainer:
         for i, job in enumerate(jobs):
             ev = job.event
             if read.done[i] or ev.event_id in seen:
-                outcomes[i] = Outcome.success(
-                    job.task_id, {"status": "duplicate", "model": model, "event_id": ev.event_id}
-                )
+                outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
                 continue
             try:
                 targets.append(make_target(ev, cfg.outputs, self.settings.targets))
