@@ -14,9 +14,9 @@ import orjson
 from pydantic import ValidationError
 
 from producer.errors import InvalidEventError
-from producer.events import InteractionData, describe_validation_error
+from producer.events import EVENT_LIST, InteractionData, describe_validation_error
 
-__all__ = ["RawMessage", "decode_args", "model_hint", "split_batch", "validate_event"]
+__all__ = ["RawMessage", "decode_args", "model_hint", "split_batch", "validate_event", "validate_many"]
 
 _JSON = "application/json"
 MAX_BATCH_EVENTS = 10_000
@@ -70,6 +70,17 @@ def validate_event(payload: Any) -> InteractionData:
         return InteractionData.model_validate(payload)
     except ValidationError as exc:
         raise InvalidEventError(f"invalid event: {describe_validation_error(exc)}") from None
+
+
+def validate_many(payloads: list[Any]) -> list[InteractionData | None]:
+    """All events in one pydantic call when all are valid (the common case, several times faster
+    than one call each); otherwise ``None`` for every one, to be validated one by one."""
+    if len(payloads) > 1 and all(isinstance(p, dict) for p in payloads):
+        try:
+            return list(EVENT_LIST.validate_python(payloads))
+        except ValidationError:
+            pass
+    return [None] * len(payloads)
 
 
 def split_batch(args: list[Any]) -> list[tuple[str, Any]]:

@@ -18,7 +18,7 @@ from producer.errors import InvalidEventError
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
-from worker.messages import RawMessage, decode_args, model_hint, split_batch, validate_event
+from worker.messages import RawMessage, decode_args, model_hint, split_batch, validate_event, validate_many
 from worker.results import Outcome, write_results
 from worker.store import Store
 from worker.trainer import Job, Trainer, dead_letter_entry
@@ -75,9 +75,10 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
         except InvalidEventError as exc:
             message_error[m] = _fail(failures, dead, msg.task_id, exc, None)
             continue
-        for task_id, payload in items:
+        valid = validate_many([payload for _, payload in items])
+        for (task_id, payload), event in zip(items, valid, strict=True):
             try:
-                jobs.append(Job(task_id, validate_event(payload)))
+                jobs.append(Job(task_id, event if event is not None else validate_event(payload)))
                 owner.append(m)
             except InvalidEventError as exc:
                 _fail(failures, dead, task_id, exc, payload)
