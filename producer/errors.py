@@ -54,6 +54,9 @@ class CheckpointError(ModelError):
 class InvalidEventError(ItrainError, ValueError):
     """A message that reached a worker is not a valid event (bad JSON, type or field)."""
 
+    #: What could still be read of a message that failed to decode (to route its dead letter).
+    payload_hint: object = None
+
 
 class TargetError(InvalidEventError):
     """No training target can be made for an event (unknown action and no label, bad label)."""

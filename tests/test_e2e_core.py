@@ -342,7 +342,7 @@ INVALID_CASES = [
     ("missing_user_id", {"action_type": "click", "timestamp": 1_700_000_000.0}, ["user_id"], True),
     ("wrong_type", {**VALID, "user_id": 12345}, ["user_id", "int"], True),
     ("unknown_field", {**VALID, "rating": 5}, ["rating"], True),
-    ("nan_literal", b"NaN", ["JSON"], False),
+    ("nan_literal", b"NaN", ["NaN", "JSON"], True),
     ("non_json_body", b"\x80\x81 this is { not json", ["JSON"], False),
     ("unmapped_action_no_label", {**VALID, "action_type": "hover"}, ["action_type", "hover", "label"], True),
     ("label_length_mismatch", {**VALID, "label": [0.2, 0.8]}, ["label", "2", "1 output"], True),

@@ -7,6 +7,7 @@ parsing, and every way a body can be wrong ends as an ``InvalidEventError`` nami
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
     try:
         body = orjson.loads(msg.body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEventError(f"message body is not valid JSON: {exc}") from exc
+        raise _undecodable(msg.body, exc) from None
     if not (isinstance(body, list) and len(body) == 3 and isinstance(body[0], list)):
         raise InvalidEventError(
             f"message body must be [args, kwargs, embed] (Celery protocol 2), got {type(body).__name__}"
@@ -60,6 +61,21 @@ def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
         raise InvalidEventError(f"task {msg.task} takes no keyword arguments")
     args: list[Any] = body[0]
     return args
+
+
+def _undecodable(body: bytes, exc: orjson.JSONDecodeError) -> InvalidEventError:
+    """The error for a body that is not JSON. Python's own parser accepts NaN and Infinity, which
+    JSON does not: if it can read the body, say so, and keep the event to route the dead letter."""
+    try:
+        loose = json.loads(body)
+    except (ValueError, RecursionError):
+        return InvalidEventError(f"message body is not valid JSON: {exc}")
+    error = InvalidEventError(
+        "message body holds NaN or Infinity, which JSON does not allow: non-finite numbers are refused"
+    )
+    if isinstance(loose, list) and loose and isinstance(loose[0], list) and loose[0]:
+        error.payload_hint = loose[0][0]
+    return error
 
 
 def validate_event(payload: Any) -> InteractionData:

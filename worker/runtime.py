@@ -73,7 +73,7 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
             args = decode_args(msg, settings.max_message_bytes)
             items = split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
         except InvalidEventError as exc:
-            message_error[m] = _fail(failures, dead, msg.task_id, exc, None)
+            message_error[m] = _fail(failures, dead, msg.task_id, exc, exc.payload_hint)
             continue
         valid = validate_many([payload for _, payload in items])
         for (task_id, payload), event in zip(items, valid, strict=True):
@@ -87,9 +87,10 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
                     message_error[m] = str(exc)
 
     outcomes = rt.trainer.train(jobs)
-    write_results(rt.result_client, [*outcomes, *failures], settings.result_expires)
+    # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
     for model, entries in dead.items():
         rt.store.dead_letter(model, entries)
+    write_results(rt.result_client, [*outcomes, *failures], settings.result_expires)
 
     per_message: dict[int, list[Outcome]] = {}
     for m, outcome in zip(owner, outcomes, strict=True):
