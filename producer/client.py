@@ -60,8 +60,10 @@ class TrainingClient:
     def train_step(self, event: EventLike) -> AsyncResult:
         """Enqueue one training step; the handle resolves to the contract's result object."""
         payload = _validate_one(event).model_dump(mode="json")
-        self._check_queue()
-        return self._send(TASK_TRAIN_STEP, payload)
+        task_id = new_task_id()
+        queue = self.settings.queue
+        self._push([encode_envelope(TASK_TRAIN_STEP, task_id, [payload], queue, argsrepr=_argsrepr(payload))])
+        return JobHandle(task_id, self.app)
 
     def train_many(self, events: Iterable[EventLike]) -> list[AsyncResult]:
         """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
@@ -77,23 +79,18 @@ class TrainingClient:
         ids = [new_task_id() for _ in payloads]
         size = self.settings.chunk_size
         queue = self.settings.queue
-        envelopes = [
-            encode_envelope(
-                TASK_TRAIN_BATCH, new_task_id(), [ids[i : i + size], payloads[i : i + size]], queue
-            )
-            for i in range(0, len(payloads), size)
-        ]
-
-        def push() -> None:
-            self._check_queue()
-            # MULTI/EXEC: all chunks or none, so a retry after an error cannot send a chunk twice.
-            # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
-            pipe = self._broker.pipeline(transaction=True)
-            for envelope in envelopes:
-                pipe.lpush(queue, envelope)
-            pipe.execute()
-
-        self._publish(push)
+        self._push(
+            [
+                encode_envelope(
+                    TASK_TRAIN_BATCH,
+                    new_task_id(),
+                    [ids[i : i + size], payloads[i : i + size]],
+                    queue,
+                    argsrepr=f"[{len(ids[i : i + size])} events]",
+                )
+                for i in range(0, len(payloads), size)
+            ]
+        )
         app = self.app
         return [JobHandle(task_id, app) for task_id in ids]
 
@@ -180,16 +177,33 @@ class TrainingClient:
                 f"ITRAIN_MAX_QUEUE_LENGTH is {limit}; nothing was enqueued"
             )
 
-    def _send(self, task: str, payload: dict[str, Any]) -> AsyncResult:
-        # Task events (Flower) show this instead of the arguments: never the raw user id.
-        argsrepr = (
-            f"[{{event_id: {payload['event_id']}, action_type: {payload['action_type']}, "
-            f"model: {payload['model']}}}]"
-        )
+    def _push(self, envelopes: list[bytes]) -> None:
+        """LPUSH task messages onto the queue list, as kombu's Redis transport would.
 
+        Training messages skip kombu's publishing path: it builds a new Redis client object and
+        sends a ``task-sent`` event per message, several times the cost of the push itself.
+        Flower shows these tasks from ``received`` on (the worker sends their events).
+        """
+        queue = self.settings.queue
+
+        def push() -> None:
+            self._check_queue()
+            if len(envelopes) == 1:
+                self._broker.lpush(queue, envelopes[0])
+                return
+            # MULTI/EXEC: all messages or none, so a retry after an error cannot send one twice.
+            # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
+            pipe = self._broker.pipeline(transaction=True)
+            for envelope in envelopes:
+                pipe.lpush(queue, envelope)
+            pipe.execute()
+
+        self._publish(push)
+
+    def _send(self, task: str, payload: dict[str, Any]) -> AsyncResult:
         def send() -> AsyncResult:
             return self.app.send_task(
-                task, args=[payload], queue=self.settings.queue, argsrepr=argsrepr, retry=False
+                task, args=[payload], queue=self.settings.queue, argsrepr=_argsrepr(payload), retry=False
             )
 
         return self._publish(send)
@@ -211,6 +225,14 @@ class TrainingClient:
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
+
+
+def _argsrepr(payload: dict[str, Any]) -> str:
+    # Task events (Flower) show this instead of the arguments: never the raw user id.
+    return (
+        f"[{{event_id: {payload['event_id']}, action_type: {payload['action_type']}, "
+        f"model: {payload['model']}}}]"
+    )
 
 
 def _validate_one(event: EventLike) -> InteractionData:

@@ -39,7 +39,9 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
-def encode_envelope(task: str, task_id: str, args: list[Any], queue: str) -> bytes:
+def encode_envelope(
+    task: str, task_id: str, args: list[Any], queue: str, *, argsrepr: str | None = None
+) -> bytes:
     """A Celery protocol 2 message as kombu's Redis transport stores it in the queue list."""
     body = orjson.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     envelope = {
@@ -56,7 +58,7 @@ def encode_envelope(task: str, task_id: str, args: list[Any], queue: str) -> byt
             "retries": 0,
             "eta": None,
             "expires": None,
-            "argsrepr": None,
+            "argsrepr": argsrepr,
             "kwargsrepr": None,
             "origin": "itrain-producer",
             "ignore_result": False,
