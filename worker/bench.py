@@ -86,6 +86,9 @@ def plan(quick: bool) -> list[Scenario]:
         Scenario("a", "naive: task per event, Lock(sleep=0.1), GET/step/SET", 2, n(2000), "naive"),
         Scenario("d", "train_many, minibatch mode", 2, n(300_000), "many", "minibatch"),
         Scenario("latency", "train_step at a fixed 500 events/s", 2, n(5000), "step", rate=500.0),
+        Scenario(
+            "latency-many", "train_many, 25 events every 50 ms (500 events/s)", 2, n(5000), "many", rate=500.0
+        ),
     ]
     for w in (1, 2, 4):
         out.append(Scenario(f"b{w}", "train_step, one event a call", w, n(3000), "step"))
@@ -129,9 +132,14 @@ def _send(
     sent: list[float] = []
     start = time.perf_counter()
     if sc.send == "many":
-        for i in range(0, len(events), 5000):
+        step = max(1, int(sc.rate / 20)) if sc.rate else 5000
+        for i in range(0, len(events), step):
+            if sc.rate:
+                delay = start + i / sc.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
             now = time.time()
-            part = client.train_many(events[i : i + 5000])
+            part = client.train_many(events[i : i + step])
             ids.extend(h.id for h in part)
             sent.extend([now] * len(part))
         return ids, sent
