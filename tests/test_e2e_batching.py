@@ -9,7 +9,6 @@ Two module-scoped groups of real worker processes on one private redis-server:
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from support import wait_for_names
 
-from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.events import InteractionData
 from producer.keys import ModelKeys
@@ -56,23 +55,6 @@ class Workers:
     logs: Path
 
 
-def _wait_for_names(redis_url: str, names: list[str], procs: list[Any], logs: Path) -> None:
-    app = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise AssertionError(f"a worker exited during start-up; logs in {logs}")
-            replies = app.control.ping(timeout=1.0) or []
-            seen = {name.split("@", 1)[0] for reply in replies for name in reply}
-            if set(names) <= seen:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"workers {names} did not answer a ping within 90 s; logs in {logs}")
-    finally:
-        app.close()
-
-
 @pytest.fixture(scope="module")
 def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     logs = tmp_path_factory.mktemp("batching-workers")
@@ -92,7 +74,7 @@ def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         pair = Group(default_queue, [spawn("pair0", 2, default_queue), spawn("pair1", 2, default_queue)])
         serial = Group(serial_queue, [spawn("serial", 1, serial_queue)])
-        _wait_for_names(redis_url, names, procs, logs)
+        wait_for_names(redis_url, names, procs, logs)
         yield Workers(pair, serial, logs)
     finally:
         for proc in procs:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import itertools
 import math
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +21,13 @@ import numpy as np
 import orjson
 import pytest
 import redis
+from support import wait_for_names
 
-from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.errors import InvalidEventError, ItrainError, NonFiniteUpdateError, TargetError
 from producer.events import InteractionData
 from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope
-from producer.settings import Settings
 from worker.features import featurize
 from worker.mlp import Shape, forward, sigmoid
 from worker.stack import start_worker, stop_process
@@ -54,23 +52,6 @@ class Workers:
         assert not dead, f"worker process(es) {dead} exited; logs in {self.logs}"
 
 
-def _wait_for_names(redis_url: str, names: list[str], procs: list[Any], logs: Path) -> None:
-    app = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise AssertionError(f"a worker exited during start-up; logs in {logs}")
-            replies = app.control.ping(timeout=1.0) or []
-            seen = {name.split("@", 1)[0] for reply in replies for name in reply}
-            if set(names) <= seen:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"workers {names} did not answer a ping within 90 s; logs in {logs}")
-    finally:
-        app.close()
-
-
 @pytest.fixture(scope="module")
 def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     """Two ``celery -A worker worker`` processes, concurrency 2, on the default queue."""
@@ -84,7 +65,7 @@ def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             procs.append(
                 start_worker(name, {"ITRAIN_REDIS_URL": redis_url}, concurrency=2, log=logs / f"{name}.log")
             )
-        _wait_for_names(redis_url, names, procs, logs)
+        wait_for_names(redis_url, names, procs, logs)
         yield Workers(procs, logs)
     finally:
         for proc in procs:

@@ -26,14 +26,14 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _celery(*args: str) -> list[str]:
+    """``celery -A worker ...`` with this interpreter's Celery."""
+    return [sys.executable, "-m", "celery", "-A", "worker", *args]
+
+
 def worker_command(name: str, concurrency: int, loglevel: str = "info", pool: str = "prefork") -> list[str]:
     """The command line a container or a shell uses to start one worker."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker",
+    return _celery(
         "worker",
         "--hostname",
         f"{name}@%h",
@@ -45,20 +45,11 @@ def worker_command(name: str, concurrency: int, loglevel: str = "info", pool: st
         loglevel,
         "--without-gossip",
         "--without-mingle",
-    ]
+    )
 
 
 def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker",
-        "flower",
-        f"--address={address}",
-        f"--port={port}",
-    ]
+    return _celery("flower", f"--address={address}", f"--port={port}")
 
 
 def _popen(cmd: list[str], env: Mapping[str, str], log: Path | None) -> subprocess.Popen[bytes]:
