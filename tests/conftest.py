@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from support import wait_for_names
 
 from producer.client import TrainingClient
 from producer.settings import Settings, get_settings
 from worker.checkpoint import Checkpoint, ModelConfig
 from worker.embedded_redis import RedisServer
 from worker.mlp import init_params
-from worker.stack import start_worker, stop_process, wait_for_workers
+from worker.stack import start_worker, stop_process
 from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +102,12 @@ def start_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
     once all of them answer a ping. Logs go to ``tmp_path``.
     """
     procs: list = []
-    apps: list = []
 
     def start(
         count: int = 1, *, concurrency: int = 1, env: dict[str, str] | None = None, pool: str = "prefork"
     ) -> list:
         full_env = {"ITRAIN_REDIS_URL": redis_url, **(env or {})}
-        started = []
+        started, names = [], []
         for _ in range(count):
             name = f"w{len(procs) + 1}-{uuid.uuid4().hex[:6]}"
             proc = start_worker(
@@ -115,9 +115,9 @@ def start_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
             )
             procs.append(proc)
             started.append(proc)
-        app = TrainingClient(redis_url=redis_url).app
-        apps.append(app)
-        wait_for_workers(app, len(procs), timeout=90)
+            names.append(name)
+        # Wait for the ones just started: earlier ones may have been killed on purpose.
+        wait_for_names(redis_url, names, started, tmp_path)
         return started
 
     yield start

@@ -25,6 +25,7 @@ from celery import Celery
 from producer.client import TrainingClient
 from producer.errors import ResultTimeoutError
 from producer.keys import ModelKeys
+from producer.protocol import result_key
 from producer.settings import Settings
 from worker.checkpoint import Checkpoint, ModelConfig
 from worker.mlp import init_params
@@ -83,11 +84,6 @@ def pgid_of(pid: int) -> int | None:
     return int(fields[2]) if fields else None
 
 
-def cpu_ticks(pid: int) -> int:
-    fields = _stat_fields(pid)
-    return int(fields[11]) + int(fields[12]) if fields else 0
-
-
 def rss_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -101,15 +97,6 @@ def rss_bytes(pid: int) -> int:
 def tree_rss(pid: int) -> int:
     """RSS of a worker: its main process and every pool child."""
     return sum(rss_bytes(p) for p in [pid, *descendants(pid)])
-
-
-def busiest(pids: Sequence[int], window: float = 0.1) -> tuple[int, int]:
-    """The pid that used the most CPU during ``window`` seconds, and its ticks."""
-    before = {p: cpu_ticks(p) for p in pids}
-    time.sleep(window)
-    deltas = {p: cpu_ticks(p) - before[p] for p in pids}
-    pid = max(deltas, key=lambda p: deltas[p])
-    return pid, deltas[pid]
 
 
 # -- waiting ----------------------------------------------------------------------------------------
@@ -271,17 +258,26 @@ def statuses(results: Iterable[Any]) -> Counter[str]:
 
 
 def wait_results(
-    client: TrainingClient, handles: Sequence[Any], timeout: float, workers: Workers | None = None
+    client: TrainingClient,
+    handles: Sequence[Any],
+    timeout: float,
+    workers: Workers | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[Any]:
-    """Every handle's result; on timeout an AssertionError with the queue state and worker logs."""
+    """Every handle's result; on timeout an AssertionError with the queue state, the labels of
+    the pending handles (when given) and the worker logs."""
     try:
         return client.wait_all(handles, timeout=timeout, poll=0.05)
     except ResultTimeoutError as exc:
-        r = client._broker
+        r = client._results
         state = (
             f"queue={r.llen(client.settings.queue)} unacked={r.hlen('unacked')} "
             f"unacked_index={r.zcard('unacked_index')}"
         )
+        if labels is not None:
+            raw = r.mget([result_key(h.id) for h in handles])
+            pending = Counter(label for label, value in zip(labels, raw, strict=True) if value is None)
+            state += f" pending by kind: {dict(pending)}"
         logs = workers.tails() if workers else ""
         raise AssertionError(f"{exc}; {state}\n{logs}") from None
 

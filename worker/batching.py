@@ -50,7 +50,11 @@ class _Buffer:
         self.task = task
         self.pool = consumer.pool
         self.timer = consumer.timer
-        self.connection_errors = consumer.connection_errors
+        # After a broker loss the message's channel is closed, and kombu raises AttributeError
+        # from an ack or a reject on it. The message is still in Redis (kombu's unacked hash) and
+        # comes back after ITRAIN_VISIBILITY_TIMEOUT: log it like a connection error, do not let
+        # it stop the worker.
+        self.connection_errors = (*consumer.connection_errors, AttributeError)
         eventer = consumer.event_dispatcher
         self.send_event = eventer.send if (eventer and eventer.enabled and task.send_events) else None
         self.max = settings.batch_max if buffered else 1
@@ -122,6 +126,9 @@ class _Buffer:
     def _on_error(self, items: list[_Pending], exc: BaseException) -> None:
         # The pool process died (WorkerLostError) or Redis failed mid-batch: give every message
         # back to the queue. Events already committed come back as ``duplicate``.
+        # billiard hands over an ExceptionInfo wrapping the exception (WorkerLostError when the
+        # pool process died).
+        exc = getattr(getattr(exc, "exception", None), "exc", exc)
         lost = isinstance(exc, WorkerLostError)
         logger.error("batch of %d message(s) not finished (%r); requeued", len(items), exc)
         for p in items:
