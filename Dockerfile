@@ -1,7 +1,7 @@
 # One image for every role: worker, flower and the itrain CLI.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY producer ./producer
 COPY worker ./worker
 RUN pip install --no-cache-dir . && useradd --create-home itrain
