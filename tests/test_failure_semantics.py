@@ -1,0 +1,75 @@
+"""The contract's failure semantics that a caller relies on: a lock that cannot be had, a full
+queue, an unreachable Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from producer.client import TrainingClient
+from producer.errors import LockTimeoutError, PublishError, QueueFullError
+from producer.keys import ModelKeys
+from producer.settings import Settings
+
+
+def _event(model: str, i: int = 0) -> dict:
+    return {"user_id": f"u{i}", "action_type": "click", "timestamp": time.time(), "model": model}
+
+
+def test_lock_that_cannot_be_had_ends_as_lock_timeout(
+    start_workers, make_model, client: TrainingClient, redis_client: redis.Redis
+) -> None:
+    # Given a worker with a short bounded wait, and the model's lock held by someone else
+    model = make_model()
+    start_workers(1, env={"ITRAIN_LOCK_WAIT": "0.2", "ITRAIN_LOCK_RETRIES": "1"})
+    keys = ModelKeys(model)
+    redis_client.set(keys.lock, "someone-else", px=60_000)
+    params = redis_client.hget(keys.ckpt, "params")
+    # When an event is sent
+    handle = client.train_step(_event(model))
+    # Then it ends as FAILURE with reason lock_timeout, after its retries
+    with pytest.raises(LockTimeoutError, match="lock_timeout"):
+        handle.get(timeout=30)
+    # And it is dead-lettered, the weights untouched
+    assert redis_client.llen(keys.dead) == 1
+    assert b"lock_timeout" in redis_client.lindex(keys.dead, 0)
+    assert redis_client.hget(keys.ckpt, "params") == params
+    # And once the lock is free the same event trains
+    redis_client.delete(keys.lock)
+    assert client.train_step(_event(model)).get(timeout=30)["status"] == "trained"
+
+
+def test_full_queue_refuses_and_enqueues_nothing(redis_url: str, redis_client: redis.Redis) -> None:
+    # Given a queue of our own that already holds 3 messages, and a limit of 3
+    queue = "itrain-full-test"
+    redis_client.delete(queue)
+    settings = Settings(redis_url=redis_url, queue=queue, max_queue_length=3)
+    with TrainingClient(settings=settings) as c:
+        c.train_many([_event("default", i) for i in range(3)] * 1)  # one message
+        c.train_step(_event("default"))
+        c.train_step(_event("default"))
+        assert redis_client.llen(queue) == 3
+        # When more is sent, one event or many
+        with pytest.raises(QueueFullError, match="ITRAIN_MAX_QUEUE_LENGTH"):
+            c.train_step(_event("default"))
+        with pytest.raises(QueueFullError):
+            c.train_many([_event("default", i) for i in range(10)])
+    # Then nothing more was enqueued
+    assert redis_client.llen(queue) == 3
+    redis_client.delete(queue)
+
+
+@pytest.mark.parametrize("call", ["train_step", "train_many", "predict"])
+def test_unreachable_redis_fails_within_publish_timeout(call: str) -> None:
+    # Given a client pointed at a port where nothing listens
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", publish_timeout=1.0)
+    arg = [_event("default")] if call == "train_many" else _event("default")
+    with TrainingClient(settings=settings) as c:
+        start = time.monotonic()
+        # When it publishes, then a PublishError naming the URL comes, within a bound: not a
+        # speed figure, a "never hangs" check (it used to hang for minutes in Celery's retries)
+        with pytest.raises(PublishError, match=r"127\.0\.0\.1:1"):
+            getattr(c, call)(arg)
+        assert time.monotonic() - start < 15.0
