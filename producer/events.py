@@ -96,7 +96,8 @@ class InteractionData(BaseModel):
         if isinstance(value, bool):
             raise ValueError("timestamp must be a datetime or epoch seconds, not a boolean")
         if isinstance(value, int | float):
-            if not math.isfinite(value) or not 0.0 <= value <= _MAX_EPOCH:
+            # Range first: math.isfinite overflows on an int beyond float range (10**400).
+            if not (0 <= value <= _MAX_EPOCH and math.isfinite(value)):
                 raise ValueError(f"timestamp {value!r} is not epoch seconds in [0, {_MAX_EPOCH:.0f}]")
             return datetime.fromtimestamp(value, tz=UTC)
         if isinstance(value, str | bytes):

@@ -13,7 +13,7 @@ and the commit script may touch them together.
 | ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |
 | ``itrain:{m}:dead`` | list | the last ``ITRAIN_DEAD_LETTER_MAX`` failed messages, newest first (JSON) |
 | ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
-| ``itrain:{m}:done:<event_id>`` | string | the step that trained the event; TTL ``ITRAIN_DEDUPE_TTL`` |
+| ``itrain:{m}:done:<gen>:<event_id>`` | string | the step that trained the event; TTL ``ITRAIN_DEDUPE_TTL`` |
 | ``itrain:{_unrouted}:dead`` | list | failed messages that name no initialised model |
 """
 
@@ -61,9 +61,9 @@ class ModelKeys:
     def lock(self) -> str:
         return self.prefix + "lock"
 
-    @property
-    def done_prefix(self) -> str:
-        return self.prefix + "done:"
+    def done_prefix(self, gen: int) -> str:
+        """Event markers of one generation of the model (``itrain init --force`` starts another)."""
+        return f"{self.prefix}done:{gen}:"
 
-    def done(self, event_id: str) -> str:
-        return self.done_prefix + event_id
+    def done(self, gen: int, event_id: str) -> str:
+        return self.done_prefix(gen) + event_id

@@ -301,10 +301,11 @@ def check_each_event_once(client: redis.Redis, model: str, event_ids: Sequence[s
     """
     keys = ModelKeys(model)
     step = model_state(client, model)["step"]
+    gen = int(client.hget(keys.ckpt, "gen") or 0)
     markers: dict[str, int] = {}
     for i in range(0, len(event_ids), 5000):
         part = event_ids[i : i + 5000]
-        for event_id, value in zip(part, client.mget([keys.done(e) for e in part]), strict=True):
+        for event_id, value in zip(part, client.mget([keys.done(gen, e) for e in part]), strict=True):
             if value is not None:
                 markers[event_id] = int(value)
     marked_steps = sorted(markers.values())

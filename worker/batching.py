@@ -73,7 +73,15 @@ class _Buffer:
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             compression=headers.get("compression"),
-            body=bytes(message.body) if not isinstance(message.body, str) else message.body.encode(),
+            # Only bytes or text is a body; anything else (a hostile envelope) becomes an empty
+            # body, refused under its task id as "not valid JSON", never bytes(<huge int>).
+            body=(
+                message.body
+                if isinstance(message.body, bytes)
+                else message.body.encode()
+                if isinstance(message.body, str)
+                else b""
+            ),
         )
         if self.send_event:
             self.send_event(

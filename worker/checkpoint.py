@@ -53,6 +53,14 @@ class Checkpoint:
     step: int
     loss_ema: float | None = None
     loss_last: float | None = None
+    #: Random id of this exact checkpoint, new with every commit (see ``store.READ``).
+    cid: str = ""
+    #: The generation: the version ``itrain init`` gave the model; event markers are keyed by it.
+    gen: int = 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.version}:{self.cid}"
 
 
 def encode(ckpt: Checkpoint) -> dict[str, bytes | str | int | float]:
@@ -82,6 +90,8 @@ def decode(
     step: bytes | int,
     loss_ema: bytes | None = None,
     loss_last: bytes | None = None,
+    cid: str = "",
+    gen: int = 0,
 ) -> Checkpoint:
     """A checkpoint from its hash fields; ``CheckpointError`` names what does not fit."""
     try:
@@ -106,4 +116,6 @@ def decode(
         step=int(step),
         loss_ema=float(loss_ema) if loss_ema else None,
         loss_last=float(loss_last) if loss_last else None,
+        cid=cid,
+        gen=gen,
     )

@@ -8,6 +8,7 @@ parsing, and every way a body can be wrong ends as an ``InvalidEventError`` nami
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +67,22 @@ def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
 def _undecodable(body: bytes, exc: orjson.JSONDecodeError) -> InvalidEventError:
     """The error for a body that is not JSON. Python's own parser accepts NaN and Infinity, which
     JSON does not: if it can read the body, say so, and keep the event to route the dead letter."""
+    constants: list[str] = []
+
+    def non_finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # NaN, Infinity, or a number like 1e400
+            constants.append(text)
+        return value
+
     try:
-        loose = json.loads(body)
+        loose = json.loads(body, parse_constant=non_finite, parse_float=non_finite)
     except (ValueError, RecursionError):
+        loose = None
+    if not constants:
         return InvalidEventError(f"message body is not valid JSON: {exc}")
     error = InvalidEventError(
-        "message body holds NaN or Infinity, which JSON does not allow: non-finite numbers are refused"
+        "message body holds NaN or an infinity, which JSON does not allow: non-finite numbers are refused"
     )
     if isinstance(loose, list) and loose and isinstance(loose[0], list) and loose[0]:
         error.payload_hint = loose[0][0]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+import redis
 
 from producer.errors import (
     ItrainError,
@@ -39,7 +40,7 @@ from worker.checkpoint import Checkpoint
 from worker.features import featurize, featurize_many
 from worker.lock import ModelLock
 from worker.mlp import PerEventSGD, forward, minibatch_step, sigmoid
-from worker.results import Outcome
+from worker.results import Outcome, failure_payload
 from worker.store import Store
 from worker.targets import make_target
 
@@ -102,7 +103,18 @@ class Trainer:
             by_model.setdefault(job.event.model, []).append(i)
         outcomes: list[Outcome | None] = [None] * len(jobs)
         for model, idxs in by_model.items():
-            for i, outcome in zip(idxs, self._train_model(model, [jobs[i] for i in idxs]), strict=True):
+            sub = [jobs[i] for i in idxs]
+            try:
+                done = self._train_model(model, sub)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # Redis is away: the messages go back to the queue and come again
+            except Exception as exc:
+                # Anything else would fail again on every redelivery: end these jobs now, with a
+                # result and a dead letter each, instead of requeueing them forever.
+                logger.exception("model=%s batch of %d failed", model, len(sub))
+                error = exc if isinstance(exc, ItrainError) else ItrainError(f"{type(exc).__name__}: {exc}")
+                done = self._fail_all(model, sub, error)
+            for i, outcome in zip(idxs, done, strict=True):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
@@ -136,32 +148,35 @@ class Trainer:
         self, model: str, jobs: list[Job], X: npt.NDArray[np.float64]
     ) -> list[Outcome] | None:
         """Read, train, commit. ``None`` when the fenced commit was refused."""
-        cached = self._cache.get(model)
-        read = self.store.read(model, cached.version if cached else None, [j.event.event_id for j in jobs])
-        if read.state == "missing":
+        read = self.store.read(model, self._cache.get(model), [j.event.event_id for j in jobs])
+        ckpt = read.checkpoint
+        if ckpt is None:
             self._cache.pop(model, None)
             return [self._skipped(j) for j in jobs]
-        ckpt = read.checkpoint if read.checkpoint is not None else cached
-        assert ckpt is not None
         cfg = ckpt.config
 
         outcomes: list[Outcome | None] = [None] * len(jobs)
         dead: list[bytes] = []
         train_idx: list[int] = []
         targets: list[npt.NDArray[np.float64]] = []
-        seen: set[str] = set()
+        first_copy: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []  # (index, index of the first copy in this batch)
         for i, job in enumerate(jobs):
             ev = job.event
-            if read.done[i] or ev.event_id in seen:
+            if read.done[i]:
                 outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
                 continue
             try:
-                targets.append(make_target(ev, cfg.outputs, self.settings.targets))
+                target = make_target(ev, cfg.outputs, self.settings.targets)
             except TargetError as exc:
                 outcomes[i] = Outcome.failure(job.task_id, exc)
                 dead.append(_dead(job, exc))
                 continue
-            seen.add(ev.event_id)
+            if ev.event_id in first_copy:
+                copies.append((i, first_copy[ev.event_id]))  # answered once the first one is
+                continue
+            first_copy[ev.event_id] = i
+            targets.append(target)
             train_idx.append(i)
 
         theta = ckpt.theta.copy()  # the cached copy stays as committed if the commit is refused
@@ -215,7 +230,7 @@ class Trainer:
         )
         commit = self.store.commit(
             model,
-            expected_version=ckpt.version,
+            expected=ckpt,
             params=theta.tobytes() if trained else b"",
             event_ids=[jobs[i].event.event_id for i, _ in trained],
             loss_last=trained[-1][1] if trained else 0.0,
@@ -248,13 +263,30 @@ class Trainer:
                     loss,
                     ema,
                 )
-        self._cache[model] = Checkpoint(
-            config=cfg,
-            theta=theta,
-            version=commit.version,
-            step=first + len(trained),
-            loss_ema=ema,
-            loss_last=trained[-1][1] if trained else ckpt.loss_last,
+        late_dead: list[bytes] = []
+        for i, j in copies:
+            original = outcomes[j]
+            if original is not None and original.status == "FAILURE":
+                # Its first copy was refused (non-finite): so is this one, not "already trained".
+                outcomes[i] = Outcome(jobs[i].task_id, "FAILURE", original.result)
+                late_dead.append(_dead(jobs[i], NonFiniteUpdateError(original.result["exc_message"][0])))
+            else:
+                outcomes[i] = Outcome.duplicate(jobs[i].task_id, model, jobs[i].event.event_id)
+        self.store.dead_letter(model, late_dead)
+        # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
+        self._cache[model] = (
+            Checkpoint(
+                config=cfg,
+                theta=theta,
+                version=commit.version,
+                step=first + len(trained),
+                loss_ema=ema,
+                loss_last=trained[-1][1],
+                cid=commit.cid,
+                gen=ckpt.gen,
+            )
+            if trained
+            else ckpt
         )
         return [o for o in outcomes if o is not None]
 
@@ -264,14 +296,11 @@ class Trainer:
         """The model's output for an event, from the current checkpoint (no lock needed: the
         checkpoint is read in one atomic command)."""
         model = event.model
-        cached = self._cache.get(model)
-        read = self.store.read(model, cached.version if cached else None, ())
-        if read.state == "missing":
+        ckpt = self.store.read(model, self._cache.get(model), ()).checkpoint
+        if ckpt is None:
             raise ModelNotInitialisedError(
                 f"model {model!r} is not initialised; run `itrain init --model {model}`"
             )
-        ckpt = read.checkpoint if read.checkpoint is not None else cached
-        assert ckpt is not None
         self._cache[model] = ckpt
         _, Z = forward(ckpt.theta, ckpt.config.shape, featurize(event)[None, :])
         return {"model": model, "version": ckpt.version, "prediction": sigmoid(Z)[0].tolist()}
@@ -293,7 +322,8 @@ class Trainer:
     def _fail_all(self, model: str, jobs: list[Job], exc: ItrainError) -> list[Outcome]:
         self.store.dead_letter(model, [_dead(j, exc) for j in jobs])
         logger.error("model=%s %d event(s) failed: %s", model, len(jobs), exc)
-        return [Outcome.failure(j.task_id, exc) for j in jobs]
+        # A redelivered event may already have its "trained" result: never hide it.
+        return [Outcome(j.task_id, "FAILURE", failure_payload(exc), keep_existing=True) for j in jobs]
 
     def _record_timing(self, model: str, waited: float, held: float, n: int) -> None:
         if self.settings.record_timings:
