@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
-from producer.errors import PublishError, QueueFullError, ResultTimeoutError
+from producer.errors import InvalidEventError, PublishError, QueueFullError, ResultTimeoutError
 from producer.events import EVENT_LIST, InteractionData
 from producer.handles import JobHandle
 from producer.protocol import (
@@ -77,18 +77,17 @@ class TrainingClient:
             return []
         payloads = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
         ids = [new_task_id() for _ in payloads]
-        size = self.settings.chunk_size
         queue = self.settings.queue
         self._push(
             [
                 encode_envelope(
                     TASK_TRAIN_BATCH,
                     new_task_id(),
-                    [ids[i : i + size], payloads[i : i + size]],
+                    [ids[a:b], payloads[a:b]],
                     queue,
-                    argsrepr=f"[{len(ids[i : i + size])} events]",
+                    argsrepr=f"[{b - a} events]",
                 )
-                for i in range(0, len(payloads), size)
+                for a, b in self._chunks(payloads)
             ]
         )
         app = self.app
@@ -176,6 +175,26 @@ class TrainingClient:
                 f"queue {self.settings.queue!r} holds {length} messages, "
                 f"ITRAIN_MAX_QUEUE_LENGTH is {limit}; nothing was enqueued"
             )
+
+    def _chunks(self, payloads: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        """(start, end) of each message: at most ``ITRAIN_CHUNK_SIZE`` events, and small enough
+        for the worker's ``ITRAIN_MAX_MESSAGE_BYTES`` (events with large contexts weigh ~20 KB)."""
+        limit = int(self.settings.max_message_bytes * 0.9)
+        bounds: list[tuple[int, int]] = []
+        start, size = 0, 0
+        for i, payload in enumerate(payloads):
+            weight = len(orjson.dumps(payload)) + 48  # the event, its result id, separators
+            if weight > limit:
+                raise InvalidEventError(
+                    f"event {i} is {weight} bytes, more than a message may carry "
+                    f"(ITRAIN_MAX_MESSAGE_BYTES={self.settings.max_message_bytes})"
+                )
+            if i > start and (i - start >= self.settings.chunk_size or size + weight > limit):
+                bounds.append((start, i))
+                start, size = i, 0
+            size += weight
+        bounds.append((start, len(payloads)))
+        return bounds
 
     def _push(self, envelopes: list[bytes]) -> None:
         """LPUSH task messages onto the queue list, as kombu's Redis transport would.

@@ -73,3 +73,17 @@ def test_unreachable_redis_fails_within_publish_timeout(call: str) -> None:
         with pytest.raises(PublishError, match=r"127\.0\.0\.1:1"):
             getattr(c, call)(arg)
         assert time.monotonic() - start < 15.0
+
+
+def test_train_many_keeps_messages_under_the_size_limit(
+    start_workers, make_model, client: TrainingClient
+) -> None:
+    # Given events of about 20 KB each (64 context entries of 256 characters)
+    model = make_model()
+    start_workers(1)
+    big = {f"key{k:02d}": "v" * 256 for k in range(64)}
+    events = [{**_event(model, i), "context": big} for i in range(300)]
+    # When they go through train_many (300 x 20 KB would be 6 MB in 2 chunks of 256)
+    results = client.wait_all(client.train_many(events), timeout=60)
+    # Then every one trains: no message was over ITRAIN_MAX_MESSAGE_BYTES
+    assert sorted(r["step"] for r in results) == list(range(1, 301))
