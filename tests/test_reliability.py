@@ -115,6 +115,29 @@ def _stream(client: TrainingClient, events: list[dict[str, Any]], singles: int) 
 N_KILL = 6000
 
 
+def _stream_to_one_worker(
+    redis_url: str,
+    redis_client: redis.Redis,
+    settings: Settings,
+    workers: Workers,
+    make_client: ClientFactory,
+    queue: str,
+    tag: str,
+    *,
+    concurrency: int,
+) -> tuple[Any, str, TrainingClient, list[dict[str, Any]], list[Any]]:
+    """One worker on the test's queue, a slow model, N_KILL unique events sent; returns once a
+    quarter of them is trained: (worker, model, client, events, handles)."""
+    env = {**BASE_ENV, "ITRAIN_QUEUE": queue}
+    (w,) = workers.start(1, redis_url=redis_url, env=env, concurrency=concurrency)
+    model = create_model(redis_client, settings, **SLOW)
+    client = make_client(redis_url, queue=queue, chunk_size=100)
+    events = make_events(model, N_KILL, tag)
+    handles = _stream(client, events, singles=300)
+    wait_until(lambda: model_state(redis_client, model)["step"] >= N_KILL // 4, 90, "a quarter of the stream")
+    return w, model, client, events, handles
+
+
 def test_pool_child_killed_mid_batch_every_event_trained_once(
     redis_url: str,
     redis_client: redis.Redis,
@@ -133,15 +156,10 @@ def test_pool_child_killed_mid_batch_every_event_trained_once(
     committed come back as ``duplicate``, the others are trained by the new child: step == N,
     each event once, every handle resolves.
     """
-    env = {**BASE_ENV, "ITRAIN_QUEUE": queue}
-    (w,) = workers.start(1, redis_url=redis_url, env=env, concurrency=1)
-    model = create_model(redis_client, settings, **SLOW)
-    client = make_client(redis_url, queue=queue, chunk_size=100)
-    events = make_events(model, N_KILL, "child")
+    w, model, client, events, handles = _stream_to_one_worker(
+        redis_url, redis_client, settings, workers, make_client, queue, "child", concurrency=1
+    )
     lock_key = ModelKeys(model).lock
-
-    handles = _stream(client, events, singles=300)
-    wait_until(lambda: model_state(redis_client, model)["step"] >= N_KILL // 4, 90, "a quarter of the stream")
     (victim,) = workers.pool(w)
     wait_until(lambda: redis_client.exists(lock_key), 30, "the child to take the lock", interval=0.001)
     os.kill(victim, signal.SIGKILL)
@@ -183,14 +201,9 @@ def test_whole_worker_killed_replacement_trains_the_rest_once(
     ``ITRAIN_VISIBILITY_TIMEOUT`` seconds. The wait is bounded by that plus generous room for a
     worker start and the training itself. step == N, each event once, every handle resolves.
     """
-    env = {**BASE_ENV, "ITRAIN_QUEUE": queue}
-    (w1,) = workers.start(1, redis_url=redis_url, env=env, concurrency=2)
-    model = create_model(redis_client, settings, **SLOW)
-    client = make_client(redis_url, queue=queue, chunk_size=100)
-    events = make_events(model, N_KILL, "whole")
-
-    handles = _stream(client, events, singles=300)
-    wait_until(lambda: model_state(redis_client, model)["step"] >= N_KILL // 4, 90, "a quarter of the stream")
+    w1, model, client, events, handles = _stream_to_one_worker(
+        redis_url, redis_client, settings, workers, make_client, queue, "whole", concurrency=2
+    )
     group = [w1.pid, *descendants(w1.pid)]
     workers.kill_group(w1)
     killed_at = time.monotonic()
@@ -199,7 +212,7 @@ def test_whole_worker_killed_replacement_trains_the_rest_once(
     orphans = redis_client.hlen("unacked")
     assert orphans > 0, "the killed worker held no unacknowledged message"
 
-    (w2,) = workers.start(1, redis_url=redis_url, env=env, concurrency=2)
+    (w2,) = workers.start(1, redis_url=redis_url, env={**BASE_ENV, "ITRAIN_QUEUE": queue}, concurrency=2)
     results = wait_results(client, handles, timeout=VISIBILITY + 60, workers=workers)
     recovered_after = time.monotonic() - killed_at
 

@@ -200,6 +200,16 @@ class Trainer:
                     outcomes[i] = Outcome.failure(jobs[i].task_id, exc)
                     dead.append(_dead(jobs[i], exc))
 
+        # A copy of an event met earlier in this batch: refused like its first copy, else a
+        # duplicate. Decided before the commit so its dead letter goes in the same write.
+        for i, j in copies:
+            original = outcomes[j]
+            if original is not None and original.status == "FAILURE":
+                outcomes[i] = Outcome(jobs[i].task_id, "FAILURE", original.result)
+                dead.append(_dead(jobs[i], NonFiniteUpdateError(original.result["exc_message"][0])))
+            else:
+                outcomes[i] = Outcome.duplicate(jobs[i].task_id, model, jobs[i].event.event_id)
+
         alpha = self.settings.loss_ema_alpha
         ema = ckpt.loss_ema
         for _, loss in trained:
@@ -209,25 +219,21 @@ class Trainer:
         keep = trained[-self.settings.history_max :]
         target_of = dict(zip(train_idx, targets, strict=True))
         offset = len(trained) - len(keep)
-        history = (
-            [
-                orjson.dumps(
-                    {
-                        "step": first + offset + k + 1,
-                        "event_id": jobs[i].event.event_id,
-                        "action_type": jobs[i].event.action_type,
-                        "features": X[i].tolist(),
-                        "target": target_of[i].tolist(),
-                        "loss": loss,
-                        "event_time": jobs[i].event.timestamp.timestamp(),
-                        "trained_at": now,
-                    }
-                )
-                for k, (i, loss) in enumerate(keep)
-            ]
-            if keep
-            else []
-        )
+        history = [
+            orjson.dumps(
+                {
+                    "step": first + offset + k + 1,
+                    "event_id": jobs[i].event.event_id,
+                    "action_type": jobs[i].event.action_type,
+                    "features": X[i].tolist(),
+                    "target": target_of[i].tolist(),
+                    "loss": loss,
+                    "event_time": jobs[i].event.timestamp.timestamp(),
+                    "trained_at": now,
+                }
+            )
+            for k, (i, loss) in enumerate(keep)
+        ]
         commit = self.store.commit(
             model,
             expected=ckpt,
@@ -263,16 +269,6 @@ class Trainer:
                     loss,
                     ema,
                 )
-        late_dead: list[bytes] = []
-        for i, j in copies:
-            original = outcomes[j]
-            if original is not None and original.status == "FAILURE":
-                # Its first copy was refused (non-finite): so is this one, not "already trained".
-                outcomes[i] = Outcome(jobs[i].task_id, "FAILURE", original.result)
-                late_dead.append(_dead(jobs[i], NonFiniteUpdateError(original.result["exc_message"][0])))
-            else:
-                outcomes[i] = Outcome.duplicate(jobs[i].task_id, model, jobs[i].event.event_id)
-        self.store.dead_letter(model, late_dead)
         # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
         self._cache[model] = (
             Checkpoint(
