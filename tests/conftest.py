@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import wait_for_names
 
 from producer.client import TrainingClient
 from producer.settings import Settings, get_settings
-from worker.checkpoint import Checkpoint, ModelConfig
-from worker.embedded_redis import RedisServer
-from worker.mlp import init_params
-from worker.stack import start_worker, stop_process
-from worker.store import Store
+from tests.helpers import wait_for_names
+from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.stack import start_worker, stop_process
+from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.engine.mlp import init_params
+from worker.store.model_store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

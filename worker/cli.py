@@ -27,10 +27,10 @@ from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event
 from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
-from worker.checkpoint import Checkpoint, ModelConfig
-from worker.mlp import init_params
-from worker.store import Store
-from worker.synthetic import synthetic_events
+from worker.devtools.synthetic import synthetic_events
+from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.engine.mlp import init_params
+from worker.store.model_store import Store
 
 __all__ = ["main", "build_parser"]
 
@@ -180,7 +180,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.local_stack import local_stack
+    from worker.devtools.local_stack import local_stack
 
     stop = _stop_on_signals()
     with local_stack(
@@ -201,7 +201,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """The quickstart: stack up, model initialised, synthetic events trained, stats printed."""
-    from worker.local_stack import local_stack, stack_settings
+    from worker.devtools.local_stack import local_stack, stack_settings
 
     with local_stack(
         settings, workers=args.workers, concurrency=2, flower=False, embedded=args.embedded_redis
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.bench import run_bench
+    from worker.devtools.bench import run_bench
 
     return run_bench(args, out)
 

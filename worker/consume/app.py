@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from producer.celery_config import make_celery
 from producer.settings import get_settings
-from worker import kombu_fixes
+from worker.consume import kombu_fixes
 
 kombu_fixes.install()
 
@@ -19,6 +19,6 @@ __all__ = ["app"]
 
 settings = get_settings()
 app = make_celery(settings, main="worker")
-app.conf.update(include=["worker.tasks", "worker.naive"])
+app.conf.update(include=["worker.consume.tasks", "worker.devtools.naive"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency

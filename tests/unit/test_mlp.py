@@ -1,4 +1,4 @@
-"""Unit tests of the network (``worker.mlp``): gradient, kernels, clipping, refusal, init."""
+"""Unit tests of the network (``worker.engine.mlp``): gradient, kernels, clipping, refusal, init."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from producer.errors import ItrainError, NonFiniteUpdateError
-from worker.mlp import (
+from worker.engine.mlp import (
     PerEventSGD,
     Shape,
     bce_with_logits,

@@ -31,13 +31,13 @@ from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import result_key
 from producer.settings import Settings
-from worker.checkpoint import Checkpoint, Mode, ModelConfig
-from worker.embedded_redis import RedisServer
-from worker.mlp import init_params
-from worker.naive import TASK_NAIVE, naive_init
-from worker.stack import start_worker, stop_process, wait_for_workers
-from worker.store import Store
-from worker.synthetic import synthetic_events
+from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.naive import TASK_NAIVE, naive_init
+from worker.devtools.stack import start_worker, stop_process, wait_for_workers
+from worker.devtools.synthetic import synthetic_events
+from worker.engine.checkpoint import Checkpoint, Mode, ModelConfig
+from worker.engine.mlp import init_params
+from worker.store.model_store import Store
 
 __all__ = ["ScenarioResult", "run_bench", "percentile"]
 

@@ -10,7 +10,7 @@ import pytest
 from producer.errors import InvalidEventError, ItrainError, TargetError
 from producer.events import InteractionData
 from producer.settings import DEFAULT_TARGETS
-from worker.targets import make_target
+from worker.engine.targets import make_target
 
 
 def event(**overrides) -> InteractionData:

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from producer.keys import ModelKeys
-from worker.celery_app import app
-from worker.checkpoint import DTYPE, ModelConfig
-from worker.features import featurize
-from worker.messages import validate_event
-from worker.mlp import PerEventSGD, init_params
-from worker.runtime import get_runtime
-from worker.targets import make_target
+from worker.consume.app import app
+from worker.consume.messages import validate_event
+from worker.consume.runtime import get_runtime
+from worker.engine.checkpoint import DTYPE, ModelConfig
+from worker.engine.features import featurize
+from worker.engine.mlp import PerEventSGD, init_params
+from worker.engine.targets import make_target
 
 __all__ = ["TASK_NAIVE", "naive_key", "naive_init", "naive_train_step"]
 

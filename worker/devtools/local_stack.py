@@ -14,8 +14,8 @@ from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
 from producer.redis_conn import redact_url
 from producer.settings import Settings
-from worker.embedded_redis import RedisServer, free_port, is_reachable
-from worker.stack import start_flower, start_worker, stop_process, wait_for_workers
+from worker.devtools.embedded_redis import RedisServer, free_port, is_reachable
+from worker.devtools.stack import start_flower, start_worker, stop_process, wait_for_workers
 
 __all__ = ["Stack", "local_stack", "stack_settings"]
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import redis
-from reliability_support import Workers, create_model, make_events, model_state, tree_rss, wait_until
 
 from producer.client import TrainingClient
 from producer.settings import Settings
-from worker.embedded_redis import RedisServer
+from tests.helpers import Workers, create_model, make_events, model_state, tree_rss, wait_until
+from worker.devtools.embedded_redis import RedisServer
 
 FULL = os.environ.get("ITRAIN_FULL_SOAK") == "1"
 N = 200_000 if FULL else 40_000

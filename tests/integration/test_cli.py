@@ -18,7 +18,7 @@ import pytest
 
 from producer.settings import get_settings
 from worker.cli import main
-from worker.mlp import Shape, init_params
+from worker.engine.mlp import Shape, init_params
 
 ITRAIN = str(Path(sys.executable).with_name("itrain"))
 UNREACHABLE = "redis://127.0.0.1:1/0"

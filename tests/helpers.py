@@ -1,4 +1,4 @@
-"""Helpers shared by ``test_reliability.py`` and ``test_soak.py`` (not a test module).
+"""Helpers shared by the test modules (not a test module).
 
 Real processes only: workers are ``celery -A worker worker`` subprocesses started by
 ``worker.stack.start_worker`` (each in its own session, so its process group id is its pid),
@@ -22,15 +22,16 @@ from typing import Any
 import redis
 from celery import Celery
 
+from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.errors import ResultTimeoutError
 from producer.keys import ModelKeys
 from producer.protocol import result_key
 from producer.settings import Settings
-from worker.checkpoint import Checkpoint, ModelConfig
-from worker.mlp import init_params
-from worker.stack import start_worker, stop_process
-from worker.store import Store
+from worker.devtools.stack import start_worker, stop_process
+from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.engine.mlp import init_params
+from worker.store.model_store import Store
 
 ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
 
@@ -328,3 +329,23 @@ def _json(raw: bytes) -> Any:
     import orjson
 
     return orjson.loads(raw)
+
+
+def wait_for_names(
+    redis_url: str, names: list[str], procs: list[Any], logs: Path, timeout: float = 90
+) -> None:
+    """Until every named worker answers a ping; fails at once if one of ``procs`` exits."""
+    app = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise AssertionError(f"a worker exited during start-up; logs in {logs}")
+            replies = app.control.ping(timeout=1.0) or []
+            seen = {name.split("@", 1)[0] for reply in replies for name in reply}
+            if set(names) <= seen:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"workers {names} did not answer a ping within {timeout:g} s; logs in {logs}")
+    finally:
+        app.close()

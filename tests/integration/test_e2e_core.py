@@ -21,16 +21,16 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from support import wait_for_names
 
 from producer.client import TrainingClient
 from producer.errors import InvalidEventError, ItrainError, NonFiniteUpdateError, TargetError
 from producer.events import InteractionData
 from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope
-from worker.features import featurize
-from worker.mlp import Shape, forward, sigmoid
-from worker.stack import start_worker, stop_process
+from tests.helpers import wait_for_names
+from worker.devtools.stack import start_worker, stop_process
+from worker.engine.features import featurize
+from worker.engine.mlp import Shape, forward, sigmoid
 
 TRAINED_KEYS = {"status", "model", "event_id", "step", "version", "loss"}
 SKIPPED_KEYS = {"status", "model", "event_id", "reason"}

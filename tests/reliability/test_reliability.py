@@ -34,7 +34,13 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from reliability_support import (
+
+from producer.client import TrainingClient
+from producer.errors import PublishError
+from producer.keys import UNROUTED_DEAD, ModelKeys
+from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
+from producer.settings import Settings
+from tests.helpers import (
     Workers,
     check_each_event_once,
     children,
@@ -46,14 +52,8 @@ from reliability_support import (
     wait_results,
     wait_until,
 )
-
-from producer.client import TrainingClient
-from producer.errors import PublishError
-from producer.keys import UNROUTED_DEAD, ModelKeys
-from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
-from producer.settings import Settings
-from worker.embedded_redis import RedisServer, free_port
-from worker.store import Store
+from worker.devtools.embedded_redis import RedisServer, free_port
+from worker.store.model_store import Store
 
 #: Dead workers' messages come back after this many seconds (ITRAIN_DEDUPE_TTL stays above it).
 VISIBILITY = 8

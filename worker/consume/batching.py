@@ -26,8 +26,8 @@ from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
 from producer.settings import get_settings
-from worker.messages import RawMessage
-from worker.runtime import Summary, run_messages
+from worker.consume.messages import RawMessage
+from worker.consume.runtime import Summary, run_messages
 
 __all__ = ["training_strategy"]
 

@@ -11,7 +11,7 @@ from producer.events import event_json_schema
 from producer.settings import get_settings
 from worker.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "producer" / "schema" / "interaction_data.schema.json"
 REGENERATE = "itrain schema > producer/schema/interaction_data.schema.json"
 

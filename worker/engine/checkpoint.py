@@ -15,8 +15,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.errors import CheckpointError
-from worker.features import N_FEATURES
-from worker.mlp import Shape
+from worker.engine.features import N_FEATURES
+from worker.engine.mlp import Shape
 
 __all__ = ["DTYPE", "Checkpoint", "Mode", "ModelConfig", "decode", "encode"]
 

@@ -36,13 +36,13 @@ from producer.errors import (
 from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.settings import Settings
-from worker.checkpoint import Checkpoint
-from worker.features import featurize, featurize_many
-from worker.lock import ModelLock
-from worker.mlp import PerEventSGD, forward, minibatch_step, sigmoid
-from worker.results import Outcome, failure_payload
-from worker.store import Store
-from worker.targets import make_target
+from worker.engine.checkpoint import Checkpoint
+from worker.engine.features import featurize, featurize_many
+from worker.engine.mlp import PerEventSGD, forward, minibatch_step, sigmoid
+from worker.engine.targets import make_target
+from worker.store.lock import ModelLock
+from worker.store.model_store import Store
+from worker.store.results import Outcome, failure_payload
 
 __all__ = ["Job", "Trainer", "dead_letter_entry"]
 

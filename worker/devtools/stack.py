@@ -23,7 +23,7 @@ __all__ = [
     "worker_command",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _celery(*args: str) -> list[str]:

@@ -18,10 +18,17 @@ from producer.errors import InvalidEventError
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
-from worker.messages import RawMessage, decode_args, model_hint, split_batch, validate_event, validate_many
-from worker.results import Outcome, write_results
-from worker.store import Store
-from worker.trainer import Job, Trainer, dead_letter_entry
+from worker.consume.messages import (
+    RawMessage,
+    decode_args,
+    model_hint,
+    split_batch,
+    validate_event,
+    validate_many,
+)
+from worker.engine.trainer import Job, Trainer, dead_letter_entry
+from worker.store.model_store import Store
+from worker.store.results import Outcome, write_results
 
 __all__ = ["Runtime", "Summary", "get_runtime", "run_messages"]
 

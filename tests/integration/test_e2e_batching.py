@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from support import wait_for_names
 
 from producer.client import TrainingClient
 from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.settings import DEFAULT_TARGETS, Settings
-from worker.checkpoint import ModelConfig
-from worker.features import featurize, featurize_many
-from worker.mlp import PerEventSGD, init_params, minibatch_step
-from worker.stack import start_worker, stop_process
-from worker.targets import make_target
+from tests.helpers import wait_for_names
+from worker.devtools.stack import start_worker, stop_process
+from worker.engine.checkpoint import ModelConfig
+from worker.engine.features import featurize, featurize_many
+from worker.engine.mlp import PerEventSGD, init_params, minibatch_step
+from worker.engine.targets import make_target
 
 ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
 WAIT = 120.0

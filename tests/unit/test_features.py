@@ -1,4 +1,4 @@
-"""Unit tests of preprocessing: the spec's four input features (``worker.features``)."""
+"""Unit tests of preprocessing: the spec's four input features (``worker.engine.features``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from producer.events import InteractionData
-from worker.features import (
+from worker.engine.features import (
     N_FEATURES,
     action_hash,
     featurize,
@@ -72,7 +72,7 @@ def test_action_and_user_hashes_are_separate_functions() -> None:
 
 def _hashes_in_subprocess(seed: str) -> dict[str, object]:
     code = (
-        "import json; from worker.features import action_hash, user_hash; "
+        "import json; from worker.engine.features import action_hash, user_hash; "
         "print(json.dumps({'action': [action_hash(t) for t in ('click', 'view', 'purchase')], "
         "'user': [user_hash(t) for t in ('u1', 'u2', 'alice@example.com')], "
         "'builtin': hash('click')}))"

@@ -18,7 +18,7 @@ import redis
 from producer.errors import ModelExistsError
 from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
 from producer.settings import Settings
-from worker.checkpoint import Checkpoint, decode, encode
+from worker.engine.checkpoint import Checkpoint, decode, encode
 
 __all__ = ["COMMIT", "READ", "CommitResult", "ReadResult", "Store"]
 

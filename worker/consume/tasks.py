@@ -11,9 +11,9 @@ from celery import Task
 
 from producer.errors import InvalidEventError, ItrainError
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP, new_task_id
-from worker.celery_app import app
-from worker.messages import RawMessage, validate_event
-from worker.runtime import get_runtime, run_messages
+from worker.consume.app import app
+from worker.consume.messages import RawMessage, validate_event
+from worker.consume.runtime import get_runtime, run_messages
 
 __all__ = ["TrainingTask", "predict", "train_batch", "train_step"]
 
@@ -21,7 +21,7 @@ __all__ = ["TrainingTask", "predict", "train_batch", "train_step"]
 class TrainingTask(Task):  # type: ignore[misc]
     """Base of the training tasks: our own message strategy, acknowledged late."""
 
-    Strategy = "worker.batching:training_strategy"
+    Strategy = "worker.consume.batching:training_strategy"
     acks_late = True
     reject_on_worker_lost = True
     #: Whether messages wait for each other to form a micro-batch.

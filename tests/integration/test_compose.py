@@ -29,12 +29,12 @@ from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.keys import MODELS
 from producer.settings import Settings
-from worker.embedded_redis import free_port
-from worker.stack import stop_process
+from worker.devtools.embedded_redis import free_port
+from worker.devtools.stack import stop_process
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 BIN = Path(sys.executable).parent
 APP_SERVICES = ("worker", "flower")
