@@ -34,6 +34,9 @@ class RawMessage:
     content_encoding: str | None
     compression: str | None
     body: bytes
+    #: How many times the broker has handed this message out, this time included (1 = first
+    #: delivery). Our transport counts it in Redis (``delivery_info["deliveries"]``).
+    deliveries: int = 1
 
 
 def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
