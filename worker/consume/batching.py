@@ -120,7 +120,7 @@ class _Buffer:
         )
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
-        for p, (task_id, state, result, runtime) in zip(items, summaries, strict=True):
+        for p, (task_id, state, result, runtime, _shown) in zip(items, summaries, strict=True):
             if self.send_event:
                 if state == "SUCCESS":
                     self.send_event(

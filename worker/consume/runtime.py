@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.errors import InvalidEventError
+from producer.events import InteractionData
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
@@ -30,12 +31,14 @@ from worker.engine.trainer import Job, Trainer, dead_letter_entry
 from worker.store.model_store import Store
 from worker.store.results import Outcome, write_results
 
-__all__ = ["Runtime", "Summary", "get_runtime", "run_messages"]
+__all__ = ["Runtime", "Summary", "get_runtime", "run_messages", "shown_args"]
 
 logger = logging.getLogger("itrain.runtime")
 
-#: (task id, state, result or error text, runtime in seconds), one per message.
-Summary = tuple[str, str, Any, float]
+#: (task id, state, result or error text, runtime in seconds, args to show), one per message. The
+#: args are built by the worker from the validated event (never the message header's ``argsrepr``,
+#: which any sender can set): Flower shows them, so they never hold the user id.
+Summary = tuple[str, str, Any, float, str]
 
 
 class Runtime:
@@ -100,24 +103,36 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
     write_results(rt.result_client, [*outcomes, *failures], settings.result_expires)
 
     per_message: dict[int, list[Outcome]] = {}
-    for m, outcome in zip(owner, outcomes, strict=True):
+    shown: dict[int, str] = {}
+    for m, outcome, job in zip(owner, outcomes, jobs, strict=True):
         per_message.setdefault(m, []).append(outcome)
+        shown.setdefault(m, shown_args(job.event))
     runtime = time.perf_counter() - start
     summaries: list[Summary] = []
     for m, msg in enumerate(messages):
         if m in message_error:
-            summaries.append((msg.task_id, "FAILURE", message_error[m], runtime))
+            summaries.append((msg.task_id, "FAILURE", message_error[m], runtime, ""))
         elif msg.task == TASK_TRAIN_BATCH:
-            summaries.append(
-                (msg.task_id, "SUCCESS", _count(per_message.get(m, []), invalid.get(m, 0)), runtime)
-            )
+            counts = _count(per_message.get(m, []), invalid.get(m, 0))
+            summaries.append((msg.task_id, "SUCCESS", counts, runtime, f"[{counts['events']} events]"))
         else:
             (o,) = per_message[m]
             state = o.status
             summaries.append(
-                (msg.task_id, state, o.result if state == "SUCCESS" else o.result["exc_message"][0], runtime)
+                (
+                    msg.task_id,
+                    state,
+                    o.result if state == "SUCCESS" else o.result["exc_message"][0],
+                    runtime,
+                    shown.get(m, ""),
+                )
             )
     return summaries
+
+
+def shown_args(event: InteractionData) -> str:
+    """What Flower shows as a training task's args: ids and names, never the user id."""
+    return f"[{{event_id: {event.event_id}, action_type: {event.action_type}, model: {event.model}}}]"
 
 
 def _single(msg: RawMessage, args: list[Any]) -> list[tuple[str, Any]]:

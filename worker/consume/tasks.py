@@ -31,7 +31,7 @@ class TrainingTask(Task):  # type: ignore[misc]
 def _run_direct(task: Task, args: list[Any]) -> Any:
     task_id = task.request.id or new_task_id()
     raw = RawMessage(task.name, task_id, "application/json", "utf-8", None, orjson.dumps([args, {}, {}]))
-    ((_, state, result, _),) = run_messages([raw])
+    ((_, state, result, _, _),) = run_messages([raw])
     if state != "SUCCESS":
         raise InvalidEventError(result) if isinstance(result, str) else ItrainError(str(result))
     return result
