@@ -90,10 +90,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings, main: str = "itrain", *, producer: bool = False) -> Celery:
+def make_celery(
+    settings: Settings, main: str = "itrain", *, producer: bool = False, amqp: str | None = None
+) -> Celery:
     """A Celery app configured for the project. ``producer``: the publishing side's app, whose
-    result backend subscribes to a result only when someone waits for it."""
-    app = Celery(main, set_as_current=False)
+    result backend subscribes to a result only when someone waits for it. ``amqp``: Celery's
+    ``amqp`` class, by name (the worker's shows its transport's URL as a Redis one)."""
+    app = Celery(main, set_as_current=False, amqp=amqp)
     app.conf.update(celery_config(settings))
     if producer:
         app.conf.result_backend = backend_url(settings.backend)

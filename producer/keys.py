@@ -15,16 +15,21 @@ and the commit script may touch them together.
 | ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
 | ``itrain:{m}:done:<gen>:<event_id>`` | string | the step that trained the event; TTL ``ITRAIN_DEDUPE_TTL`` |
 | ``itrain:{_unrouted}:dead`` | list | failed messages that name no initialised model |
+| ``itrain:{_transport}:rejected`` | list | queue items that were not message envelopes (reason and size) |
+| ``unacked``, ``unacked_index`` | hash, zset | messages taken by a worker, not yet acknowledged (kombu) |
+| ``unacked_deliveries`` | hash | times each unacknowledged message was handed out |
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MODELS", "UNROUTED_DEAD", "ModelKeys"]
+__all__ = ["MODELS", "TRANSPORT_REJECTED", "UNROUTED_DEAD", "ModelKeys"]
 
 MODELS = "itrain:models"
 UNROUTED_DEAD = "itrain:{_unrouted}:dead"
+#: Queue items the worker's transport refused as not being message envelopes (bounded).
+TRANSPORT_REJECTED = "itrain:{_transport}:rejected"
 
 
 @dataclass(frozen=True, slots=True)

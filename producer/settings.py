@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     batch_max: int = Field(256, ge=1, le=10_000)
     batch_wait_ms: float = Field(10.0, ge=0)
     prefetch_multiplier: int = Field(128, ge=1)
+    # Messages a worker takes from the queue in one round trip at most.
+    fetch_max: int = Field(50, ge=1, le=1000)
     worker_concurrency: int | None = Field(None, ge=1)
 
     # Bookkeeping and bounded memory.

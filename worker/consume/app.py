@@ -11,14 +11,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from producer.celery_config import make_celery
 from producer.settings import get_settings
-from worker.consume import kombu_fixes
-
-kombu_fixes.install()
+from worker.consume.transport import AMQP_CLASS, transport_url
 
 __all__ = ["app"]
 
 settings = get_settings()
-app = make_celery(settings, main="worker")
+# Our transport (worker.consume.transport), chosen here only: by URL scheme, so that a failover
+# switch keeps it, and with a Connection that shows Flower the Redis URL it stands for.
+app = make_celery(settings, main="worker", amqp=AMQP_CLASS)
+app.conf.broker_url = transport_url(settings.broker)
+app.conf.broker_transport_options = {
+    **app.conf.broker_transport_options,
+    "fetch_max": settings.fetch_max,
+    # The whole envelope, headers included: the largest body a message may carry, base64-encoded
+    # (a third more), and room for headers.
+    "max_envelope_bytes": settings.max_message_bytes * 4 // 3 + 65_536,
+}
 app.conf.update(include=["worker.consume.tasks", "worker.devtools.naive"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency

@@ -1,0 +1,281 @@
+"""Our kombu transport (``worker.consume.transport``) against a real redis-server, in process.
+
+Each test drives kombu's public consumer API (``Connection``, ``Consumer``, ``drain_events``) on
+the ``itrain://`` scheme and reads the result from Redis itself: what is on the queue, what is
+recorded as unacknowledged, and how many commands Redis ran (``INFO commandstats``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from kombu import Connection, Consumer, Queue  # type: ignore[attr-defined]
+from kombu.asynchronous import Hub
+
+from producer.keys import TRANSPORT_REJECTED
+from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id
+from worker.consume.transport import Channel, Transport, as_redis_url, transport_url
+
+# Kombu's unacked layout, and our delivery counts.
+UNACKED, INDEX, DELIVERIES = "unacked", "unacked_index", "unacked_deliveries"
+
+
+@pytest.fixture
+def queue(redis_client: redis.Redis) -> Iterator[str]:
+    name = f"tq-{uuid.uuid4().hex[:8]}"
+    yield name
+    redis_client.delete(name, UNACKED, INDEX, DELIVERIES, TRANSPORT_REJECTED)
+
+
+def _envelope(queue: str, n: int = 0) -> bytes:
+    event = {"event_id": f"e{n}", "user_id": "u", "action_type": "click", "timestamp": 0, "model": "m"}
+    return encode_envelope(TASK_TRAIN_STEP, new_task_id(), [event], queue)
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{command}")
+    return int(stats["calls"]) if stats else 0
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def __call__(self, body: Any, message: Any) -> None:
+        self.messages.append(message)
+
+
+def _consume(url: str, queue: str, **options: Any) -> tuple[Connection, Consumer, _Collect]:
+    conn = Connection(transport_url(url), transport_options=options)
+    got = _Collect()
+    consumer = Consumer(conn.channel(), [Queue(queue, routing_key=queue)], callbacks=[got], accept=["json"])
+    consumer.consume()
+    return conn, consumer, got
+
+
+def _drain(conn: Connection, got: _Collect, want: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(got.messages) < want and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.5)
+
+
+def test_the_scheme_selects_our_transport_and_shows_a_redis_url(redis_url: str) -> None:
+    with Connection(transport_url(redis_url)) as conn:
+        assert isinstance(conn.transport, Transport)
+        assert isinstance(conn.default_channel, Channel)
+    assert transport_url("rediss://:pw@h:6380/1") == "itrains://:pw@h:6380/1"
+    assert as_redis_url("itrains://:pw@h:6380/1") == "rediss://:pw@h:6380/1"
+
+
+def test_n_messages_fetched_and_recorded_in_one_call(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given 10 messages waiting
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(10)])
+    conn, _, got = _consume(redis_url, queue)
+    try:
+        before = _calls(redis_client, "evalsha")
+        # When the consumer drains once
+        conn.drain_events(timeout=2)
+        # Then all ten came in one script call, each recorded as unacknowledged, in queue order
+        assert _calls(redis_client, "evalsha") - before == 1
+        assert len(got.messages) == 10
+        assert [orjson.loads(m.body)[0][0]["event_id"] for m in got.messages] == [f"e{i}" for i in range(10)]
+        assert redis_client.llen(queue) == 0
+        assert redis_client.hlen(UNACKED) == 10
+        assert redis_client.zcard(INDEX) == 10
+        tags = {m.delivery_tag for m in got.messages}
+        assert {t.decode() for t in redis_client.hkeys(UNACKED)} == tags
+        # The record is kombu's format, built from the original text.
+        record = orjson.loads(redis_client.hget(UNACKED, got.messages[0].delivery_tag))
+        assert record[1:] == ["", queue]
+        assert record[0]["properties"]["delivery_tag"] == got.messages[0].delivery_tag
+        assert all(m.delivery_info["deliveries"] == 1 for m in got.messages)
+    finally:
+        conn.release()
+
+
+def test_fetch_size_is_bounded_by_fetch_max_and_prefetch(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(30)])
+    conn, consumer, got = _consume(redis_url, queue, fetch_max=8)
+    try:
+        conn.drain_events(timeout=2)
+        assert len(got.messages) == 8
+        assert redis_client.llen(queue) == 22
+        consumer.qos(prefetch_count=12)
+        _drain(conn, got, 12, timeout=2)
+        # 12 unacknowledged: no more may come until a quarter of the window is free again.
+        assert len(got.messages) == 12
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.5)
+        for m in got.messages[:3]:
+            m.ack()
+        _drain(conn, got, 15, timeout=2)
+        assert len(got.messages) == 15
+    finally:
+        conn.release()
+
+
+def test_acks_are_batched_into_one_round_trip(redis_url: str, redis_client: redis.Redis, queue: str) -> None:
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(20)])
+    conn, consumer, got = _consume(redis_url, queue)
+    try:
+        conn.drain_events(timeout=2)
+        assert len(got.messages) == 20
+        # As in a worker: an event loop is registered, so acks wait for the timer.
+        conn.transport.hub = Hub()
+        before = _calls(redis_client, "zrem"), _calls(redis_client, "exec")
+        for m in got.messages:
+            m.ack()
+        assert redis_client.hlen(UNACKED) == 20, "acks were written one by one"
+        assert consumer.channel.qos.can_consume()
+        consumer.channel.qos.flush_acks()
+        assert (_calls(redis_client, "zrem"), _calls(redis_client, "exec")) == (before[0] + 1, before[1] + 1)
+        assert redis_client.hlen(UNACKED) == 0
+        assert redis_client.zcard(INDEX) == 0
+        assert redis_client.hlen(DELIVERIES) == 0
+    finally:
+        conn.transport.hub = None
+        conn.release()
+
+
+def test_an_idle_consumer_blocks_and_a_lone_message_wakes_it(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    conn, _, got = _consume(redis_url, queue)
+    try:
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.3)  # the first fetch finds nothing, then it waits
+        before = _calls(redis_client, "evalsha")
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=1.5)
+        # Waiting is one BLMOVE per brpop_timeout (1 s) and a fetch after it: no busy polling.
+        assert _calls(redis_client, "evalsha") - before <= 3
+        redis_client.lpush(queue, _envelope(queue))
+        _drain(conn, got, 1, timeout=3)
+        assert len(got.messages) == 1
+        assert redis_client.llen(queue) == 0
+    finally:
+        conn.release()
+
+
+def test_unacked_message_restored_after_the_visibility_timeout(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    redis_client.lpush(queue, _envelope(queue))
+    conn, consumer, got = _consume(redis_url, queue, visibility_timeout=1)
+    conn.drain_events(timeout=2)
+    (first,) = got.messages
+    # The worker dies: nothing is acked and nothing given back.
+    consumer.channel.qos._delivered.clear()
+    conn.release()
+    assert redis_client.hlen(UNACKED) == 1
+    assert redis_client.llen(queue) == 0
+
+    conn2, consumer2, got2 = _consume(redis_url, queue, visibility_timeout=1)
+    try:
+        time.sleep(1.2)
+        consumer2.channel.qos.restore_visible(num=10, interval=1)
+        assert redis_client.llen(queue) == 1
+        _drain(conn2, got2, 1)
+        (again,) = got2.messages
+        assert again.delivery_tag == first.delivery_tag
+        assert again.delivery_info["deliveries"] == 2
+        assert again.headers.get("redelivered") is True
+    finally:
+        conn2.release()
+
+
+def test_non_envelope_items_are_dropped_with_a_log_line(
+    redis_url: str, redis_client: redis.Redis, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given junk between two valid messages (LPUSH: the last pushed is consumed last)
+    big = orjson.dumps({"properties": {"delivery_tag": "x"}, "pad": "a" * 200_000})
+    junk = [b"not json", b'{"properties": {}}', b"[1, 2]", big, b'{"properties": {"delivery_tag": 7}}']
+    redis_client.lpush(queue, _envelope(queue, 0), *junk, _envelope(queue, 1))
+    caplog.set_level(logging.ERROR, logger="itrain.transport")
+    conn, _, got = _consume(redis_url, queue, max_envelope_bytes=100_000)
+    try:
+        _drain(conn, got, 2)
+        # Then both valid messages arrive, the junk is gone, logged and recorded (no content)
+        assert [orjson.loads(m.body)[0][0]["event_id"] for m in got.messages] == ["e0", "e1"]
+        assert redis_client.llen(queue) == 0
+        assert redis_client.hlen(UNACKED) == 2
+        drops = [r for r in caplog.records if "not a message envelope" in r.getMessage()]
+        assert len(drops) == len(junk)
+        rejected = [orjson.loads(r) for r in redis_client.lrange(TRANSPORT_REJECTED, 0, -1)]
+        assert len(rejected) == len(junk)
+        assert any("larger than the limit of 100000" in r["reason"] for r in rejected)
+        assert all(set(r) == {"reason", "bytes", "at"} for r in rejected)
+    finally:
+        conn.release()
+
+
+def test_compressed_bodies_reach_the_consumer_still_compressed(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    raw = orjson.loads(_envelope(queue))
+    raw["headers"]["compression"] = "application/x-gzip"
+    raw["body"] = base64.b64encode(zlib.compress(b"0" * 1_000_000)).decode()
+    redis_client.lpush(queue, orjson.dumps(raw))
+    got: list[Any] = []
+    with Connection(transport_url(redis_url)) as conn:
+        channel = conn.channel()
+        consumer = Consumer(channel, [Queue(queue, routing_key=queue)], on_message=got.append)
+        consumer.consume()
+        conn.drain_events(timeout=2)
+    (message,) = got
+    assert message.headers["compression"] == "application/x-gzip"
+    assert len(message.body) < 10_000, "the body was inflated"
+
+
+def test_close_gives_a_pending_fetch_back_in_order(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(5)])
+    conn = Connection(transport_url(redis_url))
+    channel = conn.channel()
+    channel.basic_consume(queue, False, lambda m: None, "t")
+    # A fetch is sent (the poller's start of a loop tick), and the channel closes before its
+    # reply is read.
+    conn.transport.cycle.on_poll_start()
+    assert channel._pending[0] == "FETCH"
+    channel.close()
+    conn.release()
+    assert redis_client.hlen(UNACKED) == 0
+    items = redis_client.lrange(queue, 0, -1)
+    # Consumed from the right: e0 is first in line again.
+    ids = [orjson.loads(base64.b64decode(orjson.loads(i)["body"]))[0][0]["event_id"] for i in items]
+    assert ids[::-1] == [f"e{i}" for i in range(5)]
+
+
+def test_reject_with_requeue_keeps_counting_deliveries(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    redis_client.lpush(queue, _envelope(queue))
+    conn, _, got = _consume(redis_url, queue)
+    try:
+        for round_ in range(1, 4):
+            _drain(conn, got, round_)
+            message = got.messages[-1]
+            assert message.delivery_info["deliveries"] == round_
+            if round_ < 3:
+                message.reject(requeue=True)
+        message.ack()
+        assert redis_client.hlen(DELIVERIES) == 0
+        assert redis_client.llen(queue) == 0
+    finally:
+        conn.release()

@@ -1,0 +1,81 @@
+#!lua flags=allow-oom
+-- Takes up to n messages off a queue and records each one as unacknowledged, in one atomic step:
+-- there is no instant at which a message is neither on the queue nor recorded, so a worker or a
+-- Redis that dies at any point loses nothing (an unacknowledged message returns after the
+-- visibility timeout). allow-oom: the script frees what it records, and consuming is how a full
+-- Redis drains; refusing it would stall every worker until an operator steps in.
+--
+-- KEYS[1]  unacked_index  zset: delivery tag -> time taken (kombu's layout)
+-- KEYS[2]  unacked        hash: delivery tag -> [message, exchange, routing key] (kombu's layout)
+-- KEYS[3]  deliveries     hash: delivery tag -> times handed out, kept until the message is acked
+-- KEYS[4]  rejected       list: a short record of each item that is not a message envelope
+-- KEYS[5..] the queue lists to take from, in priority order
+-- ARGV[1]  n              how many messages at most
+-- ARGV[2]  now            unix time, seconds (the score kombu's visibility timeout compares)
+-- ARGV[3]  max_bytes      an item longer than this is refused before it is parsed
+-- ARGV[4]  rejected_max   the rejected list keeps this many records
+-- ARGV[5..] the queue name of each list in KEYS[5..] (the routing key when a message has none)
+--
+-- Returns a flat array, four values per item taken: the index of its list (1 = KEYS[5]), its
+-- delivery tag ('' when refused), its delivery count (0 when refused), then the message text as it
+-- was on the queue, or the reason it was refused.
+local n = tonumber(ARGV[1])
+local now = ARGV[2]
+local max_bytes = tonumber(ARGV[3])
+local out = {}
+local taken = 0
+
+local function refuse(reason, size)
+  redis.call('LPUSH', KEYS[4], cjson.encode({reason = reason, bytes = size, at = tonumber(now)}))
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+  return reason
+end
+
+-- The delivery tag, exchange and routing key of an envelope, or nil and the reason it is not one.
+local function parse(raw, queue)
+  if #raw > max_bytes then
+    return nil, 'envelope of ' .. #raw .. ' bytes is larger than the limit of ' .. max_bytes
+  end
+  local ok, msg = pcall(cjson.decode, raw)
+  if not ok or type(msg) ~= 'table' then return nil, 'not a JSON object' end
+  local props = msg['properties']
+  if type(props) ~= 'table' then return nil, 'no properties object' end
+  local tag = props['delivery_tag']
+  if type(tag) ~= 'string' or #tag == 0 or #tag > 255 then
+    return nil, 'no delivery_tag string of 1 to 255 bytes'
+  end
+  local ex, rk = '', queue
+  local info = props['delivery_info']
+  if type(info) == 'table' then
+    if type(info['exchange']) == 'string' then ex = info['exchange'] end
+    if type(info['routing_key']) == 'string' then rk = info['routing_key'] end
+  end
+  return tag, ex, rk
+end
+
+for k = 5, #KEYS do
+  if taken >= n then break end
+  local items = redis.call('RPOP', KEYS[k], n - taken)
+  if items then
+    for _, raw in ipairs(items) do
+      taken = taken + 1
+      local tag, ex, rk = parse(raw, ARGV[k])
+      if tag then
+        -- Built from the original text: the message is stored exactly as it arrived.
+        redis.call('ZADD', KEYS[1], now, tag)
+        redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+        local count = redis.call('HINCRBY', KEYS[3], tag, 1)
+        out[#out + 1] = k - 4
+        out[#out + 1] = tag
+        out[#out + 1] = count
+        out[#out + 1] = raw
+      else
+        out[#out + 1] = k - 4
+        out[#out + 1] = ''
+        out[#out + 1] = 0
+        out[#out + 1] = refuse(ex, #raw)
+      end
+    end
+  end
+end
+return out

@@ -1,0 +1,500 @@
+"""Our kombu Redis transport: atomic multi-fetch, batched acks, one Redis client per channel.
+
+kombu's Redis transport takes a message with ``BRPOP`` and records it as unacknowledged in a
+second command: a worker or a Redis that dies between the two loses the message (measured: 3
+events lost in 3 Redis ``kill -9`` runs). It also builds a new ``redis.Redis`` for every ack,
+record and event publish (~60 µs each), re-serialises each envelope into its unacked record and
+acks one message per round trip: ~0.9-1.8 ms of main-process CPU a message.
+
+This transport keeps kombu's queue format (a plain Redis list of JSON envelopes; every Celery
+client, celery-node and a raw ``LPUSH`` still publish to it) and kombu's unacked layout (so
+redelivery after ``ITRAIN_VISIBILITY_TIMEOUT`` works as before), and changes how messages are
+taken:
+
+- **Wait without taking.** An idle consumer blocks in ``BLMOVE q q RIGHT RIGHT``, which returns
+  when a message arrives and leaves the list as it was: no busy polling, no extra latency for a
+  lone message, and nothing is held in flight while waiting.
+- **Take and record in one script** (``lua/fetch.lua``): up to ``fetch_max`` messages are popped
+  and each is recorded as unacknowledged in the same atomic call, from its original text. There is
+  no instant at which a message is neither on the queue nor recorded. While messages keep coming
+  (a full fetch) the next fetch is sent straight away: one round trip per batch, no wait.
+- **Count deliveries.** The script counts how many times each message was handed out; the count
+  reaches the task strategy as ``message.delivery_info["deliveries"]`` (``ITRAIN_MAX_DELIVERIES``).
+- **Refuse what is not an envelope** (not JSON, no delivery tag, larger than
+  ``max_envelope_bytes``) before parsing it in Python: it is logged, recorded in a bounded list
+  (``itrain:{_transport}:rejected``, sizes and reasons only) and dropped; it has no id to answer
+  under and would otherwise stop the worker.
+- **Batch the acks**: acknowledged tags are removed in one ``MULTI`` on a short one-shot timer or
+  when many are waiting, and before anything is restored.
+- **Reuse one Redis client** per channel for acks, restores and event publishing.
+- **Leave compressed bodies compressed**: kombu would inflate them before any of our code runs (a
+  zlib bomb in the worker's memory); the worker refuses them by their header instead.
+
+It is chosen by the worker's Celery app only, through the URL schemes ``itrain://`` and
+``itrains://`` (TLS) that this module registers; nothing of kombu is patched, so Flower and every
+other process importing kombu keep the stock transport. Written against kombu 5.7 (pinned); the
+hooks it overrides are tested directly in ``tests/integration/test_transport.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from ssl import CERT_REQUIRED
+from time import monotonic, time
+from typing import Any
+
+import orjson
+import redis
+from celery.app.amqp import AMQP
+from kombu import Connection  # type: ignore[attr-defined]
+from kombu.transport import TRANSPORT_ALIASES, virtual
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import loads
+
+from producer.keys import TRANSPORT_REJECTED
+from worker.lua import load_lua
+
+__all__ = ["AMQP_CLASS", "Channel", "QoS", "Transport", "transport_url"]
+
+logger = logging.getLogger("itrain.transport")
+
+#: URL scheme of this transport -> the Redis scheme it stands for.
+SCHEMES = {"itrain": "redis", "itrains": "rediss"}
+for _scheme in SCHEMES:
+    TRANSPORT_ALIASES[_scheme] = f"{__name__}:Transport"
+
+
+def transport_url(url: str) -> str:
+    """The worker's broker URL for a Redis URL: ``redis://h/0`` -> ``itrain://h/0``."""
+    for ours, theirs in SCHEMES.items():
+        if url.startswith(theirs + "://"):
+            return ours + url[len(theirs) :]
+    return url
+
+
+def as_redis_url(url: str) -> str:
+    """The inverse of ``transport_url``: what Flower's broker pages and humans are shown."""
+    for ours, theirs in SCHEMES.items():
+        if url.startswith(ours + "://"):
+            return theirs + url[len(ours) :]
+    return url
+
+
+class _Script:
+    """A Lua script sent by ``EVALSHA`` on a raw connection (the consumer's connection is driven
+    by hand: ``send_command`` now, ``parse_response`` when the event loop finds it readable)."""
+
+    def __init__(self, name: str) -> None:
+        self.text = load_lua("worker.consume", name)
+        self.sha = hashlib.sha1(self.text.encode()).hexdigest()
+
+
+FETCH = _Script("fetch")
+GIVEBACK = _Script("giveback")
+
+
+class Message(virtual.Message):
+    """kombu's message, minus the inflation of compressed bodies (see the module docstring)."""
+
+    def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
+        headers = payload.get("headers")
+        compression = headers.pop("compression", None) if isinstance(headers, dict) else None
+        super().__init__(payload, channel, **kwargs)
+        if compression is not None:
+            self.headers["compression"] = compression
+
+
+class QoS(kombu_redis.QoS):
+    """Unacked bookkeeping: records written by the fetch script, acks batched."""
+
+    #: Seconds an ack may wait for others to share its round trip.
+    ack_delay = 0.005
+    #: Acks flushed at once when this many are waiting.
+    ack_batch = 256
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Tags whose unacked record the fetch script already wrote.
+        self.recorded: set[str] = set()
+        self._acks: list[str] = []
+        self._ack_lock = threading.Lock()
+        self._ack_tref: Any = None
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:  # basic_get or a message handed back: kombu's own two-step record
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        virtual.QoS.ack(self, delivery_tag)  # frees the prefetch slot now
+        with self._ack_lock:
+            self._acks.append(delivery_tag)
+            waiting = len(self._acks)
+        hub = self.channel.connection.hub
+        if hub is None or waiting >= self.ack_batch:
+            self.flush_acks()
+        elif self._ack_tref is None:
+            self._ack_tref = hub.call_later(self.ack_delay, self.flush_acks)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.flush_acks()
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            with self.channel.conn_or_acquire() as client:
+                self._remove_from_indices(delivery_tag, client.pipeline()).hdel(
+                    self.channel.deliveries_key, delivery_tag
+                ).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def flush_acks(self) -> None:
+        """Remove every acknowledged tag's records in one ``MULTI``. On a connection error they
+        are kept for the next flush (worst case: redelivered after the visibility timeout, and
+        answered ``duplicate``)."""
+        with self._ack_lock:
+            tags, self._acks = self._acks, []
+            tref, self._ack_tref = self._ack_tref, None
+        if tref is not None:
+            tref.cancel()
+        if not tags:
+            return
+        channel = self.channel
+        try:
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                pipe.zrem(self.unacked_index_key, *tags)
+                pipe.hdel(self.unacked_key, *tags)
+                pipe.hdel(channel.deliveries_key, *tags)
+                pipe.execute()
+        except channel.connection_errors as exc:
+            logger.warning("could not flush %d ack(s) (%r); retried with the next ones", len(tags), exc)
+            with self._ack_lock:
+                self._acks[:0] = tags
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """Give unacknowledged messages back (worker shutdown, lost connection). Acked ones are
+        skipped: their records may still be waiting for a flush. A failure is logged, not raised:
+        the messages are safe in the unacked hash and return after the visibility timeout, and a
+        raise here would stop the worker on a broker loss."""
+        try:
+            self.flush_acks()
+            with self.channel.conn_or_acquire(client) as conn:
+                for tag in list(self._delivered):
+                    if tag not in self._dirty:
+                        self.restore_by_tag(tag, client=conn)
+        except Exception as exc:
+            logger.warning(
+                "could not give %d unacknowledged message(s) back to the broker (%r); "
+                "they return after the visibility timeout",
+                len(self._delivered),
+                exc,
+            )
+        self._delivered.clear()
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        with suppress(Exception):
+            self.flush_acks()
+        return super().restore_unacked_once(stderr)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    Message = Message
+
+    #: Messages taken in one fetch at most (the measured sweet spot is 25-50: larger fetches hold
+    #: Redis longer for little gain).
+    fetch_max = 50
+    #: An envelope larger than this is refused before it is parsed (headers included).
+    max_envelope_bytes = 2 * 1024 * 1024
+    deliveries_key = "unacked_deliveries"
+    rejected_key = TRANSPORT_REJECTED
+    rejected_max = 1000
+    #: Seconds without fetching after Redis refused a fetch (OOM, READONLY, LOADING, BUSY).
+    refused_backoff = 0.5
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "fetch_max",
+        "max_envelope_bytes",
+        "deliveries_key",
+        "rejected_key",
+        "rejected_max",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._shared: redis.Redis | None = None
+        #: ("WAIT" | "FETCH", keys) of the reply awaited on the consumer connection.
+        self._pending: tuple[str, list[str]] | None = None
+        #: Fetch instead of waiting: messages are likely waiting (start, a full fetch, a wake-up).
+        self._fetch_next = True
+        self._quiet_until = 0.0
+        self._script_loaded = False
+        super().__init__(*args, **kwargs)
+        if self.global_keyprefix:
+            raise ValueError("the itrain transport does not support global_keyprefix")
+
+    # -- one client, reused ---------------------------------------------------------------------
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        if self._shared is None:
+            self._shared = self._create_client()
+        yield self._shared
+
+    def _disconnect_pools(self) -> None:
+        self._shared = None  # after a fork or at close: the next use makes a new one
+        super()._disconnect_pools()
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        conninfo = self.connection.client
+        if conninfo.transport_cls == "itrains" and not conninfo.ssl:
+            # rediss:// without ssl_* options: verify the server against the system's CAs
+            # (kombu's default for rediss:// is not to verify at all).
+            base = params["connection_class"]
+            if not issubclass(base, redis.SSLConnection):
+                params["connection_class"] = type("SSLConnection", (redis.SSLConnection, base), {})
+            params["ssl_cert_reqs"] = CERT_REQUIRED
+        return params
+
+    # -- consuming ------------------------------------------------------------------------------
+
+    def _fetch_size(self) -> int:
+        estimate = self.qos.can_consume_max_estimate()
+        if estimate is None:  # no prefetch limit
+            return int(self.fetch_max)
+        # Wait until a quarter of the prefetch window is free: otherwise a busy worker degrades
+        # to one fetch per ack.
+        if estimate < max(1, self.qos.prefetch_count // 4):
+            return 0
+        return int(min(self.fetch_max, estimate))
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        # Called on every loop tick: it must do nothing while a reply is pending.
+        if self._in_poll or monotonic() < self._quiet_until:
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if self._fetch_next:
+            self._send_fetch(queues)
+        else:
+            self._send_wait(queues[0], self.brpop_timeout if timeout is None else timeout)
+
+    def _send_wait(self, queue: str, timeout: float) -> None:
+        key = self._q_for_pri(queue, 0)
+        self._send("WAIT", [key], "BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
+
+    def _send_fetch(self, queues: list[str]) -> None:
+        want = self._fetch_size()
+        if want <= 0:
+            return
+        if not self._script_loaded:
+            self.client.script_load(FETCH.text)
+            self._script_loaded = True
+        lists = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+        names = [q for _ in self.priority_steps for q in queues]
+        keys = [self.unacked_index_key, self.unacked_key, self.deliveries_key, self.rejected_key, *lists]
+        args = [want, time(), int(self.max_envelope_bytes), int(self.rejected_max), *names]
+        self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
+
+    def _send(self, kind: str, keys: list[str], *command: Any) -> None:
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self._pending = (kind, keys)
+        connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        pending = self._pending
+        try:
+            reply = self._read_reply(**options)
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._pending = None
+            self._flush_brpop_reauth()
+        if pending is None:
+            raise virtual.Empty()
+        kind, keys = pending
+        if kind == "WAIT":
+            # A message arrived, or the wait timed out: fetch now. A timeout fetches too, for the
+            # priority lists and for messages restored after a visibility timeout.
+            self._fetch_next = True
+            if reply is not _REFUSED:
+                self._brpop_start()
+            raise virtual.Empty()
+        if reply is _REFUSED or not reply:
+            self._fetch_next = False
+            raise virtual.Empty()
+        taken = len(reply) // 4
+        self._fetch_next = taken >= self.fetch_max
+        self._deliver_fetched(reply, keys)
+        return True
+
+    def _read_reply(self, **options: Any) -> Any:
+        try:
+            return self.client.parse_response(self.client.connection, "EVALSHA", **options)
+        except self.connection_errors:
+            # Disconnect so that the next loop tick reconnects. A fetch whose reply is lost here
+            # left its messages recorded: they come back after the visibility timeout.
+            self.client.connection.disconnect()
+            raise
+        except redis.exceptions.NoScriptError:
+            self._script_loaded = False  # Redis restarted and forgot it; loaded again next time
+            self._fetch_next = True
+            return _REFUSED
+        except self.ResponseError as exc:
+            # OOM (BLMOVE is refused when Redis is full; the fetch is not), READONLY, LOADING,
+            # BUSY: not the messages' fault. Fetch directly after a pause.
+            logger.warning(
+                "Redis refused to hand out messages (%s); retrying in %g s", exc, self.refused_backoff
+            )
+            self._quiet_until = monotonic() + self.refused_backoff
+            self._fetch_next = True
+            return _REFUSED
+
+    def _deliver_fetched(self, reply: list[Any], lists: list[str]) -> None:
+        deliver = self.connection._deliver
+        recorded = self.qos.recorded
+        queue = ""
+        n = len(reply)
+        for i in range(0, n, 4):
+            key, tag, count, text = lists[int(reply[i]) - 1], reply[i + 1], int(reply[i + 2]), reply[i + 3]
+            if not tag:
+                logger.error(
+                    "dropped a queue item of %s that is not a message envelope: %s",
+                    key,
+                    text.decode(errors="replace")[:300],
+                )
+                continue
+            tag = tag.decode()
+            queue = key.rsplit(self.sep, 1)[0]
+            payload = _payload(text)
+            if payload is None:
+                logger.error("dropped a queue item of %s that kombu cannot read (delivery tag %r)", key, tag)
+                self._forget(tag)
+                continue
+            props = payload["properties"]
+            if not isinstance(props.get("delivery_info"), dict):
+                props["delivery_info"] = {"exchange": "", "routing_key": queue}
+            props["delivery_info"]["deliveries"] = count
+            recorded.add(tag)
+            try:
+                deliver(payload, queue)
+            except BaseException:
+                # Never handed over: put the rest back where they were instead of leaving them to
+                # the visibility timeout.
+                recorded.discard(tag)
+                self._give_back(reply[i + 4 :], lists)
+                raise
+        if queue:
+            self._queue_cycle.rotate(queue)
+
+    def _forget(self, tag: str) -> None:
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            pipe.zrem(self.unacked_index_key, tag)
+            pipe.hdel(self.unacked_key, tag)
+            pipe.hdel(self.deliveries_key, tag)
+            pipe.execute()
+
+    def _give_back(self, reply: list[Any], lists: list[str]) -> int:
+        """Put fetched, undelivered messages back at the consuming end (``lua/giveback.lua``)."""
+        args: list[Any] = []
+        for i in range(0, len(reply), 4):
+            if reply[i + 1]:
+                args.extend((reply[i], reply[i + 1], reply[i + 3]))
+        if not args:
+            return 0
+        with self.conn_or_acquire() as client:
+            keys = [self.unacked_index_key, self.unacked_key, self.deliveries_key, *lists]
+            return int(client.eval(GIVEBACK.text, len(keys), *keys, *args))
+
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        if self._in_poll is connection:
+            self._pending = None
+            self._fetch_next = True
+        super()._on_connection_disconnect(connection)
+
+    def close(self) -> None:
+        # kombu reads a pending reply at close and delivers what it holds; a fetch's messages go
+        # back to their queue instead (first in line again), a wait's reply is only read.
+        if self._in_poll and self._pending is not None:
+            kind, lists = self._pending
+            with suppress(Exception):
+                reply = self._read_reply()
+                if kind == "FETCH" and reply and reply is not _REFUSED:
+                    self._give_back(reply, lists)
+            self._in_poll = None  # type: ignore[assignment]
+            self._pending = None
+        with suppress(Exception):
+            self.qos.flush_acks()
+        super().close()
+
+
+#: A reply Redis refused (see ``Channel._read_reply``).
+_REFUSED: Any = object()
+
+
+def _payload(text: bytes) -> dict[str, Any] | None:
+    """The envelope as kombu's ``Message`` reads it, or None when it would raise there."""
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:  # e.g. a lone surrogate escape, which orjson refuses and JSON allows
+            payload = loads(text)
+        except ValueError:
+            return None
+    if not isinstance(payload, dict):
+        return None
+    props = payload.get("properties")
+    headers = payload.get("headers")
+    body = payload.get("body")
+    if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str):
+        return None
+    if headers is not None and not isinstance(headers, dict):
+        return None
+    if body is not None and not isinstance(body, str):
+        return None
+    for field in ("content-type", "content-encoding"):
+        if payload.get(field) is not None and not isinstance(payload[field], str):
+            return None
+    if props.get("body_encoding") not in (None, "base64"):
+        return None
+    return payload
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    #: The worker's event loop, for the ack timer (None when consuming without one).
+    hub: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self.hub = loop
+        super().register_with_event_loop(connection, loop)
+
+
+class _Connection(Connection):
+    """A kombu ``Connection`` that shows its URL with the Redis scheme it stands for: Flower's
+    broker pages (``/broker``, ``/api/queues/length``) pick their Redis client by that scheme."""
+
+    def as_uri(self, *args: Any, **kwargs: Any) -> str:
+        return as_redis_url(super().as_uri(*args, **kwargs))
+
+
+class _AMQP(AMQP):  # type: ignore[misc]
+    Connection = _Connection
+
+
+#: The worker app's ``amqp`` class (``Celery(amqp=...)``).
+AMQP_CLASS = f"{__name__}:_AMQP"
