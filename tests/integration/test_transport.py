@@ -204,8 +204,11 @@ def test_non_envelope_items_are_dropped_with_a_log_line(
 ) -> None:
     # Given junk between two valid messages (LPUSH: the last pushed is consumed last)
     big = orjson.dumps({"properties": {"delivery_tag": "x"}, "pad": "a" * 200_000})
+    not_base64 = orjson.loads(_envelope(queue))
+    not_base64["body"] = "%%% not base64 %%%"
     junk = [b"not json", b'{"properties": {}}', b"[1, 2]", big, b'{"properties": {"delivery_tag": 7}}']
-    redis_client.lpush(queue, _envelope(queue, 0), *junk, _envelope(queue, 1))
+    unreadable = [orjson.dumps(not_base64)]  # an envelope by its shape, which kombu cannot read
+    redis_client.lpush(queue, _envelope(queue, 0), *junk, *unreadable, _envelope(queue, 1))
     caplog.set_level(logging.ERROR, logger="itrain.transport")
     conn, _, got = _consume(redis_url, queue, max_envelope_bytes=100_000)
     try:
@@ -215,7 +218,7 @@ def test_non_envelope_items_are_dropped_with_a_log_line(
         assert redis_client.llen(queue) == 0
         assert redis_client.hlen(UNACKED) == 2
         drops = [r for r in caplog.records if "not a message envelope" in r.getMessage()]
-        assert len(drops) == len(junk)
+        assert len(drops) == len(junk) + len(unreadable)
         rejected = [orjson.loads(r) for r in redis_client.lrange(TRANSPORT_REJECTED, 0, -1)]
         assert len(rejected) == len(junk)
         assert any("larger than the limit of 100000" in r["reason"] for r in rejected)

@@ -23,9 +23,12 @@ app.conf.broker_url = transport_url(settings.broker)
 app.conf.broker_transport_options = {
     **app.conf.broker_transport_options,
     "fetch_max": settings.fetch_max,
-    # The whole envelope, headers included: the largest body a message may carry, base64-encoded
-    # (a third more), and room for headers.
-    "max_envelope_bytes": settings.max_message_bytes * 4 // 3 + 65_536,
+    # The whole envelope, headers included, is bounded before it is parsed. The largest body a
+    # message may carry takes a third more in base64; twice the body limit leaves room for
+    # headers and lets a body somewhat over its limit still be answered by a FAILURE naming
+    # ITRAIN_MAX_MESSAGE_BYTES. Beyond this, the item is dropped unread (logged, and recorded in
+    # itrain:{_transport}:rejected): a 50 MiB header never reaches the worker's memory.
+    "max_envelope_bytes": settings.max_message_bytes * 2 + 65_536,
 }
 app.conf.update(include=["worker.consume.tasks", "worker.devtools.naive"])
 if settings.worker_concurrency:

@@ -97,13 +97,20 @@ FETCH = _Script("fetch")
 GIVEBACK = _Script("giveback")
 
 
+class UnreadableEnvelope(ValueError):
+    """An envelope kombu cannot turn into a message (e.g. a body that is not base64)."""
+
+
 class Message(virtual.Message):
     """kombu's message, minus the inflation of compressed bodies (see the module docstring)."""
 
     def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
         headers = payload.get("headers")
         compression = headers.pop("compression", None) if isinstance(headers, dict) else None
-        super().__init__(payload, channel, **kwargs)
+        try:
+            super().__init__(payload, channel, **kwargs)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # binascii.Error too
+            raise UnreadableEnvelope(f"{type(exc).__name__}: {exc}") from None
         if compression is not None:
             self.headers["compression"] = compression
 
@@ -390,6 +397,12 @@ class Channel(kombu_redis.Channel):
             recorded.add(tag)
             try:
                 deliver(payload, queue)
+            except UnreadableEnvelope as exc:
+                # Raised while the message object is built, before it is handed to the worker.
+                recorded.discard(tag)
+                logger.error("dropped a queue item of %s that is not a message envelope: %s", key, exc)
+                self._forget(tag)
+                continue
             except BaseException:
                 # Never handed over: put the rest back where they were instead of leaving them to
                 # the visibility timeout.
