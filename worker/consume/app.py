@@ -19,6 +19,6 @@ __all__ = ["app"]
 
 settings = get_settings()
 app = make_celery(settings, main="worker")
-app.conf.update(include=["worker.consume.tasks", "worker.devtools.naive"])
+app.conf.update(include=["worker.consume.tasks"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
