@@ -17,11 +17,8 @@ import redis
 
 from producer.client import TrainingClient
 from producer.settings import Settings, get_settings
-from tests.helpers import wait_for_names
+from tests.helpers import Workers, create_model
 from worker.devtools.embedded_redis import RedisServer
-from worker.devtools.stack import start_worker, stop_process
-from worker.engine.checkpoint import Checkpoint, ModelConfig
-from worker.engine.mlp import init_params
 from worker.store.model_store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,14 +70,11 @@ ModelFactory = Callable[..., str]
 
 
 @pytest.fixture
-def make_model(store: Store) -> ModelFactory:
+def make_model(redis_client: redis.Redis, settings: Settings) -> ModelFactory:
     """Creates an initialised model; keyword arguments are ``ModelConfig`` fields."""
 
     def make(name: str | None = None, **config: object) -> str:
-        name = name or f"m-{uuid.uuid4().hex[:12]}"
-        cfg = ModelConfig.model_validate(config)
-        store.create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
-        return name
+        return create_model(redis_client, settings, name=name, **config)
 
     return make
 
@@ -96,30 +90,18 @@ WorkerFactory = Callable[..., list]
 
 @pytest.fixture
 def start_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
-    """Starts ``celery -A worker worker`` processes; every one is stopped (by pid) at teardown.
+    """Starts ``celery -A worker worker`` processes (``tests.helpers.Workers``); every one is
+    stopped (by pid) at teardown.
 
     ``start_workers(2, concurrency=1, env={"ITRAIN_LOCK_TIMEOUT": "1"})`` returns the Popen objects
     once all of them answer a ping. Logs go to ``tmp_path``.
     """
-    procs: list = []
+    workers = Workers(tmp_path)
 
     def start(
         count: int = 1, *, concurrency: int = 1, env: dict[str, str] | None = None, pool: str = "prefork"
     ) -> list:
-        full_env = {"ITRAIN_REDIS_URL": redis_url, **(env or {})}
-        started, names = [], []
-        for _ in range(count):
-            name = f"w{len(procs) + 1}-{uuid.uuid4().hex[:6]}"
-            proc = start_worker(
-                name, full_env, concurrency=concurrency, pool=pool, log=tmp_path / f"{name}.log"
-            )
-            procs.append(proc)
-            started.append(proc)
-            names.append(name)
-        # Wait for the ones just started: earlier ones may have been killed on purpose.
-        wait_for_names(redis_url, names, started, tmp_path)
-        return started
+        return workers.start(count, redis_url=redis_url, env=env, concurrency=concurrency, pool=pool)
 
     yield start
-    for proc in procs:
-        stop_process(proc)
+    workers.close()
