@@ -11,13 +11,14 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from producer.client import TrainingClient
 from producer.settings import Settings, get_settings
-from tests.helpers import Workers, create_model
+from tests.helpers import ClientFactory, Workers, create_model
 from worker.devtools.embedded_redis import RedisServer
 from worker.store.model_store import Store
 
@@ -85,23 +86,45 @@ def client(redis_url: str) -> Iterator[TrainingClient]:
         yield c
 
 
+@pytest.fixture
+def make_client() -> Iterator[ClientFactory]:
+    """``make_client(redis_url, queue=..., chunk_size=...)``: a TrainingClient with these settings;
+    every one is closed at teardown."""
+    made: list[TrainingClient] = []
+
+    def make(redis_url: str, **overrides: Any) -> TrainingClient:
+        c = TrainingClient(settings=Settings(redis_url=redis_url, **overrides))
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """The test's worker launcher (``tests.helpers.Workers``), on any Redis; every worker it
+    started is stopped (by pid) at teardown. Logs go to ``tmp_path``."""
+    w = Workers(tmp_path)
+    yield w
+    w.close()
+
+
 WorkerFactory = Callable[..., list]
 
 
 @pytest.fixture
-def start_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
-    """Starts ``celery -A worker worker`` processes (``tests.helpers.Workers``); every one is
-    stopped (by pid) at teardown.
+def start_workers(redis_url: str, workers: Workers) -> WorkerFactory:
+    """Starts ``celery -A worker worker`` processes on the session's Redis.
 
     ``start_workers(2, concurrency=1, env={"ITRAIN_LOCK_TIMEOUT": "1"})`` returns the Popen objects
-    once all of them answer a ping. Logs go to ``tmp_path``.
+    once all of them answer a ping.
     """
-    workers = Workers(tmp_path)
 
     def start(
         count: int = 1, *, concurrency: int = 1, env: dict[str, str] | None = None, pool: str = "prefork"
     ) -> list:
         return workers.start(count, redis_url=redis_url, env=env, concurrency=concurrency, pool=pool)
 
-    yield start
-    workers.close()
+    return start

@@ -35,6 +35,9 @@ from worker.store.model_store import Store
 
 ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
 
+#: The ``make_client`` fixture: ``make_client(redis_url, **settings)``.
+ClientFactory = Callable[..., TrainingClient]
+
 
 # -- /proc ------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +23,8 @@ from producer.client import TrainingClient
 from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.settings import DEFAULT_TARGETS, Settings
+from tests.helpers import ClientFactory, make_events
 from tests.helpers import Workers as Launcher
-from tests.helpers import make_events
 from worker.engine.checkpoint import ModelConfig
 from worker.engine.features import featurize, featurize_many
 from worker.engine.mlp import PerEventSGD, init_params, minibatch_step
@@ -67,18 +67,9 @@ def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture
-def client_for(redis_url: str) -> Iterator[Any]:
+def client_for(redis_url: str, make_client: ClientFactory) -> Callable[..., TrainingClient]:
     """``client_for(group, chunk_size=...)``: a TrainingClient publishing to that group's queue."""
-    made: list[TrainingClient] = []
-
-    def make(group: Group, **settings: Any) -> TrainingClient:
-        c = TrainingClient(settings=Settings(redis_url=redis_url, queue=group.queue, **settings))
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    return lambda group, **settings: make_client(redis_url, queue=group.queue, **settings)
 
 
 # -- helpers ----------------------------------------------------------------------------------

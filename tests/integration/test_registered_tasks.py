@@ -11,10 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
 from producer.client import TrainingClient
@@ -25,13 +22,6 @@ from worker.engine.checkpoint import ModelConfig
 
 PRODUCTION_TASKS = {"itrain.train_step", "itrain.train_batch", "itrain.predict"}
 NAIVE_APP, TASK_NAIVE = "worker.devtools.naive", "itrain.bench_naive_step"
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(tmp_path)
-    yield w
-    w.close()
 
 
 def _registered(client: TrainingClient, workers: Workers, proc: subprocess.Popen[bytes]) -> set[str]:
