@@ -11,17 +11,15 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from producer.client import TrainingClient
 from producer.settings import Settings, get_settings
-from tests.helpers import wait_for_names
+from tests.helpers import ClientFactory, Workers, create_model
 from worker.devtools.embedded_redis import RedisServer
-from worker.devtools.stack import start_worker, stop_process
-from worker.engine.checkpoint import Checkpoint, ModelConfig
-from worker.engine.mlp import init_params
 from worker.store.model_store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,14 +71,11 @@ ModelFactory = Callable[..., str]
 
 
 @pytest.fixture
-def make_model(store: Store) -> ModelFactory:
+def make_model(redis_client: redis.Redis, settings: Settings) -> ModelFactory:
     """Creates an initialised model; keyword arguments are ``ModelConfig`` fields."""
 
     def make(name: str | None = None, **config: object) -> str:
-        name = name or f"m-{uuid.uuid4().hex[:12]}"
-        cfg = ModelConfig.model_validate(config)
-        store.create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
-        return name
+        return create_model(redis_client, settings, name=name, **config)
 
     return make
 
@@ -91,35 +86,45 @@ def client(redis_url: str) -> Iterator[TrainingClient]:
         yield c
 
 
+@pytest.fixture
+def make_client() -> Iterator[ClientFactory]:
+    """``make_client(redis_url, queue=..., chunk_size=...)``: a TrainingClient with these settings;
+    every one is closed at teardown."""
+    made: list[TrainingClient] = []
+
+    def make(redis_url: str, **overrides: Any) -> TrainingClient:
+        c = TrainingClient(settings=Settings(redis_url=redis_url, **overrides))
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """The test's worker launcher (``tests.helpers.Workers``), on any Redis; every worker it
+    started is stopped (by pid) at teardown. Logs go to ``tmp_path``."""
+    w = Workers(tmp_path)
+    yield w
+    w.close()
+
+
 WorkerFactory = Callable[..., list]
 
 
 @pytest.fixture
-def start_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
-    """Starts ``celery -A worker worker`` processes; every one is stopped (by pid) at teardown.
+def start_workers(redis_url: str, workers: Workers) -> WorkerFactory:
+    """Starts ``celery -A worker worker`` processes on the session's Redis.
 
     ``start_workers(2, concurrency=1, env={"ITRAIN_LOCK_TIMEOUT": "1"})`` returns the Popen objects
-    once all of them answer a ping. Logs go to ``tmp_path``.
+    once all of them answer a ping.
     """
-    procs: list = []
 
     def start(
         count: int = 1, *, concurrency: int = 1, env: dict[str, str] | None = None, pool: str = "prefork"
     ) -> list:
-        full_env = {"ITRAIN_REDIS_URL": redis_url, **(env or {})}
-        started, names = [], []
-        for _ in range(count):
-            name = f"w{len(procs) + 1}-{uuid.uuid4().hex[:6]}"
-            proc = start_worker(
-                name, full_env, concurrency=concurrency, pool=pool, log=tmp_path / f"{name}.log"
-            )
-            procs.append(proc)
-            started.append(proc)
-            names.append(name)
-        # Wait for the ones just started: earlier ones may have been killed on purpose.
-        wait_for_names(redis_url, names, started, tmp_path)
-        return started
+        return workers.start(count, redis_url=redis_url, env=env, concurrency=concurrency, pool=pool)
 
-    yield start
-    for proc in procs:
-        stop_process(proc)
+    return start

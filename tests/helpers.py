@@ -1,8 +1,10 @@
 """Helpers shared by the test modules (not a test module).
 
-Real processes only: workers are ``celery -A worker worker`` subprocesses started by
-``worker.stack.start_worker`` (each in its own session, so its process group id is its pid),
-and every signal goes to a pid or a process group this module started.
+One worker launcher (``Workers``), one event factory (``make_event``, ``make_events``), one ping
+loop (``worker.devtools.stack.wait_for_workers``). Real processes only: workers are
+``celery -A worker worker`` subprocesses started by ``worker.devtools.stack.start_worker`` (each in
+its own session, so its process group id is its pid), and every signal goes to a pid or a process
+group this module started.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -22,18 +23,20 @@ from typing import Any
 import redis
 from celery import Celery
 
-from producer.celery_config import make_celery
 from producer.client import TrainingClient
-from producer.errors import ResultTimeoutError
+from producer.errors import ConfigurationError, ResultTimeoutError
+from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.protocol import result_key
 from producer.settings import Settings
-from worker.devtools.stack import start_worker, stop_process
+from worker.devtools.stack import APP, node_name, start_worker, stop_process, wait_for_workers
 from worker.engine.checkpoint import Checkpoint, ModelConfig
-from worker.engine.mlp import init_params
 from worker.store.model_store import Store
 
 ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
+
+#: The ``make_client`` fixture: ``make_client(redis_url, **settings)``.
+ClientFactory = Callable[..., TrainingClient]
 
 
 # -- /proc ------------------------------------------------------------------------------------------
@@ -119,7 +122,7 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 class Workers:
-    """Worker processes this test started, on any Redis; all stopped by pid at teardown."""
+    """Worker processes this test started, on any Redis; all stopped by pid at ``close``."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -131,13 +134,18 @@ class Workers:
 
     def start(
         self,
-        count: int,
+        count: int = 1,
         *,
         redis_url: str,
         env: dict[str, str] | None = None,
         concurrency: int = 1,
+        pool: str = "prefork",
+        app: str = APP,
+        prefix: str = "w",
         timeout: float = 90.0,
     ) -> list[subprocess.Popen[bytes]]:
+        """``count`` workers of ``app``; returns once each answers a ping (and, with the prefork
+        pool, has its pool children). Logs go to ``log_dir``."""
         full_env = {
             "ITRAIN_REDIS_URL": redis_url,
             # One BLAS thread per process: on 2 cores, threaded BLAS in every pool child only
@@ -148,16 +156,20 @@ class Workers:
         }
         started = []
         for _ in range(count):
-            name = f"r{len(self.procs) + 1}-{uuid.uuid4().hex[:6]}"
+            name = f"{prefix}{len(self.procs) + 1}-{uuid.uuid4().hex[:6]}"
             log = self.log_dir / f"{name}.log"
-            proc = start_worker(name, full_env, concurrency=concurrency, log=log)
+            proc = start_worker(name, full_env, concurrency=concurrency, pool=pool, log=log, app=app)
             self.procs.append(proc)
-            self.names[proc.pid] = f"{name}@{socket.gethostname()}"
+            self.names[proc.pid] = node_name(name)
             self.logs[proc.pid] = log
             started.append(proc)
+        # Wait for the ones just started: earlier ones may have been killed on purpose.
         self.wait_ready(redis_url, started, timeout)
         for proc in started:
-            wait_until(lambda p=proc: len(children(p.pid)) >= concurrency, 30, f"pool children of {proc.pid}")
+            if pool == "prefork":
+                wait_until(
+                    lambda p=proc: len(children(p.pid)) >= concurrency, 30, f"pool children of {proc.pid}"
+                )
             self.remember(proc)
         return started
 
@@ -167,20 +179,17 @@ class Workers:
         return self._apps[redis_url]
 
     def wait_ready(self, redis_url: str, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
-        want = {self.names[p.pid] for p in procs}
-        app = self.app(redis_url)
-        deadline = time.monotonic() + timeout
-        got: set[str] = set()
-        while time.monotonic() < deadline:
-            for p in procs:
-                if p.poll() is not None:
-                    raise AssertionError(f"worker {p.pid} exited ({p.returncode}):\n{self.tail(p)}")
-            replies = app.control.ping(destination=sorted(want), timeout=1.0) or []
-            got = {name for reply in replies for name in reply}
-            if want <= got:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"workers {sorted(want - got)} did not answer a ping within {timeout:g} s")
+        """Until each of ``procs`` answers a ping; AssertionError with the logs if one exits first
+        or does not answer within ``timeout`` seconds."""
+        names = [self.names[p.pid] for p in procs]
+        try:
+            wait_for_workers(self.app(redis_url), names=names, procs=procs, timeout=timeout)
+        except ConfigurationError as exc:
+            raise AssertionError(f"{exc}\n{self.tails()}") from None
+
+    def assert_alive(self, procs: Sequence[subprocess.Popen[bytes]] | None = None) -> None:
+        dead = [p.pid for p in (self.procs if procs is None else procs) if p.poll() is not None]
+        assert not dead, f"worker process(es) {dead} exited; logs in {self.log_dir}"
 
     def remember(self, proc: subprocess.Popen[bytes]) -> None:
         self._known.setdefault(proc.pid, set()).update(descendants(proc.pid))
@@ -232,26 +241,44 @@ class Workers:
 # -- models, events, results ------------------------------------------------------------------------
 
 
-def create_model(client: redis.Redis, settings: Settings, **config: Any) -> str:
-    name = f"m-{uuid.uuid4().hex[:12]}"
-    cfg = ModelConfig.model_validate(config)
-    Store(client, settings).create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
+def create_model(client: redis.Redis, settings: Settings, *, name: str | None = None, **config: Any) -> str:
+    """A new initialised model (keyword arguments are ``ModelConfig`` fields); its name."""
+    name = name or f"m-{uuid.uuid4().hex[:12]}"
+    Store(client, settings).create(name, Checkpoint.initial(ModelConfig.model_validate(config)), force=False)
     return name
 
 
-def make_events(model: str, n: int, tag: str, start: int = 0) -> list[dict[str, Any]]:
-    now = time.time()
-    return [
-        {
-            "event_id": f"{tag}-{i}",
-            "user_id": f"user-{i % 101}",
-            "action_type": ACTIONS[i % len(ACTIONS)],
-            "timestamp": now - (i % 3600),
-            "context": {"page": i % 7, "mobile": i % 2 == 0},
-            "model": model,
-        }
-        for i in range(start, start + n)
-    ]
+def make_event(
+    model: str = "default", i: int = 0, tag: str = "ev", *, labels: bool = False, **overrides: Any
+) -> dict[str, Any]:
+    """Event number ``i`` of a varied, deterministic sequence, as a plain dict: event id
+    ``<tag>-<i>``, 101 users, every action with a default target, times spread over days, a
+    context on two events in three; with ``labels``, an explicit scalar label on one in five.
+    ``overrides`` replace fields."""
+    event: dict[str, Any] = {
+        "event_id": f"{tag}-{i}",
+        "user_id": f"user-{i % 101}",
+        "action_type": ACTIONS[i % len(ACTIONS)],
+        "timestamp": 1_700_000_000 + 611.5 * i,
+        "context": {"page": i % 7, "mobile": i % 2 == 0} if i % 3 else None,
+        "model": model,
+    }
+    if labels and i % 5 == 0:
+        event["label"] = round((i % 11) / 10, 2)
+    event.update(overrides)
+    return event
+
+
+def make_events(
+    model: str, n: int, tag: str = "ev", *, start: int = 0, labels: bool = False, **overrides: Any
+) -> list[dict[str, Any]]:
+    """Events ``start`` .. ``start + n - 1`` of ``make_event``'s sequence."""
+    return [make_event(model, i, tag, labels=labels, **overrides) for i in range(start, start + n)]
+
+
+def make_interaction(**overrides: Any) -> InteractionData:
+    """``make_event(**overrides)`` validated, for tests of the engine's pure functions."""
+    return InteractionData.model_validate(make_event(**overrides))
 
 
 def statuses(results: Iterable[Any]) -> Counter[str]:
@@ -329,23 +356,3 @@ def _json(raw: bytes) -> Any:
     import orjson
 
     return orjson.loads(raw)
-
-
-def wait_for_names(
-    redis_url: str, names: list[str], procs: list[Any], logs: Path, timeout: float = 90
-) -> None:
-    """Until every named worker answers a ping; fails at once if one of ``procs`` exits."""
-    app = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise AssertionError(f"a worker exited during start-up; logs in {logs}")
-            replies = app.control.ping(timeout=1.0) or []
-            seen = {name.split("@", 1)[0] for reply in replies for name in reply}
-            if set(names) <= seen:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"workers {names} did not answer a ping within {timeout:g} s; logs in {logs}")
-    finally:
-        app.close()

@@ -27,9 +27,9 @@ from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event
 from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
+from worker.devtools.pacing import send_paced
 from worker.devtools.synthetic import synthetic_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
-from worker.engine.mlp import init_params
 from worker.store.model_store import Store
 
 __all__ = ["main", "build_parser"]
@@ -54,8 +54,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     if args.exist_ok and not args.force and args.model in store.models():
         out.print(f"model [bold]{args.model}[/] exists; left unchanged")
         return 0
-    ckpt = Checkpoint(config=config, theta=init_params(config.shape, config.seed), version=0, step=0)
-    version = store.create(args.model, ckpt, force=args.force)
+    version = store.create(args.model, Checkpoint.initial(config), force=args.force)
     out.print(
         f"model [bold]{args.model}[/] initialised at version {version}: "
         f"4 -> {config.hidden} -> {config.outputs}, lr {config.lr:g}, clip {config.clip:g}, "
@@ -126,19 +125,12 @@ def produce(
 ) -> str:
     """Send ``n`` synthetic events (paced at ``rate`` per second if given) and describe the run."""
     events = synthetic_events(n, users=users, model=model)
-    # Paced runs send small slices on a clock; unpaced runs send large train_many calls.
-    slice_size = max(1, int(rate / 20)) if rate else 5000
-    handles = []
     start = time.perf_counter()
     with _progress() as progress:
         sent_bar = progress.add_task("enqueued", total=n)
-        for i in range(0, n, slice_size):
-            if rate:
-                due = start + i / rate
-                if (delay := due - time.perf_counter()) > 0:
-                    time.sleep(delay)
-            handles.extend(client.train_many(events[i : i + slice_size]))
-            progress.update(sent_bar, completed=len(handles))
+        handles, _ = send_paced(
+            events, client.train_many, rate=rate, on_sent=lambda k: progress.update(sent_bar, completed=k)
+        )
     sent = time.perf_counter() - start
     lines = [f"enqueued {n} events in {sent:.2f} s ({n / sent:,.0f} events/s)"]
     if wait:
@@ -210,8 +202,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         s = stack_settings(settings, stack)
         store = Store(connect(s.store, s.publish_timeout), s)
         if args.model not in store.models():
-            config = ModelConfig()
-            store.create(args.model, Checkpoint(config, init_params(config.shape, 0), 0, 0), force=False)
+            store.create(args.model, Checkpoint.initial(ModelConfig()), force=False)
             out.print(f"model [bold]{args.model}[/] initialised")
         with TrainingClient(settings=s) as client:
             out.print(produce(client, args.events, model=args.model, rate=None, users=1000, wait=True))

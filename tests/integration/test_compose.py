@@ -27,10 +27,12 @@ import redis
 
 from producer.celery_config import make_celery
 from producer.client import TrainingClient
+from producer.errors import ConfigurationError
 from producer.keys import MODELS
 from producer.settings import Settings
+from tests.helpers import make_event
 from worker.devtools.embedded_redis import free_port
-from worker.devtools.stack import stop_process
+from worker.devtools.stack import node_name, start_process, stop_process, wait_for_workers
 
 yaml = pytest.importorskip("yaml")
 
@@ -230,31 +232,17 @@ def test_worker_command_runs_and_trains(
     # the compose command, plus a node name so this test can find its worker
     cmd = [*_local(command_of(services["worker"])), "--hostname", f"{node}@%h"]
     log = tmp_path / "worker.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env=_local_env(services["worker"], redis_url, queue, {}),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_process(cmd, _local_env(services["worker"], redis_url, queue, {}), log)
     try:
         app = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, f"worker exited; see {log}"
-                replies = app.control.ping(timeout=1.0) or []
-                if any(n.startswith(node + "@") for reply in replies for n in reply):
-                    break
-            else:
-                pytest.fail(f"worker did not answer within 60 s; see {log}")
+            wait_for_workers(app, names=[node_name(node)], procs=[proc], timeout=60)
+        except ConfigurationError as exc:
+            pytest.fail(f"{exc}; see {log}")
         finally:
             app.close()
         with TrainingClient(settings=Settings(redis_url=redis_url, queue=queue)) as client:
-            event = {"user_id": "u1", "action_type": "click", "timestamp": time.time(), "model": model}
-            result = client.train_step(event).get(timeout=60)
+            result = client.train_step(make_event(model)).get(timeout=60)
         assert result["status"] == "trained"
         assert result["step"] == 1
     finally:
@@ -282,15 +270,8 @@ def test_flower_command_runs_and_requires_auth(
     cmd = [interpolate(p, variables) for p in command_of(services["flower"])]
     cmd = _set_option(_set_option(_local(cmd), "--port", str(port)), "--address", "127.0.0.1")
     log = tmp_path / "flower.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env=_local_env(services["flower"], redis_url, f"compose-{uuid.uuid4().hex[:8]}", variables),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    env = _local_env(services["flower"], redis_url, f"compose-{uuid.uuid4().hex[:8]}", variables)
+    proc = start_process(cmd, env, log)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

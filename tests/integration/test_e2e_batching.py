@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,14 +23,13 @@ from producer.client import TrainingClient
 from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.settings import DEFAULT_TARGETS, Settings
-from tests.helpers import wait_for_names
-from worker.devtools.stack import start_worker, stop_process
+from tests.helpers import ClientFactory, make_events
+from tests.helpers import Workers as Launcher
 from worker.engine.checkpoint import ModelConfig
 from worker.engine.features import featurize, featurize_many
 from worker.engine.mlp import PerEventSGD, init_params, minibatch_step
 from worker.engine.targets import make_target
 
-ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
 WAIT = 120.0
 
 
@@ -43,79 +41,38 @@ class Group:
     queue: str
     procs: list[Any]
 
-    def assert_alive(self, logs: Path) -> None:
-        dead = [p.pid for p in self.procs if p.poll() is not None]
-        assert not dead, f"worker process(es) {dead} exited; logs in {logs}"
-
 
 @dataclass
 class Workers:
     pair: Group
     serial: Group
-    logs: Path
+    launcher: Launcher
 
 
 @pytest.fixture(scope="module")
 def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    logs = tmp_path_factory.mktemp("batching-workers")
+    launcher = Launcher(tmp_path_factory.mktemp("batching-workers"))
     default_queue = Settings(redis_url=redis_url).queue
     serial_queue = f"itrain-serial-{uuid.uuid4().hex[:8]}"
-    procs: list[Any] = []
-    names: list[str] = []
-
-    def spawn(prefix: str, concurrency: int, queue: str) -> Any:
-        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-        env = {"ITRAIN_REDIS_URL": redis_url, "ITRAIN_QUEUE": queue}
-        proc = start_worker(name, env, concurrency=concurrency, log=logs / f"{name}.log")
-        procs.append(proc)
-        names.append(name)
-        return proc
-
     try:
-        pair = Group(default_queue, [spawn("pair0", 2, default_queue), spawn("pair1", 2, default_queue)])
-        serial = Group(serial_queue, [spawn("serial", 1, serial_queue)])
-        wait_for_names(redis_url, names, procs, logs)
-        yield Workers(pair, serial, logs)
+        pair = launcher.start(
+            2, redis_url=redis_url, env={"ITRAIN_QUEUE": default_queue}, concurrency=2, prefix="pair"
+        )
+        serial = launcher.start(
+            1, redis_url=redis_url, env={"ITRAIN_QUEUE": serial_queue}, concurrency=1, prefix="serial"
+        )
+        yield Workers(Group(default_queue, pair), Group(serial_queue, serial), launcher)
     finally:
-        for proc in procs:
-            stop_process(proc)
+        launcher.close()
 
 
 @pytest.fixture
-def client_for(redis_url: str) -> Iterator[Any]:
+def client_for(redis_url: str, make_client: ClientFactory) -> Callable[..., TrainingClient]:
     """``client_for(group, chunk_size=...)``: a TrainingClient publishing to that group's queue."""
-    made: list[TrainingClient] = []
-
-    def make(group: Group, **settings: Any) -> TrainingClient:
-        c = TrainingClient(settings=Settings(redis_url=redis_url, queue=group.queue, **settings))
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    return lambda group, **settings: make_client(redis_url, queue=group.queue, **settings)
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def make_events(model: str, n: int, tag: str = "", *, labels: bool = True) -> list[dict[str, Any]]:
-    """Varied events: mapped actions, scalar labels, context or not, many users and times."""
-    run = uuid.uuid4().hex[:8]
-    events = []
-    for i in range(n):
-        event: dict[str, Any] = {
-            "event_id": f"{tag}-{run}-{i}",
-            "user_id": f"user-{(i * 7) % 23}",
-            "action_type": ACTIONS[i % len(ACTIONS)],
-            "timestamp": 1_700_000_000 + 611.5 * i,
-            "context": {"slot": i % 4} if i % 2 else None,
-            "model": model,
-        }
-        if labels and i % 5 == 0:
-            event["label"] = round((i % 11) / 10, 2)
-        events.append(event)
-    return events
 
 
 def for_model(events: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
@@ -144,7 +101,7 @@ def test_per_event_batch_equals_one_by_one_and_in_process(
     model_a = make_model(**config)
     model_b = make_model(**config)
     np.testing.assert_array_equal(params_of(redis_client, model_a), params_of(redis_client, model_b))
-    events = make_events(model_a, 150, "eq")
+    events = make_events(model_a, 150, "eq", labels=True)
     client = client_for(workers.serial)
     # When model A gets them as one train_many call
     results_a = client.wait_all(client.train_many(events), timeout=WAIT)
@@ -179,7 +136,7 @@ def test_train_many_trains_in_list_order(workers: Workers, make_model, client_fo
     # Given one worker with one pool process, and a list larger than several chunks
     model = make_model()
     client = client_for(workers.serial, chunk_size=64)
-    events = make_events(model, 400, "order")
+    events = make_events(model, 400, "order", labels=True)
     # When it is sent with one train_many call
     results = client.wait_all(client.train_many(events), timeout=WAIT)
     # Then the steps follow the list order exactly
@@ -195,7 +152,7 @@ def test_micro_batched_train_steps_train_in_send_order(workers: Workers, make_mo
     # Given one worker with one pool process
     model = make_model()
     client = client_for(workers.serial)
-    events = make_events(model, 300, "steps")
+    events = make_events(model, 300, "steps", labels=True)
     # When events are sent one train_step at a time without waiting (the worker buffers them)
     handles = [client.train_step(e) for e in events]
     results = client.wait_all(handles, timeout=WAIT)
@@ -211,7 +168,7 @@ def test_micro_batched_train_steps_train_in_send_order(workers: Workers, make_mo
 def test_every_event_of_train_many_gets_its_own_result(workers: Workers, make_model, client_for) -> None:
     model = make_model()
     client = client_for(workers.pair, chunk_size=16)
-    events = make_events(model, 100, "own")
+    events = make_events(model, 100, "own", labels=True)
     handles = client.train_many(events)
     assert len(handles) == len(events)
     assert len({h.id for h in handles}) == len(events)
@@ -236,7 +193,7 @@ def test_concurrent_train_many_calls_give_steps_1_to_n(
         client = client_for(workers.pair, chunk_size=40)
         sent = []
         for c in range(calls):
-            events = make_events(model, per_call, f"t{t}c{c}")
+            events = make_events(model, per_call, f"t{t}c{c}", labels=True)
             handles = client.train_many(events)
             sent.extend((e["event_id"], h.id) for e, h in zip(events, handles, strict=True))
         return sent
@@ -256,8 +213,7 @@ def test_concurrent_train_many_calls_give_steps_1_to_n(
     assert stats["version"] == max(versions)
     assert versions == set(range(2, stats["version"] + 1))
     assert np.isfinite(params_of(redis_client, model)).all()
-    for g in (workers.pair, workers.serial):
-        g.assert_alive(workers.logs)
+    workers.launcher.assert_alive()  # both groups
 
 
 # -- minibatch mode ---------------------------------------------------------------------------
@@ -269,7 +225,7 @@ def test_minibatch_mode_trains_with_steps_1_to_n(
     model = make_model(mode="minibatch", seed=5, lr=0.1)
     theta0 = params_of(redis_client, model)
     client = client_for(workers.pair, chunk_size=50)
-    events = make_events(model, 500, "mb")
+    events = make_events(model, 500, "mb", labels=True)
     handles = client.train_many(events[:300]) + [client.train_step(e) for e in events[300:]]
     results = client.wait_all(handles, timeout=WAIT)
     assert [r["event_id"] for r in results] == [e["event_id"] for e in events]
@@ -290,7 +246,7 @@ def test_minibatch_chunk_is_one_vectorised_step(
     config = {"mode": "minibatch", "hidden": 10, "outputs": 1, "lr": 0.2, "clip": 1.0, "seed": 9}
     model = make_model(**config)
     client = client_for(workers.serial)
-    events = make_events(model, 100, "mb1")
+    events = make_events(model, 100, "mb1", labels=True)
     results = client.wait_all(client.train_many(events), timeout=WAIT)
     assert_steps_exact(results, len(events))
     # Then the weights equal one mini-batch SGD step computed here, and the losses match

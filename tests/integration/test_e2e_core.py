@@ -13,8 +13,6 @@ import math
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,65 +25,31 @@ from producer.errors import InvalidEventError, ItrainError, NonFiniteUpdateError
 from producer.events import InteractionData
 from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope
-from tests.helpers import wait_for_names
-from worker.devtools.stack import start_worker, stop_process
+from tests.helpers import Workers, make_event
 from worker.engine.features import featurize
 from worker.engine.mlp import Shape, forward, sigmoid
 
 TRAINED_KEYS = {"status", "model", "event_id", "step", "version", "loss"}
 SKIPPED_KEYS = {"status", "model", "event_id", "reason"}
 DUPLICATE_KEYS = {"status", "model", "event_id"}
-ACTIONS = ("click", "view", "purchase", "dismiss")
 WAIT = 120.0
 
 
 # -- fixtures ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Workers:
-    procs: list[Any]
-    logs: Path
-
-    def assert_alive(self) -> None:
-        dead = [p.pid for p in self.procs if p.poll() is not None]
-        assert not dead, f"worker process(es) {dead} exited; logs in {self.logs}"
-
-
 @pytest.fixture(scope="module")
 def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     """Two ``celery -A worker worker`` processes, concurrency 2, on the default queue."""
-    logs = tmp_path_factory.mktemp("core-workers")
-    procs: list[Any] = []
-    names: list[str] = []
+    w = Workers(tmp_path_factory.mktemp("core-workers"))
     try:
-        for i in range(2):
-            name = f"core{i}-{uuid.uuid4().hex[:6]}"
-            names.append(name)
-            procs.append(
-                start_worker(name, {"ITRAIN_REDIS_URL": redis_url}, concurrency=2, log=logs / f"{name}.log")
-            )
-        wait_for_names(redis_url, names, procs, logs)
-        yield Workers(procs, logs)
+        w.start(2, redis_url=redis_url, concurrency=2, prefix="core")
+        yield w
     finally:
-        for proc in procs:
-            stop_process(proc)
+        w.close()
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def make_event(model: str, i: int, tag: str = "", **overrides: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "event_id": f"ev-{tag}-{i}-{uuid.uuid4().hex[:8]}",
-        "user_id": f"user-{i % 13}",
-        "action_type": ACTIONS[i % len(ACTIONS)],
-        "timestamp": 1_700_000_000 + 37.25 * i,
-        "context": {"page": "home", "pos": i % 5} if i % 3 else None,
-        "model": model,
-    }
-    event.update(overrides)
-    return event
 
 
 def ckpt_state(r: redis.Redis, model: str) -> tuple[bytes, int, int]:

@@ -12,10 +12,7 @@ from producer.client import TrainingClient
 from producer.errors import LockTimeoutError, PublishError, QueueFullError
 from producer.keys import ModelKeys
 from producer.settings import Settings
-
-
-def _event(model: str, i: int = 0) -> dict:
-    return {"user_id": f"u{i}", "action_type": "click", "timestamp": time.time(), "model": model}
+from tests.helpers import make_event
 
 
 def test_lock_that_cannot_be_had_ends_as_lock_timeout(
@@ -28,7 +25,7 @@ def test_lock_that_cannot_be_had_ends_as_lock_timeout(
     redis_client.set(keys.lock, "someone-else", px=60_000)
     params = redis_client.hget(keys.ckpt, "params")
     # When an event is sent
-    handle = client.train_step(_event(model))
+    handle = client.train_step(make_event(model))
     # Then it ends as FAILURE with reason lock_timeout, after its retries
     with pytest.raises(LockTimeoutError, match="lock_timeout"):
         handle.get(timeout=30)
@@ -38,7 +35,7 @@ def test_lock_that_cannot_be_had_ends_as_lock_timeout(
     assert redis_client.hget(keys.ckpt, "params") == params
     # And once the lock is free the same event trains
     redis_client.delete(keys.lock)
-    assert client.train_step(_event(model)).get(timeout=30)["status"] == "trained"
+    assert client.train_step(make_event(model)).get(timeout=30)["status"] == "trained"
 
 
 def test_full_queue_refuses_and_enqueues_nothing(redis_url: str, redis_client: redis.Redis) -> None:
@@ -47,15 +44,15 @@ def test_full_queue_refuses_and_enqueues_nothing(redis_url: str, redis_client: r
     redis_client.delete(queue)
     settings = Settings(redis_url=redis_url, queue=queue, max_queue_length=3)
     with TrainingClient(settings=settings) as c:
-        c.train_many([_event("default", i) for i in range(3)] * 1)  # one message
-        c.train_step(_event("default"))
-        c.train_step(_event("default"))
+        c.train_many([make_event("default", i) for i in range(3)] * 1)  # one message
+        c.train_step(make_event("default"))
+        c.train_step(make_event("default"))
         assert redis_client.llen(queue) == 3
         # When more is sent, one event or many
         with pytest.raises(QueueFullError, match="ITRAIN_MAX_QUEUE_LENGTH"):
-            c.train_step(_event("default"))
+            c.train_step(make_event("default"))
         with pytest.raises(QueueFullError):
-            c.train_many([_event("default", i) for i in range(10)])
+            c.train_many([make_event("default", i) for i in range(10)])
     # Then nothing more was enqueued
     assert redis_client.llen(queue) == 3
     redis_client.delete(queue)
@@ -65,7 +62,7 @@ def test_full_queue_refuses_and_enqueues_nothing(redis_url: str, redis_client: r
 def test_unreachable_redis_fails_within_publish_timeout(call: str) -> None:
     # Given a client pointed at a port where nothing listens
     settings = Settings(redis_url="redis://127.0.0.1:1/0", publish_timeout=1.0)
-    arg = [_event("default")] if call == "train_many" else _event("default")
+    arg = [make_event("default")] if call == "train_many" else make_event("default")
     with TrainingClient(settings=settings) as c:
         start = time.monotonic()
         # When it publishes, then a PublishError naming the URL comes, within a bound: not a
@@ -82,7 +79,7 @@ def test_train_many_keeps_messages_under_the_size_limit(
     model = make_model()
     start_workers(1)
     big = {f"key{k:02d}": "v" * 256 for k in range(64)}
-    events = [{**_event(model, i), "context": big} for i in range(300)]
+    events = [{**make_event(model, i), "context": big} for i in range(300)]
     # When they go through train_many (300 x 20 KB would be 6 MB in 2 chunks of 256)
     results = client.wait_all(client.train_many(events), timeout=60)
     # Then every one trains: no message was over ITRAIN_MAX_MESSAGE_BYTES

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from producer.client import TrainingClient
+from tests.helpers import make_event
 
 
 def test_train_step_returns_trained_result(start_workers, make_model, client: TrainingClient) -> None:
@@ -12,9 +11,7 @@ def test_train_step_returns_trained_result(start_workers, make_model, client: Tr
     model = make_model()
     start_workers(1)
     # When one event is enqueued
-    handle = client.train_step(
-        {"user_id": "u1", "action_type": "click", "timestamp": time.time(), "model": model}
-    )
+    handle = client.train_step(make_event(model))
     # Then its handle resolves to the contract's result
     result = handle.get(timeout=30)
     assert result["status"] == "trained"

@@ -26,7 +26,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from producer.keys import UNROUTED_DEAD, ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
 from producer.settings import Settings
 from tests.helpers import (
+    ClientFactory,
     Workers,
     check_each_event_once,
     children,
@@ -70,30 +71,6 @@ SLOW = {"hidden": 4096}
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(tmp_path)
-    yield w
-    w.close()
-
-
-ClientFactory = Callable[..., TrainingClient]
-
-
-@pytest.fixture
-def make_client() -> Iterator[ClientFactory]:
-    made: list[TrainingClient] = []
-
-    def make(redis_url: str, **overrides: Any) -> TrainingClient:
-        c = TrainingClient(settings=Settings(redis_url=redis_url, **overrides))
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 @pytest.fixture

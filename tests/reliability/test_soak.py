@@ -74,13 +74,6 @@ def soak_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.close()
 
 
-@pytest.fixture
-def soak_workers(tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(tmp_path)
-    yield w
-    w.close()
-
-
 def _third_max(samples: list[Sample], attr: str, third: int) -> int:
     lo, hi = DURATION * third / 3, DURATION * (third + 1) / 3
     values = [getattr(s, attr) for s in samples if lo <= s.t < hi]
@@ -90,7 +83,7 @@ def _third_max(samples: list[Sample], attr: str, third: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(DURATION + 240)
-def test_soak_memory_levels_off(soak_redis: RedisServer, soak_workers: Workers) -> None:
+def test_soak_memory_levels_off(soak_redis: RedisServer, workers: Workers) -> None:
     """N unique events through ``train_many`` at a steady rate (N / DURATION events/s) into 2
     workers with short ``ITRAIN_RESULT_EXPIRES`` and ``ITRAIN_DEDUPE_TTL``.
 
@@ -127,7 +120,7 @@ def test_soak_memory_levels_off(soak_redis: RedisServer, soak_workers: Workers) 
         "ITRAIN_VISIBILITY_TIMEOUT": str(VISIBILITY),
         "ITRAIN_LOG_EVERY": "10000",
     }
-    procs = soak_workers.start(2, redis_url=url, env=env, concurrency=1)
+    procs = workers.start(2, redis_url=url, env=env, concurrency=1)
     admin = redis.Redis.from_url(url)
     settings = Settings(redis_url=url)
     model = create_model(admin, settings)

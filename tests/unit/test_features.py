@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from producer.events import InteractionData
+from tests.helpers import make_interaction
 from worker.engine.features import (
     N_FEATURES,
     action_hash,
@@ -24,12 +24,6 @@ from worker.engine.features import (
 )
 
 TEXTS = [f"text-{i}" for i in range(2000)] + ["", "click", "view", "ü-ñ-中文", "x" * 256]
-
-
-def event(**overrides) -> InteractionData:
-    fields = {"user_id": "u1", "action_type": "click", "timestamp": 0}
-    fields.update(overrides)
-    return InteractionData(**fields)
 
 
 # -- hashes ---------------------------------------------------------------------------------------
@@ -117,7 +111,7 @@ def test_time_of_day_exact_values(hms, expected) -> None:
     """Known UTC times map to exact fractions of the day."""
     # Given an event at a known UTC time
     h, m, s, us = hms
-    ev = event(timestamp=datetime(2024, 5, 17, h, m, s, us, tzinfo=UTC))
+    ev = make_interaction(timestamp=datetime(2024, 5, 17, h, m, s, us, tzinfo=UTC))
     # When featurised
     x = featurize(ev)
     # Then the time-of-day feature is that fraction
@@ -128,7 +122,7 @@ def test_time_of_day_exact_values(hms, expected) -> None:
 def test_time_of_day_last_microsecond_is_below_one() -> None:
     """23:59:59.999999 is the largest value and still < 1."""
     # Given the last microsecond of a day
-    ev = event(timestamp=datetime(2024, 5, 17, 23, 59, 59, 999_999, tzinfo=UTC))
+    ev = make_interaction(timestamp=datetime(2024, 5, 17, 23, 59, 59, 999_999, tzinfo=UTC))
     # When featurised
     x = featurize(ev)
     # Then the feature is just below 1
@@ -138,7 +132,7 @@ def test_time_of_day_last_microsecond_is_below_one() -> None:
 def test_time_of_day_of_naive_datetime_is_utc() -> None:
     """A naive datetime is read as UTC, not as the host's local time."""
     # Given a naive datetime at noon
-    ev = event(timestamp=datetime(2024, 5, 17, 12, 0, 0))
+    ev = make_interaction(timestamp=datetime(2024, 5, 17, 12, 0, 0))
     # When featurised
     x = featurize(ev)
     # Then noon UTC is 0.5
@@ -150,7 +144,7 @@ def test_time_of_day_of_aware_non_utc_is_converted(offset_hours, local_hour) -> 
     """An aware non-UTC datetime is converted to UTC before taking the time of day."""
     # Given noon UTC expressed in another time zone
     tz = timezone(timedelta(hours=offset_hours))
-    ev = event(timestamp=datetime(2024, 5, 17, local_hour, 0, 0, tzinfo=tz))
+    ev = make_interaction(timestamp=datetime(2024, 5, 17, local_hour, 0, 0, tzinfo=tz))
     # When featurised
     x = featurize(ev)
     # Then it is noon UTC
@@ -161,7 +155,7 @@ def test_time_of_day_of_aware_non_utc_is_converted(offset_hours, local_hour) -> 
 def test_time_of_day_from_epoch_seconds_and_iso(value) -> None:
     """Epoch seconds and ISO strings give the same UTC time of day."""
     # Given a noon-UTC timestamp in another input form
-    ev = event(timestamp=value)
+    ev = make_interaction(timestamp=value)
     # When featurised
     x = featurize(ev)
     # Then the time-of-day feature is 0.5
@@ -195,7 +189,7 @@ def test_time_of_day_in_range_over_a_day() -> None:
 def test_context_indicator(context, expected) -> None:
     """1.0 when the context has entries (whatever their values), else 0.0."""
     # Given an event with this context
-    ev = event(context=context)
+    ev = make_interaction(context=context)
     # When featurised
     x = featurize(ev)
     # Then the indicator is as expected
@@ -208,7 +202,7 @@ def test_context_indicator(context, expected) -> None:
 def test_featurize_layout() -> None:
     """The vector is float64 [action_hash, time_of_day, user_hash, context_indicator]."""
     # Given an event
-    ev = event(user_id="alice", action_type="view", timestamp=21600, context={"k": 1})
+    ev = make_interaction(user_id="alice", action_type="view", timestamp=21600, context={"k": 1})
     # When featurised
     x = featurize(ev)
     # Then the four features are in the spec's order
@@ -221,7 +215,7 @@ def test_featurize_many_equals_row_by_row() -> None:
     """``featurize_many`` is ``featurize`` on each event, stacked in order."""
     # Given a varied list of events
     events = [
-        event(
+        make_interaction(
             user_id=f"user-{i % 7}",
             action_type=("click", "view", "purchase", "dismiss")[i % 4],
             timestamp=1_700_000_000 + 3733 * i,

@@ -8,21 +8,15 @@ import numpy as np
 import pytest
 
 from producer.errors import InvalidEventError, ItrainError, TargetError
-from producer.events import InteractionData
 from producer.settings import DEFAULT_TARGETS
+from tests.helpers import make_interaction
 from worker.engine.targets import make_target
-
-
-def event(**overrides) -> InteractionData:
-    fields = {"user_id": "u1", "action_type": "click", "timestamp": 0}
-    fields.update(overrides)
-    return InteractionData(**fields)
 
 
 def test_list_label_is_used_when_given() -> None:
     """An explicit label overrides the action mapping."""
     # Given a 'dismiss' event (mapped to 0.0) with an explicit label
-    ev = event(action_type="dismiss", label=[0.25, 0.75, 1.0])
+    ev = make_interaction(action_type="dismiss", label=[0.25, 0.75, 1.0])
     # When its target is made for a 3-output model
     t = make_target(ev, 3, DEFAULT_TARGETS)
     # Then the target is the label
@@ -33,7 +27,7 @@ def test_list_label_is_used_when_given() -> None:
 def test_scalar_label_is_one_output() -> None:
     """A scalar label is the target of a 1-output model."""
     # Given a 'click' event (mapped to 1.0) with a scalar label
-    ev = event(action_type="click", label=0.3)
+    ev = make_interaction(action_type="click", label=0.3)
     # When its target is made for a 1-output model
     t = make_target(ev, 1, DEFAULT_TARGETS)
     # Then the target is the label
@@ -43,7 +37,7 @@ def test_scalar_label_is_one_output() -> None:
 def test_label_of_unknown_action_is_used() -> None:
     """An action with no mapping trains fine when the event carries a label."""
     # Given an unmapped action with a label
-    ev = event(action_type="hover", label=0.6)
+    ev = make_interaction(action_type="hover", label=0.6)
     # When its target is made
     t = make_target(ev, 1, DEFAULT_TARGETS)
     # Then the label is the target
@@ -57,7 +51,7 @@ def test_label_of_unknown_action_is_used() -> None:
 def test_label_length_mismatch_names_both_lengths(label, outputs) -> None:
     """A label whose length is not the model's output count is refused, naming both lengths."""
     # Given an event whose label length differs from the model's outputs
-    ev = event(label=label)
+    ev = make_interaction(label=label)
     n = 1 if isinstance(label, float) else len(label)
     # When its target is made
     with pytest.raises(TargetError) as info:
@@ -77,7 +71,7 @@ def test_label_length_mismatch_names_both_lengths(label, outputs) -> None:
 def test_default_mapping_broadcast_to_all_outputs(action, value, outputs) -> None:
     """Without a label the action's default value is the target of every output."""
     # Given an event without a label
-    ev = event(action_type=action)
+    ev = make_interaction(action_type=action)
     # When its target is made
     t = make_target(ev, outputs, DEFAULT_TARGETS)
     # Then every output gets the mapped value
@@ -88,7 +82,7 @@ def test_default_mapping_broadcast_to_all_outputs(action, value, outputs) -> Non
 def test_unknown_action_without_label_names_the_action() -> None:
     """No mapping and no label: refused, never a made-up value."""
     # Given an unmapped action without a label
-    ev = event(action_type="hover-zz9")
+    ev = make_interaction(action_type="hover-zz9")
     # When its target is made
     with pytest.raises(TargetError) as info:
         make_target(ev, 1, DEFAULT_TARGETS)
@@ -103,21 +97,21 @@ def test_custom_mapping_replaces_defaults() -> None:
     # Given a custom mapping
     mapping = {"hover": 0.25, "click": 0.8}
     # When targets are made with it
-    hover = make_target(event(action_type="hover"), 2, mapping)
-    click = make_target(event(action_type="click"), 2, mapping)
+    hover = make_target(make_interaction(action_type="hover"), 2, mapping)
+    click = make_target(make_interaction(action_type="click"), 2, mapping)
     # Then its values are used
     assert hover.tolist() == [0.25, 0.25]
     assert click.tolist() == [0.8, 0.8]
     # And an action only the defaults know is unknown here
     with pytest.raises(TargetError, match="purchase"):
-        make_target(event(action_type="purchase"), 2, mapping)
+        make_target(make_interaction(action_type="purchase"), 2, mapping)
 
 
 def test_target_is_a_fresh_array() -> None:
     """Changing a returned target does not change the mapping's next answer."""
     # Given a target made from the mapping
-    t = make_target(event(action_type="view"), 2, DEFAULT_TARGETS)
+    t = make_target(make_interaction(action_type="view"), 2, DEFAULT_TARGETS)
     # When it is modified
     t[:] = 9.0
     # Then the next target is unaffected
-    assert make_target(event(action_type="view"), 2, DEFAULT_TARGETS).tolist() == [0.5, 0.5]
+    assert make_target(make_interaction(action_type="view"), 2, DEFAULT_TARGETS).tolist() == [0.5, 0.5]

@@ -30,6 +30,6 @@ app.conf.broker_transport_options = {
     # itrain:{_transport}:rejected): a 50 MiB header never reaches the worker's memory.
     "max_envelope_bytes": settings.max_message_bytes * 2 + 65_536,
 }
-app.conf.update(include=["worker.consume.tasks", "worker.devtools.naive"])
+app.conf.update(include=["worker.consume.tasks"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency

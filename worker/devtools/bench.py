@@ -1,7 +1,8 @@
 """``itrain bench``: end-to-end throughput and latency, every design side by side in one run.
 
 Self-contained: it starts its own ``redis-server`` on a free port and its own worker processes
-(``celery -A worker worker``, one pool process each), so the figures of one run compare like
+(``celery -A worker.devtools.naive worker``: the production app plus the naive baseline's task,
+one pool process each), so the figures of one run compare like
 with like. Per scenario: events/s from the first enqueue to the last result written, per-event
 latency (enqueue to result), lock wait and lock hold per critical section.
 """
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,13 @@ from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import result_key
 from producer.settings import Settings
+from worker.devtools import naive
 from worker.devtools.embedded_redis import RedisServer
 from worker.devtools.naive import TASK_NAIVE, naive_init
+from worker.devtools.pacing import send_paced
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
 from worker.devtools.synthetic import synthetic_events
 from worker.engine.checkpoint import Checkpoint, Mode, ModelConfig
-from worker.engine.mlp import init_params
 from worker.store.model_store import Store
 
 __all__ = ["ScenarioResult", "run_bench", "percentile"]
@@ -105,6 +108,7 @@ def _workers(count: int, env: dict[str, str], client: TrainingClient, logs: Path
             concurrency=1,
             loglevel="warning",
             log=logs / f"bench-worker{i + 1}.log",
+            app=naive.APP,  # the production tasks plus the naive baseline's
         )
         for i in range(count)
     ]
@@ -119,71 +123,43 @@ def _workers(count: int, env: dict[str, str], client: TrainingClient, logs: Path
 def _new_model(store: Store, raw: redis.Redis, mode: Mode) -> str:
     name = f"bench-{uuid.uuid4().hex[:8]}"
     cfg = ModelConfig(mode=mode)
-    store.create(name, Checkpoint(cfg, init_params(cfg.shape, cfg.seed), 0, 0), force=False)
+    store.create(name, Checkpoint.initial(cfg), force=False)
     naive_init(raw, name, cfg)
     return name
 
 
 def _send(
     client: TrainingClient, sc: Scenario, events: list[dict[str, Any]]
-) -> tuple[list[str], list[float]]:
-    """Enqueue; returns the result ids and each event's enqueue time (epoch seconds)."""
-    ids: list[str] = []
-    sent: list[float] = []
-    start = time.perf_counter()
+) -> tuple[list[Any], list[float]]:
+    """Enqueue; returns the handles and each event's enqueue time (epoch seconds)."""
     if sc.send == "many":
-        step = max(1, int(sc.rate / 20)) if sc.rate else 5000
-        for i in range(0, len(events), step):
-            if sc.rate:
-                delay = start + i / sc.rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            now = time.time()
-            part = client.train_many(events[i : i + step])
-            ids.extend(h.id for h in part)
-            sent.extend([now] * len(part))
-        return ids, sent
-    for i, ev in enumerate(events):
-        if sc.rate:
-            delay = start + i / sc.rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        now = time.time()
-        handle = client.app.send_task(TASK_NAIVE, args=[ev]) if sc.send == "naive" else client.train_step(ev)
-        ids.append(handle.id)
-        sent.append(now)
-    return ids, sent
+        return send_paced(events, client.train_many, rate=sc.rate)
+
+    def one(part: Sequence[dict[str, Any]]) -> list[Any]:
+        (event,) = part
+        if sc.send == "naive":
+            return [client.app.send_task(TASK_NAIVE, args=[event])]
+        return [client.train_step(event)]
+
+    return send_paced(events, one, rate=sc.rate, size=1)
 
 
-def _collect(raw: redis.Redis, ids: list[str], timeout: float) -> list[tuple[str, float]]:
-    """(status, completion time) of every result, waiting until all are written."""
-    out: list[tuple[str, float] | None] = [None] * len(ids)
-    pending = list(range(len(ids)))
-    deadline = time.monotonic() + timeout
-    while pending:
-        still = []
-        for s in range(0, len(pending), 10_000):
-            part = pending[s : s + 10_000]
-            for i, value in zip(part, raw.mget([result_key(ids[i]) for i in part]), strict=True):
-                if value is None:
-                    still.append(i)
-                    continue
-                meta = orjson.loads(value)
-                status = meta["result"].get("status", "?") if meta["status"] == "SUCCESS" else "failed"
-                done = _iso_to_epoch(meta["date_done"])
-                out[i] = (status, done)
-        pending = still
-        if pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} results still pending after {timeout:g} s")
-            time.sleep(0.05)
-    return [o for o in out if o is not None]
-
-
-def _iso_to_epoch(text: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text).timestamp()
+def _collect(
+    client: TrainingClient, raw: redis.Redis, handles: list[Any], timeout: float
+) -> list[tuple[str, float]]:
+    """(status, completion time) of every result, once all are written."""
+    results = client.wait_all(handles, timeout=timeout, poll=0.05)
+    done: list[float] = []
+    for i in range(0, len(handles), 10_000):
+        metas = raw.mget([result_key(h.id) for h in handles[i : i + 10_000]])
+        for meta in metas:
+            if meta is None:  # expired between the two reads: the run took longer than its TTL
+                raise TimeoutError("a result expired before the benchmark read its completion time")
+            done.append(datetime.fromisoformat(orjson.loads(meta)["date_done"]).timestamp())
+    return [
+        (r.get("status", "?") if isinstance(r, dict) else "failed", t)
+        for r, t in zip(results, done, strict=True)
+    ]
 
 
 def _timings(raw: redis.Redis, model: str) -> tuple[list[float], list[float]]:
@@ -200,8 +176,8 @@ def run_scenario(sc: Scenario, client: TrainingClient, store: Store, raw: redis.
     model = _new_model(store, raw, sc.mode)
     events = synthetic_events(sc.events, users=10_000, model=model, seed=7)
     first = time.time()
-    ids, sent = _send(client, sc, events)
-    results = _collect(raw, ids, timeout=max(120.0, sc.events / 200))
+    handles, sent = _send(client, sc, events)
+    results = _collect(client, raw, handles, timeout=max(120.0, sc.events / 200))
     last = max(done for _, done in results)
     seconds = max(last - first, 1e-9)
     latencies = [(done - s) * 1000 for (_, done), s in zip(results, sent, strict=True)]

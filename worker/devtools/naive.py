@@ -2,7 +2,9 @@
 ``Lock`` with its defaults (100 ms polling), GET the weights, one step, SET the weights.
 
 It is the baseline the benchmark compares against; it has none of the guarantees of the real
-path (no fencing, no de-duplication, no micro-batching) and is not meant for use.
+path (no fencing, no de-duplication, no micro-batching) and is not meant for use. Production
+workers never register it: this module is the app module of the benchmark's own workers,
+``celery -A worker.devtools.naive worker``, which serve the production tasks and this one.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ from typing import Any
 import numpy as np
 
 from producer.keys import ModelKeys
+from worker.consume import tasks as _tasks  # noqa: F401 - the production tasks too
 from worker.consume.app import app
 from worker.consume.messages import validate_event
 from worker.consume.runtime import get_runtime
-from worker.engine.checkpoint import DTYPE, ModelConfig
+from worker.engine.checkpoint import DTYPE, Checkpoint, ModelConfig
 from worker.engine.features import featurize
-from worker.engine.mlp import PerEventSGD, init_params
+from worker.engine.mlp import PerEventSGD
 from worker.engine.targets import make_target
 
-__all__ = ["TASK_NAIVE", "naive_key", "naive_init", "naive_train_step"]
+__all__ = ["APP", "TASK_NAIVE", "app", "naive_init", "naive_key", "naive_train_step"]
 
 TASK_NAIVE = "itrain.bench_naive_step"
+#: The ``-A`` argument that starts a worker with this task registered.
+APP = "worker.devtools.naive"
 
 
 def naive_key(model: str) -> str:
@@ -31,7 +36,7 @@ def naive_key(model: str) -> str:
 
 
 def naive_init(client: Any, model: str, config: ModelConfig) -> None:
-    client.set(naive_key(model), init_params(config.shape, config.seed).astype(DTYPE).tobytes())
+    client.set(naive_key(model), Checkpoint.initial(config).theta.astype(DTYPE).tobytes())
 
 
 @app.task(name=TASK_NAIVE)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from celery import Celery
@@ -15,8 +16,11 @@ from celery import Celery
 from producer.errors import ConfigurationError
 
 __all__ = [
+    "APP",
     "flower_command",
+    "node_name",
     "start_flower",
+    "start_process",
     "start_worker",
     "stop_process",
     "wait_for_workers",
@@ -26,14 +30,27 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _celery(*args: str) -> list[str]:
-    """``celery -A worker ...`` with this interpreter's Celery."""
-    return [sys.executable, "-m", "celery", "-A", "worker", *args]
+#: The production app module: ``celery -A worker`` registers the production tasks only.
+APP = "worker"
 
 
-def worker_command(name: str, concurrency: int, loglevel: str = "info", pool: str = "prefork") -> list[str]:
-    """The command line a container or a shell uses to start one worker."""
+def _celery(app: str, *args: str) -> list[str]:
+    """``celery -A <app> ...`` with this interpreter's Celery."""
+    return [sys.executable, "-m", "celery", "-A", app, *args]
+
+
+def worker_command(
+    name: str,
+    concurrency: int,
+    loglevel: str = "info",
+    pool: str = "prefork",
+    *,
+    app: str = APP,
+) -> list[str]:
+    """The command line a container or a shell uses to start one worker of ``app`` (the
+    production app unless a dev tool names its own, as the benchmark does)."""
     return _celery(
+        app,
         "worker",
         "--hostname",
         f"{name}@%h",
@@ -49,10 +66,12 @@ def worker_command(name: str, concurrency: int, loglevel: str = "info", pool: st
 
 
 def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
-    return _celery("flower", f"--address={address}", f"--port={port}")
+    return _celery(APP, "flower", f"--address={address}", f"--port={port}")
 
 
-def _popen(cmd: list[str], env: Mapping[str, str], log: Path | None) -> subprocess.Popen[bytes]:
+def start_process(cmd: list[str], env: Mapping[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """``cmd`` in its own session (its process group id is its pid), from the repository root,
+    with ``env`` over this process's environment; output to ``log`` (appended) or nowhere."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
         cmd,
@@ -72,25 +91,53 @@ def start_worker(
     log: Path | None = None,
     loglevel: str = "info",
     pool: str = "prefork",
+    app: str = APP,
 ) -> subprocess.Popen[bytes]:
-    return _popen(worker_command(name, concurrency, loglevel, pool), env, log)
+    """One worker process in its own session (its process group id is its pid)."""
+    return start_process(worker_command(name, concurrency, loglevel, pool, app=app), env, log)
 
 
 def start_flower(port: int, env: Mapping[str, str], *, log: Path | None = None) -> subprocess.Popen[bytes]:
-    return _popen(flower_command(port), env, log)
+    return start_process(flower_command(port), env, log)
 
 
-def wait_for_workers(app: Celery, count: int, timeout: float = 60.0) -> list[str]:
-    """Block until ``count`` workers answer a ping; their names."""
+def node_name(name: str) -> str:
+    """The node name Celery gives a worker started with ``--hostname <name>@%h``."""
+    return f"{name}@{socket.gethostname()}"
+
+
+def wait_for_workers(
+    app: Celery,
+    count: int = 0,
+    *,
+    names: Collection[str] = (),
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+    timeout: float = 60.0,
+) -> list[str]:
+    """Block until at least ``count`` workers, and every node of ``names`` (``node_name``), answer a
+    ping; the names of all that answered. ``ConfigurationError`` at once when one of ``procs``
+    exits, or when they are not all there after ``timeout`` seconds."""
+    want = set(names)
     deadline = time.monotonic() + timeout
-    names: list[str] = []
-    while time.monotonic() < deadline:
-        replies = app.control.ping(timeout=1.0) or []
-        names = sorted(name for reply in replies for name in reply)
-        if len(names) >= count:
-            return names
+    seen: list[str] = []
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise ConfigurationError(
+                    f"worker process {proc.pid} exited ({proc.returncode}) while starting"
+                )
+        # With names, ping only those: the call returns as soon as all of them have answered.
+        replies = app.control.ping(destination=sorted(want) if want else None, timeout=1.0) or []
+        seen = sorted(name for reply in replies for name in reply)
+        if want <= set(seen) and len(seen) >= count:
+            return seen
+        if time.monotonic() > deadline:
+            missing = sorted(want - set(seen))
+            raise ConfigurationError(
+                f"only {len(seen)} of {max(count, len(want))} worker(s) answered a ping within {timeout:g} s"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+            )
         time.sleep(0.2)
-    raise ConfigurationError(f"only {len(names)} of {count} worker(s) answered within {timeout:g} s")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

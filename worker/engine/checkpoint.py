@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.errors import CheckpointError
 from worker.engine.features import N_FEATURES
-from worker.engine.mlp import Shape
+from worker.engine.mlp import Shape, init_params
 
 __all__ = ["DTYPE", "Checkpoint", "Mode", "ModelConfig", "decode", "encode"]
 
@@ -53,10 +53,16 @@ class Checkpoint:
     step: int
     loss_ema: float | None = None
     loss_last: float | None = None
-    #: Random id of this exact checkpoint, new with every commit (see ``store.READ``).
+    #: Random id of this exact checkpoint, new with every commit (see ``worker/store/lua/read.lua``).
     cid: str = ""
     #: The generation: the version ``itrain init`` gave the model; event markers are keyed by it.
     gen: int = 0
+
+    @classmethod
+    def initial(cls, config: ModelConfig) -> Checkpoint:
+        """A new model's first checkpoint: seeded initial weights, nothing trained yet. The store
+        gives it its version, generation and id when it writes it (``Store.create``)."""
+        return cls(config=config, theta=init_params(config.shape, config.seed), version=0, step=0)
 
     @property
     def tag(self) -> str:

@@ -9,6 +9,8 @@
 7. Cleanup       the same commit trims history and dead letters; markers and results expire
 
 Steps 3 to 6 run under the model's lock, and the commit is fenced by the checkpoint version.
+There they are named phases over one ``BatchPlan``: ``plan`` (duplicates, targets, in-batch
+copies), ``step`` (the SGD kernel), ``settle_copies``, ``history`` and the commit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,7 +46,16 @@ from worker.store.lock import ModelLock
 from worker.store.model_store import Store
 from worker.store.results import Outcome, failure_payload
 
-__all__ = ["Job", "Trainer", "dead_letter_entry"]
+__all__ = [
+    "BatchPlan",
+    "Job",
+    "Trainer",
+    "dead_letter_entry",
+    "history",
+    "plan",
+    "settle_copies",
+    "step",
+]
 
 logger = logging.getLogger("itrain.trainer")
 
@@ -79,6 +90,150 @@ def dead_letter_entry(
     if extra:
         entry.update(extra)
     return orjson.dumps(entry)
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """One model's batch inside the critical section, filled in phase by phase.
+
+    ``plan`` decides what each job needs (already done, refused, trained, or a copy of an event
+    met earlier in the batch); ``step`` trains; ``settle_copies`` answers the copies; the commit
+    writes ``theta`` and ``dead`` and answers the trained jobs. Indexes are positions in ``jobs``.
+    """
+
+    model: str
+    jobs: list[Job]
+    #: The features of every job, one row each (computed before the lock).
+    X: npt.NDArray[np.float64]
+    #: The checkpoint read under the lock; the commit is fenced on it.
+    base: Checkpoint
+    #: The jobs to train, in arrival order: the first copy of each event id not yet trained.
+    train: list[int] = field(default_factory=list)
+    #: The target of each job in ``train``, in the same order.
+    targets: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    #: (index, index of the first copy in this batch) of each later copy of an event id.
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    #: (index, loss) of each job ``step`` trained, in training order.
+    trained: list[tuple[int, float]] = field(default_factory=list)
+    #: The weights after ``step``; the cached checkpoint's own array is never changed in place.
+    theta: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    #: Each job's outcome once known.
+    outcomes: list[Outcome | None] = field(default_factory=list)
+    #: Dead letters written with the commit.
+    dead: list[bytes] = field(default_factory=list)
+
+    def fail(self, i: int, exc: BaseException) -> None:
+        """Job ``i`` ends as FAILURE with a dead letter."""
+        job = self.jobs[i]
+        self.outcomes[i] = Outcome.failure(job.task_id, exc, event_id=job.event.event_id)
+        self.dead.append(_dead(job, exc))
+
+    def loss_ema(self, alpha: float) -> float | None:
+        """The checkpoint's running loss after the trained events, in training order."""
+        ema = self.base.loss_ema
+        for _, loss in self.trained:
+            ema = loss if ema is None else alpha * loss + (1.0 - alpha) * ema
+        return ema
+
+    def results(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o is not None]
+
+
+def plan(
+    model: str,
+    jobs: list[Job],
+    X: npt.NDArray[np.float64],
+    base: Checkpoint,
+    done: Sequence[bool],
+    targets: dict[str, float],
+) -> BatchPlan:
+    """Sort the jobs: events already in the weights are duplicates, events without a target
+    fail, later copies of an event id wait for their first copy, the rest train."""
+    batch = BatchPlan(model, jobs, X, base, outcomes=[None] * len(jobs))
+    first_copy: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        ev = job.event
+        if done[i]:
+            batch.outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
+            continue
+        try:
+            target = make_target(ev, base.config.outputs, targets)
+        except TargetError as exc:
+            batch.fail(i, exc)
+            continue
+        if ev.event_id in first_copy:
+            batch.copies.append((i, first_copy[ev.event_id]))  # answered once the first one is
+            continue
+        first_copy[ev.event_id] = i
+        batch.targets.append(target)
+        batch.train.append(i)
+    return batch
+
+
+def step(batch: BatchPlan) -> None:
+    """The SGD kernel over the jobs to train: one exact step per event (``per_event``) or one
+    vectorised step for all (``minibatch``). A non-finite update fails its event (per event) or
+    the whole step (minibatch), and never reaches ``theta``."""
+    cfg = batch.base.config
+    theta = batch.base.theta.copy()  # the cached copy stays as committed if the commit is refused
+    if cfg.mode == "per_event":
+        kernel = PerEventSGD(cfg.shape, cfg.lr, cfg.clip, theta)
+        for i, t in zip(batch.train, batch.targets, strict=True):
+            try:
+                batch.trained.append((i, kernel.step(batch.X[i], t.tolist())))
+            except NonFiniteUpdateError as exc:
+                batch.fail(i, exc)
+    elif batch.train:
+        try:
+            theta, losses = minibatch_step(
+                theta, cfg.shape, batch.X[batch.train], np.stack(batch.targets), cfg.lr, cfg.clip
+            )
+            batch.trained = list(zip(batch.train, losses.tolist(), strict=True))
+        except NonFiniteUpdateError as exc:
+            for i in batch.train:
+                batch.fail(i, exc)
+    batch.theta = theta
+
+
+def settle_copies(batch: BatchPlan) -> None:
+    """A copy of an event met earlier in this batch: refused like its first copy, else a
+    duplicate. Decided before the commit so its dead letter goes in the same write."""
+    jobs = batch.jobs
+    for i, j in batch.copies:
+        original = batch.outcomes[j]
+        event_id = jobs[i].event.event_id
+        if original is not None and original.status == "FAILURE":
+            batch.outcomes[i] = Outcome(jobs[i].task_id, "FAILURE", original.result, event_id=event_id)
+            batch.dead.append(_dead(jobs[i], NonFiniteUpdateError(original.result["exc_message"][0])))
+        else:
+            batch.outcomes[i] = Outcome.duplicate(jobs[i].task_id, batch.model, event_id)
+
+
+def history(batch: BatchPlan, history_max: int, now: float) -> list[bytes]:
+    """Training-history entries, oldest first, for the last ``history_max`` trained events only
+    (the list keeps no more; building the rest would be wasted under the lock)."""
+    keep = batch.trained[-history_max:]
+    # The step of trained event k is base.step + k + 1: the commit is fenced on base.
+    first = batch.base.step + len(batch.trained) - len(keep)
+    target_of = dict(zip(batch.train, batch.targets, strict=True))
+    entries = []
+    for k, (i, loss) in enumerate(keep):
+        event = batch.jobs[i].event
+        entries.append(
+            orjson.dumps(
+                {
+                    "step": first + k + 1,
+                    "event_id": event.event_id,
+                    "action_type": event.action_type,
+                    "features": batch.X[i].tolist(),
+                    "target": target_of[i].tolist(),
+                    "loss": loss,
+                    "event_time": event.timestamp.timestamp(),
+                    "trained_at": now,
+                }
+            )
+        )
+    return entries
 
 
 class Trainer:
@@ -147,144 +302,75 @@ class Trainer:
     def _critical_section(
         self, model: str, jobs: list[Job], X: npt.NDArray[np.float64]
     ) -> list[Outcome] | None:
-        """Read, train, commit. ``None`` when the fenced commit was refused."""
+        """Read, plan, step, settle copies, commit. ``None`` when the fenced commit was refused."""
         read = self.store.read(model, self._cache.get(model), [j.event.event_id for j in jobs])
-        ckpt = read.checkpoint
-        if ckpt is None:
+        if read.checkpoint is None:
             self._cache.pop(model, None)
             return [self._skipped(j) for j in jobs]
-        cfg = ckpt.config
+        batch = plan(model, jobs, X, read.checkpoint, read.done, self.settings.targets)
+        step(batch)
+        settle_copies(batch)
+        if not self._commit(batch):
+            return None
+        return batch.results()
 
-        outcomes: list[Outcome | None] = [None] * len(jobs)
-        dead: list[bytes] = []
-        train_idx: list[int] = []
-        targets: list[npt.NDArray[np.float64]] = []
-        first_copy: dict[str, int] = {}
-        copies: list[tuple[int, int]] = []  # (index, index of the first copy in this batch)
-        for i, job in enumerate(jobs):
-            ev = job.event
-            if read.done[i]:
-                outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
-                continue
-            try:
-                target = make_target(ev, cfg.outputs, self.settings.targets)
-            except TargetError as exc:
-                outcomes[i] = Outcome.failure(job.task_id, exc)
-                dead.append(_dead(job, exc))
-                continue
-            if ev.event_id in first_copy:
-                copies.append((i, first_copy[ev.event_id]))  # answered once the first one is
-                continue
-            first_copy[ev.event_id] = i
-            targets.append(target)
-            train_idx.append(i)
-
-        theta = ckpt.theta.copy()  # the cached copy stays as committed if the commit is refused
-        trained: list[tuple[int, float]] = []
-        if cfg.mode == "per_event":
-            kernel = PerEventSGD(cfg.shape, cfg.lr, cfg.clip, theta)
-            for i, t in zip(train_idx, targets, strict=True):
-                try:
-                    trained.append((i, kernel.step(X[i], t.tolist())))
-                except NonFiniteUpdateError as exc:
-                    outcomes[i] = Outcome.failure(jobs[i].task_id, exc)
-                    dead.append(_dead(jobs[i], exc))
-        elif train_idx:
-            try:
-                theta, losses = minibatch_step(
-                    theta, cfg.shape, X[train_idx], np.stack(targets), cfg.lr, cfg.clip
-                )
-                trained = list(zip(train_idx, losses.tolist(), strict=True))
-            except NonFiniteUpdateError as exc:
-                for i in train_idx:
-                    outcomes[i] = Outcome.failure(jobs[i].task_id, exc)
-                    dead.append(_dead(jobs[i], exc))
-
-        # A copy of an event met earlier in this batch: refused like its first copy, else a
-        # duplicate. Decided before the commit so its dead letter goes in the same write.
-        for i, j in copies:
-            original = outcomes[j]
-            if original is not None and original.status == "FAILURE":
-                outcomes[i] = Outcome(jobs[i].task_id, "FAILURE", original.result)
-                dead.append(_dead(jobs[i], NonFiniteUpdateError(original.result["exc_message"][0])))
-            else:
-                outcomes[i] = Outcome.duplicate(jobs[i].task_id, model, jobs[i].event.event_id)
-
-        alpha = self.settings.loss_ema_alpha
-        ema = ckpt.loss_ema
-        for _, loss in trained:
-            ema = loss if ema is None else alpha * loss + (1.0 - alpha) * ema
-        now = time.time()
-        first = ckpt.step
-        keep = trained[-self.settings.history_max :]
-        target_of = dict(zip(train_idx, targets, strict=True))
-        offset = len(trained) - len(keep)
-        history = [
-            orjson.dumps(
-                {
-                    "step": first + offset + k + 1,
-                    "event_id": jobs[i].event.event_id,
-                    "action_type": jobs[i].event.action_type,
-                    "features": X[i].tolist(),
-                    "target": target_of[i].tolist(),
-                    "loss": loss,
-                    "event_time": jobs[i].event.timestamp.timestamp(),
-                    "trained_at": now,
-                }
-            )
-            for k, (i, loss) in enumerate(keep)
-        ]
-        commit = self.store.commit(
-            model,
-            expected=ckpt,
-            params=theta.tobytes() if trained else b"",
+    def _commit(self, batch: BatchPlan) -> bool:
+        """The fenced commit of what ``step`` trained, with its history, counters and dead letters;
+        then every trained job's result. False (nothing written) when the checkpoint moved on."""
+        base, trained, jobs = batch.base, batch.trained, batch.jobs
+        ema = batch.loss_ema(self.settings.loss_ema_alpha)
+        result = self.store.commit(
+            batch.model,
+            expected=base,
+            params=batch.theta.tobytes() if trained else b"",
             event_ids=[jobs[i].event.event_id for i, _ in trained],
             loss_last=trained[-1][1] if trained else 0.0,
             loss_ema=ema if ema is not None else 0.0,
             actions=dict(Counter(jobs[i].event.action_type for i, _ in trained)),
-            history=history,
-            dead=dead,
+            history=history(batch, self.settings.history_max, time.time()),
+            dead=batch.dead,
         )
-        if not commit.ok:
-            return None
+        if not result.ok:
+            return False
         for k, (i, loss) in enumerate(trained):
-            step = commit.first_step + k + 1
-            outcomes[i] = Outcome.success(
+            position = result.first_step + k + 1
+            event = jobs[i].event
+            batch.outcomes[i] = Outcome.success(
                 jobs[i].task_id,
                 {
                     "status": "trained",
-                    "model": model,
-                    "event_id": jobs[i].event.event_id,
-                    "step": step,
-                    "version": commit.version,
+                    "model": batch.model,
+                    "event_id": event.event_id,
+                    "step": position,
+                    "version": result.version,
                     "loss": loss,
                 },
             )
-            if step % self.settings.log_every == 0:
+            if position % self.settings.log_every == 0:
                 logger.info(
                     "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
-                    model,
-                    step,
-                    commit.version,
+                    batch.model,
+                    position,
+                    result.version,
                     loss,
                     ema,
                 )
         # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
-        self._cache[model] = (
+        self._cache[batch.model] = (
             Checkpoint(
-                config=cfg,
-                theta=theta,
-                version=commit.version,
-                step=first + len(trained),
+                config=base.config,
+                theta=batch.theta,
+                version=result.version,
+                step=base.step + len(trained),
                 loss_ema=ema,
                 loss_last=trained[-1][1],
-                cid=commit.cid,
-                gen=ckpt.gen,
+                cid=result.cid,
+                gen=base.gen,
             )
             if trained
-            else ckpt
+            else base
         )
-        return [o for o in outcomes if o is not None]
+        return True
 
     # -- prediction ---------------------------------------------------------------------------
 
@@ -319,7 +405,10 @@ class Trainer:
         self.store.dead_letter(model, [_dead(j, exc) for j in jobs])
         logger.error("model=%s %d event(s) failed: %s", model, len(jobs), exc)
         # A redelivered event may already have its "trained" result: never hide it.
-        return [Outcome(j.task_id, "FAILURE", failure_payload(exc), keep_existing=True) for j in jobs]
+        return [
+            Outcome(j.task_id, "FAILURE", failure_payload(exc), keep_existing=True, event_id=j.event.event_id)
+            for j in jobs
+        ]
 
     def _record_timing(self, model: str, waited: float, held: float, n: int) -> None:
         if self.settings.record_timings:

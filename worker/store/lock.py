@@ -4,7 +4,7 @@ redis-py's ``Lock`` does the locking (SET NX PX to take it, a compare-and-delete
 back). Two choices matter here: it polls every ``ITRAIN_LOCK_POLL`` seconds (1 ms) instead of its
 default 100 ms, which alone costs 10x under contention; and the lock is not what keeps the
 weights safe. It can expire under a paused holder, so every commit is also fenced by the
-checkpoint version (see ``store.COMMIT``).
+checkpoint version (see ``worker/store/lua/commit.lua``).
 """
 
 from __future__ import annotations

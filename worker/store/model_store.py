@@ -1,7 +1,9 @@
 """The model store in Redis: checkpoint reads, the fenced commit, dead letters, model creation.
 
 Every write that must be atomic is one Lua script, so a reader never sees weights without the
-``version`` and ``step`` that go with them, and a commit either lands whole or not at all.
+``version`` and ``step`` that go with them, and a commit either lands whole or not at all. The
+scripts are ``lua/{read,commit,dead,init}.lua`` beside this module, each with a header naming its
+KEYS and ARGV.
 Key names come from ``producer.keys``.
 """
 
@@ -19,106 +21,9 @@ from producer.errors import ModelExistsError
 from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, decode, encode
+from worker.lua import load_lua
 
-__all__ = ["COMMIT", "READ", "CommitResult", "ReadResult", "Store"]
-
-#: A checkpoint is named by its tag, ``version:cid``: ``cid`` is a random id written with every
-#: commit and init. Versions alone can repeat (Redis restored from an older append-only file, a
-#: failover to a lagging replica, a model deleted and made again); a tag does not, so a worker's
-#: cached copy is never taken for a different checkpoint with the same version.
-#: Returns nothing when the model has no checkpoint, only the tag and generation when the caller's
-#: cached copy is current (no weights cross the network), else the whole checkpoint.
-READ = """
-local v = redis.call('HGET', KEYS[1], 'version')
-if not v then return false end
-local tag = v .. ':' .. (redis.call('HGET', KEYS[1], 'cid') or '')
-if tag == ARGV[1] then return {tag, redis.call('HGET', KEYS[1], 'gen') or '0'} end
-return {tag, redis.call('HGET', KEYS[1], 'gen') or '0', unpack(redis.call('HMGET', KEYS[1],
-  'version', 'params', 'meta', 'config', 'step', 'loss_ema', 'loss_last'))}
-"""
-
-#: The fenced commit. It lands only if the checkpoint is still the one read under the lock (same
-#: tag): a holder whose lock expired while it was paused finds another checkpoint and is refused,
-#: instead of overwriting newer weights. Weights, version, step, the event markers, history,
-#: counters and dead letters are written together; lists are pushed a thousand at a time (Lua's
-#: unpack has a limit near 8,000 values).
-#: KEYS: ckpt stats actions history dead
-#: ARGV: expected_tag params n loss_last loss_ema now history_max dedupe_ttl done_prefix dead_max
-#:       n_actions n_history n_dead new_cid, then n event ids, n_actions (name, count) pairs,
-#:       n_history entries (newest last), n_dead entries.
-COMMIT = """
-local v = redis.call('HGET', KEYS[1], 'version')
-if not v or v .. ':' .. (redis.call('HGET', KEYS[1], 'cid') or '') ~= ARGV[1] then
-  return {0, v or -1, 0}
-end
-local function push(key, first, count)
-  for s = first, first + count - 1, 1000 do
-    redis.call('LPUSH', key, unpack(ARGV, s, math.min(s + 999, first + count - 1)))
-  end
-end
-local n = tonumber(ARGV[3])
-local n_actions, n_hist, n_dead = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local step0 = tonumber(redis.call('HGET', KEYS[1], 'step'))
-local newv = tonumber(v)
-local i = 15
-if n > 0 then
-  newv = newv + 1
-  redis.call('HSET', KEYS[1], 'params', ARGV[2], 'version', newv, 'cid', ARGV[14], 'step', step0 + n,
-             'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6])
-  for j = 1, n do
-    redis.call('SET', ARGV[9] .. ARGV[i], step0 + j, 'EX', ARGV[8])
-    i = i + 1
-  end
-  redis.call('HINCRBY', KEYS[2], 'interactions', n)
-end
-for j = 1, n_actions do
-  -- At most 256 action names are counted apiece (labelled events may name any action).
-  local name = ARGV[i]
-  if redis.call('HEXISTS', KEYS[3], name) == 0 and redis.call('HLEN', KEYS[3]) >= 256 then
-    name = '_other'
-  end
-  redis.call('HINCRBY', KEYS[3], name, ARGV[i + 1])
-  i = i + 2
-end
-if n_hist > 0 then
-  push(KEYS[4], i, n_hist)
-  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
-  i = i + n_hist
-end
-if n_dead > 0 then
-  push(KEYS[5], i, n_dead)
-  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
-  redis.call('HINCRBY', KEYS[2], 'failures', n_dead)
-end
-return {1, newv, step0}
-"""
-
-#: Dead letters for a model if it exists, else for the unrouted list (so hostile messages naming
-#: random models cannot create keys). KEYS: models dead stats unrouted; ARGV: model max entries...
-DEAD = """
-local dead, stats = KEYS[2], KEYS[3]
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then dead, stats = KEYS[4], false end
-for s = 3, #ARGV, 1000 do
-  redis.call('LPUSH', dead, unpack(ARGV, s, math.min(s + 999, #ARGV)))
-end
-redis.call('LTRIM', dead, 0, tonumber(ARGV[2]) - 1)
-if stats then redis.call('HINCRBY', stats, 'failures', #ARGV - 2) end
-return 1
-"""
-
-#: Creates (or, with force, replaces) a model. The version keeps rising across a replacement, so
-#: a worker's cached copy of the old model can never pass for the new one.
-#: KEYS: models ckpt stats actions history dead; ARGV: model force fields...
-INIT = """
-local old = redis.call('HGET', KEYS[2], 'version')
-if old and ARGV[2] ~= '1' then return {0, old} end
-local version = (tonumber(old) or 0) + 1
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
--- A new generation: the old model's event markers (keyed by generation) no longer count.
-redis.call('HSET', KEYS[2], 'version', version, 'gen', version, unpack(ARGV, 3))
-redis.call('SADD', KEYS[1], ARGV[1])
-return {1, version}
-"""
+__all__ = ["CommitResult", "ReadResult", "Store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +50,11 @@ class Store:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.client = client
         self.settings = settings
-        self._read = client.register_script(READ)
-        self._commit = client.register_script(COMMIT)
-        self._dead = client.register_script(DEAD)
-        self._init = client.register_script(INIT)
+        # The scripts and what their KEYS and ARGV are: worker/store/lua/*.lua.
+        self._read = client.register_script(load_lua(__package__, "read"))
+        self._commit = client.register_script(load_lua(__package__, "commit"))
+        self._dead = client.register_script(load_lua(__package__, "dead"))
+        self._init = client.register_script(load_lua(__package__, "init"))
 
     def read(self, model: str, cached: Checkpoint | None, event_ids: Sequence[str]) -> ReadResult:
         """The checkpoint (none of its weights when ``cached`` is current) and which events are
@@ -203,7 +109,7 @@ class Store:
         history: Sequence[bytes],
         dead: Sequence[bytes],
     ) -> CommitResult:
-        """The fenced commit (script ``COMMIT``); ``ok`` is False when the checkpoint moved on."""
+        """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on."""
         keys = ModelKeys(model)
         s = self.settings
         cid = new_cid()

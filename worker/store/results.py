@@ -42,16 +42,24 @@ Status = Literal["SUCCESS", "FAILURE"]
 class Outcome:
     """The end of one job: its result object, or the error that failed it."""
 
-    __slots__ = ("keep_existing", "result", "status", "task_id")
+    __slots__ = ("event_id", "keep_existing", "result", "status", "task_id")
 
     def __init__(
-        self, task_id: str, status: Status, result: dict[str, Any], *, keep_existing: bool = False
+        self,
+        task_id: str,
+        status: Status,
+        result: dict[str, Any],
+        *,
+        keep_existing: bool = False,
+        event_id: str | None = None,
     ) -> None:
         self.task_id = task_id
         self.status = status
         self.result = result
         #: Written only if the task has no result yet (see ``WRITE_RESULTS``).
         self.keep_existing = keep_existing
+        #: The event this result answers, when known.
+        self.event_id = event_id
 
     @classmethod
     def success(cls, task_id: str, result: dict[str, Any]) -> Outcome:
@@ -63,8 +71,8 @@ class Outcome:
         return cls(task_id, "SUCCESS", result, keep_existing=True)
 
     @classmethod
-    def failure(cls, task_id: str, exc: BaseException) -> Outcome:
-        return cls(task_id, "FAILURE", failure_payload(exc))
+    def failure(cls, task_id: str, exc: BaseException, *, event_id: str | None = None) -> Outcome:
+        return cls(task_id, "FAILURE", failure_payload(exc), event_id=event_id)
 
     def __repr__(self) -> str:
         return f"Outcome({self.task_id!r}, {self.status}, {self.result!r})"

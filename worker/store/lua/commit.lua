@@ -1,0 +1,66 @@
+-- commit.lua: the fenced commit of a trained batch.
+--
+-- KEYS[1]  the checkpoint hash      KEYS[2]  the stats hash      KEYS[3]  the per-action counts
+-- KEYS[4]  the history list         KEYS[5]  the dead-letter list
+-- ARGV[1]  expected tag (version:cid, as read under the lock)
+-- ARGV[2]  the new weights (raw float64 bytes; '' when nothing trained)
+-- ARGV[3]  n, the number of trained events
+-- ARGV[4]  loss_last        ARGV[5]  loss_ema         ARGV[6]  now (epoch seconds)
+-- ARGV[7]  history_max      ARGV[8]  dedupe_ttl (seconds of an event marker)
+-- ARGV[9]  done_prefix (event markers' key prefix, of the checkpoint's generation)
+-- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
+-- ARGV[13] n_dead           ARGV[14] the new cid
+-- ARGV[15...] then n event ids, n_actions (name, count) pairs, n_history entries (newest
+--          last) and n_dead entries.
+--
+-- It lands only if the checkpoint is still the one read under the lock (same tag): a holder
+-- whose lock expired while it was paused finds another checkpoint and is refused, instead of
+-- overwriting newer weights. Weights, version, step, the event markers, history, counters and
+-- dead letters are written together; lists are pushed a thousand at a time (Lua's unpack has a
+-- limit near 8,000 values).
+--
+-- Returns {1, new version, step before} when it landed, {0, current version or -1, 0} when refused.
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v or v .. ':' .. (redis.call('HGET', KEYS[1], 'cid') or '') ~= ARGV[1] then
+  return {0, v or -1, 0}
+end
+local function push(key, first, count)
+  for s = first, first + count - 1, 1000 do
+    redis.call('LPUSH', key, unpack(ARGV, s, math.min(s + 999, first + count - 1)))
+  end
+end
+local n = tonumber(ARGV[3])
+local n_actions, n_hist, n_dead = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local step0 = tonumber(redis.call('HGET', KEYS[1], 'step'))
+local newv = tonumber(v)
+local i = 15
+if n > 0 then
+  newv = newv + 1
+  redis.call('HSET', KEYS[1], 'params', ARGV[2], 'version', newv, 'cid', ARGV[14], 'step', step0 + n,
+             'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6])
+  for j = 1, n do
+    redis.call('SET', ARGV[9] .. ARGV[i], step0 + j, 'EX', ARGV[8])
+    i = i + 1
+  end
+  redis.call('HINCRBY', KEYS[2], 'interactions', n)
+end
+for j = 1, n_actions do
+  -- At most 256 action names are counted apiece (labelled events may name any action).
+  local name = ARGV[i]
+  if redis.call('HEXISTS', KEYS[3], name) == 0 and redis.call('HLEN', KEYS[3]) >= 256 then
+    name = '_other'
+  end
+  redis.call('HINCRBY', KEYS[3], name, ARGV[i + 1])
+  i = i + 2
+end
+if n_hist > 0 then
+  push(KEYS[4], i, n_hist)
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
+  i = i + n_hist
+end
+if n_dead > 0 then
+  push(KEYS[5], i, n_dead)
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
+  redis.call('HINCRBY', KEYS[2], 'failures', n_dead)
+end
+return {1, newv, step0}
