@@ -86,9 +86,10 @@ def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
 def _strict_fallback(body: bytes, exc: orjson.JSONDecodeError) -> Any:
     """A body orjson refused, read by Python's parser when that is still JSON.
 
-    orjson refuses lone surrogate escapes (``"\\ud800"``), which JSON's grammar allows: read such a
-    body anyway, so that only the items holding them fail (each is checked as a task id or an
-    event) and their neighbours train. Python's parser also accepts NaN and Infinity, which JSON
+    orjson refuses lone surrogate escapes (``"\\ud800"``), which JSON's grammar allows (and
+    surrogates encoded as bytes, which Python reads back the same way): read such a body anyway,
+    so that only the items holding them fail (each is checked as a task id or an event) and their
+    neighbours train. Python's parser also accepts NaN and Infinity, which JSON
     does not: those bodies are refused, keeping the event to route the dead letter.
     """
     constants: list[str] = []
@@ -101,7 +102,7 @@ def _strict_fallback(body: bytes, exc: orjson.JSONDecodeError) -> Any:
 
     try:
         loose = json.loads(body, parse_constant=non_finite, parse_float=non_finite)
-    except (ValueError, RecursionError):  # UnicodeDecodeError (bytes not UTF-8) is a ValueError
+    except (ValueError, RecursionError):  # UnicodeDecodeError (other bytes not UTF-8) is one too
         raise InvalidEventError(f"message body is not valid JSON: {exc}") from None
     if not constants:
         return loose
