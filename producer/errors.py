@@ -5,6 +5,8 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigurationError",
+    "DeliveryLimitError",
+    "EventProcessingError",
     "InvalidEventError",
     "ItrainError",
     "LockTimeoutError",
@@ -64,6 +66,16 @@ class TargetError(InvalidEventError):
 
 class NonFiniteUpdateError(ItrainError):
     """An update would have put a non-finite value (NaN or infinity) into the weights."""
+
+
+class EventProcessingError(ItrainError):
+    """The worker failed on one event in a way no rule names (a bug or a limit of a library); the
+    event was set aside with a dead letter so that it cannot block its neighbours."""
+
+
+class DeliveryLimitError(ItrainError):
+    """A message was delivered more often than ``ITRAIN_MAX_DELIVERIES``; its events that were not
+    yet trained were dead-lettered instead of tried again."""
 
 
 class LockTimeoutError(ItrainError):

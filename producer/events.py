@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -24,6 +25,8 @@ __all__ = [
     "CONTEXT_KEY_MAX",
     "CONTEXT_MAX_ENTRIES",
     "CONTEXT_VALUE_MAX",
+    "INT64_MAX",
+    "INT64_MIN",
     "EVENT_LIST",
     "LABEL_MAX_OUTPUTS",
     "MODEL_NAME_PATTERN",
@@ -38,16 +41,29 @@ CONTEXT_VALUE_MAX = 256
 LABEL_MAX_OUTPUTS = 64
 #: Model names: they become part of Redis key names and command-line arguments.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+#: Context integers are 64-bit signed: what JSON encoders (orjson too) and other languages hold.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 # Epoch seconds beyond year 9999 cannot be a real interaction time.
 _MAX_EPOCH = 253_402_300_799.0
 
+
+def _int64(value: Any) -> Any:
+    # Checked before the union: a larger int would fail the int branch and pass the float one,
+    # silently becoming a float; and orjson cannot encode it (TypeError in the client).
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError("integers must fit in 64 bits (-2**63 to 2**63-1)")
+    return value
+
+
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=CONTEXT_KEY_MAX)]
-ContextValue = (
+ContextValue = Annotated[
     StrictBool
-    | StrictInt
+    | Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
     | Annotated[StrictFloat, Field(allow_inf_nan=False)]
-    | Annotated[str, StringConstraints(max_length=CONTEXT_VALUE_MAX)]
-)
+    | Annotated[str, StringConstraints(max_length=CONTEXT_VALUE_MAX)],
+    BeforeValidator(_int64),
+]
 Probability = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
@@ -114,7 +130,11 @@ class InteractionData(BaseModel):
     def _utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            # 0001-01-01T00:00+01:00 is in year 0 in UTC: no datetime can hold it.
+            raise ValueError("out of range: in UTC it falls before 0001-01-01 or after 9999-12-31") from None
 
     @field_validator("label", mode="after")
     @classmethod
@@ -154,10 +174,14 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
         if loc[:1] == ["context"] and len(loc) >= 3 and loc[2] == "[key]":
             field = "context"
             msg = f"keys must be strings of 1 to {CONTEXT_KEY_MAX} characters; got one of {len(loc[1])}"
+        elif loc[:1] == ["context"] and len(loc) == 2:
+            # An error of the whole value (an integer beyond 64 bits), before its kinds are tried.
+            field = ".".join(loc) if len(loc[1]) <= CONTEXT_KEY_MAX else "context"
+            msg = f"{_plain(err['msg'])} (got {kind})"
         elif loc[:1] == ["context"] and len(loc) >= 3:
             field = ".".join(loc[:2]) if len(loc[1]) <= CONTEXT_KEY_MAX else "context"
             msg = (
-                f"must be a string of at most {CONTEXT_VALUE_MAX} characters, an integer, "
+                f"must be a string of at most {CONTEXT_VALUE_MAX} characters, a 64-bit integer, "
                 f"a finite float or a boolean; got {kind}"
             )
         elif loc[:1] == ["label"] and len(loc) >= 3:
@@ -170,9 +194,14 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
             msg = f"must be a number in [0, 1] or a list of them: {err['msg']} (got {kind})"
         else:
             field = ".".join(loc) or "event"
-            msg = f"{err['msg']} (got {kind})"
+            msg = f"{_plain(err['msg'])} (got {kind})"
         lines.setdefault(field, msg)
     parts = [f"{field}: {msg}" for field, msg in list(lines.items())[:limit]]
     if len(lines) > limit:
         parts.append(f"and {len(lines) - limit} more")
     return "; ".join(parts)
+
+
+def _plain(msg: str) -> str:
+    # pydantic prefixes the text of a ValueError raised by a validator with "Value error, ".
+    return msg.removeprefix("Value error, ")

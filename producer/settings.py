@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     result_expires: int = Field(86400, gt=0)
     dedupe_ttl: int = Field(86400, gt=0)
     commit_retries: int = Field(20, ge=1)
+    #: A message handed out more often than this is dead-lettered instead of trained (its events
+    #: already in the weights answer ``duplicate``): a message that keeps killing or stalling its
+    #: worker stops coming back.
+    max_deliveries: int = Field(5, ge=1)
 
     # Publishing.
     publish_timeout: float = Field(5.0, gt=0)

@@ -7,6 +7,7 @@ import math
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pydantic
 import pytest
 
@@ -15,6 +16,8 @@ from producer.events import (
     CONTEXT_MAX_ENTRIES,
     CONTEXT_VALUE_MAX,
     EVENT_LIST,
+    INT64_MAX,
+    INT64_MIN,
     InteractionData,
     describe_validation_error,
 )
@@ -202,6 +205,53 @@ def test_timestamp_numeric_string_is_epoch_seconds_or_rejected(text) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0001-01-01T00:00:00+01:00",
+        "0001-01-01T00:59:59+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "9999-12-31T23:30:00-00:31",
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1))),
+        datetime(9999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-2))),
+    ],
+    ids=[
+        "year-1-plus-1h",
+        "year-1-plus-1h-late",
+        "year-9999-minus-1h",
+        "year-9999-minus-31m",
+        "dt-min",
+        "dt-max",
+    ],
+)
+def test_timestamp_beyond_utc_range_rejected(value) -> None:
+    """A date at the limits whose offset moves it out of years 1-9999 in UTC: a ValueError naming
+    timestamp, never an OverflowError (which a worker would take for its own fault)."""
+    # When validated, alone and in a list
+    exc = rejected(timestamp=value)
+    with pytest.raises(pydantic.ValidationError) as in_list:
+        EVENT_LIST.validate_python([fields(), fields(timestamp=value)])
+    # Then both name the field, say why, and are ValueErrors
+    assert_names(exc, "timestamp")
+    assert isinstance(exc, ValueError)
+    assert "out of range" in describe_validation_error(exc)
+    assert [e["loc"][:2] for e in in_list.value.errors()] == [(1, "timestamp")]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
+        ("0001-01-01T01:00:00+01:00", datetime(1, 1, 1, tzinfo=UTC)),
+        ("9999-12-31T23:59:59Z", datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        ("9999-12-31T22:59:59-01:00", datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+    ],
+)
+def test_timestamp_at_utc_limits_accepted(value, expected) -> None:
+    """The first and last instants a UTC datetime can hold are still accepted, whatever the offset."""
+    assert InteractionData(**fields(timestamp=value)).timestamp == expected
+
+
 # -- context --------------------------------------------------------------------------------------
 
 
@@ -267,6 +317,32 @@ def test_context_limits_inclusive() -> None:
 def test_context_invalid_rejected(ctx) -> None:
     """Too many entries, oversized keys or values, nested values, null and non-finite: rejected."""
     assert_names(rejected(context=ctx), "context")
+
+
+def test_context_integers_at_64_bit_limits_accepted() -> None:
+    """The smallest and largest 64-bit integers are kept as integers and survive JSON encoding."""
+    # Given a context at the limits of a signed 64-bit integer
+    ev = InteractionData(**fields(context={"lo": INT64_MIN, "hi": INT64_MAX}))
+    # Then they are kept, as ints, and the event encodes
+    assert ev.context == {"lo": -(2**63), "hi": 2**63 - 1}
+    assert all(type(v) is int for v in ev.context.values())
+    assert orjson.loads(orjson.dumps(ev.model_dump(mode="json")))["context"] == ev.context
+
+
+@pytest.mark.parametrize(
+    "value", [2**63, -(2**63) - 1, 2**64, 10**400], ids=["2**63", "-2**63-1", "2**64", "10**400"]
+)
+def test_context_integer_beyond_64_bits_rejected(value) -> None:
+    """An integer beyond 64 bits is refused naming the key (it is not turned into a float, and the
+    client never reaches the encoder that cannot hold it)."""
+    # When validated
+    exc = rejected(context={"page": 1, "big": value})
+    # Then the error names context.big and the 64-bit rule, never the value
+    assert isinstance(exc, ValueError)
+    text = describe_validation_error(exc)
+    assert text.startswith("context.big:"), text
+    assert "64 bits" in text
+    assert str(value)[:12] not in text
 
 
 # -- label ----------------------------------------------------------------------------------------
@@ -456,8 +532,17 @@ def test_describe_folds_many_errors() -> None:
         {"user_id": "u1", "action_type": "click", "timestamp": 0, "labels": 1.0},
         {"user_id": "u1", "action_type": "click", "timestamp": -5},
         {"user_id": "u1", "action_type": "click", "timestamp": 0, "label": 1.5},
+        {"user_id": "u1", "action_type": "click", "timestamp": "0001-01-01T00:00:00+01:00"},
+        {"user_id": "u1", "action_type": "click", "timestamp": 0, "context": {"n": 2**64}},
     ],
-    ids=["missing-timestamp", "unknown-field", "negative-timestamp", "label-out-of-range"],
+    ids=[
+        "missing-timestamp",
+        "unknown-field",
+        "negative-timestamp",
+        "label-out-of-range",
+        "timestamp-before-year-1-utc",
+        "context-int-beyond-64-bits",
+    ],
 )
 def test_train_step_with_invalid_event_raises_and_enqueues_nothing(client, redis_client, bad) -> None:
     """``train_step`` validates first: an invalid dict raises ValidationError and sends nothing."""

@@ -3,6 +3,9 @@
 The worker reads each training message's body itself instead of letting Celery decode it: the
 content type must be JSON (a pickle message is refused unread), the size is bounded before
 parsing, and every way a body can be wrong ends as an ``InvalidEventError`` naming the problem.
+
+Task ids are checked here too: an id becomes a Redis key and a JSON string, so it must be text
+UTF-8 can encode (a JSON ``\\ud800`` escape yields a Python string that it cannot).
 """
 
 from __future__ import annotations
@@ -18,10 +21,23 @@ from pydantic import ValidationError
 from producer.errors import InvalidEventError
 from producer.events import EVENT_LIST, InteractionData, describe_validation_error
 
-__all__ = ["RawMessage", "decode_args", "model_hint", "split_batch", "validate_event", "validate_many"]
+__all__ = [
+    "MAX_BATCH_EVENTS",
+    "TASK_ID_MAX",
+    "RawMessage",
+    "check_task_id",
+    "decode_args",
+    "model_hint",
+    "printable",
+    "split_batch",
+    "validate_event",
+    "validate_many",
+]
 
 _JSON = "application/json"
 MAX_BATCH_EVENTS = 10_000
+#: Longest task id accepted (Celery's are 36-character UUIDs).
+TASK_ID_MAX = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +72,7 @@ def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
     try:
         body = orjson.loads(msg.body)
     except orjson.JSONDecodeError as exc:
-        raise _undecodable(msg.body, exc) from None
+        body = _strict_fallback(msg.body, exc)
     if not (isinstance(body, list) and len(body) == 3 and isinstance(body[0], list)):
         raise InvalidEventError(
             f"message body must be [args, kwargs, embed] (Celery protocol 2), got {type(body).__name__}"
@@ -67,9 +83,15 @@ def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:
     return args
 
 
-def _undecodable(body: bytes, exc: orjson.JSONDecodeError) -> InvalidEventError:
-    """The error for a body that is not JSON. Python's own parser accepts NaN and Infinity, which
-    JSON does not: if it can read the body, say so, and keep the event to route the dead letter."""
+def _strict_fallback(body: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """A body orjson refused, read by Python's parser when that is still JSON.
+
+    orjson refuses lone surrogate escapes (``"\\ud800"``), which JSON's grammar allows (and
+    surrogates encoded as bytes, which Python reads back the same way): read such a body anyway,
+    so that only the items holding them fail (each is checked as a task id or an event) and their
+    neighbours train. Python's parser also accepts NaN and Infinity, which JSON
+    does not: those bodies are refused, keeping the event to route the dead letter.
+    """
     constants: list[str] = []
 
     def non_finite(text: str) -> float:
@@ -80,16 +102,16 @@ def _undecodable(body: bytes, exc: orjson.JSONDecodeError) -> InvalidEventError:
 
     try:
         loose = json.loads(body, parse_constant=non_finite, parse_float=non_finite)
-    except (ValueError, RecursionError):
-        loose = None
+    except (ValueError, RecursionError):  # UnicodeDecodeError (other bytes not UTF-8) is one too
+        raise InvalidEventError(f"message body is not valid JSON: {exc}") from None
     if not constants:
-        return InvalidEventError(f"message body is not valid JSON: {exc}")
+        return loose
     error = InvalidEventError(
         "message body holds NaN or an infinity, which JSON does not allow: non-finite numbers are refused"
     )
     if isinstance(loose, list) and loose and isinstance(loose[0], list) and loose[0]:
         error.payload_hint = loose[0][0]
-    return error
+    raise error
 
 
 def validate_event(payload: Any) -> InteractionData:
@@ -113,8 +135,12 @@ def validate_many(payloads: list[Any]) -> list[InteractionData | None]:
     return [None] * len(payloads)
 
 
-def split_batch(args: list[Any]) -> list[tuple[str, Any]]:
-    """``itrain.train_batch`` arguments ``[ids, events]`` as (result id, event) pairs."""
+def split_batch(args: list[Any]) -> list[tuple[Any, Any]]:
+    """``itrain.train_batch`` arguments ``[ids, events]`` as (result id, event) pairs.
+
+    The ids are not checked here: ``check_task_id`` refuses a bad one item by item, so that its
+    neighbours still train.
+    """
     if len(args) != 2 or not isinstance(args[0], list) or not isinstance(args[1], list):
         raise InvalidEventError("itrain.train_batch takes two arguments: a list of ids and a list of events")
     ids, events = args
@@ -124,10 +150,38 @@ def split_batch(args: list[Any]) -> list[tuple[str, Any]]:
         raise InvalidEventError(
             f"itrain.train_batch carries at most {MAX_BATCH_EVENTS} events, got {len(ids)}"
         )
-    for task_id in ids:
-        if not (isinstance(task_id, str) and 0 < len(task_id) <= 255):
-            raise InvalidEventError("itrain.train_batch ids must be strings of 1 to 255 characters")
     return list(zip(ids, events, strict=True))
+
+
+def check_task_id(value: Any, what: str = "task id") -> str:
+    """``value`` if it can name a result: a string of 1 to 255 characters that UTF-8 can encode.
+
+    Raises ``InvalidEventError`` naming ``what`` otherwise (the id is never repeated: it may be
+    huge or not printable).
+    """
+    if not isinstance(value, str):
+        raise InvalidEventError(
+            f"{what} must be a string of 1 to {TASK_ID_MAX} characters, got {type(value).__name__}"
+        )
+    if not 0 < len(value) <= TASK_ID_MAX:
+        raise InvalidEventError(f"{what} must be a string of 1 to {TASK_ID_MAX} characters, got {len(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidEventError(
+                f"{what} is not valid text: it holds a lone surrogate (a JSON \\ud800-style escape), "
+                "which UTF-8 cannot encode"
+            ) from None
+    return value
+
+
+def printable(value: Any, limit: int = 300) -> str:
+    """A form of a (possibly invalid) id that logs and JSON can always hold: a string cut at
+    ``limit`` characters with lone surrogates escaped, anything else as ``<type>``."""
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    return value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def model_hint(payload: Any) -> str:

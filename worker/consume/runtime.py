@@ -4,6 +4,13 @@
 train the valid ones in one critical section per model, then write every event's result and
 every dead letter. It returns a small summary per message for the main process, which acks the
 messages and sends their task events (Flower).
+
+Poison isolation: an error that belongs to an item (it cannot be decoded, it is invalid, it has no
+target, its update is non-finite, or our code raises anything else for it) ends that item as
+FAILURE with a dead letter, and the rest of its message still trains; the message is then acked,
+never requeued, because it would fail the same way on every delivery. An error that belongs to
+Redis (``faults.is_redis_fault``) propagates out of ``run_messages``: the main process puts the
+messages back on the queue, and nothing is answered or dead-lettered for them.
 """
 
 from __future__ import annotations
@@ -12,17 +19,21 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from producer.errors import InvalidEventError
+from producer.errors import DeliveryLimitError, EventProcessingError, InvalidEventError
 from producer.events import InteractionData
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
+from worker.consume.faults import is_redis_fault
 from worker.consume.messages import (
     RawMessage,
+    check_task_id,
     decode_args,
     model_hint,
+    printable,
     split_batch,
     validate_event,
     validate_many,
@@ -67,102 +78,254 @@ def get_runtime() -> Runtime:
     return _runtime[1]
 
 
+@dataclass
+class _Plan:
+    """What one call of ``run_messages`` decided, message by message and job by job."""
+
+    jobs: list[Job] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)  # message index of each job
+    #: Jobs of messages delivered more often than ITRAIN_MAX_DELIVERIES: answered, not trained.
+    late: list[Job] = field(default_factory=list)
+    late_owner: list[int] = field(default_factory=list)
+    #: Results of items that ended before training, and the message each belongs to.
+    failures: list[Outcome] = field(default_factory=list)
+    dead: dict[str, list[bytes]] = field(default_factory=dict)  # model -> dead letters
+    message_error: dict[int, str] = field(default_factory=dict)  # message refused whole
+    invalid: dict[int, int] = field(default_factory=dict)  # items failed before training
+
+    def dead_letter(self, model: str, entry: bytes) -> None:
+        self.dead.setdefault(model, []).append(entry)
+
+
 def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
+    """Train a group of messages; one summary per message, in order.
+
+    Raises only when Redis fails (``is_redis_fault``): then nothing of this group is acked, and
+    events already committed come back as ``duplicate`` on the redelivery.
+    """
     rt = get_runtime()
-    settings = rt.settings
     start = time.perf_counter()
-    jobs: list[Job] = []
-    owner: list[int] = []  # message index of each job
-    failures: list[Outcome] = []
-    dead: dict[str, list[bytes]] = {}
-    message_error: dict[int, str] = {}
-    invalid: dict[int, int] = {}
-
+    plan = _Plan()
     for m, msg in enumerate(messages):
-        try:
-            args = decode_args(msg, settings.max_message_bytes)
-            items = split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
-        except InvalidEventError as exc:
-            message_error[m] = _fail(failures, dead, msg.task_id, exc, exc.payload_hint)
-            continue
-        valid = validate_many([payload for _, payload in items])
-        for (task_id, payload), event in zip(items, valid, strict=True):
-            try:
-                jobs.append(Job(task_id, event if event is not None else validate_event(payload)))
-                owner.append(m)
-            except InvalidEventError as exc:
-                _fail(failures, dead, task_id, exc, payload)
-                invalid[m] = invalid.get(m, 0) + 1
-                if msg.task != TASK_TRAIN_BATCH:
-                    message_error[m] = str(exc)
+        _admit(plan, m, msg, rt.settings)
 
-    outcomes = rt.trainer.train(jobs)
+    outcomes: list[Outcome] = []
+    owners: list[int] = []
+    by_model: dict[str, list[int]] = {}
+    for i, job in enumerate(plan.jobs):
+        by_model.setdefault(job.event.model, []).append(i)
+    for idxs in by_model.values():
+        # One model at a time, so an error raised for one event never undoes another model's commit.
+        outcomes.extend(_train_isolated(rt.trainer, [plan.jobs[i] for i in idxs], plan))
+        owners.extend(plan.owner[i] for i in idxs)
+    if plan.late:
+        deliveries = [messages[m].deliveries for m in plan.late_owner]
+        outcomes.extend(_answer_late(rt.store, plan, deliveries, rt.settings.max_deliveries))
+        owners.extend(plan.late_owner)
+
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
-    for model, entries in dead.items():
+    for model, entries in plan.dead.items():
         rt.store.dead_letter(model, entries)
-    write_results(rt.result_client, [*outcomes, *failures], settings.result_expires)
+    write_results(rt.result_client, [*outcomes, *plan.failures], rt.settings.result_expires)
+    return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
 
+
+# -- admission: decode, check ids, validate ------------------------------------------------------
+
+
+def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
+    """Decode one message and validate its items: each becomes a job or a failure."""
+    try:
+        check_task_id(msg.task_id)
+    except InvalidEventError as exc:
+        _refuse(plan, m, msg, exc, settings)
+        return
+    try:
+        args = decode_args(msg, settings.max_message_bytes)
+        items = split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
+    except Exception as exc:
+        error = _item_error(exc)
+        plan.message_error[m] = _fail(plan, msg.task_id, error, getattr(error, "payload_hint", None))
+        return
+
+    batch = msg.task == TASK_TRAIN_BATCH
+    late = msg.deliveries > settings.max_deliveries
+    try:
+        valid = validate_many([payload for _, payload in items])
+    except Exception as exc:  # validate_many falls back on its own; this is a bug's safety net
+        _item_error(exc)
+        valid = [None] * len(items)
+    for (task_id, payload), event in zip(items, valid, strict=True):
+        try:
+            if batch:
+                check_task_id(task_id, "itrain.train_batch id")
+        except InvalidEventError as exc:
+            plan.invalid[m] = plan.invalid.get(m, 0) + 1
+            plan.dead_letter(model_hint(payload), _entry(task_id, exc, payload))
+            logger.warning("event of task %s refused: %s", printable(task_id), exc)
+            continue
+        try:
+            job = Job(task_id, event if event is not None else validate_event(payload))
+        except Exception as exc:
+            error = _item_error(exc)
+            plan.invalid[m] = plan.invalid.get(m, 0) + 1
+            text = _fail(plan, task_id, error, payload)
+            if not batch:
+                plan.message_error[m] = text
+            continue
+        (plan.late if late else plan.jobs).append(job)
+        (plan.late_owner if late else plan.owner).append(m)
+
+
+def _refuse(plan: _Plan, m: int, msg: RawMessage, exc: InvalidEventError, settings: Settings) -> None:
+    """A message whose task id is not valid text: there is no id to answer under, so no result at
+    all. Nothing of it is trained; a dead letter for each event that can be read (in its model's
+    list), or one for the message, and a log line say what came."""
+    plan.message_error[m] = str(exc)
+    logger.warning("message of task %s refused: %s", printable(msg.task_id), exc)
+    try:
+        args = decode_args(msg, settings.max_message_bytes)
+        payloads = [p for _, p in (split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args))]
+    except Exception as unreadable:
+        if is_redis_fault(unreadable):
+            raise
+        payloads = [None]
+    for payload in payloads:
+        plan.dead_letter(model_hint(payload), _entry(msg.task_id, exc, payload))
+
+
+def _single(msg: RawMessage, args: list[Any]) -> list[tuple[Any, Any]]:
+    if len(args) != 1:
+        raise InvalidEventError(f"{msg.task} takes exactly one argument, the event; got {len(args)}")
+    return [(msg.task_id, args[0])]
+
+
+def _item_error(exc: Exception) -> InvalidEventError:
+    """``exc`` as the item's error; re-raises it when it is Redis's."""
+    if is_redis_fault(exc):
+        raise exc
+    if isinstance(exc, InvalidEventError):
+        return exc
+    # Decoding and validation touch no shared state: whatever else they raise is this input's.
+    logger.exception("unexpected error while reading an event")
+    error = InvalidEventError(f"event could not be read: {type(exc).__name__}: {exc}")
+    error.payload_hint = getattr(exc, "payload_hint", None)
+    return error
+
+
+def _fail(plan: _Plan, task_id: str, exc: Exception, payload: Any) -> str:
+    """A FAILURE result under ``task_id`` and a dead letter, for an item that never became a job."""
+    event_id = _event_id_hint(payload)
+    plan.failures.append(Outcome.failure(task_id, exc, event_id=event_id))
+    plan.dead_letter(model_hint(payload), _entry(task_id, exc, payload))
+    logger.warning("task %s failed: %s", task_id, exc)
+    return str(exc)
+
+
+def _entry(task_id: Any, exc: BaseException, payload: Any) -> bytes:
+    extra = {"payload_kind": type(payload).__name__} if payload is not None else None
+    return dead_letter_entry(
+        printable(task_id), exc, model=model_hint(payload), event_id=_event_id_hint(payload), extra=extra
+    )
+
+
+def _event_id_hint(payload: Any) -> str | None:
+    event_id = payload.get("event_id") if isinstance(payload, dict) else None
+    if isinstance(event_id, str) and 0 < len(event_id) <= 128:
+        return printable(event_id)
+    return None
+
+
+# -- training, one model at a time ---------------------------------------------------------------
+
+
+def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan) -> list[Outcome]:
+    """``trainer.train(jobs)``; when it raises for a reason that is not Redis's, the jobs are
+    trained again in halves until the event that raises is alone, and only that one fails.
+
+    A half that trained is committed; it is not tried again. Events of a half that raised were not
+    committed (the trainer raises before its commit, or the retry answers them ``duplicate``).
+    """
+    try:
+        return trainer.train(jobs)
+    except Exception as exc:
+        if is_redis_fault(exc):
+            raise
+        if len(jobs) > 1:
+            half = len(jobs) // 2
+            return _train_isolated(trainer, jobs[:half], plan) + _train_isolated(trainer, jobs[half:], plan)
+        (job,) = jobs
+        logger.exception("task %s: training its event raised", job.task_id)
+        error = EventProcessingError(f"training this event raised {type(exc).__name__}: {exc}")
+        ev = job.event
+        plan.dead_letter(
+            ev.model,
+            dead_letter_entry(
+                job.task_id, error, model=ev.model, event_id=ev.event_id, action_type=ev.action_type
+            ),
+        )
+        return [Outcome.failure(job.task_id, error, event_id=ev.event_id)]
+
+
+def _answer_late(store: Store, plan: _Plan, deliveries: list[int], max_deliveries: int) -> list[Outcome]:
+    """Jobs of a message delivered more than ``max_deliveries`` times: not trained. An event already
+    in the weights answers ``duplicate``; the others end as FAILURE with a dead letter each."""
+    jobs = plan.late
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    by_model: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_model.setdefault(job.event.model, []).append(i)
+    for model, idxs in by_model.items():
+        done = store.read(model, None, [jobs[i].event.event_id for i in idxs]).done
+        for i, trained in zip(idxs, done, strict=True):
+            job, ev = jobs[i], jobs[i].event
+            if trained:
+                outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
+                continue
+            error = DeliveryLimitError(
+                f"message delivered {deliveries[i]} times, more than ITRAIN_MAX_DELIVERIES="
+                f"{max_deliveries}: its event was not trained"
+            )
+            outcomes[i] = Outcome.failure(job.task_id, error, event_id=ev.event_id)
+            plan.dead_letter(
+                model,
+                dead_letter_entry(
+                    job.task_id, error, model=model, event_id=ev.event_id, action_type=ev.action_type
+                ),
+            )
+            logger.warning("task %s: %s", job.task_id, error)
+    return [o for o in outcomes if o is not None]
+
+
+# -- summaries -----------------------------------------------------------------------------------
+
+
+def _summaries(
+    messages: Sequence[RawMessage], plan: _Plan, outcomes: list[Outcome], owners: list[int], runtime: float
+) -> list[Summary]:
     per_message: dict[int, list[Outcome]] = {}
-    shown: dict[int, str] = {}
-    for m, outcome, job in zip(owner, outcomes, jobs, strict=True):
+    for m, outcome in zip(owners, outcomes, strict=True):
         per_message.setdefault(m, []).append(outcome)
+    shown: dict[int, str] = {}
+    for m, job in zip([*plan.owner, *plan.late_owner], [*plan.jobs, *plan.late], strict=True):
         shown.setdefault(m, shown_args(job.event))
-    runtime = time.perf_counter() - start
     summaries: list[Summary] = []
     for m, msg in enumerate(messages):
-        if m in message_error:
-            summaries.append((msg.task_id, "FAILURE", message_error[m], runtime, ""))
+        if m in plan.message_error:
+            summaries.append((msg.task_id, "FAILURE", plan.message_error[m], runtime, ""))
         elif msg.task == TASK_TRAIN_BATCH:
-            counts = _count(per_message.get(m, []), invalid.get(m, 0))
+            counts = _count(per_message.get(m, []), plan.invalid.get(m, 0))
             summaries.append((msg.task_id, "SUCCESS", counts, runtime, f"[{counts['events']} events]"))
         else:
             (o,) = per_message[m]
-            state = o.status
-            summaries.append(
-                (
-                    msg.task_id,
-                    state,
-                    o.result if state == "SUCCESS" else o.result["exc_message"][0],
-                    runtime,
-                    shown.get(m, ""),
-                )
-            )
+            result = o.result if o.status == "SUCCESS" else o.result["exc_message"][0]
+            summaries.append((msg.task_id, o.status, result, runtime, shown.get(m, "")))
     return summaries
 
 
 def shown_args(event: InteractionData) -> str:
     """What Flower shows as a training task's args: ids and names, never the user id."""
     return f"[{{event_id: {event.event_id}, action_type: {event.action_type}, model: {event.model}}}]"
-
-
-def _single(msg: RawMessage, args: list[Any]) -> list[tuple[str, Any]]:
-    if len(args) != 1:
-        raise InvalidEventError(f"{msg.task} takes exactly one argument, the event; got {len(args)}")
-    return [(msg.task_id, args[0])]
-
-
-def _fail(
-    failures: list[Outcome],
-    dead: dict[str, list[bytes]],
-    task_id: str,
-    exc: InvalidEventError,
-    payload: Any,
-) -> str:
-    failures.append(Outcome.failure(task_id, exc))
-    model = model_hint(payload)
-    event_id = payload.get("event_id") if isinstance(payload, dict) else None
-    extra = {"payload_kind": type(payload).__name__} if payload is not None else None
-    dead.setdefault(model, []).append(
-        dead_letter_entry(
-            task_id,
-            exc,
-            model=model,
-            event_id=event_id if isinstance(event_id, str) and len(event_id) <= 128 else None,
-            extra=extra,
-        )
-    )
-    logger.warning("task %s failed: %s", task_id, exc)
-    return str(exc)
 
 
 def _count(outcomes: list[Outcome], invalid: int) -> dict[str, int]:

@@ -5,6 +5,13 @@ own ``AsyncResult``. Each result is stored exactly as Celery's Redis backend sto
 (``SET celery-task-meta-<id> ... EX`` and a ``PUBLISH`` on the same name, which wakes any
 ``AsyncResult.get()`` waiting on it). One script call writes a whole batch: a round trip and a
 command to encode instead of two commands per event, which cost more than training the event.
+
+Each stored result names the event it answers (a top-level ``event_id`` in Celery's meta, which
+Celery ignores), and the script (``lua/write_results.lua``) applies one precedence rule: results
+are write-once, except that ``trained`` replaces an earlier FAILURE, ``skipped`` or ``duplicate``
+of the same event; nothing replaces ``trained``, and a result is never written over one for a
+different event. So a forged message naming another job's id cannot change that job's answer,
+and a redelivery that trains an event after its lock_timeout FAILURE says so.
 """
 
 from __future__ import annotations
@@ -17,30 +24,20 @@ import orjson
 import redis
 
 from producer.protocol import result_key
+from worker.lua import load_lua
 
-__all__ = ["Outcome", "failure_payload", "write_results", "WRITE_RESULTS"]
-
-#: ARGV: ttl, then (key, value, keep) triples. ``keep`` = 1 leaves an existing result alone: a
-#: redelivered event comes back as ``duplicate`` and must not hide its first, ``trained`` result.
-WRITE_RESULTS = """
-local ttl = ARGV[1]
-for i = 2, #ARGV, 3 do
-  local written
-  if ARGV[i + 2] == '1' then
-    written = redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ttl, 'NX')
-  else
-    written = redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ttl)
-  end
-  if written then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
-end
-return (#ARGV - 1) / 3
-"""
+__all__ = ["Outcome", "failure_payload", "write_results"]
 
 Status = Literal["SUCCESS", "FAILURE"]
 
 
 class Outcome:
-    """The end of one job: its result object, or the error that failed it."""
+    """The end of one job: its result object, or the error that failed it, and the event it answers.
+
+    ``event_id`` is taken from a SUCCESS result's ``event_id`` when not given; a FAILURE knows it
+    only when the caller says (``Outcome.failure(task_id, exc, event_id=...)``). A result with no
+    known event may be replaced by ``trained`` (see the module's precedence rule).
+    """
 
     __slots__ = ("event_id", "keep_existing", "result", "status", "task_id")
 
@@ -56,9 +53,12 @@ class Outcome:
         self.task_id = task_id
         self.status = status
         self.result = result
-        #: Written only if the task has no result yet (see ``WRITE_RESULTS``).
+        #: Kept for callers: every result is now write-once (``keep_existing`` always holds), with
+        #: the one exception of ``trained`` replacing a lesser result of the same event.
         self.keep_existing = keep_existing
-        #: The event this result answers, when known.
+        if event_id is None and status == "SUCCESS":
+            found = result.get("event_id")
+            event_id = found if isinstance(found, str) else None
         self.event_id = event_id
 
     @classmethod
@@ -74,8 +74,13 @@ class Outcome:
     def failure(cls, task_id: str, exc: BaseException, *, event_id: str | None = None) -> Outcome:
         return cls(task_id, "FAILURE", failure_payload(exc), event_id=event_id)
 
+    @property
+    def trained(self) -> bool:
+        """Whether this result says the event is in the weights (it may replace a lesser one)."""
+        return self.status == "SUCCESS" and self.result.get("status") == "trained"
+
     def __repr__(self) -> str:
-        return f"Outcome({self.task_id!r}, {self.status}, {self.result!r})"
+        return f"Outcome({self.task_id!r}, {self.status}, {self.result!r}, event_id={self.event_id!r})"
 
 
 def failure_payload(exc: BaseException) -> dict[str, Any]:
@@ -87,9 +92,11 @@ def failure_payload(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int) -> None:
+def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int) -> int:
+    """Write each outcome's result under the precedence rule; returns how many were written (the
+    others were refused: an earlier result stands)."""
     if not outcomes:
-        return
+        return 0
     done = datetime.now(UTC).isoformat()
     args: list[bytes | str | int] = [expires]
     for o in outcomes:
@@ -103,18 +110,22 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int
                     "children": [],
                     "date_done": done,
                     "task_id": o.task_id,
+                    "event_id": o.event_id,
                 }
             )
         )
-        args.append(1 if o.keep_existing else 0)
-    _script(client)(keys=[], args=args)
+        args.append(o.event_id or "")
+        args.append(1 if o.trained else 0)
+    # ``client=`` always: a cached Script must never run on a client other than this one.
+    written = _script(client)(keys=[], args=args, client=client)
+    return int(written)
 
 
 def _script(client: redis.Redis) -> Any:
     # register_script only hashes the text; EVALSHA falls back to EVAL after a Redis restart.
     script = _scripts.get(id(client))
     if script is None:
-        script = _scripts[id(client)] = client.register_script(WRITE_RESULTS)
+        script = _scripts[id(client)] = client.register_script(load_lua("worker.store", "write_results"))
     return script
 
 
