@@ -386,7 +386,7 @@ class Channel(kombu_redis.Channel):
             tag = tag.decode()
             queue = key.rsplit(self.sep, 1)[0]
             payload = _payload(text)
-            if payload is None:
+            if payload is None or payload["properties"]["delivery_tag"] != tag:
                 logger.error("dropped a queue item of %s that kombu cannot read (delivery tag %r)", key, tag)
                 self._forget(tag)
                 continue

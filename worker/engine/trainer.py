@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
-import redis
 
 from producer.errors import (
     ItrainError,
@@ -257,18 +256,10 @@ class Trainer:
         for i, job in enumerate(jobs):
             by_model.setdefault(job.event.model, []).append(i)
         outcomes: list[Outcome | None] = [None] * len(jobs)
+        # An exception escapes: a Redis fault sends the messages back to the queue, anything
+        # else is isolated to the event that raises it by ``run_messages`` (it retries in halves).
         for model, idxs in by_model.items():
-            sub = [jobs[i] for i in idxs]
-            try:
-                done = self._train_model(model, sub)
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise  # Redis is away: the messages go back to the queue and come again
-            except Exception as exc:
-                # Anything else would fail again on every redelivery: end these jobs now, with a
-                # result and a dead letter each, instead of requeueing them forever.
-                logger.exception("model=%s batch of %d failed", model, len(sub))
-                error = exc if isinstance(exc, ItrainError) else ItrainError(f"{type(exc).__name__}: {exc}")
-                done = self._fail_all(model, sub, error)
+            done = self._train_model(model, [jobs[i] for i in idxs])
             for i, outcome in zip(idxs, done, strict=True):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]

@@ -37,6 +37,12 @@ local function parse(raw, queue)
     return nil, 'envelope of ' .. #raw .. ' bytes is larger than the limit of ' .. max_bytes
   end
   local ok, msg = pcall(cjson.decode, raw)
+  if not ok then
+    -- cjson refuses surrogate escapes ("\ud800"), which JSON allows and the worker reports as
+    -- an invalid id. Only the delivery fields are needed here: read them from a copy with every
+    -- surrogate escape replaced (the worker checks that it reads the same delivery tag).
+    ok, msg = pcall(cjson.decode, (string.gsub(raw, '\\u[dD][89a-fA-F]%x%x', '\\ufffd')))
+  end
   if not ok or type(msg) ~= 'table' then return nil, 'not a JSON object' end
   local props = msg['properties']
   if type(props) ~= 'table' then return nil, 'no properties object' end
