@@ -33,8 +33,9 @@ from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import result_key
 from producer.settings import Settings
-from worker.devtools import naive
+from worker.devtools import naive, stock_transport
 from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.message_path import MessagePathResult, drain
 from worker.devtools.naive import TASK_NAIVE, naive_init
 from worker.devtools.pacing import send_paced
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
@@ -241,7 +242,12 @@ def run_bench(
                             f"scenario {sc.key}: {sc.description}, {sc.workers} worker(s), {sc.events} events"
                         )
                         results.append(run_scenario(sc, client, store, raw))
-    report = {"machine": {**machine(), "redis": redis_version}, "scenarios": [asdict(r) for r in results]}
+            paths = _message_path(args.quick, env, client, store, raw, logs, say)
+    report: dict[str, Any] = {
+        "machine": {**machine(), "redis": redis_version},
+        "scenarios": [asdict(r) for r in results],
+        "message_path": [asdict(p) for p in paths],
+    }
     order = {r.key: r for r in results}
     if "a" in order and "b2" in order:
         report["ratios"] = {
@@ -249,11 +255,54 @@ def run_bench(
             "c2/a": round(order["c2"].events_per_s / order["a"].events_per_s, 2),
             "d/a": round(order["d"].events_per_s / order["a"].events_per_s, 2),
         }
+    if len(paths) == 2:
+        stock, ours = paths
+        report["ratios"] = {
+            **report.get("ratios", {}),
+            "message_path_main_cpu_stock/itrain": round(
+                stock.main_cpu_us_per_message / ours.main_cpu_us_per_message, 2
+            ),
+            "message_path_msgs_per_s_itrain/stock": round(ours.messages_per_s / stock.messages_per_s, 2),
+        }
     console.print(render(results, report))
+    console.print(render_message_path(paths))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _message_path(
+    quick: bool,
+    env: dict[str, str],
+    client: TrainingClient,
+    store: Store,
+    raw: redis.Redis,
+    logs: Path,
+    say: Callable[[str], None],
+) -> list[MessagePathResult]:
+    """The message path, kombu's stock transport beside ours (see ``message_path``)."""
+    n = 5000 if quick else 20_000
+    out = []
+    for label, app in (("kombu", stock_transport.APP), ("itrain", "worker")):
+        say(f"message path: {n} train_step messages drained by one worker process, {label} transport")
+        out.append(drain(label, app, _new_model(store, raw, "per_event"), n, env, client, raw, logs))
+    return out
+
+
+def render_message_path(paths: list[MessagePathResult]) -> Table:
+    table = Table(title="message path: one worker process (prefork, concurrency 1, task events on)")
+    for col in ("transport", "messages", "messages/s", "main CPU µs/msg", "pool CPU µs/msg"):
+        table.add_column(col, justify="left" if col == "transport" else "right")
+    for p in paths:
+        table.add_row(
+            p.transport,
+            str(p.messages),
+            f"{p.messages_per_s:,.0f}",
+            f"{p.main_cpu_us_per_message:.0f}",
+            f"{p.pool_cpu_us_per_message:.0f}",
+        )
+    return table
 
 
 def render(results: list[ScenarioResult], report: dict[str, Any]) -> Table:
