@@ -137,7 +137,8 @@ def test_redis_kill_9_under_train_step_stream_loses_nothing(
         lost = accepted - set(markers)
         assert not lost, (
             f"{len(lost)} accepted event(s) never trained; queue={admin.llen(settings.queue)} "
-            f"unacked={admin.hlen('unacked')}\n{workers.tails()}"
+            f"unacked={admin.hlen('unacked')} unacked_index={admin.zcard('unacked_index')} "
+            f"unacked_mutex ttl={admin.ttl('unacked_mutex')}\n{workers.tails()}"
         )
         assert evidence["step"] == len(markers)
         for proc in procs:

@@ -53,7 +53,7 @@ from celery.app.amqp import AMQP
 from kombu import Connection  # type: ignore[attr-defined]
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from producer.keys import TRANSPORT_REJECTED
 from worker.lua import load_lua
@@ -95,6 +95,7 @@ class _Script:
 
 FETCH = _Script("fetch")
 GIVEBACK = _Script("giveback")
+RESTORE = _Script("restore")
 
 
 class UnreadableEnvelope(ValueError):
@@ -143,7 +144,9 @@ class QoS(kombu_redis.QoS):
         with self._ack_lock:
             self._acks.append(delivery_tag)
             waiting = len(self._acks)
-        hub = self.channel.connection.hub
+        transport = self.channel.connection
+        # After a broker loss the channel is closed (no transport): ack at once, best effort.
+        hub = transport.hub if transport is not None else None
         if hub is None or waiting >= self.ack_batch:
             self.flush_acks()
         elif self._ack_tref is None:
@@ -183,6 +186,40 @@ class QoS(kombu_redis.QoS):
             logger.warning("could not flush %d ack(s) (%r); retried with the next ones", len(tags), exc)
             with self._ack_lock:
                 self._acks[:0] = tags
+
+    def restore_visible(self, start: int = 0, num: int | None = 10, interval: int = 10) -> None:
+        """Give back the messages taken more than ``visibility_timeout`` seconds ago and never
+        acked (their worker died): one atomic script per sweep (``lua/restore.lua``), no mutex."""
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        self.flush_acks()  # our own acked messages are not to come back
+        channel = self.channel
+        with channel.conn_or_acquire() as client:
+            ceil = time() - self.visibility_timeout
+            rows = client.zrange(
+                self.unacked_index_key, ceil, 0, desc=True, byscore=True,
+                offset=num and start, num=num, withscores=True,
+            )  # fmt: skip
+            if not rows:
+                return
+            records = client.hmget(self.unacked_key, [tag for tag, _ in rows])
+            keys: list[str] = [self.unacked_index_key, self.unacked_key]
+            args: list[Any] = []
+            for (tag, score), record in zip(rows, records, strict=True):
+                lists = _restore_lists(channel, record)
+                text = b"" if lists is None else lists[1]
+                targets = [] if lists is None else lists[0]
+                args += [tag, repr(score), text, len(targets)]
+                for key in targets:
+                    if key not in keys:
+                        keys.append(key)
+                    args.append(keys.index(key) + 1)
+            back = int(client.eval(RESTORE.text, len(keys), *keys, *args))
+        if back:
+            logger.warning(
+                "restored %d message(s) not acknowledged within %g s", back, self.visibility_timeout
+            )
 
     def restore_unacked(self, client: Any = None) -> None:
         """Give unacknowledged messages back (worker shutdown, lost connection). Acked ones are
@@ -452,6 +489,26 @@ class Channel(kombu_redis.Channel):
         with suppress(Exception):
             self.qos.flush_acks()
         super().close()
+
+
+def _restore_lists(channel: Channel, record: bytes | None) -> tuple[list[str], bytes] | None:
+    """Where an unacked record's message goes back to, and the text to push (kombu's
+    ``_do_restore_message``: marked redelivered, to every queue its route names)."""
+    if record is None:
+        return None
+    try:
+        message, exchange, routing_key = loads(record)
+        with suppress(KeyError, TypeError):
+            message["headers"]["redelivered"] = True
+            message["properties"]["delivery_info"]["redelivered"] = True
+        priority = channel._get_message_priority(message, reverse=False)
+        lists = [channel._q_for_pri(queue, priority) for queue in channel._lookup(exchange, routing_key)]
+        # kombu's JSON (ASCII, escapes kept): a message whose header holds a lone surrogate
+        # escape must come back to be refused by the worker, not vanish here.
+        return lists, dumps(message).encode()
+    except Exception as exc:  # a record nobody can restore: forget it rather than retry forever
+        logger.error("dropped an unacknowledged record that cannot be restored: %r", exc)
+        return None
 
 
 #: A reply Redis refused (see ``Channel._read_reply``).
