@@ -175,9 +175,9 @@ class _Buffer:
             self._requeue_later(items, exc)
         elif not alone:
             logger.error(
-                "batch of %d message(s) not finished (%r); running each alone to find the cause",
+                "batch of %d message(s) not finished (%s); running each alone to find the cause",
                 len(items),
-                exc,
+                _describe(exc),
             )
             for p in items:
                 self._submit([p], alone=True)
@@ -187,8 +187,9 @@ class _Buffer:
     def _requeue_later(self, items: list[_Pending], exc: BaseException) -> None:
         self.faults += 1
         delay = min(REQUEUE_FIRST_SECONDS * 2 ** (self.faults - 1), REQUEUE_MAX_SECONDS)
-        logger.warning("Redis failed under %d message(s) (%r); requeued in %.1f s", len(items), exc, delay)
-        self.timer.call_after(delay, partial(self._requeue, items, f"requeued: Redis failed ({exc!r})"))
+        reason = f"Redis failed ({_describe(exc)})"
+        logger.warning("%s under %d message(s); requeued in %.1f s", reason, len(items), delay)
+        self.timer.call_after(delay, partial(self._requeue, items, f"requeued: {reason}"))
 
     def _requeue(self, items: list[_Pending], reason: str) -> None:
         for p in items:
@@ -218,16 +219,18 @@ def _unwrap(error: Any) -> BaseException:
     return error if isinstance(error, BaseException) else ItrainError(repr(error))
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _culprit_error(raw: RawMessage, exc: BaseException) -> BaseException:
     if isinstance(exc, WorkerLostError):
         lost: BaseException = WorkerLostError(
-            f"the worker process running {raw.task} died ({exc}) each time it ran this message, "
+            f"the worker process running {raw.task} died ({_describe(exc)}) each time it ran this message, "
             f"the second time alone: the message is taken as the cause and not retried"
         )
         return lost
-    return ItrainError(
-        f"{raw.task} failed each time it ran, the second time alone: {type(exc).__name__}: {exc}"
-    )
+    return ItrainError(f"{raw.task} failed each time it ran, the second time alone: {_describe(exc)}")
 
 
 def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
