@@ -82,7 +82,8 @@ def delivery_count(delivery_info: Mapping[str, Any]) -> int:
 def raw_message(task_name: str, message: Any) -> RawMessage:
     """The plain-data form of a kombu message, as the pool process receives it."""
     headers = message.headers if isinstance(message.headers, dict) else {}
-    task_id = headers.get("id") or message.properties.get("correlation_id") or ""
+    properties = message.properties if isinstance(message.properties, dict) else {}
+    task_id = headers.get("id") or properties.get("correlation_id") or ""
     info = message.delivery_info
     body = message.body
     return RawMessage(
