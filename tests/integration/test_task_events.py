@@ -10,6 +10,7 @@ publishes than events.
 from __future__ import annotations
 
 import base64
+import signal
 import threading
 import uuid
 from collections import Counter, defaultdict
@@ -22,7 +23,7 @@ import redis
 
 from producer.celery_config import make_celery
 from producer.client import TrainingClient
-from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id
+from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
 from producer.settings import Settings
 from tests.helpers import create_model, make_events, wait_until
 
@@ -143,3 +144,40 @@ def test_task_events_are_published_in_batches_and_every_task_is_seen(
         # Celery alone publishes about one message per event here (one per loop tick).
         assert len(carrying) * 4 <= 2 * N, f"{len(carrying)} publishes for {2 * N} events"
         print(f"\n{len(carrying)} publishes for {2 * N} task events")
+
+
+def test_events_of_the_last_jobs_are_published_at_warm_shutdown(
+    start_workers: Any, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given a worker in the middle of a stream (a slow model, so a job is in flight)
+    queue = f"itrain-events-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, queue=queue)
+    (worker,) = start_workers(1, env={"ITRAIN_QUEUE": queue, "ITRAIN_BATCH_MAX": "50"})
+    model = create_model(redis_client, settings, hidden=512)
+    events = make_events(model, 3000, f"sd-{uuid.uuid4().hex[:6]}")
+    with _listeners(redis_url, redis_client) as (_, receiver):
+        ids = [new_task_id() for _ in events]
+        redis_client.lpush(
+            queue,
+            *[encode_envelope(TASK_TRAIN_STEP, i, [e], queue) for i, e in zip(ids, events, strict=True)],
+        )
+        keys = [result_key(i) for i in ids]
+        wait_until(lambda: sum(v is not None for v in redis_client.mget(keys)) >= 300, WAIT, "300 results")
+
+        # When it is told to stop (warm shutdown: the pool finishes its job first)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+
+        # Then every task that has a result and was acknowledged was also published as succeeded.
+        # (Celery's prefork shutdown sometimes gives up on the pool's last job after 30 s: that
+        # job's messages are restored to the queue unacknowledged, to be trained again as
+        # ``duplicate``, and the main process never learns they finished.)
+        restored = {orjson.loads(m)["headers"]["id"] for m in redis_client.lrange(queue, 0, -1)}
+        done = [i for i, v in zip(ids, redis_client.mget(keys), strict=True) if v is not None]
+        assert len(done) < len(ids), "the stream ended before the shutdown"
+        done = [i for i in done if i not in restored]
+        wait_until(
+            lambda: all("task-succeeded" in receiver.seen.get(i, []) for i in done),
+            10,
+            "the succeeded events of every finished task",
+        )
