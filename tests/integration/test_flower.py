@@ -26,21 +26,19 @@ import redis
 from producer.client import TrainingClient
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id
 from producer.settings import Settings
-from tests.helpers import create_model, wait_for_names, wait_until
+from tests.helpers import create_model, wait_until
 from worker.consume.task_events import HIDDEN_ARGS
-from worker.devtools.stack import ROOT, flower_command, start_worker, stop_process
+from worker.devtools.stack import ROOT, flower_command, stop_process
 
 USER, PASSWORD = "itrain", "flower-test-pw"
 WAIT = 60.0
 
 
 @dataclass
-class Stack:
-    queue: str
-    flower_url: str
-    worker: subprocess.Popen[bytes]
-    flower: subprocess.Popen[bytes]
-    logs: Path
+class Flower:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
 
 
 def _free_port() -> int:
@@ -62,45 +60,40 @@ def _get(url: str, *, auth: bool = True) -> tuple[int, Any]:
         return exc.code, None
 
 
-def _tasks(stack: Stack) -> dict[str, Any]:
-    status, tasks = _get(f"{stack.flower_url}/api/tasks")
+def _tasks(flower: Flower) -> dict[str, Any]:
+    status, tasks = _get(f"{flower.url}/api/tasks")
     assert status == 200, status
     return dict(tasks)
 
 
-@pytest.fixture(scope="module")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    logs = tmp_path_factory.mktemp("flower")
-    queue = f"itrain-flower-{uuid.uuid4().hex[:8]}"
-    env = {"ITRAIN_REDIS_URL": redis_url, "ITRAIN_QUEUE": queue}
-    name = f"flower-w-{uuid.uuid4().hex[:6]}"
-    worker = start_worker(name, env, concurrency=1, log=logs / "worker.log")
+@pytest.fixture
+def flower(redis_url: str, tmp_path: Path) -> Iterator[Flower]:
+    """Flower with basic auth on the session's Redis, answering its API."""
     port = _free_port()
-    with open(logs / "flower.log", "ab") as out:
-        flower = subprocess.Popen(
+    log = tmp_path / "flower.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
             [*flower_command(port), f"--basic-auth={USER}:{PASSWORD}"],
-            env={**os.environ, **env},
+            env={**os.environ, "ITRAIN_REDIS_URL": redis_url},
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        wait_for_names(redis_url, [name], [worker], logs)
         url = f"http://127.0.0.1:{port}"
 
-        def flower_answers() -> bool:
-            assert flower.poll() is None, (logs / "flower.log").read_text()
+        def answers() -> bool:
+            assert proc.poll() is None, log.read_text()
             try:
                 return _get(f"{url}/api/tasks")[0] == 200
             except OSError:
                 return False
 
-        wait_until(flower_answers, WAIT, "Flower to answer")
-        yield Stack(queue, url, worker, flower, logs)
+        wait_until(answers, WAIT, "Flower to answer")
+        yield Flower(url, proc, log)
     finally:
-        stop_process(flower)
-        stop_process(worker)
+        stop_process(proc)
 
 
 def _event(model: str, tag: str) -> dict[str, Any]:
@@ -114,24 +107,26 @@ def _event(model: str, tag: str) -> dict[str, Any]:
     }
 
 
-def test_flower_api_refuses_requests_without_auth(stack: Stack) -> None:
+def test_flower_api_refuses_requests_without_auth(flower: Flower) -> None:
     # Given Flower started with --basic-auth
     # Then its task list answers 401 without credentials, 200 with them
-    assert _get(f"{stack.flower_url}/api/tasks", auth=False)[0] == 401
-    assert _get(f"{stack.flower_url}/api/tasks")[0] == 200
+    assert _get(f"{flower.url}/api/tasks", auth=False)[0] == 401
+    assert _get(f"{flower.url}/api/tasks")[0] == 200
 
 
 def test_flower_shows_worker_built_args_on_every_path(
-    stack: Stack, redis_url: str, redis_client: redis.Redis
+    flower: Flower, start_workers: Any, redis_url: str, redis_client: redis.Redis
 ) -> None:
-    # Given a model and events whose user ids are secrets
-    settings = Settings(redis_url=redis_url, queue=stack.queue)
+    # Given a worker, a model, and events whose user ids are secrets
+    queue = f"itrain-flower-{uuid.uuid4().hex[:8]}"
+    start_workers(1, env={"ITRAIN_QUEUE": queue})
+    settings = Settings(redis_url=redis_url, queue=queue)
     model = create_model(redis_client, settings)
     with TrainingClient(settings=settings) as client:
         # Flower receives events only once it has subscribed: wait until it shows one task.
         warm = client.train_step(_event(model, "warm"))
         wait_until(
-            lambda: _tasks(stack).get(warm.id, {}).get("state") == "SUCCESS", WAIT, "Flower to see a task"
+            lambda: _tasks(flower).get(warm.id, {}).get("state") == "SUCCESS", WAIT, "Flower to see a task"
         )
 
         # When events arrive by every path, some with the raw user id in the header's argsrepr
@@ -146,21 +141,21 @@ def test_flower_shows_worker_built_args_on_every_path(
         h_sent = client.app.send_task(
             TASK_TRAIN_STEP,
             args=[sent],
-            queue=stack.queue,
+            queue=queue,
             argsrepr=f"[{sent!r}]",
             kwargsrepr=sent["user_id"],
             shadow=sent["user_id"],
         )
         pushed_id = new_task_id()
         redis_client.lpush(
-            stack.queue,
+            queue,
             encode_envelope(
-                TASK_TRAIN_STEP, pushed_id, [pushed], stack.queue, argsrepr=f"user={pushed['user_id']}"
+                TASK_TRAIN_STEP, pushed_id, [pushed], queue, argsrepr=f"user={pushed['user_id']}"
             ),
         )
         h_many = client.train_many(many)
         h_predict = client.app.send_task(
-            TASK_PREDICT, args=[asked], queue=stack.queue, argsrepr=f"[{asked!r}]", shadow=asked["user_id"]
+            TASK_PREDICT, args=[asked], queue=queue, argsrepr=f"[{asked!r}]", shadow=asked["user_id"]
         )
         results = client.wait_all([h_step, h_sent, *h_many, h_predict], timeout=WAIT)
         assert [r["status"] for r in results[:5]] == ["trained"] * 5, results
@@ -170,7 +165,7 @@ def test_flower_shows_worker_built_args_on_every_path(
         singles = {h_step.id: step, h_sent.id: sent, pushed_id: pushed}
 
         def all_done() -> dict[str, Any] | None:
-            tasks = _tasks(stack)
+            tasks = _tasks(flower)
             ids = [*singles, h_predict.id]
             batches = [t for t in tasks.values() if t["name"] == TASK_TRAIN_BATCH and t["state"] == "SUCCESS"]
             done = all(tasks.get(i, {}).get("state") == "SUCCESS" for i in ids)

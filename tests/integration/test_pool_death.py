@@ -23,12 +23,13 @@ import orjson
 import pytest
 import redis
 
+from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
 from producer.settings import Settings
-from tests.helpers import check_each_event_once, create_model, make_events, wait_for_names, wait_until
-from worker.devtools.stack import ROOT, stop_process
+from tests.helpers import check_each_event_once, create_model, make_events, wait_until
+from worker.devtools.stack import ROOT, stop_process, wait_for_workers
 
 WAIT = 90.0
 
@@ -83,7 +84,11 @@ def crash_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
             start_new_session=True,
         )
     try:
-        wait_for_names(redis_url, [name], [proc], logs)
+        ping = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
+        try:
+            wait_for_workers(ping, 1, timeout=WAIT)
+        finally:
+            ping.close()
         yield CrashWorker(proc, queue, logs / "jobs.txt", logs / "worker.log")
     finally:
         stop_process(proc)
