@@ -193,3 +193,30 @@ def test_redis_fault_under_a_job_requeues_without_dead_letters(
     assert "requeued in 0.5 s" in log
     assert redis_client.llen(ModelKeys(model).dead) == 0
     assert crash_worker.proc.poll() is None
+
+
+def test_batch_message_that_kills_its_pool_process_fails_every_event_it_carries(
+    crash_worker: CrashWorker, redis_client: redis.Redis, redis_url: str
+) -> None:
+    # Given a train_many chunk whose pool job dies (one of its events is the trigger)
+    settings = Settings(redis_url=redis_url, queue=crash_worker.queue)
+    model = create_model(redis_client, settings)
+    events = make_events(model, 3, f"pb-{uuid.uuid4().hex[:6]}")
+    events[1]["event_id"] = f"crash-me-{uuid.uuid4().hex[:6]}"
+
+    # When it is sent
+    with TrainingClient(settings=settings) as client:
+        handles = client.train_many(events)
+    results = _results(redis_client, [h.id for h in handles], crash_worker)
+
+    # Then each of its events ends FAILURE naming the cause (nothing was trained) ...
+    assert [r["status"] for r in results] == ["FAILURE"] * 3, results
+    assert {r["result"]["exc_type"] for r in results} == {"WorkerLostError"}
+    assert redis_client.hget(ModelKeys(model).ckpt, "step") == b"0"
+    # ... with one dead letter for the message, which ran twice (with its events) and no more
+    dead = [orjson.loads(d) for d in redis_client.lrange(ModelKeys(model).dead, 0, -1)]
+    assert len(dead) == 1, dead
+    assert dead[0]["events"] == 3
+    runs = [j for j in crash_worker.jobs() if dead[0]["task_id"] in j]
+    assert len(runs) == 2, runs
+    assert crash_worker.proc.poll() is None

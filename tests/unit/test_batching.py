@@ -56,7 +56,11 @@ def test_raw_message_survives_a_hostile_envelope() -> None:
     # Headers that are not a mapping, a body that is neither bytes nor text, a bad count.
     raw = raw_message(TASK_TRAIN_STEP, _message(headers=None, body=12**40, delivery_info={"deliveries": "x"}))
     assert (raw.task_id, raw.body, raw.deliveries) == ("from-properties", b"", 1)
-    raw = raw_message(TASK_TRAIN_STEP, _message(headers={"id": 5}, body="text"))
-    assert (raw.task_id, raw.body) == ("5", b"text")
+    # A task id that is not text is left for run_messages to refuse (never str() of it).
+    raw = raw_message(TASK_TRAIN_STEP, _message(headers={"id": 10**5000}, body="text"))
+    assert (raw.task_id, raw.body) == ("", b"text")
+    # Text with a lone surrogate stays bytes that do not decode, instead of raising here.
+    raw = raw_message(TASK_TRAIN_STEP, _message(body="[\ud800]"))
+    assert raw.body == "[\ud800]".encode("utf-8", "surrogatepass")
     raw = raw_message(TASK_TRAIN_STEP, _message(headers={}, properties=["not", "a", "mapping"]))
     assert raw.task_id == ""

@@ -88,13 +88,22 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
     body = message.body
     return RawMessage(
         task=task_name,
-        task_id=task_id if isinstance(task_id, str) else str(task_id),
+        # A task id that is not text is refused by ``run_messages`` (as an empty id), never
+        # turned into text here: str() of a hostile huge integer raises.
+        task_id=task_id if isinstance(task_id, str) else "",
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         compression=headers.get("compression"),
         # Only bytes or text is a body; anything else (a hostile envelope) becomes an empty
-        # body, refused under its task id as "not valid JSON", never bytes(<huge int>).
-        body=body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else b"",
+        # body, refused under its task id as "not valid JSON", never bytes(<huge int>). Text
+        # with lone surrogates stays undecodable instead of raising here.
+        body=(
+            body
+            if isinstance(body, bytes)
+            else body.encode("utf-8", "surrogatepass")
+            if isinstance(body, str)
+            else b""
+        ),
         deliveries=delivery_count(info if isinstance(info, Mapping) else {}),
     )
 
@@ -202,8 +211,10 @@ class _Buffer:
         try:
             error, shown = dead_letter_culprit(p.raw, exc)
         except Exception as fault:
+            # Redis failed (or, a bug, our own code): the message must not be lost, and this is
+            # the main process, which must not stop. Back to the queue, after the backoff.
             if not is_redis_fault(fault):
-                raise
+                logger.exception("task %s could not be dead-lettered", _printable(p.raw.task_id))
             self._requeue_later([p], fault)
             return
         if self.events:
@@ -234,6 +245,22 @@ def _culprit_error(raw: RawMessage, exc: BaseException) -> BaseException:
     return ItrainError(f"{raw.task} failed each time it ran, the second time alone: {_describe(exc)}")
 
 
+def _result_id(value: Any) -> bool:
+    """Whether ``value`` can name a result key (text of 1 to 255 characters, valid UTF-8)."""
+    if not (isinstance(value, str) and 0 < len(value) <= 255):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value: str) -> str:
+    """``value`` as valid UTF-8 text of at most 255 characters (lone surrogates escaped)."""
+    return value[:255].encode("utf-8", "backslashreplace").decode()
+
+
 def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     """End a message that failed its job even when run alone: one dead-letter entry, then a
     FAILURE result for each of its results that has none yet. Returns (error text, args to
@@ -247,7 +274,7 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
         args = decode_args(raw, rt.settings.max_message_bytes)
         if raw.task == TASK_TRAIN_BATCH:
             pairs = split_batch(args)
-            ids = [task_id for task_id, _ in pairs] or ids
+            ids = [task_id for task_id, _ in pairs if _result_id(task_id)] or ids
             model = model_hint(pairs[0][1]) if pairs else model
             shown, extra = f"[{len(pairs)} events]", {"events": len(pairs)}
         else:
@@ -256,14 +283,15 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
             event = validate_event(payload)
             model, event_id, shown = event.model, event.event_id, shown_args(event)
     except Exception as described:  # a hostile body must not stop the main process
-        logger.debug("dead-lettered message %s does not decode: %r", raw.task_id, described)
-    entry = dead_letter_entry(raw.task_id, error, model=model, event_id=event_id, extra=extra)
+        logger.debug("dead-lettered message %s does not decode: %r", _printable(raw.task_id), described)
+    ids = [task_id for task_id in ids if _result_id(task_id)]
+    entry = dead_letter_entry(_printable(raw.task_id), error, model=model, event_id=event_id, extra=extra)
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
     # already written (an event committed before the process died) is left alone.
     rt.store.dead_letter(model, [entry])
     failures = [Outcome(task_id, "FAILURE", failure_payload(error), keep_existing=True) for task_id in ids]
     write_results(rt.result_client, failures, rt.settings.result_expires)
-    logger.error("task %s dead-lettered: %s", raw.task_id, error)
+    logger.error("task %s dead-lettered: %s", _printable(raw.task_id), error)
     return str(error), shown
 
 
