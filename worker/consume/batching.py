@@ -197,7 +197,8 @@ class _Buffer:
     def _requeue_later(self, items: list[_Pending], exc: BaseException) -> None:
         self.faults += 1
         delay = min(REQUEUE_FIRST_SECONDS * 2 ** (self.faults - 1), REQUEUE_MAX_SECONDS)
-        reason = f"Redis failed ({_describe(exc)})"
+        cause = "Redis failed" if is_redis_fault(exc) else "not dead-lettered"
+        reason = f"{cause} ({_describe(exc)})"
         logger.warning("%s under %d message(s); requeued in %.1f s", reason, len(items), delay)
         self.timer.call_after(delay, partial(self._requeue, items, f"requeued: {reason}"))
 
