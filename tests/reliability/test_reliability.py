@@ -128,10 +128,11 @@ def test_pool_child_killed_mid_batch_every_event_trained_once(
 
     The worker runs one pool child, so the lock key exists only while that child is inside its
     critical section: the kill lands mid-batch, deterministically. The worker's main process
-    sees the child die (WorkerLostError) and requeues the child's messages at once (no
-    visibility timeout involved); the pool starts a new child. Events the dead child had
+    sees the child die (WorkerLostError) and runs each of the child's messages again alone
+    (no visibility timeout involved); the pool starts a new child. Events the dead child had
     committed come back as ``duplicate``, the others are trained by the new child: step == N,
-    each event once, every handle resolves.
+    each event once, every handle resolves, nothing is dead-lettered (a lone re-run that
+    finishes clears its message).
     """
     w, model, client, events, handles = _stream_to_one_worker(
         redis_url, redis_client, settings, workers, make_client, queue, "child", concurrency=1
@@ -156,7 +157,8 @@ def test_pool_child_killed_mid_batch_every_event_trained_once(
     log = workers.log(w)
     assert f"pid:{victim} exited with 'signal 9" in log, workers.tail(w)
     assert "not finished" in log, workers.tail(w)
-    assert "requeued" in log, workers.tail(w)
+    assert "running each alone" in log, workers.tail(w)
+    assert "dead-lettered" not in log, workers.tail(w)
     assert victim not in children(w.pid)
     assert len(children(w.pid)) == 1, "the pool did not replace its child"
     print(f"\nchild kill: N={N_KILL} step_at_kill={step_at_kill} results={dict(counts)}")

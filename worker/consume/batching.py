@@ -9,9 +9,23 @@ the pool at once.
 
 Why not celery-batches: it sends no task events (Flower would not see training tasks) and pins
 an older Celery. This strategy keeps what Celery's own gives: task events for every message
-(received, then succeeded or failed; no "started", which would cost a third more publishing per
-message for a state that lasts milliseconds), late acknowledgement (a message is acked only after its
-results are written), and a requeue when the pool process running it dies.
+(received, then succeeded or failed, published in batches by ``task_events``; no "started",
+which would cost a third more events for a state that lasts milliseconds), late
+acknowledgement (a message is acked only after its results are written), and no message lost
+when the pool process running it dies.
+
+When a pool job does not finish:
+
+* Redis failed under it (``is_redis_fault``): not the messages' fault. They go back to the queue
+  after a backoff that grows with consecutive faults (``REQUEUE_FIRST_SECONDS`` doubling up to
+  ``REQUEUE_MAX_SECONDS``), never at once: an instant requeue would loop as fast as Redis fails.
+  Nothing is dead-lettered.
+* The pool process died (billiard's ``WorkerLostError``: a segfault, the OOM killer, a SIGKILL)
+  or the job raised: each of its messages runs again alone, as its own pool job, so one
+  message that kills its process cannot take its neighbours down with it. A message whose
+  lone run fails the same way is the culprit: it ends as FAILURE naming the cause, with one
+  dead-letter entry, and is acknowledged. Its neighbours train. Events committed before the
+  death come back as ``duplicate``.
 """
 
 from __future__ import annotations
@@ -19,19 +33,79 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
+from producer.errors import ItrainError
+from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
-from worker.consume.messages import RawMessage
-from worker.consume.runtime import Summary, run_messages
+from worker.consume.faults import is_redis_fault
+from worker.consume.messages import RawMessage, decode_args, model_hint, split_batch, validate_event
+from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
+from worker.consume.task_events import TaskEvents, task_events
+from worker.engine.trainer import dead_letter_entry
+from worker.store.results import Outcome, failure_payload, write_results
 
-__all__ = ["training_strategy"]
+__all__ = [
+    "REQUEUE_FIRST_SECONDS",
+    "REQUEUE_MAX_SECONDS",
+    "dead_letter_culprit",
+    "delivery_count",
+    "raw_message",
+    "training_strategy",
+]
 
 logger = logging.getLogger("itrain.batching")
+
+#: Wait before the first requeue after a Redis fault; doubles with each consecutive fault.
+REQUEUE_FIRST_SECONDS = 0.5
+REQUEUE_MAX_SECONDS = 30.0
+
+
+def delivery_count(delivery_info: Mapping[str, Any]) -> int:
+    """How many times the broker has handed out the message, this time included.
+
+    Our transport counts deliveries in Redis (``deliveries``); any other transport only says
+    whether the message was delivered before (``redelivered``). A value that is not a positive
+    integer (a hostile envelope) counts as absent.
+    """
+    count = delivery_info.get("deliveries")
+    if type(count) is int and count >= 1:  # not bool, not a float, not a string
+        return count
+    return 2 if delivery_info.get("redelivered") else 1
+
+
+def raw_message(task_name: str, message: Any) -> RawMessage:
+    """The plain-data form of a kombu message, as the pool process receives it."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    properties = message.properties if isinstance(message.properties, dict) else {}
+    task_id = headers.get("id") or properties.get("correlation_id") or ""
+    info = message.delivery_info
+    body = message.body
+    return RawMessage(
+        task=task_name,
+        # A task id that is not text is refused by ``run_messages`` (as an empty id), never
+        # turned into text here: str() of a hostile huge integer raises.
+        task_id=task_id if isinstance(task_id, str) else "",
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        compression=headers.get("compression"),
+        # Only bytes or text is a body; anything else (a hostile envelope) becomes an empty
+        # body, refused under its task id as "not valid JSON", never bytes(<huge int>). Text
+        # with lone surrogates stays undecodable instead of raising here.
+        body=(
+            body
+            if isinstance(body, bytes)
+            else body.encode("utf-8", "surrogatepass")
+            if isinstance(body, str)
+            else b""
+        ),
+        deliveries=delivery_count(info if isinstance(info, Mapping) else {}),
+    )
 
 
 class _Pending:
@@ -55,47 +129,20 @@ class _Buffer:
         # comes back after ITRAIN_VISIBILITY_TIMEOUT: log it like a connection error, do not let
         # it stop the worker.
         self.connection_errors = (*consumer.connection_errors, AttributeError)
-        eventer = consumer.event_dispatcher
-        self.send_event = eventer.send if (eventer and eventer.enabled and task.send_events) else None
+        self.events: TaskEvents | None = task_events(consumer) if task.send_events else None
         self.max = settings.batch_max if buffered else 1
         self.wait = settings.batch_wait_ms / 1000.0
         self.items: list[_Pending] = []
         self.tref: Any = None
+        #: Consecutive pool jobs that Redis failed; sets the requeue backoff.
+        self.faults = 0
         # The timer runs in its own thread for pools without an event loop (solo, threads).
         self.mutex = threading.Lock()
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any) -> None:
-        headers = message.headers or {}
-        task_id = str(headers.get("id") or message.properties.get("correlation_id") or "")
-        raw = RawMessage(
-            task=self.task.name,
-            task_id=task_id,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            compression=headers.get("compression"),
-            # Only bytes or text is a body; anything else (a hostile envelope) becomes an empty
-            # body, refused under its task id as "not valid JSON", never bytes(<huge int>).
-            body=(
-                message.body
-                if isinstance(message.body, bytes)
-                else message.body.encode()
-                if isinstance(message.body, str)
-                else b""
-            ),
-        )
-        if self.send_event:
-            self.send_event(
-                "task-received",
-                uuid=task_id,
-                name=self.task.name,
-                args=str(headers.get("argsrepr") or "")[:200],
-                kwargs="{}",
-                retries=headers.get("retries", 0) or 0,
-                root_id=headers.get("root_id"),
-                parent_id=headers.get("parent_id"),
-                eta=None,
-                expires=None,
-            )
+        raw = raw_message(self.task.name, message)
+        if self.events:
+            self.events.received(raw.task_id, self.task.name)
         with self.mutex:
             self.items.append(_Pending(raw, ack, reject))
             full = len(self.items) >= self.max
@@ -110,45 +157,143 @@ class _Buffer:
             if self.tref is not None:
                 self.tref.cancel()
                 self.tref = None
-        if not items:
-            return
+        if items:
+            self._submit(items, alone=False)
+
+    def _submit(self, items: list[_Pending], *, alone: bool) -> None:
         self.pool.apply_async(
             run_messages,
             args=([p.raw for p in items],),
             callback=partial(self._on_done, items),
-            error_callback=partial(self._on_error, items),
+            error_callback=partial(self._on_error, items, alone),
         )
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
-        for p, (task_id, state, result, runtime, _shown) in zip(items, summaries, strict=True):
-            if self.send_event:
+        self.faults = 0
+        for p, (task_id, state, result, runtime, shown) in zip(items, summaries, strict=True):
+            if self.events:
                 if state == "SUCCESS":
-                    self.send_event(
-                        "task-succeeded", uuid=task_id, result=repr(result)[:1024], runtime=runtime
-                    )
+                    self.events.succeeded(task_id, result, runtime, shown)
                 else:
-                    self.send_event("task-failed", uuid=task_id, exception=str(result)[:1024], traceback="")
+                    self.events.failed(task_id, str(result), shown)
             # Late ack: only now are the results and weights in Redis.
             p.ack(logger, self.connection_errors)
 
-    def _on_error(self, items: list[_Pending], exc: BaseException) -> None:
-        # The pool process died (WorkerLostError) or Redis failed mid-batch: give every message
-        # back to the queue. Events already committed come back as ``duplicate``.
-        # billiard hands over an ExceptionInfo wrapping the exception (WorkerLostError when the
-        # pool process died).
-        exc = getattr(getattr(exc, "exception", None), "exc", exc)
-        lost = isinstance(exc, WorkerLostError)
-        logger.error("batch of %d message(s) not finished (%r); requeued", len(items), exc)
+    def _on_error(self, items: list[_Pending], alone: bool, error: Any) -> None:
+        exc = _unwrap(error)
+        if is_redis_fault(exc):
+            self._requeue_later(items, exc)
+        elif not alone:
+            logger.error(
+                "batch of %d message(s) not finished (%s); running each alone to find the cause",
+                len(items),
+                _describe(exc),
+            )
+            for p in items:
+                self._submit([p], alone=True)
+        else:
+            self._dead_letter(items[0], exc)
+
+    def _requeue_later(self, items: list[_Pending], exc: BaseException) -> None:
+        self.faults += 1
+        delay = min(REQUEUE_FIRST_SECONDS * 2 ** (self.faults - 1), REQUEUE_MAX_SECONDS)
+        cause = "Redis failed" if is_redis_fault(exc) else "not dead-lettered"
+        reason = f"{cause} ({_describe(exc)})"
+        logger.warning("%s under %d message(s); requeued in %.1f s", reason, len(items), delay)
+        self.timer.call_after(delay, partial(self._requeue, items, f"requeued: {reason}"))
+
+    def _requeue(self, items: list[_Pending], reason: str) -> None:
         for p in items:
-            if self.send_event:
-                self.send_event(
-                    "task-failed" if not lost else "task-rejected",
-                    uuid=p.raw.task_id,
-                    exception=repr(exc)[:1024],
-                    traceback="",
-                    requeue=True,
-                )
+            if self.events:
+                self.events.retried(p.raw.task_id, reason)
             p.reject(logger, self.connection_errors, True)
+
+    def _dead_letter(self, p: _Pending, exc: BaseException) -> None:
+        try:
+            error, shown = dead_letter_culprit(p.raw, exc)
+        except Exception as fault:
+            # Redis failed (or, a bug, our own code): the message must not be lost, and this is
+            # the main process, which must not stop. Back to the queue, after the backoff.
+            if not is_redis_fault(fault):
+                logger.exception("task %s could not be dead-lettered", _printable(p.raw.task_id))
+            self._requeue_later([p], fault)
+            return
+        if self.events:
+            self.events.failed(p.raw.task_id, error, shown)
+        p.ack(logger, self.connection_errors)
+
+
+def _unwrap(error: Any) -> BaseException:
+    """The exception of a failed pool job: billiard hands over an ``ExceptionInfo`` whose
+    ``exception`` wraps the original in ``.exc``."""
+    inner = getattr(getattr(error, "exception", error), "exc", getattr(error, "exception", error))
+    if isinstance(inner, BaseException):
+        return inner
+    return error if isinstance(error, BaseException) else ItrainError(repr(error))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _culprit_error(raw: RawMessage, exc: BaseException) -> BaseException:
+    if isinstance(exc, WorkerLostError):
+        lost: BaseException = WorkerLostError(
+            f"the worker process running {raw.task} died ({_describe(exc)}) each time it ran this message, "
+            f"the second time alone: the message is taken as the cause and not retried"
+        )
+        return lost
+    return ItrainError(f"{raw.task} failed each time it ran, the second time alone: {_describe(exc)}")
+
+
+def _result_id(value: Any) -> bool:
+    """Whether ``value`` can name a result key (text of 1 to 255 characters, valid UTF-8)."""
+    if not (isinstance(value, str) and 0 < len(value) <= 255):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(value: str) -> str:
+    """``value`` as valid UTF-8 text of at most 255 characters (lone surrogates escaped)."""
+    return value[:255].encode("utf-8", "backslashreplace").decode()
+
+
+def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
+    """End a message that failed its job even when run alone: one dead-letter entry, then a
+    FAILURE result for each of its results that has none yet. Returns (error text, args to
+    show). Runs in the worker's main process; a Redis fault propagates."""
+    rt = get_runtime()
+    error = _culprit_error(raw, exc)
+    ids, model, event_id, shown, extra = [raw.task_id], "default", None, "", None
+    # Describe the message as far as it decodes: its model routes the dead letter, its result
+    # ids get the FAILURE. A message that does not decode is described by its task id alone.
+    try:
+        args = decode_args(raw, rt.settings.max_message_bytes)
+        if raw.task == TASK_TRAIN_BATCH:
+            pairs = split_batch(args)
+            ids = [task_id for task_id, _ in pairs if _result_id(task_id)] or ids
+            model = model_hint(pairs[0][1]) if pairs else model
+            shown, extra = f"[{len(pairs)} events]", {"events": len(pairs)}
+        else:
+            payload: Any = args[0] if len(args) == 1 else None
+            model = model_hint(payload)
+            event = validate_event(payload)
+            model, event_id, shown = event.model, event.event_id, shown_args(event)
+    except Exception as described:  # a hostile body must not stop the main process
+        logger.debug("dead-lettered message %s does not decode: %r", _printable(raw.task_id), described)
+    ids = [task_id for task_id in ids if _result_id(task_id)]
+    entry = dead_letter_entry(_printable(raw.task_id), error, model=model, event_id=event_id, extra=extra)
+    # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
+    # already written (an event committed before the process died) is left alone.
+    rt.store.dead_letter(model, [entry])
+    failures = [Outcome(task_id, "FAILURE", failure_payload(error), keep_existing=True) for task_id in ids]
+    write_results(rt.result_client, failures, rt.settings.result_expires)
+    logger.error("task %s dead-lettered: %s", _printable(raw.task_id), error)
+    return str(error), shown
 
 
 def training_strategy(task: Task, app: Celery, consumer: Any, **kwargs: Any) -> Any:

@@ -51,7 +51,7 @@ def train_batch(self: Task, ids: list[str], events: list[dict[str, Any]]) -> dic
     return result
 
 
-@app.task(name=TASK_PREDICT, acks_late=True)
+@app.task(name=TASK_PREDICT, acks_late=True, Request="worker.consume.task_events:HiddenArgsRequest")
 def predict(event: dict[str, Any]) -> dict[str, Any]:
     """``{model, version, prediction}`` for an event, from the current weights."""
     return get_runtime().trainer.predict(validate_event(event))
