@@ -9,11 +9,14 @@ group this module started.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -356,3 +359,40 @@ def _json(raw: bytes) -> Any:
     import orjson
 
     return orjson.loads(raw)
+
+
+def raw_event(model: str, event_id: str, **overrides: Any) -> dict[str, Any]:
+    """A minimal valid event as a plain dict, for messages built by hand."""
+    return {
+        "event_id": event_id,
+        "user_id": "u1",
+        "action_type": "click",
+        "timestamp": time.time(),
+        "model": model,
+        **overrides,
+    }
+
+
+def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``url``, with basic auth when given: (status, body). An error status is returned, not
+    raised; a connection error is (``OSError``)."""
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+
+
+def evidence_env(visibility: int) -> dict[str, str]:
+    """Worker settings for tests that read the exactly-once evidence: dead workers' messages back
+    after ``visibility`` seconds, markers kept longer than that, every step kept in the history."""
+    return {
+        "ITRAIN_VISIBILITY_TIMEOUT": str(visibility),
+        "ITRAIN_DEDUPE_TTL": "600",
+        "ITRAIN_HISTORY_MAX": "100000",
+        "ITRAIN_LOG_EVERY": "1000",
+    }

@@ -7,7 +7,6 @@ swapped for the private one. Nothing connects to a Redis the tests did not start
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shlex
@@ -30,7 +29,7 @@ from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from producer.keys import MODELS
 from producer.settings import Settings
-from tests.helpers import make_event
+from tests.helpers import http_get, make_event
 from worker.devtools.embedded_redis import free_port
 from worker.devtools.stack import node_name, start_process, stop_process, wait_for_workers
 
@@ -249,18 +248,6 @@ def test_worker_command_runs_and_trains(
         stop_process(proc)
 
 
-def _http_status(url: str, auth: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def test_flower_command_runs_and_requires_auth(
     services: dict[str, Any], redis_url: str, tmp_path: Path
 ) -> None:
@@ -279,12 +266,12 @@ def test_flower_command_runs_and_requires_auth(
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"flower exited; see {log}"
             try:
-                status = _http_status(base + "/api/tasks")
+                status = http_get(base + "/api/tasks")[0]
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.2)
         assert status == 401, f"flower answered {status} without credentials"
-        assert _http_status(base + "/api/tasks", (user, "wrong")) == 401
-        assert _http_status(base + "/api/tasks", (user, password)) == 200
+        assert http_get(base + "/api/tasks", (user, "wrong"))[0] == 401
+        assert http_get(base + "/api/tasks", (user, password))[0] == 200
     finally:
         stop_process(proc)

@@ -6,14 +6,9 @@ so a raw user id put there by ``send_task`` or a raw ``LPUSH`` never reaches Flo
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,9 +21,10 @@ import redis
 from producer.client import TrainingClient
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id
 from producer.settings import Settings
-from tests.helpers import create_model, wait_until
+from tests.helpers import create_model, http_get, make_event, wait_until
 from worker.consume.task_events import HIDDEN_ARGS
-from worker.devtools.stack import ROOT, flower_command, stop_process
+from worker.devtools.embedded_redis import free_port
+from worker.devtools.stack import flower_command, start_process, stop_process
 
 USER, PASSWORD = "itrain", "flower-test-pw"
 WAIT = 60.0
@@ -41,23 +37,9 @@ class Flower:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _get(url: str, *, auth: bool = True) -> tuple[int, Any]:
-    request = urllib.request.Request(url)
-    if auth:
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
+    status, body = http_get(url, (USER, PASSWORD) if auth else None)
+    return status, json.loads(body) if status == 200 else None
 
 
 def _tasks(flower: Flower) -> dict[str, Any]:
@@ -69,17 +51,11 @@ def _tasks(flower: Flower) -> dict[str, Any]:
 @pytest.fixture
 def flower(redis_url: str, tmp_path: Path) -> Iterator[Flower]:
     """Flower with basic auth on the session's Redis, answering its API."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "flower.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [*flower_command(port), f"--basic-auth={USER}:{PASSWORD}"],
-            env={**os.environ, "ITRAIN_REDIS_URL": redis_url},
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_process(
+        [*flower_command(port), f"--basic-auth={USER}:{PASSWORD}"], {"ITRAIN_REDIS_URL": redis_url}, log
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -189,3 +165,27 @@ def test_flower_shows_worker_built_args_on_every_path(
     text = json.dumps(tasks)
     leaked = [e["user_id"] for e in events if e["user_id"] in text]
     assert not leaked, f"Flower shows raw user ids: {leaked}"
+
+
+def test_flower_broker_pages_read_the_queue(flower: Flower, redis_client: redis.Redis) -> None:
+    """The worker app names its broker ``itrain://``; Flower's broker pages choose their Redis
+    client by the URL's scheme, so the app shows them the ``redis://`` URL it stands for."""
+    queue = Settings().queue
+    # Given three messages waiting on the queue, and no worker
+    event = make_event("default", 0, "flower-broker")
+    envelopes = [encode_envelope(TASK_TRAIN_STEP, new_task_id(), [event], queue) for _ in range(3)]
+    redis_client.lpush(queue, *envelopes)
+    try:
+        # Then Flower's queue API counts them
+        status, body = _get(f"{flower.url}/api/queues/length")
+        assert status == 200, body
+        assert {"name": queue, "messages": 3} in body["active_queues"]
+        # And its broker page shows a redis:// URL, not the transport's scheme
+        status, page = http_get(f"{flower.url}/broker", (USER, PASSWORD))
+        assert status == 200
+        assert b"redis://" in page
+        assert b"itrain://" not in page
+        assert _get(f"{flower.url}/api/queues/length", auth=False)[0] == 401
+    finally:
+        for envelope in envelopes:
+            redis_client.lrem(queue, 0, envelope)

@@ -13,22 +13,11 @@ import redis
 from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, result_key
-from tests.helpers import wait_until
+from tests.helpers import raw_event, wait_until
 
 BAD_TIMESTAMP = "0001-01-01T00:00:00+01:00"
 #: How long a redelivery loop gets to show itself (the old worker requeued ~140 times a second).
 SETTLE = 3.0
-
-
-def _event(model: str, event_id: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        "event_id": event_id,
-        "user_id": "u1",
-        "action_type": "click",
-        "timestamp": time.time(),
-        "model": model,
-        **overrides,
-    }
 
 
 def _meta(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
@@ -48,7 +37,7 @@ def test_poison_chunk_fails_once_and_the_worker_goes_on(
     (proc,) = start_workers(1)
     queue = client.settings.queue
     good, bad = str(uuid.uuid4()), str(uuid.uuid4())
-    events = [_event(model, "neighbour"), _event(model, "poison", timestamp=BAD_TIMESTAMP)]
+    events = [raw_event(model, "neighbour"), raw_event(model, "poison", timestamp=BAD_TIMESTAMP)]
     redis_client.lpush(
         queue, encode_envelope(TASK_TRAIN_BATCH, str(uuid.uuid4()), [[good, bad], events], queue)
     )
@@ -65,7 +54,7 @@ def test_poison_chunk_fails_once_and_the_worker_goes_on(
     assert redis_client.llen(queue) == 0
     # And the worker is alive and trains the next event
     assert proc.poll() is None
-    assert client.train_step(_event(model, "after")).get(timeout=30)["status"] == "trained"
+    assert client.train_step(raw_event(model, "after")).get(timeout=30)["status"] == "trained"
     assert int(redis_client.hget(ModelKeys(model).ckpt, "step")) == 2
 
 
@@ -76,11 +65,11 @@ def test_surrogate_header_id_and_forged_chunk_against_a_worker(
     model = make_model()
     (proc,) = start_workers(1)
     queue = client.settings.queue
-    victim = client.train_step(_event(model, "real"))
+    victim = client.train_step(raw_event(model, "real"))
     assert victim.get(timeout=30)["status"] == "trained"
     original = redis_client.get(result_key(victim.id))
     # When a train_step whose header id is the JSON escape "\ud800" is pushed raw
-    envelope = encode_envelope(TASK_TRAIN_STEP, "@ID@", [_event(model, "orphan")], queue)
+    envelope = encode_envelope(TASK_TRAIN_STEP, "@ID@", [raw_event(model, "orphan")], queue)
     redis_client.lpush(queue, envelope.replace(b'"@ID@"', b'"\\ud800"'))
     # And a forged chunk naming the trained job's id with a junk event
     forged = encode_envelope(
@@ -97,4 +86,4 @@ def test_surrogate_header_id_and_forged_chunk_against_a_worker(
     assert redis_client.get(result_key(victim.id)) == original
     assert int(redis_client.hget(ModelKeys(model).ckpt, "step")) == 1
     assert proc.poll() is None
-    assert client.train_step(_event(model, "after")).get(timeout=30)["status"] == "trained"
+    assert client.train_step(raw_event(model, "after")).get(timeout=30)["status"] == "trained"

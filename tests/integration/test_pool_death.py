@@ -10,9 +10,7 @@ production worker whose pool job misbehaves on cue, see ``tests/crash_app.py``).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,13 +21,11 @@ import orjson
 import pytest
 import redis
 
-from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
 from producer.settings import Settings
-from tests.helpers import check_each_event_once, create_model, make_events, wait_until
-from worker.devtools.stack import ROOT, stop_process, wait_for_workers
+from tests.helpers import Workers, check_each_event_once, create_model, make_events, wait_until
 
 WAIT = 90.0
 
@@ -55,7 +51,6 @@ class CrashWorker:
 def crash_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashWorker]:
     logs = tmp_path_factory.mktemp("pool-death")
     queue = f"itrain-crash-{uuid.uuid4().hex[:8]}"
-    name = f"crash-{uuid.uuid4().hex[:6]}"
     env = {
         "ITRAIN_REDIS_URL": redis_url,
         "ITRAIN_QUEUE": queue,
@@ -63,35 +58,12 @@ def crash_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         # Messages pushed together wait for each other: one micro-batch, deterministically.
         "ITRAIN_BATCH_WAIT_MS": "300",
     }
-    cmd = [sys.executable, "-m", "celery", "-A", "tests.crash_app", "worker", "--hostname", f"{name}@%h"]
-    cmd += [
-        "--concurrency",
-        "1",
-        "--pool",
-        "prefork",
-        "--loglevel",
-        "info",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    with open(logs / "worker.log", "ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env={**os.environ, **env},
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    workers = Workers(logs)
     try:
-        ping = make_celery(Settings(redis_url=redis_url), main="itrain-test-ping")
-        try:
-            wait_for_workers(ping, 1, timeout=WAIT)
-        finally:
-            ping.close()
-        yield CrashWorker(proc, queue, logs / "jobs.txt", logs / "worker.log")
+        (proc,) = workers.start(1, redis_url=redis_url, env=env, concurrency=1, app="tests.crash_app")
+        yield CrashWorker(proc, queue, logs / "jobs.txt", workers.logs[proc.pid])
     finally:
-        stop_process(proc)
+        workers.close()
 
 
 def _push(client: redis.Redis, queue: str, events: list[dict[str, Any]]) -> list[str]:

@@ -23,6 +23,7 @@ from producer.errors import DeliveryLimitError, EventProcessingError, InvalidEve
 from producer.keys import UNROUTED_DEAD, ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, result_key
 from producer.settings import Settings
+from tests.helpers import raw_event
 from worker.consume import runtime
 from worker.consume.faults import is_redis_fault
 from worker.consume.messages import RawMessage
@@ -38,17 +39,6 @@ BAD_TIMESTAMP = "0001-01-01T00:00:00+01:00"
 
 
 # -- building messages -----------------------------------------------------------------------------
-
-
-def event(model: str, event_id: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        "event_id": event_id,
-        "user_id": "u1",
-        "action_type": "click",
-        "timestamp": time.time(),
-        "model": model,
-        **overrides,
-    }
 
 
 def body_of(args: list[Any]) -> bytes:
@@ -117,7 +107,7 @@ def test_bad_timestamp_second_in_chunk_fails_alone_and_first_trains(
     # Given a chunk whose second event has a date that is before year 1 in UTC
     model = make_model()
     ids = [new_id(), new_id()]
-    msg = batch_message(ids, [event(model, "good"), event(model, "bad", timestamp=BAD_TIMESTAMP)])
+    msg = batch_message(ids, [raw_event(model, "good"), raw_event(model, "bad", timestamp=BAD_TIMESTAMP)])
     # When the pool-process code runs it
     (summary,) = run_messages([msg])
     # Then the message succeeds with counts, the first event trains, the second fails naming timestamp
@@ -138,8 +128,8 @@ def test_context_integer_beyond_64_bits_fails_alone(own_runtime, make_model, red
     model = make_model()
     bad_id, good_id = new_id(), new_id()
     messages = [
-        step_message(bad_id, event(model, "big", context={"n": 2**63})),
-        step_message(good_id, event(model, "fine", context={"n": 2**63 - 1})),
+        step_message(bad_id, raw_event(model, "big", context={"n": 2**63})),
+        step_message(good_id, raw_event(model, "fine", context={"n": 2**63 - 1})),
     ]
     # When both run together
     summaries = run_messages(messages)
@@ -159,7 +149,7 @@ def test_surrogate_task_id_in_header_is_refused_without_a_result(
     # Given a train_step message whose header id came from the JSON escape "\ud800"
     model = make_model()
     before = result_keys(redis_client)
-    msg = step_message("\ud800", event(model, "orphan"))
+    msg = step_message("\ud800", raw_event(model, "orphan"))
     # When it runs
     (summary,) = run_messages([msg])
     # Then it fails naming the task id, nothing is trained, no result is written anywhere
@@ -176,7 +166,7 @@ def test_surrogate_id_in_batch_list_fails_alone(own_runtime, make_model, redis_c
     # Given a chunk whose second result id is a lone surrogate escape in the JSON body
     model = make_model()
     good = new_id()
-    events = [event(model, "e-good"), event(model, "e-orphan")]
+    events = [raw_event(model, "e-good"), raw_event(model, "e-orphan")]
     body = body_of([[good, "@SURROGATE@"], events]).replace(b'"@SURROGATE@"', b'"\\ud800"')
     # When it runs
     (summary,) = run_messages([batch_message([], [], body=body)])
@@ -199,7 +189,7 @@ def test_junk_body_fails_its_message_and_the_next_message_trains(
     junk = RawMessage(TASK_TRAIN_STEP, junk_id, "application/json", "utf-8", None, b"\x00not json{")
     before = redis_client.llen(UNROUTED_DEAD) + redis_client.llen(ModelKeys("default").dead)
     # When both run together
-    summaries = run_messages([junk, step_message(good_id, event(model, "after-junk"))])
+    summaries = run_messages([junk, step_message(good_id, raw_event(model, "after-junk"))])
     # Then the junk message fails under its id with a dead letter, and the valid one trains
     assert [s[1] for s in summaries] == ["FAILURE", "SUCCESS"]
     with pytest.raises(InvalidEventError, match="not valid JSON"):
@@ -225,7 +215,7 @@ def test_error_raised_while_training_one_event_fails_only_that_event(
     ids = [new_id() for _ in range(7)]
     names = ["a", "b", "c", "poison", "d", "e", "f"]
     # When a chunk holding it runs
-    (summary,) = run_messages([batch_message(ids, [event(model, n) for n in names])])
+    (summary,) = run_messages([batch_message(ids, [raw_event(model, n) for n in names])])
     # Then its six neighbours train, each once, and only it fails, with a dead letter
     assert summary[2] == {"events": 7, "trained": 6, "failed": 1}
     assert step(redis_client, model) == 6
@@ -260,7 +250,7 @@ def test_stopped_redis_propagates_and_writes_nothing(monkeypatch) -> None:
         server.stop()
         # When a valid message and a junk one run
         messages = [
-            step_message(new_id(), event(model, "e1")),
+            step_message(new_id(), raw_event(model, "e1")),
             RawMessage(TASK_TRAIN_STEP, new_id(), "application/json", "utf-8", None, b"junk"),
         ]
         # Then the Redis error comes out (the main process requeues both): nothing is answered
@@ -279,7 +269,7 @@ def test_out_of_memory_propagates_and_nothing_is_answered(monkeypatch) -> None:
         client.config_set("maxmemory", "1")
         ids = [new_id(), new_id()]
         messages = [
-            step_message(ids[0], event(model, "e1")),
+            step_message(ids[0], raw_event(model, "e1")),
             RawMessage(TASK_TRAIN_STEP, ids[1], "application/json", "utf-8", None, b"junk"),
         ]
         # When they run
@@ -310,7 +300,7 @@ def test_busy_redis_propagates(monkeypatch) -> None:
         time.sleep(0.3)
         # When a message runs meanwhile
         with pytest.raises(redis.ResponseError) as info:
-            run_messages([step_message(new_id(), event(model, "e1"))])
+            run_messages([step_message(new_id(), raw_event(model, "e1"))])
         thread.join(10)
         spinner.close()
         # Then the BUSY error came out, and it counts as Redis's fault
@@ -325,12 +315,12 @@ def test_message_delivered_too_often_is_not_trained(own_runtime, make_model, red
     # Given an event already trained, and ITRAIN_MAX_DELIVERIES at its default of 5
     assert own_runtime.settings.max_deliveries == 5
     model = make_model()
-    run_messages([step_message(new_id(), event(model, "trained-before"))])
+    run_messages([step_message(new_id(), raw_event(model, "trained-before"))])
     assert step(redis_client, model) == 1
     # When a chunk holding it and a new event comes for the 6th time
     ids = [new_id(), new_id()]
     (summary,) = run_messages(
-        [batch_message(ids, [event(model, "trained-before"), event(model, "never")], deliveries=6)]
+        [batch_message(ids, [raw_event(model, "trained-before"), raw_event(model, "never")], deliveries=6)]
     )
     # Then nothing is trained: the trained one answers duplicate, the other fails naming the limit
     assert summary[2] == {"events": 2, "duplicate": 1, "failed": 1}
@@ -346,7 +336,7 @@ def test_message_delivered_too_often_is_not_trained(own_runtime, make_model, red
 def test_message_at_the_delivery_limit_still_trains(own_runtime, make_model, redis_client) -> None:
     # Given a message on its 5th delivery (the limit itself)
     model = make_model()
-    (summary,) = run_messages([step_message(new_id(), event(model, "fifth"), deliveries=5)])
+    (summary,) = run_messages([step_message(new_id(), raw_event(model, "fifth"), deliveries=5)])
     # Then it trains
     assert summary[2]["status"] == "trained"
     assert step(redis_client, model) == 1
@@ -361,11 +351,11 @@ def test_forged_chunk_naming_a_trained_id_leaves_its_result(
     # Given a job whose event trained
     model = make_model()
     victim = new_id()
-    run_messages([step_message(victim, event(model, "real"))])
+    run_messages([step_message(victim, raw_event(model, "real"))])
     original = redis_client.get(result_key(victim))
     # When forged chunks name its id: one with a junk event, one with another valid event
     run_messages([batch_message([victim], [{"junk": True}])])
-    run_messages([batch_message([victim], [event(model, "forged")])])
+    run_messages([batch_message([victim], [raw_event(model, "forged")])])
     # Then its result is the original one, byte for byte
     assert redis_client.get(result_key(victim)) == original
     result = app.AsyncResult(victim).get(timeout=5)
@@ -381,7 +371,7 @@ def test_lock_timeout_failure_then_redelivery_that_trains_says_trained(
     failed = Outcome.failure(task_id, RuntimeError("lock_timeout"), event_id="late-train")
     write_results(redis_client, [failed], 60)
     # When the redelivered message trains the event
-    (summary,) = run_messages([step_message(task_id, event(model, "late-train"), deliveries=2)])
+    (summary,) = run_messages([step_message(task_id, raw_event(model, "late-train"), deliveries=2)])
     # Then the result says trained
     assert summary[2]["status"] == "trained"
     assert app.AsyncResult(task_id).get(timeout=5)["status"] == "trained"

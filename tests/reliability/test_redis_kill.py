@@ -24,6 +24,7 @@ from tests.helpers import (
     Workers,
     check_each_event_once,
     create_model,
+    evidence_env,
     make_event,
     model_state,
     wait_until,
@@ -32,13 +33,7 @@ from worker.devtools.embedded_redis import RedisServer, free_port
 
 KILLS = 5
 VISIBILITY = 6
-ENV = {
-    "ITRAIN_VISIBILITY_TIMEOUT": str(VISIBILITY),
-    "ITRAIN_DEDUPE_TTL": "600",
-    "ITRAIN_HISTORY_MAX": "100000",
-    "ITRAIN_LOG_EVERY": "100000",
-    "ITRAIN_PUBLISH_TIMEOUT": "2",
-}
+ENV = {**evidence_env(VISIBILITY), "ITRAIN_PUBLISH_TIMEOUT": "2"}
 
 
 class _Stream(threading.Thread):

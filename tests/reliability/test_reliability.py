@@ -47,6 +47,7 @@ from tests.helpers import (
     children,
     create_model,
     descendants,
+    evidence_env,
     make_events,
     model_state,
     statuses,
@@ -58,13 +59,7 @@ from worker.store.model_store import Store
 
 #: Dead workers' messages come back after this many seconds (ITRAIN_DEDUPE_TTL stays above it).
 VISIBILITY = 8
-BASE_ENV = {
-    "ITRAIN_VISIBILITY_TIMEOUT": str(VISIBILITY),
-    "ITRAIN_DEDUPE_TTL": "600",
-    # Every step stays in the history, so the test can see each event trained exactly once.
-    "ITRAIN_HISTORY_MAX": "100000",
-    "ITRAIN_LOG_EVERY": "1000",
-}
+BASE_ENV = evidence_env(VISIBILITY)
 #: hidden=4096 costs ~0.3 ms per exact SGD step: a few thousand events keep a worker busy for
 #: seconds, long enough to kill or stop it in the middle of a batch.
 SLOW = {"hidden": 4096}

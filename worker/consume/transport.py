@@ -203,23 +203,29 @@ class QoS(kombu_redis.QoS):
             )  # fmt: skip
             if not rows:
                 return
-            records = client.hmget(self.unacked_key, [tag for tag, _ in rows])
-            keys: list[str] = [self.unacked_index_key, self.unacked_key]
-            args: list[Any] = []
-            for (tag, score), record in zip(rows, records, strict=True):
-                lists = _restore_lists(channel, record)
-                text = b"" if lists is None else lists[1]
-                targets = [] if lists is None else lists[0]
-                args += [tag, repr(score), text, len(targets)]
-                for key in targets:
-                    if key not in keys:
-                        keys.append(key)
-                    args.append(keys.index(key) + 1)
-            back = int(client.eval(RESTORE.text, len(keys), *keys, *args))
+            back = 0
+            for i in range(0, len(rows), 500):  # bounded scripts, however large the backlog
+                back += self._restore_rows(client, rows[i : i + 500])
         if back:
             logger.warning(
                 "restored %d message(s) not acknowledged within %g s", back, self.visibility_timeout
             )
+
+    def _restore_rows(self, client: Any, rows: list[tuple[bytes, float]]) -> int:
+        channel = self.channel
+        records = client.hmget(self.unacked_key, [tag for tag, _ in rows])
+        keys: list[str] = [self.unacked_index_key, self.unacked_key]
+        args: list[Any] = []
+        for (tag, score), record in zip(rows, records, strict=True):
+            lists = _restore_lists(channel, record)
+            text = b"" if lists is None else lists[1]
+            targets = [] if lists is None else lists[0]
+            args += [tag, repr(score), text, len(targets)]
+            for key in targets:
+                if key not in keys:
+                    keys.append(key)
+                args.append(keys.index(key) + 1)
+        return int(client.eval(RESTORE.text, len(keys), *keys, *args))
 
     def restore_unacked(self, client: Any = None) -> None:
         """Give unacknowledged messages back (worker shutdown, lost connection). Acked ones are
