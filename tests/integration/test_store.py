@@ -1,0 +1,109 @@
+"""The model store (``worker.store.model_store.Store``) and its Lua scripts, in process, against a
+real redis-server: creation, the fenced commit, event markers, bounded lists, dead letters."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import redis
+
+from producer.errors import ModelExistsError
+from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
+from producer.settings import Settings
+from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.store.model_store import CommitResult, Store
+
+
+def _commit(
+    store: Store, model: str, expected: Checkpoint, ids: list[str], dead: list[bytes] | None = None
+) -> CommitResult:
+    return store.commit(
+        model,
+        expected=expected,
+        params=(expected.theta + 1.0).tobytes(),
+        event_ids=ids,
+        loss_last=0.5,
+        loss_ema=0.6,
+        actions={"click": len(ids)},
+        history=[orjson.dumps({"event_id": i}) for i in ids],
+        dead=dead or [],
+    )
+
+
+def test_create_refuses_to_replace_without_force(store: Store, model_name: str) -> None:
+    ckpt = Checkpoint.initial(ModelConfig(hidden=8))
+    version = store.create(model_name, ckpt, force=False)
+    with pytest.raises(ModelExistsError, match=model_name):
+        store.create(model_name, ckpt, force=False)
+    loaded = store.load(model_name)
+    assert loaded is not None
+    assert loaded.version == version
+    assert loaded.step == 0
+    np.testing.assert_array_equal(loaded.theta, ckpt.theta)
+    # --force starts a new generation at a higher version: old markers no longer count
+    again = store.create(model_name, ckpt, force=True)
+    reloaded = store.load(model_name)
+    assert reloaded is not None
+    assert again > version
+    assert reloaded.gen != loaded.gen
+    assert model_name in store.models()
+
+
+def test_commit_is_fenced_by_the_checkpoint_read(store: Store, model_name: str) -> None:
+    # Given a checkpoint read by two workers
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    first = store.load(model_name)
+    assert first is not None
+    # When the first commits, then the second commits on the same (now stale) read
+    ok = _commit(store, model_name, first, ["a", "b"])
+    stale = _commit(store, model_name, first, ["c"])
+    # Then only the first lands: version, step and weights are the first commit's
+    assert ok.ok
+    assert not stale.ok
+    now = store.load(model_name)
+    assert now is not None
+    assert (now.version, now.step) == (first.version + 1, 2)
+    np.testing.assert_array_equal(now.theta, first.theta + 1.0)
+    # And the refused commit wrote no marker
+    assert store.read(model_name, None, ["a", "b", "c"]).done == [True, True, False]
+
+
+def test_read_skips_the_weights_when_the_cached_copy_is_current(store: Store, model_name: str) -> None:
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    fresh = store.read(model_name, None, [])
+    assert fresh.state == "fresh"
+    assert fresh.checkpoint is not None
+    assert store.read(model_name, fresh.checkpoint, []).state == "unchanged"
+    _commit(store, model_name, fresh.checkpoint, ["x"])
+    assert store.read(model_name, fresh.checkpoint, []).state == "fresh"
+    assert store.read("no-such-model", None, ["x"]).state == "missing"
+
+
+def test_history_and_dead_letters_are_trimmed_and_counted(
+    redis_client: redis.Redis, redis_url: str, model_name: str
+) -> None:
+    store = Store(redis_client, Settings(redis_url=redis_url, history_max=5, dead_letter_max=3))
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    ids = [f"e{i}" for i in range(8)]
+    dead = [orjson.dumps({"n": i}) for i in range(4)]
+    assert _commit(store, model_name, ckpt, ids, dead=dead).ok
+    keys = ModelKeys(model_name)
+    history = [orjson.loads(h)["event_id"] for h in redis_client.lrange(keys.history, 0, -1)]
+    assert history == ["e7", "e6", "e5", "e4", "e3"]  # newest first, the last five
+    assert redis_client.llen(keys.dead) == 3
+    assert int(redis_client.hget(keys.stats, "failures")) == 4
+    assert int(redis_client.hget(keys.stats, "interactions")) == 8
+    assert int(redis_client.hget(keys.actions, "click")) == 8
+
+
+def test_dead_letters_of_unknown_models_go_to_the_unrouted_list(
+    store: Store, redis_client: redis.Redis
+) -> None:
+    before = redis_client.llen(UNROUTED_DEAD)
+    store.dead_letter("never-created", [b'{"reason": "x"}'])
+    assert redis_client.llen(UNROUTED_DEAD) == before + 1
+    assert not redis_client.sismember(MODELS, "never-created")
+    assert not redis_client.exists(ModelKeys("never-created").dead)
