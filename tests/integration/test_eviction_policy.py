@@ -5,18 +5,21 @@ app and the compose file's Redis all run ``noeviction``."""
 from __future__ import annotations
 
 import subprocess
+import time
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from producer.settings import Settings
-from tests.helpers import Workers
+from tests.helpers import Workers, http_get, make_event
 from tests.integration.test_compose import command_of
-from worker.devtools.embedded_redis import RedisServer
-from worker.devtools.stack import start_worker
+from worker.devtools.embedded_redis import RedisServer, free_port
+from worker.devtools.stack import start_flower, start_worker, stop_process
 from worker.store.eviction import check_eviction_policies, eviction_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +71,30 @@ def test_worker_refuses_an_evicting_result_backend(
     assert "the result backend Redis" in line, line
     assert "volatile-lru" in line, line
     assert f"{lru_redis.port}" in line
+
+
+def test_flower_and_the_producer_do_not_check(lru_redis: RedisServer, tmp_path: Path) -> None:
+    # Given a Redis that evicts: publishing still works (the check belongs to the worker alone)
+    with TrainingClient(redis_url=lru_redis.url) as client:
+        client.train_step(make_event("default", 0, "lru"))
+        assert client.queue_length() == 1
+    # and Flower, which imports the same app, starts and serves its pages
+    port = free_port()
+    log = tmp_path / "flower.log"
+    proc = start_flower(port, {"ITRAIN_REDIS_URL": lru_redis.url}, log=log)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status is None and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text(errors="replace")
+            try:
+                status = http_get(f"http://127.0.0.1:{port}/healthcheck")[0]
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        assert status == 200, log.read_text(errors="replace")
+        assert "maxmemory-policy" not in log.read_text(errors="replace")
+    finally:
+        stop_process(proc)
 
 
 def test_check_names_each_role_that_differs(redis_url: str, lru_redis: RedisServer) -> None:
