@@ -13,6 +13,7 @@ from producer.errors import (
     NonFiniteUpdateError,
     PublishError,
     QueueFullError,
+    ResultIgnoredError,
     ResultTimeoutError,
     TargetError,
 )
@@ -46,5 +47,6 @@ __all__ = [
     "TargetError",
     "NonFiniteUpdateError",
     "LockTimeoutError",
+    "ResultIgnoredError",
     "ResultTimeoutError",
 ]

@@ -12,7 +12,13 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
-from producer.errors import InvalidEventError, PublishError, QueueFullError, ResultTimeoutError
+from producer.errors import (
+    InvalidEventError,
+    PublishError,
+    QueueFullError,
+    ResultIgnoredError,
+    ResultTimeoutError,
+)
 from producer.events import EVENT_LIST, InteractionData
 from producer.handles import JobHandle
 from producer.protocol import (
@@ -57,20 +63,34 @@ class TrainingClient:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def train_step(self, event: EventLike) -> AsyncResult:
-        """Enqueue one training step; the handle resolves to the contract's result object."""
+    def train_step(self, event: EventLike, *, result: bool = True) -> AsyncResult:
+        """Enqueue one training step; the handle resolves to the contract's result object.
+
+        ``result=False``: fire-and-forget (Celery's ``ignore_result``). The event trains as any
+        other, a failure is still dead-lettered and Flower still shows the task, but no result
+        is written: the handle's ``get()`` returns ``None`` at once, its ``state`` stays
+        ``PENDING``, and ``wait_all`` on it raises ``ResultIgnoredError``.
+        """
         payload = _validate_one(event).model_dump(mode="json")
         task_id = new_task_id()
-        queue = self.settings.queue
-        self._push([encode_envelope(TASK_TRAIN_STEP, task_id, [payload], queue, argsrepr=_argsrepr(payload))])
-        return JobHandle(task_id, self.app)
+        envelope = encode_envelope(
+            TASK_TRAIN_STEP,
+            task_id,
+            [payload],
+            self.settings.queue,
+            argsrepr=_argsrepr(payload),
+            ignore_result=not result,
+        )
+        self._push([envelope])
+        return JobHandle(task_id, self.app, ignored=not result)
 
-    def train_many(self, events: Iterable[EventLike]) -> list[AsyncResult]:
+    def train_many(self, events: Iterable[EventLike], *, results: bool = True) -> list[AsyncResult]:
         """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
 
         Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``) and all
         messages go to Redis in one pipelined round trip. All or nothing: an invalid event or a
-        full queue raises before anything is sent.
+        full queue raises before anything is sent. ``results=False``: fire-and-forget, as
+        ``train_step(..., result=False)``, for every event.
         """
         items = list(events)
         if not items:
@@ -86,12 +106,13 @@ class TrainingClient:
                     [ids[a:b], payloads[a:b]],
                     queue,
                     argsrepr=f"[{b - a} events]",
+                    ignore_result=not results,
                 )
                 for a, b in self._chunks(payloads)
             ]
         )
-        app = self.app
-        return [JobHandle(task_id, app) for task_id in ids]
+        app, ignored = self.app, not results
+        return [JobHandle(task_id, app, ignored=ignored) for task_id in ids]
 
     def predict(self, event: EventLike) -> AsyncResult:
         """Ask the model for its prediction for an event; resolves to ``{model, version, prediction}``."""
@@ -120,8 +141,16 @@ class TrainingClient:
 
         Reads results in pipelined ``MGET`` calls, so waiting for 100,000 events costs a few
         round trips instead of one subscription per handle. ``ResultTimeoutError`` when some are
-        still pending after ``timeout`` seconds.
+        still pending after ``timeout`` seconds; ``ResultIgnoredError`` at once, before any
+        waiting, when a handle was sent with ``result=False`` (it will never have a result).
         """
+        ignored = [i for i, h in enumerate(handles) if getattr(h, "ignored", False)]
+        if ignored:
+            raise ResultIgnoredError(
+                f"{len(ignored)} of {len(handles)} handle(s) (the first at index {ignored[0]}) were "
+                "sent with result=False / results=False (fire-and-forget): no result is written for "
+                "them, so they cannot be waited on"
+            )
         backend = self.app.backend
         results: list[Any] = [_PENDING] * len(handles)
         pending = list(range(len(handles)))

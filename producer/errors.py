@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteUpdateError",
     "PublishError",
     "QueueFullError",
+    "ResultIgnoredError",
     "ResultTimeoutError",
     "TargetError",
 ]
@@ -80,6 +81,11 @@ class DeliveryLimitError(ItrainError):
 
 class LockTimeoutError(ItrainError):
     """The model's lock could not be had within the bounded wait, after every retry."""
+
+
+class ResultIgnoredError(ItrainError, ValueError):
+    """Results were asked for jobs sent with ``result=False``/``results=False``: none will ever
+    be written, so waiting for them would never end."""
 
 
 class ResultTimeoutError(ItrainError, TimeoutError):

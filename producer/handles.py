@@ -19,13 +19,15 @@ __all__ = ["JobHandle"]
 
 
 class JobHandle(AsyncResult):  # type: ignore[misc]
-    def __init__(self, id: str, app: Celery) -> None:
+    def __init__(self, id: str, app: Celery, *, ignored: bool = False) -> None:
         self.app = app
         self.id = id
         self.backend = app.backend
         self.parent = None
         self._cache = None
-        self._ignored = False
+        # Celery's mark for a task sent with ignore_result: get() returns None at once, and
+        # state stays PENDING (no result is ever written).
+        self._ignored = ignored
 
     @property
     def on_ready(self) -> Any:

@@ -40,9 +40,18 @@ def new_task_id() -> str:
 
 
 def encode_envelope(
-    task: str, task_id: str, args: list[Any], queue: str, *, argsrepr: str | None = None
+    task: str,
+    task_id: str,
+    args: list[Any],
+    queue: str,
+    *,
+    argsrepr: str | None = None,
+    ignore_result: bool = False,
 ) -> bytes:
-    """A Celery protocol 2 message as kombu's Redis transport stores it in the queue list."""
+    """A Celery protocol 2 message as kombu's Redis transport stores it in the queue list.
+
+    ``ignore_result``: Celery's header of the same name; the worker then writes no result for
+    the message's events (fire-and-forget), and still trains them and dead-letters failures."""
     body = orjson.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     envelope = {
         "body": base64.b64encode(body).decode("ascii"),
@@ -61,7 +70,7 @@ def encode_envelope(
             "argsrepr": argsrepr,
             "kwargsrepr": None,
             "origin": "itrain-producer",
-            "ignore_result": False,
+            "ignore_result": ignore_result,
         },
         "properties": {
             "correlation_id": task_id,

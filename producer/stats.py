@@ -20,7 +20,8 @@ def _float(value: bytes | None) -> float | None:
 
 
 def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
-    """The model's figures in one round trip; ``version`` and ``step`` come from the checkpoint."""
+    """The model's figures in one round trip; ``version`` and ``step`` come from the checkpoint,
+    ``redis_memory_used`` (bytes) from the store's server."""
     keys = ModelKeys(model)
     pipe = client.pipeline(transaction=False)
     pipe.hmget(keys.ckpt, ["version", "step", "loss_last", "loss_ema"])
@@ -28,7 +29,11 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
     pipe.hgetall(keys.actions)
     pipe.llen(keys.history)
     pipe.llen(keys.dead)
-    (version, step, loss_last, loss_ema), (interactions, failures), actions, hist, dead = pipe.execute()
+    # INFO, not MEMORY STATS or CONFIG: managed Redis and least-privilege users allow it.
+    pipe.info("memory")
+    (version, step, loss_last, loss_ema), (interactions, failures), actions, hist, dead, memory = (
+        pipe.execute()
+    )
     return {
         "model": model,
         "initialized": version is not None,
@@ -41,4 +46,7 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
         "history_len": int(hist),
         "failures": _int(failures),
         "dead_letters": int(dead),
+        # Bytes the whole Redis server holds (``INFO memory`` ``used_memory``), every model and
+        # every key of the store's server, not this model alone.
+        "redis_memory_used": int(memory["used_memory"]),
     }

@@ -72,6 +72,10 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _mib(size: int) -> str:
+    return f"{size / 1_048_576:.1f} MiB"
+
+
 def print_stats(stats: dict[str, Any]) -> None:
     table = Table(title=f"model {stats['model']}", show_header=False)
     table.add_column("what", style="bold")
@@ -79,6 +83,8 @@ def print_stats(stats: dict[str, Any]) -> None:
     for key, value in stats.items():
         if key == "interactions_by_action":
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        elif key == "redis_memory_used":
+            value = f"{value} B ({_mib(value)})"
         elif isinstance(value, float):
             value = f"{value:.6f}"
         table.add_row(key, "-" if value is None else str(value))

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from producer.settings import get_settings
 from worker.cli import main
+from worker.devtools.embedded_redis import RedisServer
 from worker.engine.mlp import Shape, init_params
 
 ITRAIN = str(Path(sys.executable).with_name("itrain"))
@@ -34,6 +37,7 @@ CONTRACT_KEYS = {
     "history_len",
     "failures",
     "dead_letters",
+    "redis_memory_used",
 }
 
 
@@ -232,6 +236,39 @@ def test_stats_without_json_prints_a_table(cli, capsys, model_name) -> None:
     for key in CONTRACT_KEYS - {"model"}:
         assert key in out
     assert len(out.splitlines()) > len(CONTRACT_KEYS)
+
+
+def test_stats_show_redis_memory_used(make_client, cli, capsys, model_name) -> None:
+    """`stats` (JSON, table and client.stats) report the store's INFO memory used_memory, in bytes."""
+    # Given a Redis of this test alone and an initialised model in it
+    with RedisServer() as server:
+        r = redis.Redis.from_url(server.url)
+        client = make_client(server.url)
+        before = client.stats(model_name)["redis_memory_used"]
+        assert isinstance(before, int)
+        assert before > 0
+        # When 4 MiB more are stored
+        r.set(f"itrain-test-ballast-{model_name}", b"x" * 4_194_304)
+        after = client.stats(model_name)["redis_memory_used"]
+        used = int(r.info("memory")["used_memory"])
+        # Then the figure grows by at least that much and is the server's own figure
+        assert after - before >= 4_194_304
+        assert abs(after - used) < 1_048_576
+        # and the CLI shows it, in JSON and in the table
+        os.environ["ITRAIN_REDIS_URL"], saved = server.url, os.environ["ITRAIN_REDIS_URL"]
+        try:
+            get_settings.cache_clear()
+            assert stats_json(cli, capsys, model_name)["redis_memory_used"] >= 4_194_304
+            assert cli(["stats", "--model", model_name]) == 0
+            table = capsys.readouterr().out
+        finally:
+            os.environ["ITRAIN_REDIS_URL"] = saved
+            get_settings.cache_clear()
+        assert "redis_memory_used" in table
+        shown = re.search(r"redis_memory_used\s.*?(\d+) B \((\d+\.\d) MiB\)", table)
+        assert shown, table
+        assert int(shown[1]) >= 4_194_304
+        assert shown[2] == f"{int(shown[1]) / 1_048_576:.1f}"
 
 
 # -- failures -------------------------------------------------------------------------------------

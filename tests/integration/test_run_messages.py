@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -197,6 +198,38 @@ def test_junk_body_fails_its_message_and_the_next_message_trains(
     assert app.AsyncResult(good_id).get(timeout=5)["status"] == "trained"
     after = redis_client.llen(UNROUTED_DEAD) + redis_client.llen(ModelKeys("default").dead)
     assert after == before + 1
+
+
+def test_ignore_result_trains_and_dead_letters_but_writes_no_result(
+    own_runtime, make_model, redis_client, app
+) -> None:
+    # Given messages sent with Celery's ignore_result: a train_step, a chunk with a poison event,
+    # a message that does not decode; and one ordinary train_step beside them
+    model = make_model()
+    step_id, good_id, bad_id, junk_id, plain_id = (new_id() for _ in range(5))
+    silent = [
+        replace(step_message(step_id, raw_event(model, "s1")), ignore_result=True),
+        replace(
+            batch_message(
+                [good_id, bad_id],
+                [raw_event(model, "s2"), raw_event(model, "s3", timestamp=BAD_TIMESTAMP)],
+            ),
+            ignore_result=True,
+        ),
+        RawMessage(TASK_TRAIN_STEP, junk_id, "application/json", "utf-8", None, b"junk", ignore_result=True),
+    ]
+    # When they run together
+    summaries = run_messages([*silent, step_message(plain_id, raw_event(model, "s4"))])
+    # Then the valid events train, each failure is dead-lettered, the summaries (task events)
+    # still tell each message's story
+    assert step(redis_client, model) == 3
+    assert [s[1] for s in summaries] == ["SUCCESS", "SUCCESS", "FAILURE", "SUCCESS"]
+    assert summaries[1][2] == {"events": 2, "trained": 1, "failed": 1}
+    assert [d["event_id"] for d in dead_letters(redis_client, model)] == ["s3"]
+    # and only the ordinary message has a result
+    for task_id in (step_id, good_id, bad_id, junk_id):
+        assert meta(redis_client, task_id) is None, task_id
+    assert app.AsyncResult(plain_id).get(timeout=5)["status"] == "trained"
 
 
 def test_error_raised_while_training_one_event_fails_only_that_event(

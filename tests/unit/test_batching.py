@@ -64,3 +64,11 @@ def test_raw_message_survives_a_hostile_envelope() -> None:
     assert raw.body == "[\ud800]".encode("utf-8", "surrogatepass")
     raw = raw_message(TASK_TRAIN_STEP, _message(headers={}, properties=["not", "a", "mapping"]))
     assert raw.task_id == ""
+
+
+def test_raw_message_reads_ignore_result_only_when_true() -> None:
+    # Celery's fire-and-forget header: a JSON true silences results; anything else does not.
+    assert raw_message(TASK_TRAIN_STEP, _message()).ignore_result is False
+    for value, expected in ((True, True), (False, False), ("true", False), (1, False), (None, False)):
+        headers = {"id": "task-1", "task": TASK_TRAIN_STEP, "ignore_result": value}
+        assert raw_message(TASK_TRAIN_STEP, _message(headers=headers)).ignore_result is expected

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import Any
 
 # One BLAS thread per pool process: the matrices are tiny, and several processes each starting
 # a thread per core only fight over the cores (a 4096-wide step took 4x longer).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from celery.signals import worker_init
+
 from producer.celery_config import make_celery
+from producer.errors import ConfigurationError
 from producer.settings import get_settings
 from worker.consume.transport import AMQP_CLASS, transport_url
+from worker.store.eviction import check_eviction_policies
 
 __all__ = ["app"]
 
@@ -33,3 +39,20 @@ app.conf.broker_transport_options = {
 app.conf.update(include=["worker.consume.tasks"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
+
+
+def _refuse_evicting_redis(sender: Any = None, **_: Any) -> None:
+    """``celery -A worker worker`` stops here, in its main process, unless every Redis it uses
+    runs ``maxmemory-policy noeviction`` (Flower and producers never send ``worker_init``)."""
+    if getattr(sender, "app", None) is not app:
+        return
+    try:
+        check_eviction_policies(settings)
+    except ConfigurationError as exc:
+        # Celery logs and swallows an Exception raised by a signal handler; SystemExit is not one,
+        # so the worker exits non-zero with this line and no traceback.
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+worker_init.connect(_refuse_evicting_redis)

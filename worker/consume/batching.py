@@ -105,6 +105,8 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
             else b""
         ),
         deliveries=delivery_count(info if isinstance(info, Mapping) else {}),
+        # Only a JSON true counts: a hostile "false" string must not silence a result.
+        ignore_result=headers.get("ignore_result") is True,
     )
 
 
@@ -290,8 +292,10 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
     # already written (an event committed before the process died) is left alone.
     rt.store.dead_letter(model, [entry])
-    failures = [Outcome(task_id, "FAILURE", failure_payload(error), keep_existing=True) for task_id in ids]
-    write_results(rt.result_client, failures, rt.settings.result_expires)
+    if not raw.ignore_result:  # fire-and-forget: the dead letter only
+        failed = failure_payload(error)
+        failures = [Outcome(task_id, "FAILURE", failed, keep_existing=True) for task_id in ids]
+        write_results(rt.result_client, failures, rt.settings.result_expires)
     logger.error("task %s dead-lettered: %s", _printable(raw.task_id), error)
     return str(error), shown
 

@@ -53,6 +53,9 @@ class RawMessage:
     #: How many times the broker has handed this message out, this time included (1 = first
     #: delivery). Our transport counts it in Redis (``delivery_info["deliveries"]``).
     deliveries: int = 1
+    #: Celery's ``ignore_result`` header (fire-and-forget): train, dead-letter failures, but
+    #: write no result for any of the message's events.
+    ignore_result: bool = False
 
 
 def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:

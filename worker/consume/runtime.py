@@ -89,6 +89,7 @@ class _Plan:
     late_owner: list[int] = field(default_factory=list)
     #: Results of items that ended before training, and the message each belongs to.
     failures: list[Outcome] = field(default_factory=list)
+    failure_owner: list[int] = field(default_factory=list)
     dead: dict[str, list[bytes]] = field(default_factory=dict)  # model -> dead letters
     message_error: dict[int, str] = field(default_factory=dict)  # message refused whole
     invalid: dict[int, int] = field(default_factory=dict)  # items failed before training
@@ -126,8 +127,21 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
     for model, entries in plan.dead.items():
         rt.store.dead_letter(model, entries)
-    write_results(rt.result_client, [*outcomes, *plan.failures], rt.settings.result_expires)
+    write_results(rt.result_client, _wanted(messages, plan, outcomes, owners), rt.settings.result_expires)
     return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
+
+
+def _wanted(
+    messages: Sequence[RawMessage], plan: _Plan, outcomes: list[Outcome], owners: list[int]
+) -> list[Outcome]:
+    """The outcomes whose results are written: all but those of messages sent with Celery's
+    ``ignore_result`` (fire-and-forget), whose events are trained and dead-lettered as any
+    other's, and whose task events (Flower) are still sent."""
+    ignored = {m for m, msg in enumerate(messages) if msg.ignore_result}
+    if not ignored:
+        return [*outcomes, *plan.failures]
+    pairs = zip([*outcomes, *plan.failures], [*owners, *plan.failure_owner], strict=True)
+    return [o for o, m in pairs if m not in ignored]
 
 
 # -- admission: decode, check ids, validate ------------------------------------------------------
@@ -145,7 +159,7 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         items = split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
     except Exception as exc:
         error = _item_error(exc)
-        plan.message_error[m] = _fail(plan, msg.task_id, error, getattr(error, "payload_hint", None))
+        plan.message_error[m] = _fail(plan, m, msg.task_id, error, getattr(error, "payload_hint", None))
         return
 
     batch = msg.task == TASK_TRAIN_BATCH
@@ -169,7 +183,7 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         except Exception as exc:
             error = _item_error(exc)
             plan.invalid[m] = plan.invalid.get(m, 0) + 1
-            text = _fail(plan, task_id, error, payload)
+            text = _fail(plan, m, task_id, error, payload)
             if not batch:
                 plan.message_error[m] = text
             continue
@@ -213,10 +227,12 @@ def _item_error(exc: Exception) -> InvalidEventError:
     return error
 
 
-def _fail(plan: _Plan, task_id: str, exc: Exception, payload: Any) -> str:
-    """A FAILURE result under ``task_id`` and a dead letter, for an item that never became a job."""
+def _fail(plan: _Plan, m: int, task_id: str, exc: Exception, payload: Any) -> str:
+    """A FAILURE result under ``task_id`` and a dead letter, for an item of message ``m`` that
+    never became a job."""
     event_id = _event_id_hint(payload)
     plan.failures.append(Outcome.failure(task_id, exc, event_id=event_id))
+    plan.failure_owner.append(m)
     plan.dead_letter(model_hint(payload), _entry(task_id, exc, payload))
     logger.warning("task %s failed: %s", task_id, exc)
     return str(exc)

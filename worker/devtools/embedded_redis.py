@@ -103,6 +103,9 @@ class RedisServer:
             self.appendfsync,
             "--logfile",
             str(self.data_dir / "redis.log"),
+            # What the worker requires (it refuses to start otherwise); ``extra`` may override it.
+            "--maxmemory-policy",
+            "noeviction",
             *self.extra,
         ]
         if self.password:
