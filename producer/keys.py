@@ -13,7 +13,8 @@ and the commit script may touch them together.
 | ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |
 | ``itrain:{m}:dead`` | list | the last ``ITRAIN_DEAD_LETTER_MAX`` failed messages, newest first (JSON) |
 | ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
-| ``itrain:{m}:done:<gen>:<event_id>`` | string | the step that trained the event; TTL ``ITRAIN_DEDUPE_TTL`` |
+| ``itrain:{m}:done:<gen>:<slot>`` | hash | event id -> the step that trained it, for events trained |
+| | | in one slot of time (a quarter of ``ITRAIN_DEDUPE_TTL``); expires a window after its slot |
 | ``itrain:{_unrouted}:dead`` | list | failed messages that name no initialised model |
 | ``itrain:{_transport}:rejected`` | list | queue items that were not message envelopes (reason and size) |
 | ``unacked``, ``unacked_index`` | hash, zset | messages taken by a worker, not yet acknowledged (kombu) |
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MODELS", "TRANSPORT_REJECTED", "UNROUTED_DEAD", "ModelKeys"]
+__all__ = ["MODELS", "TRANSPORT_REJECTED", "UNROUTED_DEAD", "ModelKeys", "marker_slots", "slot_seconds"]
 
 MODELS = "itrain:models"
 UNROUTED_DEAD = "itrain:{_unrouted}:dead"
@@ -70,5 +71,18 @@ class ModelKeys:
         """Event markers of one generation of the model (``itrain init --force`` starts another)."""
         return f"{self.prefix}done:{gen}:"
 
-    def done(self, gen: int, event_id: str) -> str:
-        return self.done_prefix(gen) + event_id
+    def done(self, gen: int, slot: int) -> str:
+        """The markers of the events trained in one slot of time (see ``marker_slots``)."""
+        return self.done_prefix(gen) + str(slot)
+
+
+def slot_seconds(window: int) -> int:
+    """How long one marker slot lasts: a quarter of the de-duplication window, at least 1 s."""
+    return max(1, -(-window // 4))
+
+
+def marker_slots(now: float, window: int) -> range:
+    """The slots a marker written in the last ``window`` seconds may be in, one slot of margin on
+    each side for clocks that differ between hosts (commit.lua writes to ``floor(now / width)``)."""
+    width = slot_seconds(window)
+    return range(int((now - window) // width) - 1, int(now // width) + 2)

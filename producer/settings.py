@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     lock_retries: int = Field(3, ge=0)
     visibility_timeout: int = Field(300, gt=0)
     result_expires: int = Field(86400, gt=0)
-    dedupe_ttl: int = Field(86400, gt=0)
+    # The de-duplication window: an event id trained within it answers ``duplicate``.
+    dedupe_ttl: int = Field(3600, gt=0)
     commit_retries: int = Field(20, ge=1)
     #: A message handed out more often than this is dead-lettered instead of trained (its events
     #: already in the weights answer ``duplicate``): a message that keeps killing or stalling its
@@ -78,10 +79,13 @@ class Settings(BaseSettings):
         for action, value in self.targets.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ITRAIN_TARGETS[{action!r}] = {value} is outside [0, 1]")
-        if self.dedupe_ttl <= self.visibility_timeout:
+        # Every redelivery of a message comes within (deliveries allowed + 1) visibility timeouts
+        # of its first delivery: the markers must outlive all of them.
+        floor = (self.max_deliveries + 1) * self.visibility_timeout
+        if self.dedupe_ttl < floor:
             raise ValueError(
-                "ITRAIN_DEDUPE_TTL must be longer than ITRAIN_VISIBILITY_TIMEOUT, "
-                "or a redelivered event would be trained twice"
+                f"ITRAIN_DEDUPE_TTL={self.dedupe_ttl} must be at least (ITRAIN_MAX_DELIVERIES + 1) x "
+                f"ITRAIN_VISIBILITY_TIMEOUT = {floor} s, or a redelivered event could be trained twice"
             )
         if self.lock_timeout <= self.lock_poll:
             raise ValueError("ITRAIN_LOCK_TIMEOUT must be longer than ITRAIN_LOCK_POLL")

@@ -333,13 +333,14 @@ def check_each_event_once(client: redis.Redis, model: str, event_ids: Sequence[s
     keys = ModelKeys(model)
     step = model_state(client, model)["step"]
     gen = int(client.hget(keys.ckpt, "gen") or 0)
-    markers: dict[str, int] = {}
-    for i in range(0, len(event_ids), 5000):
-        part = event_ids[i : i + 5000]
-        for event_id, value in zip(part, client.mget([keys.done(gen, e) for e in part]), strict=True):
-            if value is not None:
-                markers[event_id] = int(value)
-    marked_steps = sorted(markers.values())
+    wanted = set(event_ids)
+    pairs: list[tuple[str, int]] = []  # from every marker slot: an event marked twice shows twice
+    for key in client.scan_iter(match=keys.done_prefix(gen) + "*", count=1000):
+        for event_id, value in client.hgetall(key).items():
+            if event_id.decode() in wanted:
+                pairs.append((event_id.decode(), int(value)))
+    markers = dict(pairs)
+    marked_steps = sorted(step for _, step in pairs)
     assert marked_steps == list(range(1, step + 1)), (
         f"done markers do not cover steps 1..{step} once each: {len(marked_steps)} markers, "
         f"{len(set(marked_steps))} distinct, max {max(marked_steps, default=0)}"

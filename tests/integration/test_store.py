@@ -3,6 +3,8 @@ real redis-server: creation, the fenced commit, event markers, bounded lists, de
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
 import pytest
@@ -107,3 +109,39 @@ def test_dead_letters_of_unknown_models_go_to_the_unrouted_list(
     assert redis_client.llen(UNROUTED_DEAD) == before + 1
     assert not redis_client.sismember(MODELS, "never-created")
     assert not redis_client.exists(ModelKeys("never-created").dead)
+
+
+def test_an_event_is_a_duplicate_for_the_whole_window_and_markers_expire_after_it(
+    redis_client: redis.Redis, redis_url: str, model_name: str
+) -> None:
+    # Given a 40 s window (the floor for 1 delivery and 20 s visibility) and an event trained now
+    settings = Settings(redis_url=redis_url, dedupe_ttl=40, visibility_timeout=20, max_deliveries=1)
+    store = Store(redis_client, settings)
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    trained_at = time.time()
+    assert _commit(store, model_name, ckpt, ["edge"]).ok
+    # Then a redelivery up to the window's edge finds it (whatever slot boundaries lie between)
+    for later in (0.0, 9.9, 10.1, 25.0, 39.9):
+        assert store.read(model_name, None, ["edge"], now=trained_at + later).done == [True], later
+    # And past the window and its margin (two slots of 10 s) it no longer counts
+    assert store.read(model_name, None, ["edge"], now=trained_at + 40 + 20 + 10.1).done == [False]
+    # And its marker is one hash field in a slot key that expires no later than that
+    (key,) = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
+    assert redis_client.type(key) == b"hash"
+    assert int(redis_client.hget(key, "edge")) == 1
+    assert 40 <= redis_client.ttl(key) <= 40 + 20 + 1
+
+
+def test_markers_are_compact(redis_client: redis.Redis, store: Store, model_name: str) -> None:
+    """One key per slot of time, not one per event: 1,000 events trained together add one key."""
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    ids = [f"c{i}" for i in range(1000)]
+    assert _commit(store, model_name, ckpt, ids).ok
+    keys = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
+    assert len(keys) == 1
+    assert redis_client.hlen(keys[0]) == 1000
+    assert store.read(model_name, None, [*ids[:3], "never"]).done == [True, True, True, False]

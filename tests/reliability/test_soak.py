@@ -31,8 +31,11 @@ N = 200_000 if FULL else 40_000
 #: thirds are both in the steady state.
 DURATION = 150.0 if FULL else 60.0
 RESULT_EXPIRES = 20 if FULL else 10
-DEDUPE_TTL = 30 if FULL else 15
-VISIBILITY = 25 if FULL else 12  # below ITRAIN_DEDUPE_TTL, as the settings require
+# The settings require DEDUPE_TTL >= (MAX_DELIVERIES + 1) x VISIBILITY; a marker slot lives up to
+# DEDUPE_TTL plus two slots (half of DEDUPE_TTL), still shorter than a third of DURATION.
+MAX_DELIVERIES = 1
+VISIBILITY = 12 if FULL else 6
+DEDUPE_TTL = 24 if FULL else 12
 CHUNK = 250
 SAMPLE_EVERY = 0.5
 
@@ -118,6 +121,7 @@ def test_soak_memory_levels_off(soak_redis: RedisServer, workers: Workers) -> No
         "ITRAIN_RESULT_EXPIRES": str(RESULT_EXPIRES),
         "ITRAIN_DEDUPE_TTL": str(DEDUPE_TTL),
         "ITRAIN_VISIBILITY_TIMEOUT": str(VISIBILITY),
+        "ITRAIN_MAX_DELIVERIES": str(MAX_DELIVERIES),
         "ITRAIN_LOG_EVERY": "10000",
     }
     procs = workers.start(2, redis_url=url, env=env, concurrency=1)

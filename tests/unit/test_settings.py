@@ -38,7 +38,7 @@ def test_defaults_follow_the_contract(clean_env) -> None:
     assert 1 <= s.lock_timeout <= 30, "a few seconds"
     assert s.max_queue_length == 0
     assert s.publish_timeout > 0
-    assert s.dedupe_ttl > s.visibility_timeout
+    assert s.dedupe_ttl >= (s.max_deliveries + 1) * s.visibility_timeout
 
 
 def test_default_targets(clean_env) -> None:
@@ -143,18 +143,29 @@ def test_get_settings_is_cached_until_cleared(clean_env) -> None:
 # -- validation -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dedupe", "visibility"), [("300", "300"), ("100", "300"), ("3600", "7200")])
-def test_dedupe_ttl_must_exceed_visibility_timeout(clean_env, dedupe, visibility) -> None:
-    """A de-duplication marker that expires before redelivery would train an event twice."""
-    # Given a de-duplication TTL not longer than the visibility timeout
+@pytest.mark.parametrize(
+    ("dedupe", "visibility", "deliveries"),
+    [("300", "300", "5"), ("1799", "300", "5"), ("3600", "7200", "5"), ("599", "300", "1")],
+)
+def test_dedupe_window_must_cover_every_redelivery(clean_env, dedupe, visibility, deliveries) -> None:
+    """A de-duplication marker that expires before the last redelivery would train an event twice:
+    the window must be at least (ITRAIN_MAX_DELIVERIES + 1) x ITRAIN_VISIBILITY_TIMEOUT."""
+    # Given a de-duplication window shorter than that
     clean_env.setenv("ITRAIN_DEDUPE_TTL", dedupe)
     clean_env.setenv("ITRAIN_VISIBILITY_TIMEOUT", visibility)
+    clean_env.setenv("ITRAIN_MAX_DELIVERIES", deliveries)
     # When settings are read
     with pytest.raises(pydantic.ValidationError) as info:
         Settings()
-    # Then both settings are named
+    # Then the three settings are named
     assert "ITRAIN_DEDUPE_TTL" in str(info.value)
     assert "ITRAIN_VISIBILITY_TIMEOUT" in str(info.value)
+    assert "ITRAIN_MAX_DELIVERIES" in str(info.value)
+
+
+def test_dedupe_window_at_its_floor_is_accepted(clean_env) -> None:
+    clean_env.setenv("ITRAIN_DEDUPE_TTL", "1800")
+    assert Settings().dedupe_ttl == (Settings().max_deliveries + 1) * Settings().visibility_timeout
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "NaN"])

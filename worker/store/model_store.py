@@ -18,7 +18,7 @@ from typing import Any, Literal
 import redis
 
 from producer.errors import ModelExistsError
-from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
+from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_slots
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, decode, encode
 from worker.lua import load_lua
@@ -56,15 +56,20 @@ class Store:
         self._dead = client.register_script(load_lua(__package__, "dead"))
         self._init = client.register_script(load_lua(__package__, "init"))
 
-    def read(self, model: str, cached: Checkpoint | None, event_ids: Sequence[str]) -> ReadResult:
+    def read(
+        self, model: str, cached: Checkpoint | None, event_ids: Sequence[str], *, now: float | None = None
+    ) -> ReadResult:
         """The checkpoint (none of its weights when ``cached`` is current) and which events are
-        done: one round trip, or two when the model's generation is not the cached one."""
+        done (trained within the de-duplication window before ``now``): one round trip, or two
+        when the model's generation is not the cached one."""
         keys = ModelKeys(model)
+        slots = marker_slots(time.time() if now is None else now, self.settings.dedupe_ttl)
         pipe = self.client.pipeline(transaction=False)
         self._read(keys=[keys.ckpt], args=[cached.tag if cached else ""], client=pipe)
         guess = cached.gen if cached else None
         if event_ids and guess is not None:
-            pipe.mget([keys.done(guess, e) for e in event_ids])
+            for slot in slots:
+                pipe.hmget(keys.done(guess, slot), list(event_ids))
         replies = pipe.execute()
         reply = replies[0]
         if not reply:
@@ -89,8 +94,14 @@ class Store:
             )
         if not event_ids:
             return ReadResult(state, ckpt, [])
-        values = replies[1] if guess == gen else self.client.mget([keys.done(gen, e) for e in event_ids])
-        return ReadResult(state, ckpt, [v is not None for v in values])
+        if guess == gen:
+            found = replies[1:]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for slot in slots:
+                pipe.hmget(keys.done(gen, slot), list(event_ids))
+            found = pipe.execute()
+        return ReadResult(state, ckpt, [any(v is not None for v in vs) for vs in zip(*found, strict=True)])
 
     def load(self, model: str) -> Checkpoint | None:
         """The current checkpoint, read without the lock (one atomic script)."""

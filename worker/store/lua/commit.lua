@@ -6,8 +6,11 @@
 -- ARGV[2]  the new weights (raw float64 bytes; '' when nothing trained)
 -- ARGV[3]  n, the number of trained events
 -- ARGV[4]  loss_last        ARGV[5]  loss_ema         ARGV[6]  now (epoch seconds)
--- ARGV[7]  history_max      ARGV[8]  dedupe_ttl (seconds of an event marker)
+-- ARGV[7]  history_max      ARGV[8]  the de-duplication window, seconds (ITRAIN_DEDUPE_TTL)
 -- ARGV[9]  done_prefix (event markers' key prefix, of the checkpoint's generation)
+--          Markers are compact: one hash per slot of time (a quarter of the window, as
+--          producer.keys.slot_seconds), event id -> step, expiring a window and a slot after its
+--          slot ends; a reader looks in every slot of the last window (producer.keys.marker_slots).
 -- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
 -- ARGV[13] n_dead           ARGV[14] the new cid
 -- ARGV[15...] then n event ids, n_actions (name, count) pairs, n_history entries (newest
@@ -38,10 +41,15 @@ if n > 0 then
   newv = newv + 1
   redis.call('HSET', KEYS[1], 'params', ARGV[2], 'version', newv, 'cid', ARGV[14], 'step', step0 + n,
              'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6])
+  local window = tonumber(ARGV[8])
+  local width = math.max(1, math.ceil(window / 4))
+  local slot = math.floor(tonumber(ARGV[6]) / width)
+  local marker = ARGV[9] .. slot
   for j = 1, n do
-    redis.call('SET', ARGV[9] .. ARGV[i], step0 + j, 'EX', ARGV[8])
+    redis.call('HSET', marker, ARGV[i], step0 + j)
     i = i + 1
   end
+  redis.call('EXPIREAT', marker, (slot + 2) * width + window)
   redis.call('HINCRBY', KEYS[2], 'interactions', n)
 end
 for j = 1, n_actions do
