@@ -225,7 +225,12 @@ def test_paused_lock_holder_commit_is_fenced_and_redone(
     commit never landed); step == K + M, each event once.
     """
     qa, qb = (f"itrain-rel-{x}-{uuid.uuid4().hex[:6]}" for x in "ab")
-    env = {**BASE_ENV, "ITRAIN_LOCK_TIMEOUT": "1", "ITRAIN_VISIBILITY_TIMEOUT": "120"}
+    env = {
+        **BASE_ENV,
+        "ITRAIN_LOCK_TIMEOUT": "1",
+        "ITRAIN_VISIBILITY_TIMEOUT": "120",
+        "ITRAIN_DEDUPE_TTL": "900",  # at least (ITRAIN_MAX_DELIVERIES + 1) x 120 s
+    }
     (a,) = workers.start(1, redis_url=redis_url, env={**env, "ITRAIN_QUEUE": qa}, concurrency=1)
     (b,) = workers.start(1, redis_url=redis_url, env={**env, "ITRAIN_QUEUE": qb}, concurrency=1)
     model = create_model(redis_client, settings, **SLOW)
