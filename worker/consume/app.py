@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from typing import Any
 
 # One BLAS thread per pool process: the matrices are tiny, and several processes each starting
 # a thread per core only fight over the cores (a 4096-wide step took 4x longer).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from celery.signals import worker_init
 
 from producer.celery_config import make_celery
 from producer.settings import get_settings
@@ -33,3 +38,16 @@ app.conf.broker_transport_options = {
 app.conf.update(include=["worker.consume.tasks"])
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
+
+
+def _compile_kernel(**_: Any) -> None:
+    """Compile the SGD kernel (or load it from numba's cache) in the worker's main process, before
+    the pool forks: every pool process inherits the machine code and none compiles on its own."""
+    from worker.engine import kernel  # here, not at import: Flower and the CLI load the app too
+
+    started = time.perf_counter()
+    kernel.warm_up()
+    logging.getLogger("itrain.kernel").info("SGD kernel ready in %.2f s", time.perf_counter() - started)
+
+
+worker_init.connect(_compile_kernel, weak=False)
