@@ -12,7 +12,7 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from celery.signals import worker_init
+from celery.signals import celeryd_after_setup, worker_init
 
 from producer.celery_config import make_celery
 from producer.settings import get_settings
@@ -40,6 +40,9 @@ if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
 
 
+_kernel_seconds: list[float] = []
+
+
 def _compile_kernel(**_: Any) -> None:
     """Compile the SGD kernel (or load it from numba's cache) in the worker's main process, before
     the pool forks: every pool process inherits the machine code and none compiles on its own."""
@@ -47,7 +50,15 @@ def _compile_kernel(**_: Any) -> None:
 
     started = time.perf_counter()
     kernel.warm_up()
-    logging.getLogger("itrain.kernel").info("SGD kernel ready in %.2f s", time.perf_counter() - started)
+    _kernel_seconds.append(time.perf_counter() - started)
+
+
+def _log_kernel(**_: Any) -> None:
+    # Celery configures logging after worker_init: the time is logged once it has.
+    log = logging.getLogger("itrain.kernel")
+    for seconds in _kernel_seconds:
+        log.info("SGD kernel ready in %.2f s (compiled, or loaded from numba's cache)", seconds)
 
 
 worker_init.connect(_compile_kernel, weak=False)
+celeryd_after_setup.connect(_log_kernel, weak=False)
