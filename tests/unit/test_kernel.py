@@ -73,10 +73,11 @@ def test_random_shapes_and_batches_equal_the_numpy_kernel(seed: int) -> None:
     assert not np.array_equal(fast, theta)
 
 
-@pytest.mark.parametrize(("hidden", "outputs"), [(1, 1), (1, 4), (64, 1), (64, 4), (16, 1)])
+@pytest.mark.parametrize(("hidden", "outputs"), [(1, 1), (1, 4), (64, 1), (64, 4), (16, 1), (1023, 9)])
 @pytest.mark.parametrize("clip", [0.0, 0.05, 10.0])
 def test_edge_shapes_equal_the_numpy_kernel(hidden: int, outputs: int, clip: float) -> None:
-    """The smallest and largest shapes, with clipping off, always on and never reached."""
+    """The smallest and largest shapes (and a wide one), with clipping off, always on and never
+    reached."""
     # Given 256 events on a 4-hidden-outputs network
     shape, theta, X, T = problem(4, hidden, outputs, 256, seed=hidden * 10 + outputs)
     # When each kernel trains on them

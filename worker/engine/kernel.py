@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numba
 import numpy as np
@@ -33,6 +34,23 @@ _OK = 0
 _BAD_LOGIT = 1
 _BAD_GRADIENT = 2
 _BAD_UPDATE = 3
+
+
+def _dot_py(a: Array, i: int, b: Array, j: int, n: int) -> float:
+    """``a[i:i+n] . b[j:j+n]`` in four running sums: a chain of dependent additions would wait on
+    each other, four independent ones keep the CPU busy (order differs from BLAS's by rounding)."""
+    s0 = s1 = s2 = s3 = 0.0
+    m = 0
+    while m + 4 <= n:
+        s0 += a[i + m] * b[j + m]
+        s1 += a[i + m + 1] * b[j + m + 1]
+        s2 += a[i + m + 2] * b[j + m + 2]
+        s3 += a[i + m + 3] * b[j + m + 3]
+        m += 4
+    while m < n:
+        s0 += a[i + m] * b[j + m]
+        m += 1
+    return (s0 + s1) + (s2 + s3)
 
 
 def _sgd_loop(
@@ -64,20 +82,18 @@ def _sgd_loop(
     grad = np.empty(size)
     new = np.empty(size)
     for e in range(X.shape[0]):
+        x = X[e]
         # a = tanh(W1 x + b1)
         for r in range(n_h):
             acc = 0.0
             for c in range(n_in):
-                acc += theta[r * n_in + c] * X[e, c]
+                acc += theta[r * n_in + c] * x[c]
             h[r] = math.tanh(acc + theta[o_b1 + r])
-        # z = W2 a + b2; loss and dL/dz per output
+        # z = W2 a + b2; the loss and dL/dz per output
         loss = 0.0
         bad = False
         for j in range(k):
-            acc = 0.0
-            for r in range(n_h):
-                acc += theta[o_w2 + j * n_h + r] * h[r]
-            zj = acc + theta[o_b2 + j]
+            zj = _dot(theta, o_w2 + j * n_h, h, 0, n_h) + theta[o_b2 + j]
             if not math.isfinite(zj):
                 status[e] = _BAD_LOGIT
                 logit[e] = zj
@@ -89,22 +105,21 @@ def _sgd_loop(
         if bad:
             continue
         loss /= k
-        # The gradient: W2 and b2, then back through tanh to W1 and b1.
+        # The gradient: W2 and b2; then dh = (dz W2) * (1 - a^2), back through tanh, to W1 and b1.
+        dh[:] = 0.0
         for j in range(k):
+            d = dz[j]
+            row = o_w2 + j * n_h
             for r in range(n_h):
-                grad[o_w2 + j * n_h + r] = dz[j] * h[r]
-            grad[o_b2 + j] = dz[j]
+                grad[row + r] = d * h[r]
+                dh[r] += d * theta[row + r]
+            grad[o_b2 + j] = d
         for r in range(n_h):
-            acc = 0.0
-            for j in range(k):
-                acc += dz[j] * theta[o_w2 + j * n_h + r]
-            dh[r] = acc * (1.0 - h[r] * h[r])
+            g = dh[r] * (1.0 - h[r] * h[r])
             for c in range(n_in):
-                grad[r * n_in + c] = dh[r] * X[e, c]
-            grad[o_b1 + r] = dh[r]
-        sq = 0.0
-        for m in range(size):
-            sq += grad[m] * grad[m]
+                grad[r * n_in + c] = g * x[c]
+            grad[o_b1 + r] = g
+        sq = _dot(grad, 0, grad, 0, size)
         if not math.isfinite(sq):
             status[e] = _BAD_GRADIENT
             continue
@@ -114,26 +129,28 @@ def _sgd_loop(
         if not scale * math.sqrt(sq) <= max_step:
             status[e] = _BAD_UPDATE
             continue
-        # One sum of squares checks every value: NaN or inf anywhere makes it non-finite.
-        nsq = 0.0
         for m in range(size):
-            v = grad[m] * -scale + theta[m]
-            new[m] = v
-            nsq += v * v
-        if not math.isfinite(nsq):
+            new[m] = grad[m] * -scale + theta[m]
+        # One sum of squares checks every value: NaN or inf anywhere makes it non-finite.
+        if not math.isfinite(_dot(new, 0, new, 0, size)):
             status[e] = _BAD_UPDATE
             continue
-        for m in range(size):
-            theta[m] = new[m]
+        theta[:] = new
         losses[e] = loss
         status[e] = _OK
 
 
-try:
-    _compiled = numba.njit(cache=True)(_sgd_loop)
-except RuntimeError as exc:  # no writable cache directory: compile in memory on every start
-    logger.warning("numba cannot cache the SGD kernel (%s); set NUMBA_CACHE_DIR to a writable directory", exc)
-    _compiled = numba.njit(cache=False)(_sgd_loop)
+def _jit(func: Any) -> Any:
+    try:
+        return numba.njit(cache=True)(func)
+    except RuntimeError as exc:  # no writable cache directory: compile in memory on every start
+        logger.warning("numba cannot cache %s (%s); set NUMBA_CACHE_DIR to a writable directory", func, exc)
+        return numba.njit(cache=False)(func)
+
+
+# ``_sgd_loop`` finds ``_dot`` among the globals when it is compiled: it must be a compiled one.
+_dot: Any = _jit(_dot_py)
+_compiled = _jit(_sgd_loop)
 
 
 def per_event_steps(
