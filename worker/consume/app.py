@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from typing import Any
 
 # One BLAS thread per pool process: the matrices are tiny, and several processes each starting
@@ -11,7 +13,7 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from celery.signals import worker_init
+from celery.signals import celeryd_after_setup, worker_init
 
 from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
@@ -56,3 +58,27 @@ def _refuse_evicting_redis(sender: Any = None, **_: Any) -> None:
 
 
 worker_init.connect(_refuse_evicting_redis)
+
+
+_kernel_seconds: list[float] = []
+
+
+def _compile_kernel(**_: Any) -> None:
+    """Compile the SGD kernel (or load it from numba's cache) in the worker's main process, before
+    the pool forks: every pool process inherits the machine code and none compiles on its own."""
+    from worker.engine import kernel  # here, not at import: Flower and the CLI load the app too
+
+    started = time.perf_counter()
+    kernel.warm_up()
+    _kernel_seconds.append(time.perf_counter() - started)
+
+
+def _log_kernel(**_: Any) -> None:
+    # Celery configures logging after worker_init: the time is logged once it has.
+    log = logging.getLogger("itrain.kernel")
+    for seconds in _kernel_seconds:
+        log.info("SGD kernel ready in %.2f s (compiled, or loaded from numba's cache)", seconds)
+
+
+worker_init.connect(_compile_kernel, weak=False)
+celeryd_after_setup.connect(_log_kernel, weak=False)

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from producer.errors import NonFiniteUpdateError
 
 __all__ = [
+    "MAX_STEP_NORM",
     "Params",
     "PerEventSGD",
     "Shape",
@@ -32,7 +33,7 @@ __all__ = [
 Array = npt.NDArray[np.float64]
 #: No single update may move the weights further than this: beyond it the weights are ruined
 #: even if still finite, and the finiteness check itself would overflow.
-_MAX_STEP_NORM = 1e150
+MAX_STEP_NORM = 1e150
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ def sgd_update(theta: Array, grad: Array, lr: float) -> Array:
     with np.errstate(over="ignore", invalid="ignore"):
         step = lr * math.sqrt(float(grad @ grad))
         new = theta - lr * grad
-        ok = step <= _MAX_STEP_NORM and math.isfinite(float(new @ new))
+        ok = step <= MAX_STEP_NORM and math.isfinite(float(new @ new))
     if not ok:
         raise NonFiniteUpdateError(f"update with learning rate {lr:g} would make the weights non-finite")
     return new
@@ -187,7 +188,7 @@ class PerEventSGD:
         scale = self.lr
         if self.clip > 0 and sq > self.clip * self.clip:
             scale *= self.clip / math.sqrt(sq)
-        if not scale * math.sqrt(sq) <= _MAX_STEP_NORM:
+        if not scale * math.sqrt(sq) <= MAX_STEP_NORM:
             raise NonFiniteUpdateError(
                 f"update with learning rate {self.lr:g} would make the weights non-finite"
             )

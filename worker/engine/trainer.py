@@ -3,7 +3,7 @@
 1. Validation    the model must be initialised (else the no-op ``skipped`` result)
 2. Preprocessing ``features.featurize_many``, before the lock
 3. Target        ``targets.make_target``
-4. Forward       ``mlp.PerEventSGD.step`` / ``mlp.minibatch_step``
+4. Forward       ``kernel.per_event_steps`` (numba) / ``mlp.minibatch_step``
 5. Backward      the same calls: gradient, clipping, refused if non-finite
 6. Bookkeeping   ``store.Store.commit``: step, version, counters, loss, history, event markers
 7. Cleanup       the same commit trims history and dead letters; markers and results expire
@@ -39,7 +39,8 @@ from producer.keys import ModelKeys
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.features import featurize, featurize_many
-from worker.engine.mlp import PerEventSGD, forward, minibatch_step, sigmoid
+from worker.engine.kernel import per_event_steps
+from worker.engine.mlp import forward, minibatch_step, sigmoid
 from worker.engine.targets import make_target
 from worker.store.lock import ModelLock
 from worker.store.model_store import Store
@@ -176,12 +177,15 @@ def step(batch: BatchPlan) -> None:
     cfg = batch.base.config
     theta = batch.base.theta.copy()  # the cached copy stays as committed if the commit is refused
     if cfg.mode == "per_event":
-        kernel = PerEventSGD(cfg.shape, cfg.lr, cfg.clip, theta)
-        for i, t in zip(batch.train, batch.targets, strict=True):
-            try:
-                batch.trained.append((i, kernel.step(batch.X[i], t.tolist())))
-            except NonFiniteUpdateError as exc:
-                batch.fail(i, exc)
+        if batch.train:
+            steps = per_event_steps(
+                theta, cfg.shape, batch.X[batch.train], np.stack(batch.targets), cfg.lr, cfg.clip
+            )
+            for i, loss in zip(batch.train, steps, strict=True):
+                if isinstance(loss, NonFiniteUpdateError):
+                    batch.fail(i, loss)
+                else:
+                    batch.trained.append((i, loss))
     elif batch.train:
         try:
             theta, losses = minibatch_step(
