@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     lock_poll: float = Field(0.001, gt=0)
     lock_retries: int = Field(3, ge=0)
     visibility_timeout: int = Field(300, gt=0)
-    result_expires: int = Field(86400, gt=0)
+    # A job handle is waited on for seconds or minutes: an hour covers that with room, and bounds
+    # what results cost Redis (about 490 bytes each: 1.8 MB per sustained event/s).
+    result_expires: int = Field(3600, gt=0)
     # The de-duplication window: an event id trained within it answers ``duplicate``.
     dedupe_ttl: int = Field(3600, gt=0)
     commit_retries: int = Field(20, ge=1)
