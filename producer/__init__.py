@@ -2,6 +2,7 @@
 
 from producer.client import EventLike, TrainingClient
 from producer.errors import (
+    BrokerFullError,
     CheckpointError,
     ConfigurationError,
     InvalidEventError,
@@ -38,6 +39,7 @@ __all__ = [
     "ItrainError",
     "ConfigurationError",
     "PublishError",
+    "BrokerFullError",
     "QueueFullError",
     "ModelError",
     "ModelNotInitialisedError",

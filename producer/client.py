@@ -13,6 +13,7 @@ from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
 from producer.errors import (
+    BrokerFullError,
     InvalidEventError,
     PublishError,
     QueueFullError,
@@ -264,6 +265,16 @@ class TrainingClient:
         while True:
             try:
                 return attempt()
+            except redis.ResponseError as exc:
+                # OutOfMemoryError for a command; "OOM" in an EXECABORT for a MULTI/EXEC.
+                if not (isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc)):
+                    raise
+                # noeviction Redis at maxmemory: back-pressure, not an outage. Retrying would
+                # only hold the caller; it should slow down (or Redis needs more memory).
+                raise BrokerFullError(
+                    f"{redact_url(self.settings.broker)} is out of memory (maxmemory reached, "
+                    f"noeviction): nothing was enqueued; slow down and retry, or give Redis more memory"
+                ) from exc
             except _UNREACHABLE as exc:
                 left = deadline - time.monotonic()
                 if left <= delay:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BrokerFullError",
     "CheckpointError",
     "ConfigurationError",
     "DeliveryLimitError",
@@ -36,6 +37,11 @@ class PublishError(ItrainError):
 
 class QueueFullError(PublishError):
     """The queue is longer than ``ITRAIN_MAX_QUEUE_LENGTH``; nothing was enqueued."""
+
+
+class BrokerFullError(QueueFullError):
+    """Redis refused the message because it is out of memory (``OOM`` under ``noeviction``);
+    nothing was enqueued. Slow down and retry, or give Redis more memory."""
 
 
 class ModelError(ItrainError):

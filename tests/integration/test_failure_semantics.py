@@ -9,10 +9,11 @@ import pytest
 import redis
 
 from producer.client import TrainingClient
-from producer.errors import LockTimeoutError, PublishError, QueueFullError
+from producer.errors import BrokerFullError, LockTimeoutError, PublishError, QueueFullError
 from producer.keys import ModelKeys
 from producer.settings import Settings
 from tests.helpers import make_event
+from worker.devtools.embedded_redis import RedisServer
 
 
 def test_lock_that_cannot_be_had_ends_as_lock_timeout(
@@ -84,3 +85,28 @@ def test_train_many_keeps_messages_under_the_size_limit(
     results = client.wait_all(client.train_many(events), timeout=60)
     # Then every one trains: no message was over ITRAIN_MAX_MESSAGE_BYTES
     assert sorted(r["step"] for r in results) == list(range(1, 301))
+
+
+def test_a_full_redis_refuses_publishing_with_a_clear_error() -> None:
+    """Under ``noeviction`` a Redis at ``maxmemory`` answers OOM: the caller gets
+    ``BrokerFullError`` (a ``QueueFullError``) at once, and nothing is enqueued."""
+    # Given a Redis whose memory is full
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.set("ballast", b"x" * 2_000_000)
+        admin.config_set("maxmemory", 1_000_000)  # below what is used: every write is refused
+        with TrainingClient(settings=Settings(redis_url=server.url)) as client:
+            # When events are published
+            started = time.monotonic()
+            with pytest.raises(BrokerFullError, match="out of memory"):
+                client.train_step(make_event("default", 0, "full"))
+            with pytest.raises(QueueFullError, match="nothing was enqueued"):
+                client.train_many([make_event("default", i, "full") for i in range(10)])
+            # Then the refusal is immediate and the queue holds nothing
+            assert time.monotonic() - started < client.settings.publish_timeout
+            assert admin.llen(client.settings.queue) == 0
+            # And once memory is freed, publishing works again
+            admin.config_set("maxmemory", 0)
+            client.train_step(make_event("default", 1, "full"))
+            assert admin.llen(client.settings.queue) == 1
+        admin.close()
