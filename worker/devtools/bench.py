@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -35,7 +37,7 @@ from producer.protocol import result_key
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
 from worker.devtools.embedded_redis import RedisServer
-from worker.devtools.message_path import MessagePathResult, drain
+from worker.devtools.message_path import MessagePathResult, child_pids, cpu_seconds, drain
 from worker.devtools.naive import TASK_NAIVE, naive_init
 from worker.devtools.pacing import send_paced
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
@@ -63,6 +65,11 @@ class ScenarioResult:
     critical_sections: int
     statuses: dict[str, int] = field(default_factory=dict)
     offered_rate: float | None = None
+    threads: int = 1
+    #: CPU µs per event of each kind of process, read from /proc around the scenario: the
+    #: producer (this process, every thread), redis-server, the worker main processes, their pool
+    #: processes, and the total.
+    cpu_us_per_event: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class Scenario:
     send: str  # naive | step | many
     mode: Mode = "per_event"
     rate: float | None = None
+    #: Producer threads, each sending its share (``train_step`` only).
+    threads: int = 1
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -93,6 +102,16 @@ def plan(quick: bool) -> list[Scenario]:
         Scenario(
             "latency-many", "train_many, 25 events every 50 ms (500 events/s)", 2, n(5000), "many", rate=500.0
         ),
+        Scenario("e", "train_step from 4 threads, one event a call", 2, n(8000), "step", threads=4),
+        Scenario(
+            "latency-4t",
+            "train_step from 4 threads at 1,000 events/s in all",
+            2,
+            n(8000),
+            "step",
+            rate=1000.0,
+            threads=4,
+        ),
     ]
     for w in (1, 2, 4):
         out.append(Scenario(f"b{w}", "train_step, one event a call", w, n(3000), "step"))
@@ -101,7 +120,9 @@ def plan(quick: bool) -> list[Scenario]:
 
 
 @contextmanager
-def _workers(count: int, env: dict[str, str], client: TrainingClient, logs: Path) -> Iterator[None]:
+def _workers(
+    count: int, env: dict[str, str], client: TrainingClient, logs: Path
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = [
         start_worker(
             f"bench{i + 1}-{uuid.uuid4().hex[:4]}",
@@ -115,7 +136,7 @@ def _workers(count: int, env: dict[str, str], client: TrainingClient, logs: Path
     ]
     try:
         wait_for_workers(client.app, count, timeout=120)
-        yield
+        yield procs
     finally:
         for p in procs:
             stop_process(p)
@@ -135,6 +156,8 @@ def _send(
     """Enqueue; returns the handles and each event's enqueue time (epoch seconds)."""
     if sc.send == "many":
         return send_paced(events, client.train_many, rate=sc.rate)
+    if sc.threads > 1:
+        return _send_threads(client, sc, events)
 
     def one(part: Sequence[dict[str, Any]]) -> list[Any]:
         (event,) = part
@@ -143,6 +166,49 @@ def _send(
         return [client.train_step(event)]
 
     return send_paced(events, one, rate=sc.rate, size=1)
+
+
+def _send_threads(
+    client: TrainingClient, sc: Scenario, events: list[dict[str, Any]]
+) -> tuple[list[Any], list[float]]:
+    """``train_step`` from ``sc.threads`` threads, one event a call, each thread its share of the
+    events (and of the rate); handles and times come back in event order."""
+    shares = [events[k :: sc.threads] for k in range(sc.threads)]
+    out: list[tuple[list[Any], list[float]]] = [([], [])] * sc.threads
+    rate = sc.rate / sc.threads if sc.rate else None
+
+    def run(k: int) -> None:
+        out[k] = send_paced(shares[k], lambda part: [client.train_step(part[0])], rate=rate, size=1)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(sc.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    handles: list[Any] = [None] * len(events)
+    sent: list[float] = [0.0] * len(events)
+    for k, (hs, ts) in enumerate(out):
+        handles[k :: sc.threads] = hs
+        sent[k :: sc.threads] = ts
+    return handles, sent
+
+
+_CPU_KINDS = ("producer", "redis", "worker_main", "pool")
+
+
+class _Cpu:
+    """CPU seconds of the processes of a run, by kind, read from /proc."""
+
+    def __init__(self, redis_pid: int, workers: Sequence[subprocess.Popen[bytes]]) -> None:
+        self.kinds: dict[str, list[int]] = {
+            "producer": [os.getpid()],
+            "redis": [redis_pid],
+            "worker_main": [p.pid for p in workers],
+            "pool": [c for p in workers for c in child_pids(p.pid)],
+        }
+
+    def read(self) -> dict[str, float]:
+        return {kind: sum(cpu_seconds(pid) for pid in pids) for kind, pids in self.kinds.items()}
 
 
 def _collect(
@@ -173,12 +239,18 @@ def _timings(raw: redis.Redis, model: str) -> tuple[list[float], list[float]]:
     return waits, holds
 
 
-def run_scenario(sc: Scenario, client: TrainingClient, store: Store, raw: redis.Redis) -> ScenarioResult:
+def run_scenario(
+    sc: Scenario, client: TrainingClient, store: Store, raw: redis.Redis, cpu: _Cpu
+) -> ScenarioResult:
     model = _new_model(store, raw, sc.mode)
     events = synthetic_events(sc.events, users=10_000, model=model, seed=7)
+    cpu_before = cpu.read()
     first = time.time()
     handles, sent = _send(client, sc, events)
     results = _collect(client, raw, handles, timeout=max(120.0, sc.events / 200))
+    cpu_after = cpu.read()
+    used = {kind: (cpu_after[kind] - cpu_before[kind]) / sc.events * 1e6 for kind in cpu_after}
+    used["total"] = sum(used.values())
     last = max(done for _, done in results)
     seconds = max(last - first, 1e-9)
     latencies = [(done - s) * 1000 for (_, done), s in zip(results, sent, strict=True)]
@@ -199,6 +271,8 @@ def run_scenario(sc: Scenario, client: TrainingClient, store: Store, raw: redis.
         critical_sections=len(holds),
         statuses=dict(Counter(status for status, _ in results)),
         offered_rate=sc.rate,
+        threads=sc.threads,
+        cpu_us_per_event={kind: round(us, 1) for kind, us in used.items()},
     )
 
 
@@ -236,12 +310,14 @@ def run_bench(
         with TrainingClient(settings=settings) as client:
             scenarios = plan(args.quick)
             for count in sorted({s.workers for s in scenarios}, key=lambda w: (w != 2, w)):
-                with _workers(count, env, client, logs):
+                with _workers(count, env, client, logs) as procs:
+                    assert server.proc is not None
+                    cpu = _Cpu(server.proc.pid, procs)
                     for sc in (s for s in scenarios if s.workers == count):
                         say(
                             f"scenario {sc.key}: {sc.description}, {sc.workers} worker(s), {sc.events} events"
                         )
-                        results.append(run_scenario(sc, client, store, raw))
+                        results.append(run_scenario(sc, client, store, raw, cpu))
             paths = _message_path(args.quick, env, client, store, raw, logs, say)
     report: dict[str, Any] = {
         "machine": {**machine(), "redis": redis_version},
@@ -321,6 +397,7 @@ def render(results: list[ScenarioResult], report: dict[str, Any]) -> Table:
         "lock wait p50/p99",
         "lock hold p50/p99",
         "sections",
+        "CPU µs/event prod/redis/main/pool",
     ):
         table.add_column(col, justify="left" if col == "scenario" else "right")
 
@@ -338,5 +415,8 @@ def render(results: list[ScenarioResult], report: dict[str, Any]) -> Table:
             pair(r.lock_wait_p50_ms, r.lock_wait_p99_ms),
             pair(r.lock_hold_p50_ms, r.lock_hold_p99_ms),
             str(r.critical_sections),
+            "/".join(
+                f"{r.cpu_us_per_event.get(k, 0):.0f}" for k in ("producer", "redis", "worker_main", "pool")
+            ),
         )
     return table

@@ -23,7 +23,7 @@ from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id, res
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
 from worker.devtools.synthetic import synthetic_events
 
-__all__ = ["MessagePathResult", "cpu_seconds", "drain"]
+__all__ = ["MessagePathResult", "child_pids", "cpu_seconds", "drain"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -44,7 +44,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (a worker's pool processes), from ``/proc``."""
     out: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
@@ -79,7 +80,7 @@ def drain(
         envelopes = [
             encode_envelope(TASK_TRAIN_STEP, i, [e], queue) for i, e in zip(ids, events, strict=True)
         ]
-        pids = [proc.pid, *_children(proc.pid)]
+        pids = [proc.pid, *child_pids(proc.pid)]
         before = [cpu_seconds(p) for p in pids]
         start = time.monotonic()
         pipe = raw.pipeline(transaction=False)
