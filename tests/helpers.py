@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 from celery import Celery
 
@@ -34,6 +35,7 @@ from producer.protocol import result_key
 from producer.settings import Settings
 from worker.devtools.stack import APP, node_name, start_worker, stop_process, wait_for_workers
 from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.engine.mlp import Shape, init_params
 from worker.store.model_store import Store
 
 ACTIONS = ("click", "view", "purchase", "dismiss", "like", "skip")
@@ -397,3 +399,16 @@ def evidence_env(visibility: int) -> dict[str, str]:
         "ITRAIN_HISTORY_MAX": "100000",
         "ITRAIN_LOG_EVERY": "1000",
     }
+
+
+def problem(
+    inputs: int, hidden: int, outputs: int, batch: int, seed: int = 0
+) -> tuple[Shape, np.ndarray, np.ndarray, np.ndarray]:
+    """An SGD test problem: random weights (non-zero biases too), inputs in [-1, 1] and targets
+    in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    shape = Shape(inputs, hidden, outputs)
+    theta = init_params(shape, seed) + rng.normal(0.0, 0.3, shape.size)
+    X = rng.uniform(-1.0, 1.0, (batch, inputs))
+    T = rng.uniform(0.0, 1.0, (batch, outputs))
+    return shape, theta, X, T

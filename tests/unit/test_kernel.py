@@ -13,21 +13,11 @@ import numpy as np
 import pytest
 
 from producer.errors import NonFiniteUpdateError
+from tests.helpers import problem
 from worker.engine.kernel import per_event_steps, per_event_steps_reference
-from worker.engine.mlp import Shape, init_params
 
 TOL = 1e-12
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def problem(inputs: int, hidden: int, outputs: int, batch: int, seed: int):
-    """Random weights (non-zero biases too), inputs in [-1, 1] and targets in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    shape = Shape(inputs, hidden, outputs)
-    theta = init_params(shape, seed) + rng.normal(0.0, 0.3, shape.size)
-    X = rng.uniform(-1.0, 1.0, (batch, inputs))
-    T = rng.uniform(0.0, 1.0, (batch, outputs))
-    return shape, theta, X, T
 
 
 def both(shape, theta, X, T, lr, clip):
@@ -175,7 +165,7 @@ def test_worker_init_compiles_the_one_signature_the_trainer_uses(tmp_path) -> No
         assert kernel._compiled.signatures == [], "compiled at import"
         worker_init.send(sender=None)
         assert len(kernel._compiled.signatures) == 1, kernel._compiled.signatures
-        from tests.helpers import make_events
+        from tests.helpers import problem, make_events
         from tests.unit.test_trainer import _batch
         from worker.engine.trainer import step
         pid = os.fork()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from producer.errors import ItrainError, NonFiniteUpdateError
+from tests.helpers import problem
 from worker.engine.mlp import (
     PerEventSGD,
     Shape,
@@ -21,16 +22,6 @@ from worker.engine.mlp import (
 
 # (inputs, hidden, outputs, batch)
 SHAPES = [(4, 3, 1, 1), (4, 5, 3, 1), (4, 6, 2, 7), (2, 3, 1, 4), (4, 16, 1, 5)]
-
-
-def problem(inputs: int, hidden: int, outputs: int, batch: int, seed: int = 0):
-    """Random weights (non-zero biases too), inputs in [-1, 1] and targets in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    shape = Shape(inputs, hidden, outputs)
-    theta = init_params(shape, seed) + rng.normal(0.0, 0.3, shape.size)
-    X = rng.uniform(-1.0, 1.0, (batch, inputs))
-    T = rng.uniform(0.0, 1.0, (batch, outputs))
-    return shape, theta, X, T
 
 
 def naive_loss(theta, shape, X, T):
