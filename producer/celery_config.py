@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
+from kombu.utils.objects import cached_property
 
 from producer.backend import backend_url
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
@@ -96,7 +97,7 @@ def make_celery(
     """A Celery app configured for the project. ``producer``: the publishing side's app, whose
     result backend subscribes to a result only when someone waits for it. ``amqp``: Celery's
     ``amqp`` class, by name (the worker's shows its transport's URL as a Redis one)."""
-    app = Celery(main, set_as_current=False, amqp=amqp)
+    app = (_ProducerCelery if producer else Celery)(main, set_as_current=False, amqp=amqp)
     app.conf.update(celery_config(settings))
     if producer:
         app.conf.result_backend = backend_url(settings.backend)
@@ -107,3 +108,11 @@ def make_celery(
             "retry_on_timeout": False,
         }
     return app
+
+
+class _ProducerCelery(Celery):  # type: ignore[misc]
+    """The publishing side's app: ``app.AsyncResult(id)`` knows ``train_many``'s chunk events."""
+
+    @cached_property
+    def AsyncResult(self) -> Any:
+        return self.subclass_with_self("producer.handles:AppResult")

@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
+from producer.chunks import event_meta
 from producer.errors import (
     BrokerFullError,
     InvalidEventError,
@@ -21,7 +22,7 @@ from producer.errors import (
     ResultTimeoutError,
 )
 from producer.events import EVENT_LIST, InteractionData
-from producer.handles import JobHandle
+from producer.handles import Chunk, ChunkHandle, JobHandle, handle_for
 from producer.protocol import (
     TASK_PREDICT,
     TASK_TRAIN_BATCH,
@@ -89,37 +90,49 @@ class TrainingClient:
         """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
 
         Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``) and all
-        messages go to Redis in one pipelined round trip. All or nothing: an invalid event or a
-        full queue raises before anything is sent. ``results=False``: fire-and-forget, as
-        ``train_step(..., result=False)``, for every event.
+        messages go to Redis in one pipelined round trip. Each chunk has one result, and each
+        event's handle (id ``<chunk id>:<index>``) reads its entry of it (``producer.chunks``).
+        All or nothing: an invalid event or a full queue raises before anything is sent.
+        ``results=False``: fire-and-forget, as ``train_step(..., result=False)``, for every event.
         """
         items = list(events)
         if not items:
             return []
         payloads = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
-        ids = [new_task_id() for _ in payloads]
-        queue = self.settings.queue
-        self._push(
-            [
+        queue, app, ignored = self.settings.queue, self.app, not results
+        envelopes: list[bytes] = []
+        handles: list[AsyncResult] = []
+        for a, b in self._chunks(payloads):
+            # One result for the chunk, under its message id (``producer.chunks``).
+            chunk = Chunk(new_task_id(), app)
+            envelopes.append(
                 encode_envelope(
                     TASK_TRAIN_BATCH,
-                    new_task_id(),
-                    [ids[a:b], payloads[a:b]],
+                    chunk.id,
+                    [payloads[a:b]],
                     queue,
                     argsrepr=f"[{b - a} events]",
-                    ignore_result=not results,
+                    ignore_result=ignored,
                 )
-                for a, b in self._chunks(payloads)
-            ]
-        )
-        app, ignored = self.app, not results
-        return [JobHandle(task_id, app, ignored=ignored) for task_id in ids]
+            )
+            handles.extend(ChunkHandle(chunk, i, ignored=ignored) for i in range(b - a))
+        self._push(envelopes)
+        return handles
 
     def predict(self, event: EventLike) -> AsyncResult:
         """Ask the model for its prediction for an event; resolves to ``{model, version, prediction}``."""
         return self._send(TASK_PREDICT, _validate_one(event).model_dump(mode="json"))
 
     # -- reading -------------------------------------------------------------------------------
+
+    def handle(self, task_id: str) -> AsyncResult:
+        """The handle of a job from its id (``handle.id``), e.g. one kept by another process.
+
+        A ``train_many`` event's id, ``<chunk id>:<index>``, gives a handle that reads its
+        chunk's result; any other id a plain Celery ``AsyncResult``. ``client.app.AsyncResult(id)``
+        does the same.
+        """
+        return handle_for(task_id, self.app)
 
     def stats(self, model: str = "default") -> dict[str, Any]:
         """The model's statistics, the same object as ``itrain stats --json``."""
@@ -160,21 +173,23 @@ class TrainingClient:
             still: list[int] = []
             for start in range(0, len(pending), 5000):
                 part = pending[start : start + 5000]
+                # The handles of one chunk share its key: each key is read and decoded once.
+                keys = list(dict.fromkeys(_key(handles[i]) for i in part))
                 try:
-                    values = self._results.mget([result_key(handles[i].id) for i in part])
+                    values = self._results.mget(keys)
                 except _UNREACHABLE as exc:
                     raise PublishError(f"cannot reach {redact_url(self.settings.backend)}: {exc}") from exc
-                for i, raw in zip(part, values, strict=True):
-                    if raw is None:
+                stored = {k: orjson.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+                for i in part:
+                    meta = stored.get(_key(handles[i]))
+                    if meta is not None and isinstance(handles[i], ChunkHandle):
+                        meta = event_meta(meta, handles[i].index, handles[i].id)
+                    if meta is None or meta.get("status") not in ("SUCCESS", "FAILURE"):
                         still.append(i)
-                        continue
-                    meta = orjson.loads(raw)
-                    if meta["status"] == "SUCCESS":
+                    elif meta["status"] == "SUCCESS":
                         results[i] = meta["result"]
-                    elif meta["status"] == "FAILURE":
-                        results[i] = backend.exception_to_python(meta["result"])
                     else:
-                        still.append(i)
+                        results[i] = backend.exception_to_python(meta["result"])
             pending = still
             if pending:
                 if time.monotonic() > deadline:
@@ -292,6 +307,12 @@ def _argsrepr(payload: dict[str, Any]) -> str:
         f"[{{event_id: {payload['event_id']}, action_type: {payload['action_type']}, "
         f"model: {payload['model']}}}]"
     )
+
+
+def _key(handle: AsyncResult) -> str:
+    """Where a handle's result is stored: its chunk's key for a chunk event's handle."""
+    key = getattr(handle, "key", None)
+    return key if isinstance(key, str) else result_key(handle.id)
 
 
 def _validate_one(event: EventLike) -> InteractionData:

@@ -30,8 +30,7 @@ from celery import Celery
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError, ResultTimeoutError
 from producer.events import InteractionData
-from producer.keys import ModelKeys
-from producer.protocol import result_key
+from producer.keys import ModelKeys, marker_field
 from producer.settings import Settings
 from worker.devtools.stack import APP, node_name, start_worker, stop_process, wait_for_workers
 from worker.engine.checkpoint import Checkpoint, ModelConfig
@@ -308,7 +307,7 @@ def wait_results(
             f"unacked_index={r.zcard('unacked_index')}"
         )
         if labels is not None:
-            raw = r.mget([result_key(h.id) for h in handles])
+            raw = r.mget([h.key for h in handles])
             pending = Counter(label for label, value in zip(labels, raw, strict=True) if value is None)
             state += f" pending by kind: {dict(pending)}"
         logs = workers.tails() if workers else ""
@@ -335,12 +334,12 @@ def check_each_event_once(client: redis.Redis, model: str, event_ids: Sequence[s
     keys = ModelKeys(model)
     step = model_state(client, model)["step"]
     gen = int(client.hget(keys.ckpt, "gen") or 0)
-    wanted = set(event_ids)
+    wanted = {marker_field(e): e for e in event_ids}
     pairs: list[tuple[str, int]] = []  # from every marker slot: an event marked twice shows twice
     for key in client.scan_iter(match=keys.done_prefix(gen) + "*", count=1000):
-        for event_id, value in client.hgetall(key).items():
-            if event_id.decode() in wanted:
-                pairs.append((event_id.decode(), int(value)))
+        for field, value in client.hgetall(key).items():
+            if field in wanted:
+                pairs.append((wanted[field], int(value)))
     markers = dict(pairs)
     marked_steps = sorted(step for _, step in pairs)
     assert marked_steps == list(range(1, step + 1)), (

@@ -179,11 +179,17 @@ def test_batch_message_that_kills_its_pool_process_fails_every_event_it_carries(
     # When it is sent
     with TrainingClient(settings=settings) as client:
         handles = client.train_many(events)
-    results = _results(redis_client, [h.id for h in handles], crash_worker)
+    (chunk,) = _results(redis_client, [handles[0].chunk.id], crash_worker)
 
-    # Then each of its events ends FAILURE naming the cause (nothing was trained) ...
-    assert [r["status"] for r in results] == ["FAILURE"] * 3, results
-    assert {r["result"]["exc_type"] for r in results} == {"WorkerLostError"}
+    # Then the chunk's one result is a FAILURE naming the cause, which each of its events' handles
+    # reads (nothing was trained) ...
+    assert chunk["status"] == "FAILURE", chunk
+    assert chunk["result"]["exc_type"] == "WorkerLostError"
+    with TrainingClient(settings=settings) as reader:
+        remade = [reader.handle(h.id) for h in handles]
+        assert [h.state for h in remade] == ["FAILURE"] * 3
+        results = reader.wait_all(remade, timeout=5)
+    assert [type(r).__name__ for r in results] == ["WorkerLostError"] * 3, results
     assert redis_client.hget(ModelKeys(model).ckpt, "step") == b"0"
     # ... with one dead letter for the message, which ran twice (with its events) and no more
     dead = [orjson.loads(d) for d in redis_client.lrange(ModelKeys(model).dead, 0, -1)]

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from producer.errors import ModelExistsError
-from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys
+from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_field
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.store.model_store import CommitResult, Store
@@ -130,7 +130,7 @@ def test_an_event_is_a_duplicate_for_the_whole_window_and_markers_expire_after_i
     # And its marker is one hash field in a slot key that expires no later than that
     (key,) = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
     assert redis_client.type(key) == b"hash"
-    assert int(redis_client.hget(key, "edge")) == 1
+    assert int(redis_client.hget(key, marker_field("edge"))) == 1
     assert 40 <= redis_client.ttl(key) <= 40 + 20 + 1
 
 
@@ -144,4 +144,7 @@ def test_markers_are_compact(redis_client: redis.Redis, store: Store, model_name
     keys = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
     assert len(keys) == 1
     assert redis_client.hlen(keys[0]) == 1000
+    # And each field is the event id's 12-byte digest, holding the step that trained it
+    assert redis_client.hget(keys[0], marker_field("c7")) == b"8"
+    assert redis_client.hget(keys[0], "c7") is None
     assert store.read(model_name, None, [*ids[:3], "never"]).done == [True, True, True, False]

@@ -38,7 +38,7 @@ import redis
 from producer.client import TrainingClient
 from producer.errors import PublishError
 from producer.keys import UNROUTED_DEAD, ModelKeys
-from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
+from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id
 from producer.settings import Settings
 from tests.helpers import (
     ClientFactory,
@@ -328,7 +328,7 @@ def _settle(
         pending: set[str] = set()
         for i in range(0, len(handles), 5000):
             part = handles[i : i + 5000]
-            raw = admin.mget([result_key(h.id) for h in part])
+            raw = admin.mget([h.key for h in part])
             pending.update(h.id for h, v in zip(part, raw, strict=True) if v is None)
         now = time.monotonic()
         if not pending or now > deadline:
@@ -580,7 +580,7 @@ def _hostile_catalogue(model: str) -> dict[str, tuple[Callable[[int], tuple[str,
         "not_protocol_2": (lambda i: (TASK_TRAIN_STEP, orjson.dumps({"args": [ev(i)]})), "protocol 2", False),
         "batch_bad_shape": (
             lambda i: (TASK_TRAIN_BATCH, _proto2([[f"x{i}"], [ev(i)], 3])),
-            "two arguments",
+            "a list of ids and a list of events",
             False,
         ),
     }

@@ -44,7 +44,14 @@ from producer.errors import ItrainError
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
 from worker.consume.faults import is_redis_fault
-from worker.consume.messages import RawMessage, decode_args, model_hint, split_batch, validate_event
+from worker.consume.messages import (
+    RawMessage,
+    decode_args,
+    is_chunk,
+    model_hint,
+    split_batch,
+    validate_event,
+)
 from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
 from worker.consume.task_events import TaskEvents, task_events
 from worker.engine.trainer import dead_letter_entry
@@ -276,8 +283,9 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     try:
         args = decode_args(raw, rt.settings.max_message_bytes)
         if raw.task == TASK_TRAIN_BATCH:
-            pairs = split_batch(args)
-            ids = [task_id for task_id, _ in pairs if _result_id(task_id)] or ids
+            pairs = split_batch(args, raw.task_id)
+            # A chunk's one result is the message's (every event of it reads that FAILURE).
+            ids = ids if is_chunk(args) else [task_id for task_id, _ in pairs if _result_id(task_id)] or ids
             model = model_hint(pairs[0][1]) if pairs else model
             shown, extra = f"[{len(pairs)} events]", {"events": len(pairs)}
         else:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from producer.chunks import handle_id
 from producer.errors import InvalidEventError
 from producer.events import EVENT_LIST, InteractionData, describe_validation_error
 
@@ -27,6 +28,7 @@ __all__ = [
     "RawMessage",
     "check_task_id",
     "decode_args",
+    "is_chunk",
     "model_hint",
     "printable",
     "split_batch",
@@ -138,22 +140,37 @@ def validate_many(payloads: list[Any]) -> list[InteractionData | None]:
     return [None] * len(payloads)
 
 
-def split_batch(args: list[Any]) -> list[tuple[Any, Any]]:
-    """``itrain.train_batch`` arguments ``[ids, events]`` as (result id, event) pairs.
+def split_batch(args: list[Any], task_id: str) -> list[tuple[Any, Any]]:
+    """``itrain.train_batch`` arguments as (result id, event) pairs.
 
-    The ids are not checked here: ``check_task_id`` refuses a bad one item by item, so that its
-    neighbours still train.
+    Two forms: ``[events]``, a chunk with one result under the message's id (``task_id``), whose
+    events answer as ``<task id>:<index>`` (``producer.chunks``); and ``[ids, events]``, each
+    event with a result of its own under its id. The ids are not checked here:
+    ``check_task_id`` refuses a bad one item by item, so that its neighbours still train.
     """
+    if is_chunk(args):
+        (events,) = args
+        _check_batch_size(len(events))
+        return [(handle_id(task_id, i), event) for i, event in enumerate(events)]
     if len(args) != 2 or not isinstance(args[0], list) or not isinstance(args[1], list):
-        raise InvalidEventError("itrain.train_batch takes two arguments: a list of ids and a list of events")
+        raise InvalidEventError(
+            "itrain.train_batch takes a list of events, or a list of ids and a list of events"
+        )
     ids, events = args
     if len(ids) != len(events):
         raise InvalidEventError(f"itrain.train_batch got {len(ids)} ids for {len(events)} events")
-    if len(ids) > MAX_BATCH_EVENTS:
-        raise InvalidEventError(
-            f"itrain.train_batch carries at most {MAX_BATCH_EVENTS} events, got {len(ids)}"
-        )
+    _check_batch_size(len(ids))
     return list(zip(ids, events, strict=True))
+
+
+def is_chunk(args: list[Any]) -> bool:
+    """Whether ``itrain.train_batch`` arguments are the chunk form, ``[events]``."""
+    return len(args) == 1 and isinstance(args[0], list)
+
+
+def _check_batch_size(n: int) -> None:
+    if n > MAX_BATCH_EVENTS:
+        raise InvalidEventError(f"itrain.train_batch carries at most {MAX_BATCH_EVENTS} events, got {n}")
 
 
 def check_task_id(value: Any, what: str = "task id") -> str:

@@ -32,6 +32,7 @@ from worker.consume.messages import (
     RawMessage,
     check_task_id,
     decode_args,
+    is_chunk,
     model_hint,
     printable,
     split_batch,
@@ -40,7 +41,7 @@ from worker.consume.messages import (
 )
 from worker.engine.trainer import Job, Trainer, dead_letter_entry
 from worker.store.model_store import Store
-from worker.store.results import Outcome, write_results
+from worker.store.results import ChunkResult, Outcome, write_results
 
 __all__ = ["Runtime", "Summary", "get_runtime", "run_messages", "shown_args"]
 
@@ -92,6 +93,8 @@ class _Plan:
     failure_owner: list[int] = field(default_factory=list)
     dead: dict[str, list[bytes]] = field(default_factory=dict)  # model -> dead letters
     message_error: dict[int, str] = field(default_factory=dict)  # message refused whole
+    #: Messages in the chunk form (one result for all their events), and their event counts.
+    chunks: dict[int, int] = field(default_factory=dict)
     invalid: dict[int, int] = field(default_factory=dict)  # items failed before training
 
     def dead_letter(self, model: str, entry: bytes) -> None:
@@ -133,15 +136,27 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
 
 def _wanted(
     messages: Sequence[RawMessage], plan: _Plan, outcomes: list[Outcome], owners: list[int]
-) -> list[Outcome]:
-    """The outcomes whose results are written: all but those of messages sent with Celery's
-    ``ignore_result`` (fire-and-forget), whose events are trained and dead-lettered as any
-    other's, and whose task events (Flower) are still sent."""
+) -> list[Outcome | ChunkResult]:
+    """The results to write: one per event, and one per message in the chunk form; none for
+    messages sent with Celery's ``ignore_result`` (fire-and-forget), whose events are trained and
+    dead-lettered as any other's, and whose task events (Flower) are still sent."""
     ignored = {m for m, msg in enumerate(messages) if msg.ignore_result}
-    if not ignored:
+    if not ignored and not plan.chunks:
         return [*outcomes, *plan.failures]
+    wanted: list[Outcome | ChunkResult] = []
+    of_chunk: dict[int, list[Outcome]] = {m: [] for m in plan.chunks}
     pairs = zip([*outcomes, *plan.failures], [*owners, *plan.failure_owner], strict=True)
-    return [o for o, m in pairs if m not in ignored]
+    for o, m in pairs:
+        if m in ignored:
+            continue
+        if m in of_chunk:
+            of_chunk[m].append(o)
+        else:
+            wanted.append(o)
+    for m, size in plan.chunks.items():
+        if m not in ignored and m not in plan.message_error:
+            wanted.append(ChunkResult(messages[m].task_id, size, of_chunk[m]))
+    return wanted
 
 
 # -- admission: decode, check ids, validate ------------------------------------------------------
@@ -156,11 +171,13 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         return
     try:
         args = decode_args(msg, settings.max_message_bytes)
-        items = split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
+        items = split_batch(args, msg.task_id) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
     except Exception as exc:
         error = _item_error(exc)
         plan.message_error[m] = _fail(plan, m, msg.task_id, error, getattr(error, "payload_hint", None))
         return
+    if msg.task == TASK_TRAIN_BATCH and is_chunk(args):
+        plan.chunks[m] = len(items)
 
     batch = msg.task == TASK_TRAIN_BATCH
     late = msg.deliveries > settings.max_deliveries
@@ -199,7 +216,8 @@ def _refuse(plan: _Plan, m: int, msg: RawMessage, exc: InvalidEventError, settin
     logger.warning("message of task %s refused: %s", printable(msg.task_id), exc)
     try:
         args = decode_args(msg, settings.max_message_bytes)
-        payloads = [p for _, p in (split_batch(args) if msg.task == TASK_TRAIN_BATCH else _single(msg, args))]
+        pairs = split_batch(args, msg.task_id) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
+        payloads = [p for _, p in pairs]
     except Exception as unreadable:
         if is_redis_fault(unreadable):
             raise

@@ -33,7 +33,6 @@ from rich.table import Table
 
 from producer.client import TrainingClient
 from producer.keys import ModelKeys
-from producer.protocol import result_key
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
 from worker.devtools.embedded_redis import RedisServer
@@ -218,7 +217,7 @@ def _collect(
     results = client.wait_all(handles, timeout=timeout, poll=0.05)
     done: list[float] = []
     for i in range(0, len(handles), 10_000):
-        metas = raw.mget([result_key(h.id) for h in handles[i : i + 10_000]])
+        metas = raw.mget([h.key for h in handles[i : i + 10_000]])
         for meta in metas:
             if meta is None:  # expired between the two reads: the run took longer than its TTL
                 raise TimeoutError("a result expired before the benchmark read its completion time")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import redis
 
 from producer.errors import ModelExistsError
-from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_slots
+from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_field, marker_slots
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, decode, encode
 from worker.lua import load_lua
@@ -67,9 +67,10 @@ class Store:
         pipe = self.client.pipeline(transaction=False)
         self._read(keys=[keys.ckpt], args=[cached.tag if cached else ""], client=pipe)
         guess = cached.gen if cached else None
-        if event_ids and guess is not None:
+        fields = [marker_field(e) for e in event_ids]
+        if fields and guess is not None:
             for slot in slots:
-                pipe.hmget(keys.done(guess, slot), list(event_ids))
+                pipe.hmget(keys.done(guess, slot), fields)
         replies = pipe.execute()
         reply = replies[0]
         if not reply:
@@ -99,7 +100,7 @@ class Store:
         else:
             pipe = self.client.pipeline(transaction=False)
             for slot in slots:
-                pipe.hmget(keys.done(gen, slot), list(event_ids))
+                pipe.hmget(keys.done(gen, slot), fields)
             found = pipe.execute()
         return ReadResult(state, ckpt, [any(v is not None for v in vs) for vs in zip(*found, strict=True)])
 
@@ -140,7 +141,7 @@ class Store:
             len(dead),
             cid,
         ]
-        args.extend(event_ids)
+        args.extend(marker_field(e) for e in event_ids)
         for name, count in actions.items():
             args.extend((name, count))
         args.extend(history)

@@ -12,6 +12,10 @@ are write-once, except that ``trained`` replaces an earlier FAILURE, ``skipped``
 of the same event; nothing replaces ``trained``, and a result is never written over one for a
 different event. So a forged message naming another job's id cannot change that job's answer,
 and a redelivery that trains an event after its lock_timeout FAILURE says so.
+
+A ``train_many`` chunk has one result for all its events (``ChunkResult``, whose stored form is
+``producer.chunks``'s); the same rule holds for each of its entries, applied by
+``producer.chunks.merge_chunk`` when a chunk's result is already stored.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import Any, Literal
 import orjson
 import redis
 
+from producer.chunks import chunk_result, merge_chunk, parse_handle_id
 from producer.protocol import result_key
 from worker.lua import load_lua
 
-__all__ = ["Outcome", "failure_payload", "write_results"]
+__all__ = ["ChunkResult", "Outcome", "failure_payload", "write_results"]
 
 Status = Literal["SUCCESS", "FAILURE"]
 
@@ -92,7 +97,37 @@ def failure_payload(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int) -> int:
+class ChunkResult:
+    """The one result of a ``train_many`` chunk: the outcomes of its events, by index."""
+
+    __slots__ = ("outcomes", "task_id")
+
+    def __init__(self, task_id: str, size: int, outcomes: Sequence[Outcome]) -> None:
+        self.task_id = task_id
+        self.outcomes: list[Outcome | None] = [None] * size
+        for o in outcomes:
+            parsed = parse_handle_id(o.task_id)
+            if parsed is not None and parsed[0] == task_id and parsed[1] < size:
+                self.outcomes[parsed[1]] = o
+
+    def result(self) -> dict[str, Any]:
+        """The chunk's ``result``: ids, and a short entry per event (``producer.chunks``)."""
+        ids: list[str | None] = []
+        models: list[str] = []
+        entries: list[Any] = []
+        for o in self.outcomes:
+            ids.append(o.event_id if o is not None else None)
+            if o is not None and o.trained:
+                r = o.result
+                models.append(r["model"])
+                entries.append([r["step"], r["version"], r["loss"]])
+            else:
+                models.append("")
+                entries.append(None if o is None else o.result)
+        return chunk_result(models, ids, entries)
+
+
+def write_results(client: redis.Redis, outcomes: Sequence[Outcome | ChunkResult], expires: int) -> int:
     """Write each outcome's result under the precedence rule; returns how many were written (the
     others were refused: an earlier result stands)."""
     if not outcomes:
@@ -101,6 +136,10 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int
     args: list[bytes | str | int] = [expires]
     for o in outcomes:
         args.append(result_key(o.task_id))
+        if isinstance(o, ChunkResult):
+            meta = {"status": "SUCCESS", "result": o.result(), "date_done": done, "task_id": o.task_id}
+            args.extend((orjson.dumps(meta), "", "c"))
+            continue
         args.append(
             orjson.dumps(
                 {
@@ -117,8 +156,36 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome], expires: int
         args.append(o.event_id or "")
         args.append(1 if o.trained else 0)
     # ``client=`` always: a cached Script must never run on a client other than this one.
-    written = _script(client)(keys=[], args=args, client=client)
-    return int(written)
+    written, *met = _script(client)(keys=[], args=args, client=client)
+    found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))
+    return int(written) + (_merge_chunks(client, found, expires) if found else 0)
+
+
+def _merge_chunks(
+    client: redis.Redis, found: list[tuple[bytes, bytes, bytes]], expires: int, attempts: int = 5
+) -> int:
+    """Chunk results that met a stored one (a redelivered chunk), as (key, stored, ours): merged
+    event by event, and written if the stored value has not changed since (else read and merged
+    again)."""
+    written = 0
+    for _ in range(attempts):
+        args: list[bytes | str | int] = [expires]
+        tried: list[tuple[bytes, bytes]] = []
+        for key, old, new in found:
+            merged = merge_chunk(orjson.loads(old), orjson.loads(new))
+            if merged is not None:
+                args.extend((key, orjson.dumps(merged), old, "r"))
+                tried.append((key, new))
+        if not tried:
+            break
+        n, *_ = _script(client)(keys=[], args=args, client=client)
+        written += int(n)
+        if int(n) == len(tried):
+            break
+        # Someone wrote one of them meanwhile: read what is there now and merge again.
+        now: list[bytes | None] = client.mget([key for key, _ in tried])  # type: ignore[assignment]
+        found = [(k, stored, new) for (k, new), stored in zip(tried, now, strict=True) if stored is not None]
+    return written
 
 
 def _script(client: redis.Redis) -> Any:

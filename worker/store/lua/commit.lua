@@ -9,12 +9,12 @@
 -- ARGV[7]  history_max      ARGV[8]  the de-duplication window, seconds (ITRAIN_DEDUPE_TTL)
 -- ARGV[9]  done_prefix (event markers' key prefix, of the checkpoint's generation)
 --          Markers are compact: one hash per slot of time (a quarter of the window, as
---          producer.keys.slot_seconds), event id -> step, expiring a window and a slot after its
+--          producer.keys.slot_seconds), marker field -> step, expiring a window and a slot after its
 --          slot ends; a reader looks in every slot of the last window (producer.keys.marker_slots).
 -- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
 -- ARGV[13] n_dead           ARGV[14] the new cid
--- ARGV[15...] then n event ids, n_actions (name, count) pairs, n_history entries (newest
---          last) and n_dead entries.
+-- ARGV[15...] then n marker fields (producer.keys.marker_field of each event id), n_actions
+--          (name, count) pairs, n_history entries (newest last) and n_dead entries.
 --
 -- It lands only if the checkpoint is still the one read under the lock (same tag): a holder
 -- whose lock expired while it was paused finds another checkpoint and is refused, instead of

@@ -6,9 +6,14 @@
 --   * nothing replaces "trained", and a write for a different event than the stored one is
 --     refused (a forged message cannot steal another job's result);
 --   * a non-terminal state (STARTED, RETRY) is replaced by any result.
+-- A chunk's result (flag "c", producer.chunks) is written if absent; when one is there already,
+-- both go back to the caller, which merges them event by event (a trained entry replaces a lesser
+-- one) and writes the merge with flag "r": set only if the stored value is still the one it read.
 -- KEYS: none (each result key is in ARGV: results of one batch have unrelated ids).
--- ARGV: ttl, then (key, meta json, event id or "", trained "1"/"0") quads.
--- Returns the number of results written.
+-- ARGV: ttl, then (key, meta json, X, flag) quads, where flag is "1" (trained) or "0" (any other
+--       result of one event; X is its event id or ""), "c" (a chunk's result; X unused) or "r"
+--       (replace a chunk's result; X is the value it must still hold).
+-- Returns {number of results written, then (key, stored value, our value) of each chunk met}.
 
 local function replaceable(old, event, trained)
   local ok, meta = pcall(cjson.decode, old)
@@ -26,26 +31,51 @@ local function replaceable(old, event, trained)
   return type(old_event) ~= 'string' or old_event == event
 end
 
+local function is_chunk(old)
+  local ok, meta = pcall(cjson.decode, old)
+  return ok and type(meta) == 'table' and type(meta['result']) == 'table' and meta['result']['ids'] ~= nil
+end
+
 local ttl = ARGV[1]
 local written = 0
-for i = 2, #ARGV, 4 do
-  local key, value = ARGV[i], ARGV[i + 1]
+local met = {}
+
+local function publish(key, value)
+  redis.call('PUBLISH', key, value)
+  written = written + 1
+end
+
+local function write(key, value, x, flag)
+  if flag == 'r' then
+    if redis.call('GET', key) == x then
+      redis.call('SET', key, value, 'EX', ttl)
+      publish(key, value)
+    end
+    return
+  end
   -- One command in the common case: set if absent, else hand back what is there.
   local old = redis.pcall('SET', key, value, 'NX', 'GET', 'EX', ttl)
   if type(old) == 'table' and old['err'] then
     -- A key of another type under a result name is not ours to replace; any other error (OOM,
     -- READONLY) is Redis's, and goes back to the caller.
     if string.sub(old['err'], 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(old['err']) end
-  else
-    local write = not old
-    if old and replaceable(old, ARGV[i + 2], ARGV[i + 3] == '1') then
-      redis.call('SET', key, value, 'EX', ttl)
-      write = true
-    end
-    if write then
-      redis.call('PUBLISH', key, value)
-      written = written + 1
-    end
+    return
+  end
+  if not old then
+    publish(key, value)
+  elseif flag == 'c' then
+    table.insert(met, key)
+    table.insert(met, old)
+    table.insert(met, value)
+  elseif not is_chunk(old) and replaceable(old, x, flag == '1') then
+    -- (One event's result never replaces a chunk's: a message naming a chunk's id.)
+    redis.call('SET', key, value, 'EX', ttl)
+    publish(key, value)
   end
 end
-return written
+
+for i = 2, #ARGV, 4 do
+  local err = write(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+  if err then return err end
+end
+return {written, unpack(met)}
