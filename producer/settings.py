@@ -40,9 +40,12 @@ class Settings(BaseSettings):
     lock_poll: float = Field(0.001, gt=0)
     lock_retries: int = Field(3, ge=0)
     visibility_timeout: int = Field(300, gt=0)
-    # A job handle is waited on for seconds or minutes: an hour covers that with room, and bounds
-    # what results cost Redis (about 490 bytes each: 1.8 MB per sustained event/s).
-    result_expires: int = Field(3600, gt=0)
+    # A job handle is waited on for seconds or minutes. 30 minutes is also the redelivery window at
+    # the defaults, (ITRAIN_MAX_DELIVERIES + 1) x ITRAIN_VISIBILITY_TIMEOUT: a result outlives every
+    # redelivery of its message, so a late redelivery never answers an event whose result is gone.
+    # Results cost Redis ~300 bytes each (~70 per event in a train_many chunk's one result): at
+    # 1,800 s, 0.54 MB per sustained event/s of train_step.
+    result_expires: int = Field(1800, gt=0)
     # The de-duplication window: an event id trained within it answers ``duplicate``.
     dedupe_ttl: int = Field(3600, gt=0)
     commit_retries: int = Field(20, ge=1)

@@ -473,11 +473,8 @@ def test_result_precedence(redis_client, first, second, stands) -> None:
     winner = a if stands == "first" else b
     stored = meta(redis_client, task_id)
     assert stored is not None
-    assert (stored["status"], stored["result"], stored["event_id"]) == (
-        winner.status,
-        winner.result,
-        winner.event_id,
-    )
+    named = stored["event_id"] if stored["status"] == "FAILURE" else stored["result"].get("event_id")
+    assert (stored["status"], stored["result"], named) == (winner.status, winner.result, winner.event_id)
     assert written == (1 if stands == "second" else 0)
     assert 0 < redis_client.ttl(result_key(task_id)) <= 60
 
@@ -486,8 +483,9 @@ def test_result_records_its_event_and_celery_reads_it(redis_client, app) -> None
     # Given results written for a trained event and a failed one
     ok, bad = new_id(), new_id()
     write_results(redis_client, [_trained(ok, "E1"), _failure(bad, "E2")], 60)
-    # Then the stored meta names each event, and AsyncResult reads both as Celery's own
-    assert meta(redis_client, ok)["event_id"] == "E1"
+    # Then the stored meta names each event (a SUCCESS in its result, a FAILURE beside it), and
+    # AsyncResult reads both as Celery's own
+    assert meta(redis_client, ok)["result"]["event_id"] == "E1"
     assert meta(redis_client, bad)["event_id"] == "E2"
     handle = app.AsyncResult(ok)
     assert (handle.state, handle.ready()) == ("SUCCESS", True)

@@ -33,7 +33,7 @@ def test_defaults_follow_the_contract(clean_env) -> None:
     assert s.redis_url == "redis://localhost:6379/0"
     assert s.broker == s.backend == s.store == "redis://localhost:6379/0"
     assert s.queue == "itrain"
-    assert s.result_expires == 3600
+    assert s.result_expires == 1800
     assert 60 <= s.visibility_timeout < 3600, "minutes, not the transport's hour"
     assert 1 <= s.lock_timeout <= 30, "a few seconds"
     assert s.max_queue_length == 0

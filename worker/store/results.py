@@ -6,12 +6,13 @@ own ``AsyncResult``. Each result is stored exactly as Celery's Redis backend sto
 ``AsyncResult.get()`` waiting on it). One script call writes a whole batch: a round trip and a
 command to encode instead of two commands per event, which cost more than training the event.
 
-Each stored result names the event it answers (a top-level ``event_id`` in Celery's meta, which
-Celery ignores), and the script (``lua/write_results.lua``) applies one precedence rule: results
-are write-once, except that ``trained`` replaces an earlier FAILURE, ``skipped`` or ``duplicate``
-of the same event; nothing replaces ``trained``, and a result is never written over one for a
-different event. So a forged message naming another job's id cannot change that job's answer,
-and a redelivery that trains an event after its lock_timeout FAILURE says so.
+Each stored result names the event it answers (its result's ``event_id``; a FAILURE's in a
+top-level ``event_id`` in Celery's meta, which Celery ignores), and the script
+(``lua/write_results.lua``) applies one precedence rule: results are write-once, except that
+``trained`` replaces an earlier FAILURE, ``skipped`` or ``duplicate`` of the same event; nothing
+replaces ``trained``, and a result is never written over one for a different event. So a forged
+message naming another job's id cannot change that job's answer, and a redelivery that trains an
+event after its lock_timeout FAILURE says so.
 
 A ``train_many`` chunk has one result for all its events (``ChunkResult``, whose stored form is
 ``producer.chunks``'s); the same rule holds for each of its entries, applied by
@@ -136,25 +137,17 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome | ChunkResult]
     args: list[bytes | str | int] = [expires]
     for o in outcomes:
         args.append(result_key(o.task_id))
+        meta: dict[str, Any]
         if isinstance(o, ChunkResult):
             meta = {"status": "SUCCESS", "result": o.result(), "date_done": done, "task_id": o.task_id}
             args.extend((orjson.dumps(meta), "", "c"))
             continue
-        args.append(
-            orjson.dumps(
-                {
-                    "status": o.status,
-                    "result": o.result,
-                    "traceback": None,
-                    "children": [],
-                    "date_done": done,
-                    "task_id": o.task_id,
-                    "event_id": o.event_id,
-                }
-            )
-        )
-        args.append(o.event_id or "")
-        args.append(1 if o.trained else 0)
+        # Compact: Celery reads a missing traceback or children as none. The event's id is in
+        # a SUCCESS result already; only a FAILURE needs it beside (for the precedence rule).
+        meta = {"status": o.status, "result": o.result, "date_done": done, "task_id": o.task_id}
+        if o.status != "SUCCESS" and o.event_id is not None:
+            meta["event_id"] = o.event_id
+        args.extend((orjson.dumps(meta), o.event_id or "", 1 if o.trained else 0))
     # ``client=`` always: a cached Script must never run on a client other than this one.
     written, *met = _script(client)(keys=[], args=args, client=client)
     found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))

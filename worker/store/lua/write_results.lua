@@ -25,7 +25,7 @@ local function replaceable(old, event, trained)
   local old_event = meta['event_id']
   if type(result) == 'table' then
     if status == 'SUCCESS' and result['status'] == 'trained' then return false end
-    -- Results written before "event_id" was a top-level field carry it in the result.
+    -- A SUCCESS names its event in its result; a FAILURE in a top-level "event_id".
     if type(old_event) ~= 'string' then old_event = result['event_id'] end
   end
   return type(old_event) ~= 'string' or old_event == event
