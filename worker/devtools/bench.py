@@ -36,6 +36,7 @@ from producer.keys import ModelKeys
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
 from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.memory_figure import MemoryFigure, expiring_keys, memory_figure
 from worker.devtools.message_path import MessagePathResult, child_pids, cpu_seconds, drain
 from worker.devtools.naive import TASK_NAIVE, naive_init
 from worker.devtools.pacing import send_paced
@@ -298,6 +299,7 @@ def run_bench(
 ) -> int:
     say = progress or (lambda text: console.print(text))
     results: list[ScenarioResult] = []
+    memory: list[MemoryFigure] = []
     with RedisServer() as server:
         env = {"ITRAIN_REDIS_URL": server.url, "ITRAIN_RECORD_TIMINGS": "1"}
         settings = Settings(redis_url=server.url)
@@ -317,11 +319,14 @@ def run_bench(
                             f"scenario {sc.key}: {sc.description}, {sc.workers} worker(s), {sc.events} events"
                         )
                         results.append(run_scenario(sc, client, store, raw, cpu))
+                    if count == 2:
+                        memory = _memory(args.quick, client, store, raw, say)
             paths = _message_path(args.quick, env, client, store, raw, logs, say)
     report: dict[str, Any] = {
         "machine": {**machine(), "redis": redis_version},
         "scenarios": [asdict(r) for r in results],
         "message_path": [asdict(p) for p in paths],
+        "memory": [{**asdict(m), "total_mb_per_event_per_s": round(m.total_mb, 3)} for m in memory],
     }
     order = {r.key: r for r in results}
     if "a" in order and "b2" in order:
@@ -341,6 +346,7 @@ def run_bench(
         }
     console.print(render(results, report))
     console.print(render_message_path(paths))
+    console.print(render_memory(memory))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
@@ -363,6 +369,44 @@ def _message_path(
         say(f"message path: {n} train_step messages drained by one worker process, {label} transport")
         out.append(drain(label, app, _new_model(store, raw, "per_event"), n, env, client, raw, logs))
     return out
+
+
+def _memory(
+    quick: bool, client: TrainingClient, store: Store, raw: redis.Redis, say: Callable[[str], None]
+) -> list[MemoryFigure]:
+    """Redis memory per sustained event/s with the default settings (``memory_figure``), for a
+    stream of ``train_step`` calls and one of ``train_many`` calls, each on a model of its own."""
+    out = []
+    for workload, n in (("train_step", 1000 if quick else 4000), ("train_many", 10_000 if quick else 40_000)):
+        say(f"memory: {n} events through {workload}, Redis memory per sustained event/s")
+        model = _new_model(store, raw, "per_event")
+        before = expiring_keys(raw)
+        events = synthetic_events(n, users=10_000, model=model, seed=11)
+        if workload == "train_step":
+            handles = [client.train_step(e) for e in events]
+        else:
+            handles = client.train_many(events)
+        client.wait_all(handles, timeout=max(120.0, n / 200))
+        out.append(memory_figure(raw, workload, n, before))
+    return out
+
+
+def render_memory(figures: list[MemoryFigure]) -> Table:
+    title = "Redis memory per sustained event/s (default settings): Σ MEMORY USAGE × TTL / events"
+    table = Table(title=title)
+    for col in ("workload", "events", "results", "markers", "other", "total", "bytes/event results/markers"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for m in figures:
+        per = m.bytes_per_event_per_s
+        size = m.bytes_per_event
+        table.add_row(
+            m.workload,
+            str(m.events),
+            *(f"{per.get(k, 0.0) / 1e6:.3f} MB" for k in ("results", "markers", "other")),
+            f"{m.total_mb:.3f} MB",
+            f"{size.get('results', 0.0):.0f}/{size.get('markers', 0.0):.0f}",
+        )
+    return table
 
 
 def render_message_path(paths: list[MessagePathResult]) -> Table:

@@ -9,8 +9,10 @@
 -- ARGV[7]  history_max      ARGV[8]  the de-duplication window, seconds (ITRAIN_DEDUPE_TTL)
 -- ARGV[9]  done_prefix (event markers' key prefix, of the checkpoint's generation)
 --          Markers are compact: one hash per slot of time (a quarter of the window, as
---          producer.keys.slot_seconds), marker field -> step, expiring a window and a slot after its
---          slot ends; a reader looks in every slot of the last window (producer.keys.marker_slots).
+--          producer.keys.slot_seconds), marker field -> step, expiring a window after its slot
+--          ends; a reader looks in every slot of the last window (producer.keys.marker_slots).
+--          The slot is taken from Redis's clock, the one that expires the key: every marker
+--          lives at least the window, whatever the worker's clock says.
 -- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
 -- ARGV[13] n_dead           ARGV[14] the new cid
 -- ARGV[15...] then n marker fields (producer.keys.marker_field of each event id), n_actions
@@ -43,13 +45,13 @@ if n > 0 then
              'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6])
   local window = tonumber(ARGV[8])
   local width = math.max(1, math.ceil(window / 4))
-  local slot = math.floor(tonumber(ARGV[6]) / width)
+  local slot = math.floor(tonumber(redis.call('TIME')[1]) / width)
   local marker = ARGV[9] .. slot
   for j = 1, n do
     redis.call('HSET', marker, ARGV[i], step0 + j)
     i = i + 1
   end
-  redis.call('EXPIREAT', marker, (slot + 2) * width + window)
+  redis.call('EXPIREAT', marker, (slot + 1) * width + window)
   redis.call('HINCRBY', KEYS[2], 'interactions', n)
 end
 for j = 1, n_actions do
