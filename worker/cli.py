@@ -20,9 +20,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from producer.client import TrainingClient
-from producer.errors import ItrainError
+from producer.errors import ItrainError, ModelNotInitialisedError
 from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event_json_schema
 from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
@@ -65,6 +66,12 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     stats = read_stats(connect(settings.store, settings.publish_timeout), args.model)
+    if not stats["initialized"]:
+        # A misspelt name must not look like a model with no events (zeros and exit 0).
+        raise ModelNotInitialisedError(
+            f"model {args.model!r} does not exist; `itrain models` lists the models, "
+            f"`itrain init --model {args.model}` creates it"
+        )
     if args.json:
         print(json.dumps(stats))
         return 0
@@ -82,13 +89,21 @@ def print_stats(stats: dict[str, Any]) -> None:
     table.add_column("value")
     for key, value in stats.items():
         if key == "interactions_by_action":
-            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+            # Action names come from events (any text): shown escaped, never as terminal codes.
+            value = ", ".join(f"{terminal_safe(k)} {v}" for k, v in value.items()) or "-"
         elif key == "redis_memory_used":
             value = f"{value} B ({_mib(value)})"
         elif isinstance(value, float):
             value = f"{value:.6f}"
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, Text("-" if value is None else str(value)))  # Text: no markup read
     out.print(table)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control and non-printable character escaped (``\\x1b``, ``\\n``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import redis
 
+from producer.keys import ModelKeys
 from producer.settings import get_settings
 from worker.cli import main
 from worker.devtools.embedded_redis import RedisServer
@@ -210,14 +211,35 @@ def test_stats_json_prints_exactly_the_contract_keys(cli, capsys, model_name) ->
     assert (stats["history_len"], stats["failures"], stats["dead_letters"]) == (0, 0, 0)
 
 
-def test_stats_json_of_missing_model(cli, capsys, model_name) -> None:
-    """Stats of a model never initialised: same keys, initialized false."""
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_stats_of_missing_model_exits_1_naming_it(cli, capsys, model_name, json_flag) -> None:
+    """Stats of a model never initialised: a one-line error and exit 1, not zeros (a misspelt name
+    must not look like an idle model)."""
     # When stats are asked for a model that does not exist
-    stats = stats_json(cli, capsys, model_name)
-    # Then they say so, with the same keys
-    assert set(stats) == CONTRACT_KEYS
-    assert stats["initialized"] is False
-    assert stats["step"] == 0
+    code = cli(["stats", "--model", model_name, *json_flag])
+    captured = capsys.readouterr()
+    # Then the command fails with one line naming the model, and prints no stats
+    assert code == 1
+    assert captured.out == ""
+    assert one_line(captured.err) == f"itrain: model {model_name!r} does not exist; " + (
+        f"`itrain models` lists the models, `itrain init --model {model_name}` creates it"
+    )
+
+
+def test_stats_table_escapes_action_names(cli, capsys, redis_client, model_name) -> None:
+    """Action names are event text: the table shows control characters escaped, and rich markup
+    as it is, never as terminal codes or styles."""
+    # Given a model whose counts hold an action name with an escape sequence and a markup tag
+    assert cli(["init", "--model", model_name]) == 0
+    capsys.readouterr()
+    redis_client.hset(ModelKeys(model_name).actions, mapping={"\x1b[2Jwipe": 2, "[red]x[/red]": 1})
+    # When the stats table is printed
+    assert cli(["stats", "--model", model_name]) == 0
+    out = capsys.readouterr().out
+    # Then no raw ESC reaches the terminal, and both names are shown as text
+    assert "\x1b" not in out
+    assert "\\x1b[2Jwipe 2" in out
+    assert "[red]x[/red] 1" in out
 
 
 def test_stats_without_json_prints_a_table(cli, capsys, model_name) -> None:
@@ -258,6 +280,7 @@ def test_stats_show_redis_memory_used(make_client, cli, capsys, model_name) -> N
         os.environ["ITRAIN_REDIS_URL"], saved = server.url, os.environ["ITRAIN_REDIS_URL"]
         try:
             get_settings.cache_clear()
+            assert cli(["init", "--model", model_name]) == 0
             assert stats_json(cli, capsys, model_name)["redis_memory_used"] >= 4_194_304
             assert cli(["stats", "--model", model_name]) == 0
             table = capsys.readouterr().out
