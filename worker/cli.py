@@ -120,6 +120,15 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.plot import plot_loss, read_loss_series
+
+    series = read_loss_series(connect(settings.store, settings.publish_timeout), args.model)
+    path = plot_loss(series, args.out, window=args.window)
+    out.print(f"wrote {path} ({len(series.steps)} events, steps {series.steps[0]}-{series.steps[-1]})")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
     return 0
@@ -331,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_positive_int, default=1000)
     p.add_argument("--wait", action="store_true", help="wait for every result and count them")
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("plot", help="a model's per-event loss and its moving average, as a PNG")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    p.add_argument("--window", type=_positive_int, default=50, help="events in the moving average")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("schema", help="print the event's JSON Schema")
     p.set_defaults(func=cmd_schema)
