@@ -13,6 +13,8 @@ and the commit script may touch them together.
 | ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |
 | ``itrain:{m}:dead`` | list | the last ``ITRAIN_DEAD_LETTER_MAX`` failed messages, newest first (JSON) |
 | ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
+| ``itrain:{m}:lock_stats`` | hash | lock wait and hold per critical section, as histogram bucket |
+| | | counts (``w:<i>``, ``h:<i>``), sums and counts (``itrain exporter``) |
 | ``itrain:{m}:done:<gen>:<slot>`` | hash | ``marker_field(event id)`` -> the step that trained it, for |
 | | | events trained in one slot of time (a quarter of ``ITRAIN_DEDUPE_TTL``); expires a window |
 | | | after its slot |
@@ -28,6 +30,7 @@ import hashlib
 from dataclasses import dataclass
 
 __all__ = [
+    "LOCK_BUCKETS",
     "MODELS",
     "TRANSPORT_REJECTED",
     "UNROUTED_DEAD",
@@ -38,6 +41,8 @@ __all__ = [
 ]
 
 MODELS = "itrain:models"
+#: Upper bounds (seconds) of the lock wait and hold histogram buckets; the last bucket is +Inf.
+LOCK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UNROUTED_DEAD = "itrain:{_unrouted}:dead"
 #: Queue items the worker's transport refused as not being message envelopes (bounded).
 TRANSPORT_REJECTED = "itrain:{_transport}:rejected"
@@ -76,6 +81,10 @@ class ModelKeys:
     @property
     def lock(self) -> str:
         return self.prefix + "lock"
+
+    @property
+    def lock_stats(self) -> str:
+        return self.prefix + "lock_stats"
 
     def done_prefix(self, gen: int) -> str:
         """Event markers of one generation of the model (``itrain init --force`` starts another)."""

@@ -129,6 +129,18 @@ def cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.exporter import DEFAULT_PORT, serve
+
+    client = connect(settings.store, settings.publish_timeout)
+    client.ping()  # an unreachable Redis is a one-line error now, not an exporter that reports 0
+    port = args.port or DEFAULT_PORT
+    stop = serve(client, [settings.queue], port, args.address)
+    out.print(f"serving Prometheus metrics on http://{args.address}:{port}/metrics (Ctrl-C stops)")
+    stop.wait()
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
     return 0
@@ -346,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="FILE.png")
     p.add_argument("--window", type=_positive_int, default=50, help="events in the moving average")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("exporter", help="serve Prometheus metrics of every model (/metrics)")
+    p.add_argument("--port", type=_positive_int, default=None, help="default 9810")
+    p.add_argument("--address", default="127.0.0.1", help="the address to bind (default 127.0.0.1)")
+    p.set_defaults(func=cmd_exporter)
 
     p = sub.add_parser("schema", help="print the event's JSON Schema")
     p.set_defaults(func=cmd_schema)

@@ -1,0 +1,167 @@
+"""``itrain exporter``: Prometheus metrics of every model, read from Redis at each scrape.
+
+A scrape costs two Redis round trips whatever the number of models: the models set, then one
+pipeline reading every model's checkpoint figures, counters, action counts, dead letters and lock
+histograms, the queue lengths and the server's memory. Nothing is cached between scrapes, so any
+number of exporters (or none) may run, and a restarted one reports the same values.
+
+| metric | type | labels | what |
+|---|---|---|---|
+| ``itrain_up`` | gauge | | 1 when the last scrape read Redis, else 0 |
+| ``itrain_model_step`` | gauge | model | events trained (the checkpoint's step) |
+| ``itrain_model_version`` | gauge | model | the checkpoint version |
+| ``itrain_model_loss_last`` / ``_loss_ema`` | gauge | model | the last event's loss, its moving average |
+| ``itrain_model_updated_timestamp_seconds`` | gauge | model | when the checkpoint was last committed |
+| ``itrain_interactions_total`` | counter | model, action | events trained, by action type |
+| ``itrain_failures_total`` | counter | model | events that ended as FAILURE |
+| ``itrain_dead_letters`` | gauge | model | entries in the (bounded) dead-letter list |
+| ``itrain_lock_wait_seconds`` | histogram | model | time to get the model's lock, per critical section |
+| ``itrain_lock_hold_seconds`` | histogram | model | time the lock was held, per critical section |
+| ``itrain_queue_messages`` | gauge | queue | messages waiting in the queue list |
+| ``itrain_unacked_messages`` | gauge | | messages taken by workers, not yet acknowledged |
+| ``itrain_redis_memory_used_bytes`` | gauge | | ``INFO memory`` ``used_memory`` of the store's Redis |
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from producer.keys import LOCK_BUCKETS, MODELS, ModelKeys
+
+__all__ = ["DEFAULT_PORT", "ItrainCollector", "serve"]
+
+DEFAULT_PORT = 9810
+logger = logging.getLogger("itrain.exporter")
+
+
+class ItrainCollector(Collector):
+    """Reads every model's figures at each scrape (see the module's table)."""
+
+    def __init__(self, client: redis.Redis, queues: Sequence[str]) -> None:
+        self.client = client
+        self.queues = list(queues)
+        #: Redis round trips made by the last scrape (for the tests and the curious).
+        self.round_trips = 0
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("itrain_up", "1 when the last scrape read Redis, else 0")
+        try:
+            families = self._read()
+        except redis.RedisError as exc:
+            logger.warning("scrape failed: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _read(self) -> list[Metric]:
+        self.round_trips = 1
+        models = sorted(m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(MODELS))
+        pipe = self.client.pipeline(transaction=False)
+        for model in models:
+            keys = ModelKeys(model)
+            pipe.hmget(keys.ckpt, [*_CKPT_GAUGES[:4], "updated_at"])
+            pipe.hmget(keys.stats, ["failures"])
+            pipe.hgetall(keys.actions)
+            pipe.llen(keys.dead)
+            pipe.hgetall(keys.lock_stats)
+        for queue in self.queues:
+            pipe.llen(queue)
+        pipe.hlen("unacked")
+        pipe.info("memory")
+        replies = pipe.execute()
+        self.round_trips = 2
+        per_model, rest = replies[: 5 * len(models)], replies[5 * len(models) :]
+        return [*_model_metrics(models, per_model), *self._server_metrics(rest)]
+
+    def _server_metrics(self, replies: list[Any]) -> list[Metric]:
+        queue = GaugeMetricFamily("itrain_queue_messages", "Messages waiting in the queue", labels=["queue"])
+        for name, length in zip(self.queues, replies, strict=False):
+            queue.add_metric([name], int(length))
+        unacked, memory = replies[len(self.queues) :]
+        return [
+            queue,
+            GaugeMetricFamily(
+                "itrain_unacked_messages",
+                "Messages taken by workers, not yet acknowledged",
+                value=int(unacked),
+            ),
+            GaugeMetricFamily(
+                "itrain_redis_memory_used_bytes",
+                "used_memory of the store's Redis (INFO memory)",
+                value=int(memory["used_memory"]),
+            ),
+        ]
+
+
+_CKPT_GAUGES = ("step", "version", "loss_last", "loss_ema", "updated_timestamp_seconds")
+_CKPT_TEXTS = (
+    "Events trained (the checkpoint's step)",
+    "The checkpoint version",
+    "Loss of the last trained event, before its update",
+    "Moving average of the per-event loss",
+    "When the checkpoint was last committed (epoch seconds)",
+)
+
+
+def _model_metrics(models: list[str], replies: list[Any]) -> list[Metric]:
+    gauges = {
+        name: GaugeMetricFamily(f"itrain_model_{name}", text, labels=["model"])
+        for name, text in zip(_CKPT_GAUGES, _CKPT_TEXTS, strict=True)
+    }
+    interactions = CounterMetricFamily(
+        "itrain_interactions", "Events trained, by action type", labels=["model", "action"]
+    )
+    failures = CounterMetricFamily("itrain_failures", "Events that ended as FAILURE", labels=["model"])
+    dead = GaugeMetricFamily(
+        "itrain_dead_letters", "Entries in the bounded dead-letter list", labels=["model"]
+    )
+    wait = HistogramMetricFamily(
+        "itrain_lock_wait_seconds", "Time to get the model's lock, per critical section", labels=["model"]
+    )
+    hold = HistogramMetricFamily(
+        "itrain_lock_hold_seconds", "Time the model's lock was held, per critical section", labels=["model"]
+    )
+    for i, model in enumerate(models):
+        ckpt, (fails,), actions, dead_len, lock_stats = replies[5 * i : 5 * i + 5]
+        for name, raw in zip(_CKPT_GAUGES, ckpt, strict=True):
+            if raw not in (None, b""):
+                gauges[name].add_metric([model], float(raw))
+        for action, count in sorted(actions.items()):
+            interactions.add_metric([model, action.decode(errors="replace")], float(count))
+        failures.add_metric([model], float(fails or 0))
+        dead.add_metric([model], float(dead_len))
+        for family, prefix in ((wait, "w"), (hold, "h")):
+            buckets, total = histogram(lock_stats, prefix)
+            family.add_metric([model], buckets, total)
+    return [*gauges.values(), interactions, failures, dead, wait, hold]
+
+
+def histogram(fields: dict[bytes, bytes], prefix: str) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative (le, count) buckets and the sum, from the per-bucket counts a worker keeps in
+    ``itrain:{m}:lock_stats`` (``<prefix>:<bucket index>``, ``<prefix>:sum``)."""
+    cumulative = 0.0
+    buckets: list[tuple[str, float]] = []
+    for i, bound in enumerate((*LOCK_BUCKETS, float("inf"))):
+        cumulative += float(fields.get(f"{prefix}:{i}".encode(), 0))
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets, float(fields.get(f"{prefix}:sum".encode(), 0.0))
+
+
+def serve(client: redis.Redis, queues: Sequence[str], port: int, address: str) -> threading.Event:
+    """Serve ``/metrics`` on ``address:port`` in a background thread; returns an event that is
+    never set (wait on it to serve until interrupted)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ItrainCollector(client, queues))
+    start_http_server(port, addr=address, registry=registry)
+    return threading.Event()
