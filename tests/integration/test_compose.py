@@ -7,6 +7,7 @@ swapped for the private one. Nothing connects to a Redis the tests did not start
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -27,7 +28,7 @@ import redis
 from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError
-from producer.keys import MODELS
+from producer.keys import MODELS, ModelKeys
 from producer.settings import Settings
 from tests.helpers import http_get, make_event
 from worker.devtools.embedded_redis import free_port
@@ -273,5 +274,81 @@ def test_flower_command_runs_and_requires_auth(
         assert status == 401, f"flower answered {status} without credentials"
         assert http_get(base + "/api/tasks", (user, "wrong"))[0] == 401
         assert http_get(base + "/api/tasks", (user, password))[0] == 200
+    finally:
+        stop_process(proc)
+
+
+# -- the monitoring profile -------------------------------------------------------------------
+
+MONITORING = ("exporter", "prometheus", "grafana")
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "itrain.json"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def test_monitoring_services_are_behind_their_profile(services: dict[str, Any]) -> None:
+    for name in MONITORING:
+        assert services[name].get("profiles") == ["monitoring"], name
+    for name in ("redis", "init", "worker", "flower"):
+        assert "profiles" not in services[name], f"{name} must start with a plain `up`"
+    assert command_of(services["exporter"])[:2] == ["itrain", "exporter"]
+    assert not services["exporter"].get("ports"), "the exporter is scraped over the compose network"
+
+
+def test_prometheus_scrapes_the_exporter_service(services: dict[str, Any]) -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    cmd = command_of(services["exporter"])
+    port = cmd[cmd.index("--port") + 1]
+    address = cmd[cmd.index("--address") + 1]
+    assert address == "0.0.0.0", "inside its container the exporter must listen beyond loopback"
+    assert targets == [f"exporter:{port}"]
+    mounts = [str(v) for v in services["prometheus"]["volumes"]]
+    assert f"./{PROMETHEUS.relative_to(ROOT)}:/etc/prometheus/prometheus.yml:ro" in mounts
+    grafana_mounts = [str(v).split(":")[0] for v in services["grafana"]["volumes"]]
+    for path in grafana_mounts:
+        assert (ROOT / path).exists(), path
+
+
+def test_every_metric_the_dashboard_queries_is_served(make_model, redis_client) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from worker.ops.exporter import ItrainCollector
+
+    # Given what the exporter serves for a model that has counted an action
+    redis_client.hincrby(ModelKeys(make_model()).actions, "click", 1)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ItrainCollector(redis_client, ["itrain"]))
+    # (a sample's name, or a family's from its HELP line: a fresh model has no loss yet)
+    page = generate_latest(registry).decode()
+    served = set(re.findall(r"^(?:# HELP )?(itrain_[a-z_]+)", page, re.MULTILINE))
+    # When every query of the dashboard is read
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [dashboard["templating"]["list"][0]["definition"]]
+    queried = {name for e in exprs for name in re.findall(r"\b(itrain_[a-z_]+)", e)}
+    # Then each is a metric the exporter serves, and the dashboard covers what operators watch
+    assert queried, "the dashboard queries nothing"
+    assert queried <= served, f"not served: {sorted(queried - served)}"
+    for needed in ("loss_ema", "interactions_total", "failures_total", "lock_wait", "lock_hold", "queue"):
+        assert any(needed in name for name in queried), needed
+
+
+def test_exporter_command_runs_as_compose_would(services: dict[str, Any], redis_url: str) -> None:
+    port = str(free_port())
+    cmd = _set_option(_set_option(command_of(services["exporter"]), "--port", port), "--address", "127.0.0.1")
+    proc = start_process(_local(cmd), _local_env(services["exporter"], redis_url, "itrain", {}))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+                break
+            except OSError:
+                assert proc.poll() is None, "the exporter exited"
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert status == 200
+        assert b"itrain_up 1.0" in body
     finally:
         stop_process(proc)
