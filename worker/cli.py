@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -418,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         err.print(f"itrain: invalid input: {describe_validation_error(exc)}", markup=False, highlight=False)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`itrain schema | head`): end quietly, as Unix tools do; stdout
+        # goes to /dev/null so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
         err.print(
             f"itrain: cannot reach {redact_url(settings.redis_url)}: {exc}", markup=False, highlight=False

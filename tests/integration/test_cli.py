@@ -356,3 +356,18 @@ def test_init_weights_are_finite_little_endian_floats(cli, redis_client, model_n
     theta = np.frombuffer(params, dtype="<f8")
     assert theta.size == Shape(4, 3, 1).size
     assert np.isfinite(theta).all()
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly() -> None:
+    """`itrain schema | head`: the reader may leave before the output is written; the command
+    ends quietly (no broken-pipe message) with exit 0."""
+    itrain = Path(sys.executable).parent / "itrain"
+    # `true` reads nothing and exits at once: every write of itrain meets a closed pipe.
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; '{itrain}' schema | true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stderr == ""
+    assert done.returncode == 0
