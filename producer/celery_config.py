@@ -10,6 +10,7 @@ from kombu.utils.objects import cached_property
 
 from producer.backend import backend_url
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
+from producer.redis_conn import ssl_options
 from producer.settings import Settings
 
 __all__ = ["celery_config", "make_celery"]
@@ -38,7 +39,13 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings for both sides. JSON only: a pickle message is refused, never executed."""
     transport = _transport_options(settings)
+    tls: dict[str, Any] = {}
+    if (use_ssl := ssl_options(settings.broker)) is not None:
+        # The URL's TLS options again, as Celery's setting: Flower's broker pages (/broker,
+        # /api/queues/length) connect with these, not with the URL's.
+        tls["broker_use_ssl"] = use_ssl
     return {
+        **tls,
         "broker_url": settings.broker,
         "result_backend": settings.backend,
         "task_serializer": "json",

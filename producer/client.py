@@ -31,7 +31,7 @@ from producer.protocol import (
     new_task_id,
     result_key,
 )
-from producer.redis_conn import connect, redact_url
+from producer.redis_conn import check_tls_url, connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
 
@@ -55,7 +55,13 @@ class TrainingClient:
         base = settings or get_settings()
         if redis_url is not None:
             base = base.model_copy(
-                update={"redis_url": redis_url, "broker_url": None, "result_backend": None, "store_url": None}
+                update={
+                    # (model_copy skips the settings' validators: the URL is checked here)
+                    "redis_url": check_tls_url(redis_url, "redis_url"),
+                    "broker_url": None,
+                    "result_backend": None,
+                    "store_url": None,
+                }
             )
         self.settings = base
         self.app = make_celery(base, main="itrain-producer", producer=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.errors import ConfigurationError
+from producer.redis_conn import check_tls_url
 
 __all__ = ["DEFAULT_TARGETS", "Settings", "get_settings"]
 
@@ -78,6 +81,15 @@ class Settings(BaseSettings):
 
     # Limits enforced before any training.
     max_message_bytes: int = Field(1_048_576, ge=1024)
+
+    @field_validator("redis_url", "broker_url", "result_backend", "store_url")
+    @classmethod
+    def _tls(cls, url: str | None, info: ValidationInfo) -> str | None:
+        # A rediss:// URL must say how the server is verified (see ``check_tls_url``).
+        try:
+            return None if url is None else check_tls_url(url, f"ITRAIN_{str(info.field_name).upper()}")
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

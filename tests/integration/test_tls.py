@@ -9,13 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
 from producer.client import TrainingClient
+from producer.errors import ConfigurationError
 from producer.settings import Settings
-from tests.helpers import Workers, create_model, make_event, wait_until
+from tests.helpers import Workers, create_model, http_get, make_event, wait_until
 from worker.devtools.embedded_redis import find_redis_server, free_port
+from worker.devtools.stack import flower_command, start_process, stop_process
 
 # -- TLS ----------------------------------------------------------------------------------------------
 
@@ -108,3 +111,55 @@ def test_a_worker_consumes_over_tls_through_our_transport(
     finally:
         workers.close()
         admin.close()
+
+
+def test_rediss_url_without_certificate_requirement_is_refused_before_sending(
+    tls_redis: tuple[str, Path],
+) -> None:
+    # Given the TLS server's URL without ssl_cert_reqs (what Celery's backend raises on only after
+    # a message went out)
+    url, ca = tls_redis
+    bare = url.split("?")[0] + f"?ssl_ca_certs={ca}"
+    admin = redis.Redis.from_url(url, socket_timeout=5)
+    # When a client is made with it, then it is refused at once, naming the fix
+    with pytest.raises(ConfigurationError, match="without ssl_cert_reqs: add ssl_cert_reqs=required"):
+        TrainingClient(bare)
+    # and nothing was sent
+    assert admin.llen("itrain") == 0
+    # And the spelling Celery's message suggests, CERT_REQUIRED, works (redis-py's own is "required")
+    with TrainingClient(url.replace("ssl_cert_reqs=required", "ssl_cert_reqs=CERT_REQUIRED")) as client:
+        assert client.queue_length() == 0
+        assert "ssl_cert_reqs=required" in client.settings.redis_url
+    admin.close()
+
+
+def test_flower_broker_pages_work_over_tls_with_a_private_ca(
+    tls_redis: tuple[str, Path], tmp_path: Path
+) -> None:
+    # Given Flower on the TLS-only Redis, verified against the test's own CA
+    url, _ = tls_redis
+    admin = redis.Redis.from_url(url, socket_timeout=5)
+    admin.rpush("itrain", b"{}")  # one queued item for the length page
+    port = free_port()
+    log = tmp_path / "flower.log"
+    command = [*flower_command(port), "--basic-auth=ops:tls-test-pw"]
+    proc = start_process(command, {"ITRAIN_REDIS_URL": url}, log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(base), 60, "Flower to answer")
+        # When its broker pages are read, then they answer (not 500) with the queue's length
+        status, body = http_get(f"{base}/api/queues/length", ("ops", "tls-test-pw"))
+        assert status == 200, log.read_text()[-2000:]
+        assert {"name": "itrain", "messages": 1} in orjson.loads(body)["active_queues"]
+        status, _ = http_get(f"{base}/broker", ("ops", "tls-test-pw"))
+        assert status == 200, log.read_text()[-2000:]
+    finally:
+        stop_process(proc)
+        admin.close()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return http_get(f"{base}/healthcheck")[0] == 200
+    except OSError:
+        return False

@@ -113,12 +113,12 @@ def test_role_override_and_fallback(clean_env, var, role) -> None:
     """One role can be moved; the others still use ITRAIN_REDIS_URL."""
     # Given a base URL and one role overridden
     clean_env.setenv("ITRAIN_REDIS_URL", "redis://base:6379/0")
-    clean_env.setenv(var, "rediss://other:6380/5")
+    clean_env.setenv(var, "rediss://other:6380/5?ssl_cert_reqs=required")
     # When settings are read
     s = Settings()
     # Then that role uses the override and the others the base URL
     roles = {r: getattr(s, r) for r in ("broker", "backend", "store")}
-    assert roles.pop(role) == "rediss://other:6380/5"
+    assert roles.pop(role) == "rediss://other:6380/5?ssl_cert_reqs=required"
     assert set(roles.values()) == {"redis://base:6379/0"}
 
 
@@ -252,3 +252,38 @@ def test_redact_url_keeps_ipv6_host() -> None:
     assert "s3cret" not in red
     assert urlsplit(red).hostname == "::1"
     assert urlsplit(red).port == 6379
+
+
+@pytest.mark.parametrize(
+    "var", ["ITRAIN_REDIS_URL", "ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL"]
+)
+def test_rediss_url_without_a_certificate_requirement_is_refused(clean_env, var) -> None:
+    """A rediss:// URL must say whether the server is verified: refused when the settings are read
+    (before anything is sent), naming the variable and the fix."""
+    clean_env.setenv(var, "rediss://redis.example:6380/0")
+    with pytest.raises(pydantic.ValidationError) as caught:
+        Settings()
+    text = str(caught.value)
+    assert f"{var} is a rediss:// URL without ssl_cert_reqs" in text
+    assert "ssl_cert_reqs=required" in text
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("required", "required"),
+        ("CERT_REQUIRED", "required"),
+        ("CERT_NONE", "none"),
+        ("Optional", "optional"),
+    ],
+)
+def test_certificate_requirement_names_are_normalised_for_redis_py(clean_env, given, stored) -> None:
+    """redis-py takes only the lower-case names; Celery's error message suggests CERT_REQUIRED."""
+    clean_env.setenv("ITRAIN_REDIS_URL", f"rediss://r:6380/0?ssl_cert_reqs={given}&ssl_ca_certs=/etc/ca.crt")
+    assert Settings().redis_url == f"rediss://r:6380/0?ssl_cert_reqs={stored}&ssl_ca_certs=/etc/ca.crt"
+
+
+def test_unknown_certificate_requirement_is_refused(clean_env) -> None:
+    clean_env.setenv("ITRAIN_REDIS_URL", "rediss://r:6380/0?ssl_cert_reqs=always")
+    with pytest.raises(pydantic.ValidationError, match="ssl_cert_reqs=always is not one of required"):
+        Settings()
