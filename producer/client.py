@@ -16,6 +16,7 @@ from producer.chunks import event_meta
 from producer.errors import (
     BrokerFullError,
     InvalidEventError,
+    PermissionDeniedError,
     PublishError,
     QueueFullError,
     ResultIgnoredError,
@@ -280,13 +281,15 @@ class TrainingClient:
 
     def _publish(self, attempt: Callable[[], _T]) -> _T:
         """Run ``attempt``, retried with backoff while Redis is unreachable, for at most
-        ``ITRAIN_PUBLISH_TIMEOUT`` seconds in all; then ``PublishError``."""
+        ``ITRAIN_PUBLISH_TIMEOUT`` seconds in all; then ``PublishError``. A permission the Redis
+        user lacks is ``PermissionDeniedError`` at once (retrying cannot help)."""
         deadline = time.monotonic() + self.settings.publish_timeout
         delay = 0.05
         while True:
             try:
                 return attempt()
             except redis.ResponseError as exc:
+                self._raise_denied(exc)
                 # OutOfMemoryError for a command; "OOM" in an EXECABORT for a MULTI/EXEC.
                 if not (isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc)):
                     raise
@@ -297,6 +300,7 @@ class TrainingClient:
                     f"noeviction): nothing was enqueued; slow down and retry, or give Redis more memory"
                 ) from exc
             except _UNREACHABLE as exc:
+                self._raise_denied(exc)  # kombu wraps a NOPERM in its OperationalError
                 left = deadline - time.monotonic()
                 if left <= delay:
                     raise PublishError(
@@ -305,6 +309,16 @@ class TrainingClient:
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
+
+    def _raise_denied(self, exc: BaseException) -> None:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, redis.exceptions.NoPermissionError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise PermissionDeniedError(
+                f"the Redis user of {redact_url(self.settings.broker)} lacks a permission: {cause}; "
+                "nothing was enqueued (`itrain acl --role producer` prints what a producer needs)"
+            ) from exc
 
 
 def _argsrepr(payload: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ __all__ = [
     "ModelExistsError",
     "ModelNotInitialisedError",
     "NonFiniteUpdateError",
+    "PermissionDeniedError",
     "PublishError",
     "QueueFullError",
     "ResultIgnoredError",
@@ -29,6 +30,11 @@ class ItrainError(Exception):
 
 class ConfigurationError(ItrainError):
     """A setting has a value the project cannot work with."""
+
+
+class PermissionDeniedError(ConfigurationError):
+    """The Redis user lacks a right the call needs (``NOPERM``): a setup error, not an outage;
+    retrying cannot help. ``itrain acl`` prints the rights of each role."""
 
 
 class PublishError(ItrainError):

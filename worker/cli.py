@@ -142,6 +142,20 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.acl import acl_lines, unknown_commands
+
+    try:
+        # Commands the configured server lacks cannot be named (CLIENT SETINFO before 7.2).
+        unknown = unknown_commands(connect(settings.store, min(settings.publish_timeout, 2.0)))
+    except redis.RedisError:
+        unknown = set()  # not reachable from here: the lines are for a current Redis
+    user = args.user or f"itrain-{args.role}"
+    for line in acl_lines(args.role, user, settings.queue, args.password, unknown):
+        print(line)
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
     return 0
@@ -364,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=None, help="default 9810")
     p.add_argument("--address", default="127.0.0.1", help="the address to bind (default 127.0.0.1)")
     p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser("acl", help="print the ACL SETUSER lines of a least-privilege Redis user")
+    p.add_argument("--role", choices=["producer", "reader", "monitor", "worker"], required=True)
+    p.add_argument("--user", default=None, help="the user name (default itrain-<role>)")
+    p.add_argument("--password", default=None, help="default: a random one, printed in the line")
+    p.set_defaults(func=cmd_acl)
 
     p = sub.add_parser("schema", help="print the event's JSON Schema")
     p.set_defaults(func=cmd_schema)

@@ -1,0 +1,124 @@
+"""``itrain acl``: least-privilege Redis users, one per role, as ``ACL SETUSER`` lines.
+
+- ``producer``, for services that publish events and wait for results: push to and measure the
+  queue, read and subscribe to job results.
+- ``reader``, for services that also read a model (``client.stats()``, in-process prediction):
+  the producer's rights, and read (never write) every model's keys.
+- ``monitor``, for ``itrain exporter``: read every model's keys, the queue's length, the
+  unacknowledged messages, ``INFO``.
+- ``worker``, for ``celery -A worker worker`` and ``itrain init``: every key and channel, no
+  administrative command.
+
+Read-only access uses Redis 7's ``%R~`` key permission: the producer and the reader can never
+write a checkpoint (``HSET``, ``DEL`` or a script on ``itrain:{m}:ckpt`` answer ``NOPERM``). Each
+role was derived by a test that runs every path of the role as such a user and finds Redis's
+``ACL LOG`` empty (``tests/integration/test_acl.py``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import redis
+
+__all__ = ["ROLES", "Role", "acl_lines", "unknown_commands"]
+
+#: What every connection of redis-py and Celery sends, whatever the role.
+_CONNECTION = ("+ping", "+client|setinfo", "+client|setname", "+client|id", "+hello", "+select", "+quit")
+
+
+@dataclass(frozen=True)
+class Role:
+    description: str
+    commands: tuple[str, ...]
+    #: Key patterns, ``{queue}`` standing for ``ITRAIN_QUEUE``.
+    keys: tuple[str, ...]
+    channels: tuple[str, ...] = ()
+
+
+_PRODUCER = Role(
+    "publish events and read job results",
+    (
+        *_CONNECTION,
+        # train_step / train_many (all chunks in one MULTI) and queue_length
+        "+lpush",
+        "+llen",
+        "+multi",
+        "+exec",
+        "+discard",
+        # predict (Celery's own publishing: the queue's binding, then the push)
+        "+sadd",
+        "+smembers",
+        # predict's task-sent event (Flower), published by Celery on the celeryev channel
+        "+publish",
+        # job results: read, and waited on through their channels
+        "+get",
+        "+mget",
+        "+subscribe",
+        "+unsubscribe",
+    ),
+    # (Celery's predict also measures the queue's priority lists, <queue>\x06\x16<digit>: ``??[0-9]``
+    # matches them and no model key; ``{queue}*`` would match every ``itrain:...`` key too.)
+    (
+        "~{queue}",
+        "%R~{queue}??[0-9]",
+        "~_kombu.binding.*",
+        "~_kombu.binding_permanent.*",
+        "%R~celery-task-meta-*",
+    ),
+    ("&celery-task-meta-*", "&/*.celeryev/*"),
+)
+
+_READ_MODELS = ("+hget", "+hmget", "+hgetall", "+hlen", "+llen", "+lrange", "+smembers", "+exists", "+info")
+
+ROLES: dict[str, Role] = {
+    "producer": _PRODUCER,
+    "reader": Role(
+        "publish events, read job results, and read (never write) every model",
+        (*_PRODUCER.commands, *_READ_MODELS),
+        (*_PRODUCER.keys, "%R~itrain:*"),
+        _PRODUCER.channels,
+    ),
+    "monitor": Role(
+        "itrain exporter: read every model, the queue's length and INFO",
+        (*_CONNECTION, *_READ_MODELS),
+        ("%R~itrain:*", "%R~{queue}", "%R~unacked"),
+    ),
+    "worker": Role(
+        "train: every key and channel, no administrative command",
+        (*_CONNECTION, "+@all", "-@admin", "-@dangerous", "+info", "+client|setinfo", "+client|setname"),
+        ("~*",),
+        ("&*",),
+    ),
+}
+
+
+def unknown_commands(client: redis.Redis) -> set[str]:
+    """The subcommands the roles name that ``client``'s server does not have (by its version:
+    ``CLIENT SETINFO`` came with Redis 7.2)."""
+    version = tuple(int(p) for p in str(client.info("server")["redis_version"]).split(".")[:2])
+    return {"client|setinfo"} if version < (7, 2) else set()
+
+
+def acl_lines(
+    role: str,
+    user: str,
+    queue: str,
+    password: str | None = None,
+    unknown: Collection[str] = (),
+) -> list[str]:
+    """The ``ACL SETUSER`` command for ``user`` in ``role`` (a comment line first). A random
+    password is made when none is given; the user starts from nothing (``reset``). ``unknown``:
+    commands the target server does not have (``client|setinfo`` before Redis 7.2), left out
+    because ``ACL SETUSER`` refuses to name them."""
+    spec = ROLES[role]
+    secret = password or secrets.token_urlsafe(24)
+    keys = [k.replace("{queue}", queue) for k in spec.keys]
+    commands = [c for c in dict.fromkeys(spec.commands) if c[1:] not in unknown]
+    parts = ["ACL", "SETUSER", user, "reset", "on", f">{secret}", *keys, *spec.channels, *commands]
+    return [
+        f"# {role}: {spec.description}; connect as redis://{user}:<password>@<host>:6379/0",
+        " ".join(parts),
+    ]
