@@ -31,7 +31,7 @@ from producer.errors import ConfigurationError
 from producer.keys import MODELS, ModelKeys
 from producer.settings import Settings
 from tests.helpers import http_get, make_event
-from worker.devtools.embedded_redis import free_port
+from worker.devtools.embedded_redis import find_redis_server, free_port
 from worker.devtools.stack import node_name, start_process, stop_process, wait_for_workers
 
 yaml = pytest.importorskip("yaml")
@@ -123,10 +123,14 @@ def _local(cmd: list[str]) -> list[str]:
     return cmd
 
 
+#: The variables compose requires (``:?``), as an operator sets them.
+COMPOSE_VARS = {"REDIS_PASSWORD": "compose-test-pw", "FLOWER_PASSWORD": "compose-flower-pw"}
+
+
 def _local_env(
     service: Mapping[str, Any], redis_url: str, queue: str, extra: Mapping[str, str]
 ) -> dict[str, str]:
-    env = {k: interpolate(v, extra) for k, v in env_of(service).items()}
+    env = {k: interpolate(v, {**COMPOSE_VARS, **extra}) for k, v in env_of(service).items()}
     env["ITRAIN_REDIS_URL"] = redis_url
     env["ITRAIN_QUEUE"] = queue  # a queue of its own: it takes no other test's messages
     for var in ("ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL"):
@@ -183,13 +187,14 @@ def test_app_services_point_at_the_redis_service(services: dict[str, Any], name:
     service = services[name]
     env = env_of(service)
     assert "ITRAIN_REDIS_URL" in env, f"{name} sets no ITRAIN_REDIS_URL"
-    url = urlsplit(interpolate(env["ITRAIN_REDIS_URL"], {}))
+    url = urlsplit(interpolate(env["ITRAIN_REDIS_URL"], COMPOSE_VARS))
     assert url.scheme in ("redis", "rediss")
+    assert url.password == COMPOSE_VARS["REDIS_PASSWORD"], f"{name} does not give Redis its password"
     assert url.hostname == "redis", f"{name} points at {url.hostname!r}, not the redis service"
     # no role override pointing elsewhere
     for var in ("ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL"):
         if var in env:
-            assert urlsplit(interpolate(env[var], {})).hostname == "redis"
+            assert urlsplit(interpolate(env[var], COMPOSE_VARS)).hostname == "redis"
     depends = service.get("depends_on") or []
     assert "redis" in depends, f"{name} does not depend on redis"
 
@@ -352,3 +357,41 @@ def test_exporter_command_runs_as_compose_would(services: dict[str, Any], redis_
         assert b"itrain_up 1.0" in body
     finally:
         stop_process(proc)
+
+
+def test_redis_requires_the_password_every_service_connects_with(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    """The redis service's own command (requirepass from REDIS_PASSWORD) run as a local process:
+    a client without the password is refused, and the URL the services get is let in."""
+    port = free_port()
+    cmd = [interpolate(part, COMPOSE_VARS) for part in command_of(services["redis"])]
+    assert cmd[0] == "redis-server"
+    cmd = [find_redis_server(), *cmd[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        service_url = interpolate(env_of(services["worker"])["ITRAIN_REDIS_URL"], COMPOSE_VARS)
+        local = service_url.replace("@redis:6379", f"@127.0.0.1:{port}")
+        client = redis.Redis.from_url(local, socket_timeout=5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the redis service's command did not start"
+                time.sleep(0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=5).ping()
+        # the healthcheck's redis-cli authenticates through REDISCLI_AUTH, set from the same variable
+        auth = interpolate(env_of(services["redis"])["REDISCLI_AUTH"], COMPOSE_VARS)
+        assert auth == COMPOSE_VARS["REDIS_PASSWORD"]
+        assert client.info("memory")["maxmemory_policy"] == "noeviction"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_long_running_services_have_healthchecks(services: dict[str, Any]) -> None:
+    for name in ("redis", "worker", "flower", "exporter"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
