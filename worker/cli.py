@@ -238,6 +238,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=args.concurrency,
         flower=not args.no_flower,
         flower_port=args.flower_port,
+        exporter_port=None if args.no_exporter else args.exporter_port,
         embedded=args.embedded_redis,
     ) as stack:
         _print_stack(stack)
@@ -293,6 +294,8 @@ def _print_stack(stack: Any) -> None:
     out.print(f"workers: {', '.join(stack.workers)} (logs in {stack.logs})")
     if stack.flower_url:
         out.print(f"Flower: {stack.flower_url}")
+    if stack.exporter_url:
+        out.print(f"Prometheus exporter: {stack.exporter_url}")
 
 
 def _stop_on_signals() -> Callable[[], bool]:
@@ -397,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     for name, func, help_text in (
-        ("up", cmd_up, "run a local stack (Redis, workers, Flower) until Ctrl-C"),
+        ("up", cmd_up, "run a local stack (Redis, workers, Flower, exporter) until Ctrl-C"),
         ("demo", cmd_demo, "the quickstart: local stack, model, synthetic events trained, stats"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -408,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--concurrency", type=_positive_int, default=2, help="pool processes per worker")
             p.add_argument("--no-flower", action="store_true")
             p.add_argument("--flower-port", type=_positive_int, default=5555)
+            p.add_argument("--no-exporter", action="store_true")
+            p.add_argument("--exporter-port", type=_positive_int, default=9810)
         else:
             p.add_argument("--model", default="default")
             p.add_argument("--events", type=_positive_int, default=20_000)

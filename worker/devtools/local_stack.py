@@ -15,7 +15,7 @@ from producer.errors import ConfigurationError
 from producer.redis_conn import redact_url
 from producer.settings import Settings
 from worker.devtools.embedded_redis import RedisServer, free_port, is_reachable
-from worker.devtools.stack import start_flower, start_worker, stop_process, wait_for_workers
+from worker.devtools.stack import start_exporter, start_flower, start_worker, stop_process, wait_for_workers
 
 __all__ = ["Stack", "local_stack", "stack_settings"]
 
@@ -28,6 +28,7 @@ class Stack:
     embedded: bool
     workers: list[str] = field(default_factory=list)
     flower_url: str | None = None
+    exporter_url: str | None = None
     logs: Path | None = None
 
 
@@ -39,11 +40,13 @@ def local_stack(
     concurrency: int = 2,
     flower: bool = True,
     flower_port: int = 5555,
+    exporter_port: int | None = None,
     state_dir: Path = Path(".itrain"),
     loglevel: str = "info",
     embedded: bool = False,
 ) -> Iterator[Stack]:
     """Bring the stack up; on exit (Ctrl-C included) stop every process it started, by pid.
+    ``exporter_port``: also run ``itrain exporter`` there (127.0.0.1).
 
     With no ``ITRAIN_*_URL`` set and no Redis answering at the default URL, an embedded
     ``redis-server`` (append-only file in ``state_dir/redis``) is started on 127.0.0.1:6379, or
@@ -79,6 +82,9 @@ def local_stack(
         if flower:
             procs.append(start_flower(flower_port, env, log=logs / "flower.log"))
             stack.flower_url = f"http://127.0.0.1:{flower_port}"
+        if exporter_port is not None:
+            procs.append(start_exporter(exporter_port, env, log=logs / "exporter.log"))
+            stack.exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
         app = make_celery(stack_settings(settings, stack))
         try:
             stack.workers = wait_for_workers(app, workers, timeout=90)

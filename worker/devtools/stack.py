@@ -19,6 +19,7 @@ __all__ = [
     "APP",
     "flower_command",
     "node_name",
+    "start_exporter",
     "start_flower",
     "start_process",
     "start_worker",
@@ -99,6 +100,11 @@ def start_worker(
 
 def start_flower(port: int, env: Mapping[str, str], *, log: Path | None = None) -> subprocess.Popen[bytes]:
     return start_process(flower_command(port), env, log)
+
+
+def start_exporter(port: int, env: Mapping[str, str], *, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """``itrain exporter`` on 127.0.0.1:``port``."""
+    return start_process([sys.executable, "-m", "worker.cli", "exporter", "--port", str(port)], env, log)
 
 
 def node_name(name: str) -> str:
