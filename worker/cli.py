@@ -156,6 +156,27 @@ def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.portable import export_model
+
+    store = Store(connect(settings.store, settings.publish_timeout), settings)
+    header = export_model(store, args.model, args.out, settings.targets)
+    out.print(f"wrote {args.out}: model {header.model}, version {header.version}, step {header.step}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.portable import import_model
+
+    store = Store(connect(settings.store, settings.publish_timeout), settings)
+    model, version, header = import_model(store, args.file, args.model, force=args.force)
+    out.print(
+        f"model {model} is now version {version}: the weights of {header.model} version {header.version}, "
+        f"step {header.step}"
+    )
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
     return 0
@@ -387,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=None, help="the user name (default itrain-<role>)")
     p.add_argument("--password", default=None, help="default: a random one, printed in the line")
     p.set_defaults(func=cmd_acl)
+
+    p = sub.add_parser("export", help="write a model to a portable file (.npz, no pickle)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="install an exported model as a new version")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--model", default=None, help="default: the name in the file")
+    p.add_argument("--force", action="store_true", help="replace an existing model")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("schema", help="print the event's JSON Schema")
     p.set_defaults(func=cmd_schema)
