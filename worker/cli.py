@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from rich.table import Table
 from rich.text import Text
 
 from producer.client import TrainingClient
-from producer.errors import ItrainError, ModelNotInitialisedError
+from producer.errors import ConfigurationError, ItrainError, ModelNotInitialisedError
 from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event_json_schema
+from producer.keys import ModelKeys
 from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
@@ -110,12 +112,14 @@ def terminal_safe(text: str) -> str:
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     client = connect(settings.store, settings.publish_timeout)
     store = Store(client, settings)
-    table = Table("model", "version", "step", "loss_ema", "history", "dead letters")
+    table = Table("model", "version", "step", "loss_ema", "last update (UTC)", "history", "dead letters")
     for name in store.models():
         s = read_stats(client, name)
         ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
+        updated = client.hget(ModelKeys(name).ckpt, "updated_at")
+        when = "-" if updated is None else f"{datetime.fromtimestamp(float(updated), UTC):%Y-%m-%d %H:%M:%S}"
         table.add_row(
-            name, str(s["version"]), str(s["step"]), ema, str(s["history_len"]), str(s["dead_letters"])
+            name, str(s["version"]), str(s["step"]), ema, when, str(s["history_len"]), str(s["dead_letters"])
         )
     out.print(table)
     return 0
@@ -174,6 +178,16 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         f"model {model} is now version {version}: the weights of {header.model} version {header.version}, "
         f"step {header.step}"
     )
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.lifecycle import delete_model
+
+    if not args.yes:
+        raise ConfigurationError(f"deleting model {args.model!r} loses its weights and history: add --yes")
+    removed = delete_model(connect(settings.store, settings.publish_timeout), args.model)
+    out.print(f"model {args.model} deleted ({removed} keys)")
     return 0
 
 
@@ -419,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the name in the file")
     p.add_argument("--force", action="store_true", help="replace an existing model")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("delete", help="remove a model and every key it has")
+    p.add_argument("--model", required=True)
+    p.add_argument("--yes", action="store_true", help="confirm: the weights and history are lost")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("schema", help="print the event's JSON Schema")
     p.set_defaults(func=cmd_schema)

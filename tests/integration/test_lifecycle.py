@@ -1,0 +1,75 @@
+"""A model's lifecycle: ``itrain delete`` (a model and every key it has go; other models stay as
+they were) and ``itrain models``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from producer.errors import ModelNotInitialisedError
+from producer.keys import MODELS, ModelKeys
+from tests.helpers import raw_event
+from tests.integration.test_cli import cli, one_line
+from tests.integration.test_run_messages import own_runtime, step_message
+from worker.consume.runtime import run_messages
+from worker.ops.lifecycle import BATCH, delete_model
+
+__all__ = ["cli", "own_runtime"]  # fixtures, imported for the tests below
+
+
+def keys_of(client, model: str) -> list[bytes]:
+    return list(client.scan_iter(match=ModelKeys(model).prefix.replace("{", "\\{").replace("}", "\\}") + "*"))
+
+
+def test_delete_leaves_no_key_of_the_model(own_runtime, make_model, redis_client) -> None:
+    # Given two trained models, one of them with markers in more than one batch of keys, a
+    # failure (dead letter) and counters
+    model, other = make_model(), make_model()
+    run_messages([step_message(f"{model}-{i}", raw_event(model, f"d{i}")) for i in range(30)])
+    run_messages([step_message(f"{model}-bad", raw_event(model, "bad", action_type="no-target"))])
+    run_messages([step_message(f"{other}-{i}", raw_event(other, f"o{i}")) for i in range(5)])
+    for slot in range(BATCH + 5):  # old marker slots of an earlier generation
+        redis_client.hset(ModelKeys(model).done(0, slot), "x", 1)
+    assert len(keys_of(redis_client, model)) > BATCH
+    other_keys = sorted(keys_of(redis_client, other))
+    other_ckpt = redis_client.hgetall(ModelKeys(other).ckpt)
+    # When the model is deleted
+    removed = delete_model(redis_client, model)
+    # Then none of its keys is left, it is no longer listed, and the other model is untouched
+    assert keys_of(redis_client, model) == []
+    assert removed > BATCH
+    assert not redis_client.sismember(MODELS, model)
+    assert redis_client.sismember(MODELS, other)
+    assert sorted(keys_of(redis_client, other)) == other_keys
+    assert redis_client.hgetall(ModelKeys(other).ckpt) == other_ckpt
+    # And an event for it now answers skipped (the spec's no-op), nothing recreated
+    (summary,) = run_messages([step_message(f"{model}-late", raw_event(model, "late"))])
+    assert summary[2]["status"] == "skipped"
+    with pytest.raises(ModelNotInitialisedError):
+        delete_model(redis_client, model)
+
+
+def test_cli_delete_needs_yes(cli, capsys, make_model, redis_client) -> None:
+    model = make_model()
+    assert cli(["delete", "--model", model]) == 1
+    assert "add --yes" in one_line(capsys.readouterr().err)
+    assert redis_client.exists(ModelKeys(model).ckpt) == 1
+    assert cli(["delete", "--model", model, "--yes"]) == 0
+    assert redis_client.exists(ModelKeys(model).ckpt) == 0
+
+
+def test_models_lists_step_version_and_last_update(own_runtime, cli, capsys, make_model, monkeypatch) -> None:
+    from rich.console import Console
+
+    import worker.cli
+
+    monkeypatch.setattr(worker.cli, "out", Console(width=250))  # no column folded or cut
+    fresh, trained = make_model(), make_model()
+    run_messages([step_message(f"{trained}-{i}", raw_event(trained, f"m{i}")) for i in range(3)])
+    capsys.readouterr()
+    assert cli(["models"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if "│" in line[:2]}
+    assert rows[trained].split("│")[3].strip() == "3"  # step
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[trained])
+    assert rows[fresh].split("│")[5].strip() == "-"  # never committed
