@@ -13,6 +13,8 @@ and the commit script may touch them together.
 | ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |
 | ``itrain:{m}:dead`` | list | the last ``ITRAIN_DEAD_LETTER_MAX`` failed messages, newest first (JSON) |
 | ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
+| ``itrain:{m}:snapshots`` | list | versions of the kept snapshots, newest first (``ITRAIN_SNAPSHOT_KEEP``) |
+| ``itrain:{m}:snap:<version>`` | hash | a copy of the checkpoint at that version, and ``snapshot_at`` |
 | ``itrain:{m}:lock_stats`` | hash | lock wait and hold per critical section, as histogram bucket |
 | | | counts (``w:<i>``, ``h:<i>``), sums and counts (``itrain exporter``) |
 | ``itrain:{m}:done:<gen>:<slot>`` | hash | ``marker_field(event id)`` -> the step that trained it, for |
@@ -85,6 +87,14 @@ class ModelKeys:
     @property
     def lock_stats(self) -> str:
         return self.prefix + "lock_stats"
+
+    @property
+    def snapshots(self) -> str:
+        return self.prefix + "snapshots"
+
+    @property
+    def snapshot_prefix(self) -> str:
+        return self.prefix + "snap:"
 
     def done_prefix(self, gen: int) -> str:
         """Event markers of one generation of the model (``itrain init --force`` starts another)."""

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
 
     # Bookkeeping and bounded memory.
     history_max: int = Field(1000, ge=1)
+    # A snapshot of the checkpoint every this many steps (0: never), the last this many kept.
+    snapshot_every: int = Field(10_000, ge=0)
+    snapshot_keep: int = Field(10, ge=1, le=1000)
     dead_letter_max: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
     loss_ema_alpha: float = Field(0.05, gt=0, le=1)

@@ -181,6 +181,29 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_snapshots(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.store.snapshots import list_snapshots
+
+    client = connect(settings.store, settings.publish_timeout)
+    if not client.exists(ModelKeys(args.model).ckpt):
+        raise ModelNotInitialisedError(f"model {args.model!r} does not exist; `itrain models` lists them")
+    table = Table("version", "step", "taken (UTC)", "loss_ema", title=f"snapshots of {args.model}")
+    for snap in list_snapshots(client, args.model):
+        ema = "-" if snap.loss_ema is None else f"{snap.loss_ema:.6f}"
+        taken = f"{datetime.fromtimestamp(snap.snapshot_at, UTC):%Y-%m-%d %H:%M:%S}"
+        table.add_row(str(snap.version), str(snap.step), taken, ema)
+    out.print(table)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.store.snapshots import rollback
+
+    version = rollback(connect(settings.store, settings.publish_timeout), args.model, args.to, settings)
+    out.print(f"model {args.model} is now version {version}: the weights of version {args.to}")
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.lifecycle import delete_model
 
@@ -433,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the name in the file")
     p.add_argument("--force", action="store_true", help="replace an existing model")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("snapshots", help="a model's kept snapshots")
+    p.add_argument("--model", default="default")
+    p.set_defaults(func=cmd_snapshots)
+
+    p = sub.add_parser("rollback", help="restore a snapshot's weights as a new version")
+    p.add_argument("--model", default="default")
+    p.add_argument("--to", type=_positive_int, required=True, metavar="VERSION")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("delete", help="remove a model and every key it has")
     p.add_argument("--model", required=True)

@@ -1,0 +1,96 @@
+"""Snapshots and rollback against a real Redis: a rollback restores the predictions exactly, as a
+new version; step keeps counting; undone events answer duplicate when re-sent."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.errors import ModelError
+from producer.events import InteractionData
+from producer.keys import ModelKeys
+from producer.settings import Settings
+from tests.helpers import raw_event
+from tests.integration.test_cli import cli, one_line
+from tests.integration.test_run_messages import own_runtime, step_message
+from worker.consume.runtime import run_messages
+from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.store.snapshots import due, list_snapshots, rollback, take_snapshot
+
+__all__ = ["cli", "own_runtime"]  # fixtures, imported for the tests below
+
+PROBES = [InteractionData(user_id=f"probe-{i}", action_type="view", timestamp=i * 613) for i in range(6)]
+
+
+def predictions(trainer, model: str) -> list[list[float]]:
+    return [trainer.predict(e.model_copy(update={"model": model}))["prediction"] for e in PROBES]
+
+
+def train(model: str, tag: str, n: int) -> list:
+    return run_messages([step_message(f"{model}-{tag}{i}", raw_event(model, f"{tag}{i}")) for i in range(n)])
+
+
+def test_due_when_a_commit_crosses_a_multiple() -> None:
+    assert due(9_990, 10_010, 10_000)
+    assert not due(10_000, 10_500, 10_000)
+    assert not due(0, 50_000, 0)
+
+
+def test_rollback_restores_predictions_as_a_new_version(own_runtime, make_model, redis_client) -> None:
+    client, trainer, settings = redis_client, own_runtime.trainer, own_runtime.settings
+    # Given a model snapshotted after 20 events, then trained on 20 more and snapshotted again
+    model = make_model()
+    train(model, "a", 20)
+    first = take_snapshot(client, model, keep=10)
+    before = predictions(trainer, model)
+    train(model, "b", 20)
+    second = take_snapshot(client, model, keep=10)
+    assert predictions(trainer, model) != before
+    assert [s.version for s in list_snapshots(client, model)] == [second, first]
+    # When it is rolled back to the first snapshot
+    version = rollback(client, model, first, settings)
+    # Then it predicts exactly as then, under a version above every earlier one
+    assert version > second
+    assert predictions(trainer, model) == before
+    ckpt = own_runtime.store.load(model)
+    assert (ckpt.version, ckpt.step) == (version, 40)  # step keeps counting the events trained
+    # And an undone event re-sent answers duplicate; a new one trains as step 41
+    assert [s[2]["status"] for s in train(model, "b", 1)] == ["duplicate"]
+    assert [s[2]["step"] for s in train(model, "c", 1)] == [41]
+
+
+def test_only_the_last_k_snapshots_are_kept(own_runtime, make_model, redis_client) -> None:
+    model = make_model()
+    taken = []
+    for round_ in range(5):
+        train(model, f"k{round_}-", 2)
+        taken.append(take_snapshot(redis_client, model, keep=3))
+    assert [s.version for s in list_snapshots(redis_client, model)] == taken[::-1][:3]
+    prefix = ModelKeys(model).snapshot_prefix.encode()
+    assert len([k for k in redis_client.scan_iter(count=1000) if k.startswith(prefix)]) == 3
+
+
+def test_rollback_refuses_a_missing_or_foreign_snapshot(own_runtime, make_model, redis_client) -> None:
+    settings = Settings(redis_url=own_runtime.settings.redis_url)
+    model = make_model()
+    train(model, "f", 3)
+    version = take_snapshot(redis_client, model, keep=10)
+    with pytest.raises(ModelError, match=rf"no snapshot of version 999 \(kept: {version}\)"):
+        rollback(redis_client, model, 999, settings)
+    # A model replaced since (init --force) does not take the old model's weights
+    own_runtime.store.create(model, Checkpoint.initial(ModelConfig()), force=True)
+    with pytest.raises(ModelError, match="since replaced"):
+        rollback(redis_client, model, version, settings)
+
+
+def test_cli_lists_snapshots_and_rolls_back(own_runtime, cli, capsys, make_model, redis_client) -> None:
+    model = make_model()
+    train(model, "s", 2)
+    version = take_snapshot(redis_client, model, keep=10)
+    train(model, "t", 2)
+    capsys.readouterr()
+    assert cli(["snapshots", "--model", model]) == 0
+    assert str(version) in capsys.readouterr().out
+    assert cli(["rollback", "--model", model, "--to", str(version)]) == 0
+    assert f"the weights of version {version}" in capsys.readouterr().out
+    assert cli(["rollback", "--model", model, "--to", "999"]) == 1
+    assert "no snapshot of version 999" in one_line(capsys.readouterr().err)

@@ -1,0 +1,79 @@
+"""Snapshots of a model's checkpoint, and rolling back to one.
+
+Every ``ITRAIN_SNAPSHOT_EVERY`` steps the trainer copies the checkpoint it just committed to
+``itrain:{m}:snap:<version>`` (``lua/snapshot.lua``), keeping the last ``ITRAIN_SNAPSHOT_KEEP``.
+``rollback`` restores one under the model's lock (``lua/rollback.lua``) as a new version: versions
+never go back, ``step`` keeps counting the events trained, and the undone events keep their
+de-dup markers (a re-send answers ``duplicate``: it was trained once, then undone on purpose).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from producer.errors import ModelError, ModelNotInitialisedError
+from producer.keys import ModelKeys
+from producer.settings import Settings
+from worker.lua import load_lua
+from worker.store.lock import ModelLock
+
+__all__ = ["Snapshot", "due", "list_snapshots", "rollback", "take_snapshot"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    step: int
+    snapshot_at: float
+    loss_ema: float | None
+
+
+def due(step_before: int, step_after: int, every: int) -> bool:
+    """Whether a commit that moved the step from ``step_before`` to ``step_after`` crossed a
+    multiple of ``every`` (0: snapshots are off)."""
+    return every > 0 and step_after // every > step_before // every
+
+
+def take_snapshot(client: redis.Redis, model: str, keep: int) -> int | None:
+    """Copy the current checkpoint; returns its version (None when the model has none)."""
+    keys = ModelKeys(model)
+    script = client.register_script(load_lua("worker.store", "snapshot"))
+    version = script(keys=[keys.ckpt, keys.snapshots], args=[keys.snapshot_prefix, keep, time.time()])
+    return None if version is None else int(version)
+
+
+def list_snapshots(client: redis.Redis, model: str) -> list[Snapshot]:
+    """The kept snapshots, newest first."""
+    keys = ModelKeys(model)
+    versions = [int(v) for v in client.lrange(keys.snapshots, 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for v in versions:
+        pipe.hmget(keys.snapshot_prefix + str(v), ["step", "snapshot_at", "loss_ema"])
+    out = []
+    for v, (step, at, ema) in zip(versions, pipe.execute(), strict=True):
+        if step is not None:
+            out.append(Snapshot(v, int(step), float(at or 0), float(ema) if ema not in (None, b"") else None))
+    return out
+
+
+def rollback(client: redis.Redis, model: str, to_version: int, settings: Settings) -> int:
+    """Restore snapshot ``to_version`` as a new version of ``model``; returns that version."""
+    keys = ModelKeys(model)
+    script = client.register_script(load_lua("worker.store", "rollback"))
+    with ModelLock(client, model, settings):
+        ok, value = script(
+            keys=[keys.ckpt, keys.snapshot_prefix + str(to_version)], args=[uuid.uuid4().hex, time.time()]
+        )
+    reason = value.decode() if isinstance(value, bytes) else value
+    if ok:
+        return int(value)
+    if reason == "no-model":
+        raise ModelNotInitialisedError(f"model {model!r} does not exist; `itrain models` lists the models")
+    if reason == "no-snapshot":
+        kept = ", ".join(str(s.version) for s in list_snapshots(client, model)) or "none"
+        raise ModelError(f"model {model!r} has no snapshot of version {to_version} (kept: {kept})")
+    raise ModelError(f"snapshot {to_version} of {model!r} belongs to a model since replaced (init --force)")
