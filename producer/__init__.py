@@ -19,14 +19,16 @@ from producer.errors import (
     TargetError,
 )
 from producer.events import InteractionData, event_json_schema
+from producer.model_reader import ModelReader
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
 from producer.settings import Settings, get_settings
 
 __all__ = [
-    # The event and the client
+    # The event, the client and the in-process reader
     "InteractionData",
     "EventLike",
     "TrainingClient",
+    "ModelReader",
     "event_json_schema",
     # Configuration
     "Settings",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from hashlib import blake2b
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigurationError
@@ -70,6 +71,10 @@ class Settings(BaseSettings):
     fetch_max: int = Field(50, ge=1, le=1000)
     worker_concurrency: int | None = Field(None, ge=1)
 
+    # The secret key of the user-id hash (a feature): without it, a stored feature can be reversed
+    # with a dictionary of likely user ids. Every worker and in-process reader must share it.
+    hash_key: SecretStr | None = None
+
     # Bookkeeping and bounded memory.
     history_max: int = Field(1000, ge=1)
     # A snapshot of the checkpoint every this many steps (0: never), the last this many kept.
@@ -110,6 +115,14 @@ class Settings(BaseSettings):
         if self.lock_timeout <= self.lock_poll:
             raise ValueError("ITRAIN_LOCK_TIMEOUT must be longer than ITRAIN_LOCK_POLL")
         return self
+
+    @property
+    def hash_key_bytes(self) -> bytes:
+        """The blake2b key derived from ``ITRAIN_HASH_KEY`` (any length), or b"" (unkeyed)."""
+        if self.hash_key is None or not self.hash_key.get_secret_value():
+            return b""
+        secret = self.hash_key.get_secret_value().encode()
+        return blake2b(secret, digest_size=32, person=b"itrain-hashkey").digest()
 
     @property
     def broker(self) -> str:
