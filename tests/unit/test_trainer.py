@@ -11,18 +11,17 @@ from producer.events import InteractionData
 from producer.settings import DEFAULT_TARGETS
 from tests.helpers import make_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
-from worker.engine.features import featurize_many
 from worker.engine.mlp import PerEventSGD, minibatch_step
 from worker.engine.targets import make_target
-from worker.engine.trainer import BatchPlan, Job, history, plan, settle_copies, step
+from worker.engine.trainer import BatchPlan, Job, history, plan, prepare, settle_copies, step
 
 
 def _batch(events: list[dict], done: list[bool] | None = None, step0: int = 0, **config: object) -> BatchPlan:
     jobs = [Job(f"task-{i}", InteractionData.model_validate(e)) for i, e in enumerate(events)]
     base = Checkpoint.initial(ModelConfig.model_validate(config))
     base.step = step0
-    X = featurize_many([j.event for j in jobs])
-    return plan("m", jobs, X, base, done or [False] * len(jobs), DEFAULT_TARGETS)
+    prep = prepare(jobs, base.config.outputs, DEFAULT_TARGETS)
+    return plan("m", prep, base, done or [False] * len(jobs), DEFAULT_TARGETS)
 
 
 def test_initial_checkpoint_is_seeded_and_untrained() -> None:
