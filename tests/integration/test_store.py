@@ -145,3 +145,35 @@ def test_markers_are_compact(redis_client: redis.Redis, store: Store, model_name
     assert len(keys) == 1
     assert redis_client.hlen(keys[0]) == 1000
     assert store.read(model_name, None, [*ids[:3], "never"]).done == [True, True, True, False]
+
+
+def test_markers_of_large_batches_in_several_slots_are_found(
+    redis_client: redis.Redis, redis_url: str, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of ids (past Lua's unpack limit) in one commit and one read, markers spread over
+    two slots, read with and without a cached checkpoint."""
+    # Given a 40 s window (10 s slots), 2,500 events trained now and 2,500 more 15 s later
+    settings = Settings(redis_url=redis_url, dedupe_ttl=40, visibility_timeout=20, max_deliveries=1)
+    store = Store(redis_client, settings)
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    first, second = [f"a{i}" for i in range(2500)], [f"b{i}" for i in range(2500)]
+    assert _commit(store, model_name, ckpt, first).ok
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    now = time.time()
+    # (the commit writes to the slot of its own clock: write the second half as if 15 s later)
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: now + 15)
+        assert _commit(store, model_name, ckpt, second).ok
+    keys = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
+    assert len(keys) == 2
+    # When read 20 s later, with fresh ids mixed in, without and with a cached checkpoint
+    asked = [*first[::3], *[f"n{i}" for i in range(1200)], *second[1::3]]
+    expected = [not i.startswith("n") for i in asked]
+    # Then every trained one is found and no other
+    assert store.read(model_name, None, asked, now=now + 20).done == expected
+    latest = store.load(model_name)
+    assert store.read(model_name, latest, asked, now=now + 20).done == expected
+    assert store.read(model_name, ckpt, asked, now=now + 20).done == expected  # an older copy

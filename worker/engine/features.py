@@ -70,8 +70,14 @@ def featurize_many(events: Sequence[InteractionData]) -> npt.NDArray[np.float64]
     """A (len(events), 4) matrix, one row per event, in order."""
     if not events:
         return np.empty((0, N_FEATURES), dtype=np.float64)
-    # One conversion of a list of tuples: far cheaper than assigning row by row.
-    return np.array([_row(event) for event in events], dtype=np.float64)
+    # Column by column, then one conversion: far cheaper than building or assigning rows.
+    columns = [
+        [action_hash(e.action_type) for e in events],
+        [time_of_day(e.timestamp) for e in events],
+        [user_hash(e.user_id) for e in events],
+        [1.0 if e.context else 0.0 for e in events],
+    ]
+    return np.ascontiguousarray(np.array(columns, dtype=np.float64).T)
 
 
 def _row(event: InteractionData) -> tuple[float, float, float, float]:
