@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     chunk_size: int = Field(256, ge=1, le=10_000)
 
     # Worker-side micro-batching.
-    batch_max: int = Field(256, ge=1, le=10_000)
+    #: Events per pool job (one lock): a train_step message is one, a train_batch one chunk_size.
+    batch_max: int = Field(1024, ge=1, le=10_000)
     batch_wait_ms: float = Field(10.0, ge=0)
     prefetch_multiplier: int = Field(128, ge=1)
     # Messages a worker takes from the queue in one round trip at most.

@@ -506,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--logs", type=Path, default=None, help="where the workers' logs go (default .itrain/logs)"
     )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="KEYS",
+        help="comma-separated scenario keys to run (e.g. c2,d); no message-path comparison",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -148,3 +148,36 @@ def test_markers_are_compact(redis_client: redis.Redis, store: Store, model_name
     assert redis_client.hget(keys[0], marker_field("c7")) == b"8"
     assert redis_client.hget(keys[0], "c7") is None
     assert store.read(model_name, None, [*ids[:3], "never"]).done == [True, True, True, False]
+
+
+def test_markers_of_large_batches_in_several_slots_are_found(
+    redis_client: redis.Redis, redis_url: str, model_name: str
+) -> None:
+    """Thousands of ids (past Lua's unpack limit) in one commit and one read, markers spread over
+    two slots, read with and without a cached checkpoint."""
+    # Given a 40 s window (10 s slots), 2,500 events trained in the slot before this one (their
+    # marker hash moved back a slot: commits take the slot from Redis's clock) and 2,500 in this one
+    settings = Settings(redis_url=redis_url, dedupe_ttl=40, visibility_timeout=20, max_deliveries=1)
+    store = Store(redis_client, settings)
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    first, second = [f"a{i}" for i in range(2500)], [f"b{i}" for i in range(2500)]
+    assert _commit(store, model_name, ckpt, first).ok
+    (key,) = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
+    slot = int(key.rsplit(b":", 1)[1])
+    redis_client.rename(key, ModelKeys(model_name).done(ckpt.gen, slot - 1))
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    now = time.time()
+    assert _commit(store, model_name, ckpt, second).ok
+    keys = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
+    assert len(keys) == 2
+    # When read 5 s later, with fresh ids mixed in, without and with a cached checkpoint
+    asked = [*first[::3], *[f"n{i}" for i in range(1200)], *second[1::3]]
+    expected = [not i.startswith("n") for i in asked]
+    # Then every trained one is found and no other
+    assert store.read(model_name, None, asked, now=now + 5).done == expected
+    latest = store.load(model_name)
+    assert store.read(model_name, latest, asked, now=now + 5).done == expected
+    assert store.read(model_name, ckpt, asked, now=now + 5).done == expected  # an older copy

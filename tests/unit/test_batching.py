@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from kombu.message import Message
 
-from producer.protocol import TASK_TRAIN_STEP
-from worker.consume.batching import delivery_count, raw_message
+from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP
+from producer.settings import get_settings
+from worker.consume.batching import delivery_count, raw_message, training_strategy
 
 
 @pytest.mark.parametrize(
@@ -72,3 +75,70 @@ def test_raw_message_reads_ignore_result_only_when_true() -> None:
     for value, expected in ((True, True), (False, False), ("true", False), (1, False), (None, False)):
         headers = {"id": "task-1", "task": TASK_TRAIN_STEP, "ignore_result": value}
         assert raw_message(TASK_TRAIN_STEP, _message(headers=headers)).ignore_result is expected
+
+
+# -- the strategy's buffer: how messages are grouped into pool jobs ---------------------------------
+
+
+class _Timer:
+    """Celery's timer, run by hand: ``fire()`` runs what is due, as the event loop's next turn."""
+
+    def __init__(self) -> None:
+        self.entries: list[SimpleNamespace] = []
+
+    def call_after(self, secs: float, fun: Callable[[], None]) -> SimpleNamespace:
+        entry = SimpleNamespace(secs=secs, fun=fun, cancelled=False)
+        entry.cancel = lambda: setattr(entry, "cancelled", True)
+        self.entries.append(entry)
+        return entry
+
+    def fire(self) -> None:
+        due, self.entries = self.entries, []
+        for entry in due:
+            if not entry.cancelled:
+                entry.fun()
+
+
+def _strategy(task_name: str, buffered: bool) -> tuple[Callable[..., None], list[list[str]], _Timer]:
+    jobs: list[list[str]] = []
+    timer = _Timer()
+    pool = SimpleNamespace(apply_async=lambda fn, args, **_: jobs.append([raw.task_id for raw in args[0]]))
+    consumer = SimpleNamespace(pool=pool, timer=timer, connection_errors=())
+    task = SimpleNamespace(name=task_name, send_events=False, buffered=buffered)
+    return training_strategy(task, None, consumer), jobs, timer  # type: ignore[arg-type]
+
+
+def _deliver(on_message: Callable[..., None], task: str, ids: list[str]) -> None:
+    for task_id in ids:
+        on_message(_message(headers={"id": task_id, "task": task}), None, None, None, None)
+
+
+def test_chunks_of_one_fetch_share_a_pool_job_up_to_batch_max_events() -> None:
+    # Given the defaults: 1,024 events a job, a train_many chunk counting as 256
+    settings = get_settings()
+    per_job = settings.batch_max // settings.chunk_size
+    assert per_job == 4
+    on_message, jobs, timer = _strategy(TASK_TRAIN_BATCH, buffered=False)
+    # When ten chunks arrive in one fetch
+    _deliver(on_message, TASK_TRAIN_BATCH, [f"c{i}" for i in range(10)])
+    # Then full jobs go at once, and the rest on the event loop's next turn, without waiting
+    assert jobs == [["c0", "c1", "c2", "c3"], ["c4", "c5", "c6", "c7"]]
+    assert [e.secs for e in timer.entries if not e.cancelled] == [0.0]
+    timer.fire()
+    assert jobs[2:] == [["c8", "c9"]]
+    # And a lone chunk later goes alone, on the next turn
+    _deliver(on_message, TASK_TRAIN_BATCH, ["lone"])
+    timer.fire()
+    assert jobs[3:] == [["lone"]]
+
+
+def test_train_step_messages_wait_for_company() -> None:
+    # Given the train_step strategy
+    on_message, jobs, timer = _strategy(TASK_TRAIN_STEP, buffered=True)
+    # When three messages arrive
+    _deliver(on_message, TASK_TRAIN_STEP, ["s0", "s1", "s2"])
+    # Then they wait ITRAIN_BATCH_WAIT_MS for others, and go as one job
+    assert jobs == []
+    assert [e.secs for e in timer.entries] == [get_settings().batch_wait_ms / 1000.0]
+    timer.fire()
+    assert jobs == [["s0", "s1", "s2"]]

@@ -7,7 +7,14 @@ import pytest
 
 from producer.errors import InvalidEventError
 from producer.protocol import TASK_TRAIN_BATCH
-from worker.consume.messages import TASK_ID_MAX, RawMessage, check_task_id, decode_args, printable
+from worker.consume.messages import (
+    TASK_ID_MAX,
+    RawMessage,
+    check_task_id,
+    decode_args,
+    plain_ids,
+    printable,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +78,12 @@ def test_body_with_lone_surrogate_escape_is_read_item_by_item() -> None:
 def test_body_still_refused_when_not_json(body: bytes, cause: str) -> None:
     with pytest.raises(InvalidEventError, match=cause):
         decode_args(_batch(body), 1 << 20)
+
+
+@pytest.mark.parametrize("odd", ["", "x" * (TASK_ID_MAX + 1), "é", "\ud800", 7, None, b"bytes", ["a"]])
+def test_plain_ids_only_when_check_task_id_would_pass_each_as_ascii(odd: object) -> None:
+    plain = ["a", "x" * TASK_ID_MAX, "7d0c7f6e-1c2b-4f7e-9a55-0f1d5b0c8e11"]
+    assert plain_ids(plain)
+    assert all(check_task_id(v) == v for v in plain)
+    # Anything else takes the one-by-one path (which accepts "é" and refuses the rest).
+    assert not plain_ids([*plain, odd])

@@ -10,7 +10,7 @@ import pytest
 from producer.errors import InvalidEventError, ItrainError, TargetError
 from producer.settings import DEFAULT_TARGETS
 from tests.helpers import make_interaction
-from worker.engine.targets import make_target
+from worker.engine.targets import make_target, make_targets
 
 
 def test_list_label_is_used_when_given() -> None:
@@ -115,3 +115,35 @@ def test_target_is_a_fresh_array() -> None:
     t[:] = 9.0
     # Then the next target is unaffected
     assert make_target(make_interaction(action_type="view"), 2, DEFAULT_TARGETS).tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("outputs", [1, 2, 3])
+def test_make_targets_equals_make_target_row_by_row(outputs) -> None:
+    """The batch form gives each event make_target's row, or its error, for every kind of event."""
+    # Given mapped actions, an unmapped one, and labels of every length
+    events = [
+        make_interaction(action_type="click"),
+        make_interaction(action_type="hover"),
+        make_interaction(action_type="view", label=0.3),
+        make_interaction(action_type="hover", label=[0.1, 0.2]),
+        make_interaction(action_type="dismiss", label=[0.4, 0.5, 0.6]),
+        make_interaction(action_type="skip"),
+    ]
+    # When made together
+    Y, errors = make_targets(events, outputs, DEFAULT_TARGETS)
+    # Then each row is make_target's, and each refusal its error, message and all
+    assert Y.shape == (len(events), outputs)
+    assert Y.dtype == np.float64
+    for i, ev in enumerate(events):
+        if i in errors:
+            with pytest.raises(type(errors[i]), match=re.escape(str(errors[i]))):
+                make_target(ev, outputs, DEFAULT_TARGETS)
+        else:
+            assert Y[i].tolist() == make_target(ev, outputs, DEFAULT_TARGETS).tolist()
+    assert len(errors) == 3  # the unmapped action, and the two labels of another length
+
+
+def test_make_targets_of_no_events() -> None:
+    Y, errors = make_targets([], 2, DEFAULT_TARGETS)
+    assert Y.shape == (0, 2)
+    assert errors == {}

@@ -11,18 +11,17 @@ from producer.events import InteractionData
 from producer.settings import DEFAULT_TARGETS
 from tests.helpers import make_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
-from worker.engine.features import featurize_many
 from worker.engine.mlp import PerEventSGD, minibatch_step
 from worker.engine.targets import make_target
-from worker.engine.trainer import BatchPlan, Job, history, plan, settle_copies, step
+from worker.engine.trainer import BatchPlan, Job, history, plan, prepare, settle_copies, step
 
 
 def _batch(events: list[dict], done: list[bool] | None = None, step0: int = 0, **config: object) -> BatchPlan:
     jobs = [Job(f"task-{i}", InteractionData.model_validate(e)) for i, e in enumerate(events)]
     base = Checkpoint.initial(ModelConfig.model_validate(config))
     base.step = step0
-    X = featurize_many([j.event for j in jobs])
-    return plan("m", jobs, X, base, done or [False] * len(jobs), DEFAULT_TARGETS)
+    prep = prepare(jobs, base.config.outputs, DEFAULT_TARGETS)
+    return plan("m", prep, base, done or [False] * len(jobs), DEFAULT_TARGETS)
 
 
 def test_initial_checkpoint_is_seeded_and_untrained() -> None:
@@ -126,3 +125,33 @@ def test_history_holds_only_the_last_history_max_trained_events() -> None:
     assert entries[0]["features"] == batch.X[4].tolist()
     # And with room for all, every trained event
     assert [orjson.loads(e)["step"] for e in history(batch, 1000, now=0.0)] == list(range(11, 18))
+
+
+def test_prepare_made_for_another_output_count_is_made_again_under_the_lock() -> None:
+    # Given jobs prepared for a 1-output model, of a model that has 3 outputs
+    events = make_events("m", 4, "out", labels=False)
+    jobs = [Job(f"task-{i}", InteractionData.model_validate(e)) for i, e in enumerate(events)]
+    base = Checkpoint.initial(ModelConfig(outputs=3))
+    prep = prepare(jobs, 1, DEFAULT_TARGETS)
+    # When planned and stepped
+    batch = plan("m", prep, base, [False] * 4, DEFAULT_TARGETS)
+    step(batch)
+    # Then the targets are the model's shape, as if prepared for it
+    assert batch.prep.Y.shape == (4, 3)
+    np.testing.assert_array_equal(batch.prep.Y, prepare(jobs, 3, DEFAULT_TARGETS).Y)
+    assert len(batch.trained) == 4
+
+
+def test_prepare_finds_in_batch_copies_and_history_parts() -> None:
+    # Given an event sent three times among others
+    events = make_events("m", 3, "cp")
+    events += [dict(events[1]), dict(events[1])]
+    jobs = [Job(f"task-{i}", InteractionData.model_validate(e)) for i, e in enumerate(events)]
+    # When prepared
+    prep = prepare(jobs, 1, DEFAULT_TARGETS)
+    # Then each later copy names its first one, and each history part is a JSON object's inside
+    assert prep.copies == [(3, 1), (4, 1)]
+    part = orjson.loads(b"{" + prep.history_parts[0] + b"}")
+    assert part["event_id"] == "cp-0"
+    assert part["features"] == prep.X[0].tolist()
+    assert part["target"] == prep.Y[0].tolist()

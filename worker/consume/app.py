@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -81,4 +82,24 @@ def _log_kernel(**_: Any) -> None:
 
 
 worker_init.connect(_compile_kernel, weak=False)
+
+#: Container allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def _tune_gc(**_: Any) -> None:
+    """Fewer garbage-collector passes in the worker and its pool processes (inherited at fork).
+
+    A pool job allocates tens of thousands of short-lived objects (events, features, results),
+    freed by reference counting; with the default thresholds the cycle collector still ran every
+    700 allocations and scanned the long-lived ones too, and took more CPU than training
+    (measured: ~20 µs an event). Objects alive now (modules, the compiled kernel, the app) are
+    frozen out of every scan; cyclic garbage waits at most ``GC_YOUNG_THRESHOLD`` allocations.
+    """
+    gc.freeze()
+    _young, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+worker_init.connect(_tune_gc, weak=False)  # after _compile_kernel: its objects are frozen too
 celeryd_after_setup.connect(_log_kernel, weak=False)

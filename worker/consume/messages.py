@@ -27,6 +27,7 @@ __all__ = [
     "TASK_ID_MAX",
     "RawMessage",
     "check_task_id",
+    "plain_ids",
     "decode_args",
     "is_chunk",
     "model_hint",
@@ -194,6 +195,12 @@ def check_task_id(value: Any, what: str = "task id") -> str:
                 "which UTF-8 cannot encode"
             ) from None
     return value
+
+
+def plain_ids(values: list[Any]) -> bool:
+    """Whether every value is an ASCII string of 1 to ``TASK_ID_MAX`` characters: ids that
+    ``check_task_id`` accepts (the common case, checked in one pass)."""
+    return all(type(v) is str and 0 < len(v) <= TASK_ID_MAX and v.isascii() for v in values)
 
 
 def printable(value: Any, limit: int = 300) -> str:

@@ -34,6 +34,7 @@ from worker.consume.messages import (
     decode_args,
     is_chunk,
     model_hint,
+    plain_ids,
     printable,
     split_batch,
     validate_event,
@@ -186,6 +187,13 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
     except Exception as exc:  # validate_many falls back on its own; this is a bug's safety net
         _item_error(exc)
         valid = [None] * len(items)
+    ids = [task_id for task_id, _ in items]
+    if not any(event is None for event in valid) and (not batch or plain_ids(ids)):
+        # Every item valid (the common case): all become jobs, in order, without a check each.
+        jobs = [Job(task_id, event) for task_id, event in zip(ids, valid, strict=True) if event is not None]
+        (plan.late if late else plan.jobs).extend(jobs)
+        (plan.late_owner if late else plan.owner).extend([m] * len(jobs))
+        return
     for (task_id, payload), event in zip(items, valid, strict=True):
         try:
             if batch:

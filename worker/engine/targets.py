@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -10,7 +10,7 @@ import numpy.typing as npt
 from producer.errors import TargetError
 from producer.events import InteractionData
 
-__all__ = ["make_target"]
+__all__ = ["make_target", "make_targets"]
 
 
 def make_target(
@@ -34,3 +34,30 @@ def make_target(
             f"action_type {event.action_type!r} has no target in ITRAIN_TARGETS and the event has no label"
         )
     return np.full(outputs, float(value), dtype=np.float64)
+
+
+def make_targets(
+    events: Sequence[InteractionData], outputs: int, mapping: Mapping[str, float]
+) -> tuple[npt.NDArray[np.float64], dict[int, TargetError]]:
+    """``make_target`` for every event at once: a (len(events), outputs) matrix, and the error of
+    each event that has no target (its row is NaN). Row ``i`` equals ``make_target(events[i], ...)``.
+    """
+    values: list[float] = []
+    odd: list[int] = []  # labelled or unmapped: made one by one, as make_target does
+    nan = float("nan")
+    for i, event in enumerate(events):
+        value = mapping.get(event.action_type) if event.label is None else None
+        if value is None:
+            odd.append(i)
+            values.append(nan)
+        else:
+            values.append(float(value))
+    Y = np.empty((len(events), outputs), dtype=np.float64)
+    Y[:] = np.array(values, dtype=np.float64).reshape(-1, 1)
+    errors: dict[int, TargetError] = {}
+    for i in odd:
+        try:
+            Y[i] = make_target(events[i], outputs, mapping)
+        except TargetError as exc:
+            errors[i] = exc
+    return Y, errors

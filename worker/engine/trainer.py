@@ -2,15 +2,18 @@
 
 1. Validation    the model must be initialised (else the no-op ``skipped`` result)
 2. Preprocessing ``features.featurize_many``, before the lock
-3. Target        ``targets.make_target``
+3. Target        ``targets.make_targets``, before the lock
 4. Forward       ``kernel.per_event_steps`` (numba) / ``mlp.minibatch_step``
 5. Backward      the same calls: gradient, clipping, refused if non-finite
 6. Bookkeeping   ``store.Store.commit``: step, version, counters, loss, history, event markers
 7. Cleanup       the same commit trims history and dead letters; markers and results expire
 
-Steps 3 to 6 run under the model's lock, and the commit is fenced by the checkpoint version.
-There they are named phases over one ``BatchPlan``: ``plan`` (duplicates, targets, in-batch
-copies), ``step`` (the SGD kernel), ``settle_copies``, ``history`` and the commit.
+Everything that needs no shared state is ``prepare``d before the lock (features, targets,
+in-batch copies, the fixed part of each history entry). Under the model's lock run only the
+checkpoint read (its version and the event markers), the SGD steps and the commit, fenced by the
+checkpoint version, as named phases over one ``BatchPlan``: ``plan`` (duplicates, refusals,
+copies), ``step`` (the SGD kernel), ``settle_copies``, ``history`` and the commit. The trained
+events' results are made after the lock is given back.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -41,18 +44,20 @@ from worker.engine.checkpoint import Checkpoint
 from worker.engine.features import featurize, featurize_many
 from worker.engine.kernel import per_event_steps
 from worker.engine.mlp import forward, minibatch_step, sigmoid
-from worker.engine.targets import make_target
+from worker.engine.targets import make_targets
 from worker.store.lock import ModelLock
-from worker.store.model_store import Store
+from worker.store.model_store import CommitResult, Store
 from worker.store.results import Outcome, failure_payload
 
 __all__ = [
     "BatchPlan",
     "Job",
+    "Prepared",
     "Trainer",
     "dead_letter_entry",
     "history",
     "plan",
+    "prepare",
     "settle_copies",
     "step",
 ]
@@ -60,9 +65,9 @@ __all__ = [
 logger = logging.getLogger("itrain.trainer")
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One valid event and the id of the result it owes."""
+class Job(NamedTuple):
+    """One valid event and the id of the result it owes (a tuple: made for every event, and a
+    frozen dataclass costs several times as much to make)."""
 
     task_id: str
     event: InteractionData
@@ -93,24 +98,77 @@ def dead_letter_entry(
 
 
 @dataclass(slots=True)
+class Prepared:
+    """What a batch of one model's jobs needs that no shared state decides, computed before the
+    lock: features, targets, in-batch copies, action names and the fixed part of each history
+    entry. Indexes are positions in ``jobs``."""
+
+    jobs: list[Job]
+    #: The features of every job, one row each.
+    X: npt.NDArray[np.float64]
+    #: The output count the targets were made for (the model's, as last seen by this process).
+    outputs: int
+    #: The target of every job, one row each (NaN for a job in ``target_errors``).
+    Y: npt.NDArray[np.float64]
+    #: Why a job has no target (no label and no mapping, or a label of the wrong length).
+    target_errors: dict[int, TargetError]
+    #: (index, index of the first copy) of each later copy of an event id in this batch.
+    copies: list[tuple[int, int]]
+    event_ids: list[str]
+    actions: list[str]
+    #: Each job's history entry without its braces, step, loss and time (filled in under the lock).
+    history_parts: list[bytes]
+
+
+def prepare(
+    jobs: list[Job], outputs: int, targets: dict[str, float], X: npt.NDArray[np.float64] | None = None
+) -> Prepared:
+    """Everything about ``jobs`` that needs no checkpoint but its output count (pure)."""
+    events = [j.event for j in jobs]
+    X = featurize_many(events) if X is None else X
+    Y, errors = make_targets(events, outputs, targets)
+    event_ids = [e.event_id for e in events]
+    copies: list[tuple[int, int]] = []
+    if len(set(event_ids)) != len(event_ids):
+        first_copy: dict[str, int] = {}
+        for i, event_id in enumerate(event_ids):
+            j = first_copy.setdefault(event_id, i)
+            if j != i:
+                copies.append((i, j))
+    features, rows = X.tolist(), Y.tolist()
+    parts = [
+        b""
+        if i in errors
+        else orjson.dumps(
+            {
+                "event_id": e.event_id,
+                "action_type": e.action_type,
+                "features": features[i],
+                "target": rows[i],
+                "event_time": e.timestamp.timestamp(),
+            }
+        )[1:-1]
+        for i, e in enumerate(events)
+    ]
+    return Prepared(jobs, X, outputs, Y, errors, copies, event_ids, [e.action_type for e in events], parts)
+
+
+@dataclass(slots=True)
 class BatchPlan:
     """One model's batch inside the critical section, filled in phase by phase.
 
     ``plan`` decides what each job needs (already done, refused, trained, or a copy of an event
     met earlier in the batch); ``step`` trains; ``settle_copies`` answers the copies; the commit
-    writes ``theta`` and ``dead`` and answers the trained jobs. Indexes are positions in ``jobs``.
+    writes ``theta`` and ``dead``; the trained jobs are answered after the lock is given back.
+    Indexes are positions in ``jobs``.
     """
 
     model: str
-    jobs: list[Job]
-    #: The features of every job, one row each (computed before the lock).
-    X: npt.NDArray[np.float64]
+    prep: Prepared
     #: The checkpoint read under the lock; the commit is fenced on it.
     base: Checkpoint
     #: The jobs to train, in arrival order: the first copy of each event id not yet trained.
     train: list[int] = field(default_factory=list)
-    #: The target of each job in ``train``, in the same order.
-    targets: list[npt.NDArray[np.float64]] = field(default_factory=list)
     #: (index, index of the first copy in this batch) of each later copy of an event id.
     copies: list[tuple[int, int]] = field(default_factory=list)
     #: (index, loss) of each job ``step`` trained, in training order.
@@ -121,6 +179,17 @@ class BatchPlan:
     outcomes: list[Outcome | None] = field(default_factory=list)
     #: Dead letters written with the commit.
     dead: list[bytes] = field(default_factory=list)
+    #: What the commit answered (None until it landed), and the running loss it wrote.
+    committed: CommitResult | None = None
+    ema: float | None = None
+
+    @property
+    def jobs(self) -> list[Job]:
+        return self.prep.jobs
+
+    @property
+    def X(self) -> npt.NDArray[np.float64]:
+        return self.prep.X
 
     def fail(self, i: int, exc: BaseException) -> None:
         """Job ``i`` ends as FAILURE with a dead letter."""
@@ -135,38 +204,36 @@ class BatchPlan:
             ema = loss if ema is None else alpha * loss + (1.0 - alpha) * ema
         return ema
 
+    def all_trained(self) -> bool:
+        """Whether every job trained (the common case: fast paths take the prepared lists)."""
+        return len(self.trained) == len(self.prep.jobs)
+
     def results(self) -> list[Outcome]:
         return [o for o in self.outcomes if o is not None]
 
 
 def plan(
-    model: str,
-    jobs: list[Job],
-    X: npt.NDArray[np.float64],
-    base: Checkpoint,
-    done: Sequence[bool],
-    targets: dict[str, float],
+    model: str, prep: Prepared, base: Checkpoint, done: Sequence[bool], targets: dict[str, float]
 ) -> BatchPlan:
     """Sort the jobs: events already in the weights are duplicates, events without a target
     fail, later copies of an event id wait for their first copy, the rest train."""
-    batch = BatchPlan(model, jobs, X, base, outcomes=[None] * len(jobs))
-    first_copy: dict[str, int] = {}
-    for i, job in enumerate(jobs):
-        ev = job.event
+    if prep.outputs != base.config.outputs:  # prepared for another output count: make them again
+        prep = prepare(prep.jobs, base.config.outputs, targets, prep.X)
+    n = len(prep.jobs)
+    batch = BatchPlan(model, prep, base, outcomes=[None] * n)
+    if not (prep.target_errors or prep.copies or any(done)):
+        batch.train = list(range(n))
+        return batch
+    copy_of = dict(prep.copies)
+    for i, job in enumerate(prep.jobs):
         if done[i]:
-            batch.outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
-            continue
-        try:
-            target = make_target(ev, base.config.outputs, targets)
-        except TargetError as exc:
-            batch.fail(i, exc)
-            continue
-        if ev.event_id in first_copy:
-            batch.copies.append((i, first_copy[ev.event_id]))  # answered once the first one is
-            continue
-        first_copy[ev.event_id] = i
-        batch.targets.append(target)
-        batch.train.append(i)
+            batch.outcomes[i] = Outcome.duplicate(job.task_id, model, prep.event_ids[i])
+        elif i in prep.target_errors:
+            batch.fail(i, prep.target_errors[i])
+        elif i in copy_of:
+            batch.copies.append((i, copy_of[i]))  # answered once the first one is
+        else:
+            batch.train.append(i)
     return batch
 
 
@@ -176,24 +243,26 @@ def step(batch: BatchPlan) -> None:
     the whole step (minibatch), and never reaches ``theta``."""
     cfg = batch.base.config
     theta = batch.base.theta.copy()  # the cached copy stays as committed if the commit is refused
+    prep, train = batch.prep, batch.train
+    if not train:
+        batch.theta = theta
+        return
+    every = len(train) == len(prep.jobs)
+    X = prep.X if every else prep.X[train]
+    Y = prep.Y if every else prep.Y[train]
     if cfg.mode == "per_event":
-        if batch.train:
-            steps = per_event_steps(
-                theta, cfg.shape, batch.X[batch.train], np.stack(batch.targets), cfg.lr, cfg.clip
-            )
-            for i, loss in zip(batch.train, steps, strict=True):
-                if isinstance(loss, NonFiniteUpdateError):
-                    batch.fail(i, loss)
-                else:
-                    batch.trained.append((i, loss))
-    elif batch.train:
+        steps = per_event_steps(theta, cfg.shape, X, Y, cfg.lr, cfg.clip)
+        for i, loss in zip(train, steps, strict=True):
+            if isinstance(loss, NonFiniteUpdateError):
+                batch.fail(i, loss)
+            else:
+                batch.trained.append((i, loss))
+    else:
         try:
-            theta, losses = minibatch_step(
-                theta, cfg.shape, batch.X[batch.train], np.stack(batch.targets), cfg.lr, cfg.clip
-            )
-            batch.trained = list(zip(batch.train, losses.tolist(), strict=True))
+            theta, losses = minibatch_step(theta, cfg.shape, X, Y, cfg.lr, cfg.clip)
+            batch.trained = list(zip(train, losses.tolist(), strict=True))
         except NonFiniteUpdateError as exc:
-            for i in batch.train:
+            for i in train:
                 batch.fail(i, exc)
     batch.theta = theta
 
@@ -214,29 +283,17 @@ def settle_copies(batch: BatchPlan) -> None:
 
 def history(batch: BatchPlan, history_max: int, now: float) -> list[bytes]:
     """Training-history entries, oldest first, for the last ``history_max`` trained events only
-    (the list keeps no more; building the rest would be wasted under the lock)."""
+    (the list keeps no more). Each is its prepared part with the step, loss and time added."""
     keep = batch.trained[-history_max:]
     # The step of trained event k is base.step + k + 1: the commit is fenced on base.
-    first = batch.base.step + len(batch.trained) - len(keep)
-    target_of = dict(zip(batch.train, batch.targets, strict=True))
-    entries = []
-    for k, (i, loss) in enumerate(keep):
-        event = batch.jobs[i].event
-        entries.append(
-            orjson.dumps(
-                {
-                    "step": first + k + 1,
-                    "event_id": event.event_id,
-                    "action_type": event.action_type,
-                    "features": batch.X[i].tolist(),
-                    "target": target_of[i].tolist(),
-                    "loss": loss,
-                    "event_time": event.timestamp.timestamp(),
-                    "trained_at": now,
-                }
-            )
-        )
-    return entries
+    first = batch.base.step + len(batch.trained) - len(keep) + 1
+    parts = batch.prep.history_parts
+    dumps = orjson.dumps
+    tail = b',"trained_at":' + dumps(now) + b"}"
+    return [
+        b'{"step":%d,"loss":%b,%b%b' % (first + k, dumps(loss), parts[i], tail)
+        for k, (i, loss) in enumerate(keep)
+    ]
 
 
 class Trainer:
@@ -251,6 +308,8 @@ class Trainer:
         self.store = store
         self.settings = settings
         self._cache: dict[str, Checkpoint] = {}
+        #: Each model's output count as last read: targets are made before the lock for it.
+        self._outputs: dict[str, int] = {}
 
     # -- training -----------------------------------------------------------------------------
 
@@ -269,7 +328,9 @@ class Trainer:
         return [o for o in outcomes if o is not None]
 
     def _train_model(self, model: str, jobs: list[Job]) -> list[Outcome]:
-        X = featurize_many([j.event for j in jobs])  # outside the lock: it needs no shared state
+        # Outside the lock: all that needs no shared state (the output count is the one this
+        # process saw last; ``plan`` makes the targets again in the rare case it changed).
+        prep = prepare(jobs, self._outputs.get(model, 1), self.settings.targets)
         lock = ModelLock(self.store.client, model, self.settings)
         attempts = self.settings.commit_retries
         for attempt in range(attempts):
@@ -278,12 +339,14 @@ class Trainer:
             except LockTimeoutError as exc:
                 return self._fail_all(model, jobs, exc)
             try:
-                outcomes = self._critical_section(model, jobs, X)
+                found = self._critical_section(model, prep)
             finally:
                 held = lock.release()
             self._record_timing(model, lock.waited, held, len(jobs))
-            if outcomes is not None:
-                return outcomes
+            if isinstance(found, BatchPlan):
+                return self._answer(found)
+            if found is not None:
+                return found
             # Fenced out: another worker committed first (our lock had expired). Retry on its weights.
             self._cache.pop(model, None)
             logger.warning(
@@ -294,62 +357,39 @@ class Trainer:
             )
         return self._fail_all(model, jobs, ItrainError(f"commit refused {attempts} times in a row"))
 
-    def _critical_section(
-        self, model: str, jobs: list[Job], X: npt.NDArray[np.float64]
-    ) -> list[Outcome] | None:
-        """Read, plan, step, settle copies, commit. ``None`` when the fenced commit was refused."""
-        read = self.store.read(model, self._cache.get(model), [j.event.event_id for j in jobs])
+    def _critical_section(self, model: str, prep: Prepared) -> BatchPlan | list[Outcome] | None:
+        """Read, plan, step, settle copies, commit: the committed batch, the answers of a model
+        that is not initialised, or ``None`` when the fenced commit was refused."""
+        read = self.store.read(model, self._cache.get(model), prep.event_ids)
         if read.checkpoint is None:
             self._cache.pop(model, None)
-            return [self._skipped(j) for j in jobs]
-        batch = plan(model, jobs, X, read.checkpoint, read.done, self.settings.targets)
+            return [self._skipped(j) for j in prep.jobs]
+        self._outputs[model] = read.checkpoint.config.outputs
+        batch = plan(model, prep, read.checkpoint, read.done, self.settings.targets)
         step(batch)
         settle_copies(batch)
-        if not self._commit(batch):
-            return None
-        return batch.results()
+        return batch if self._commit(batch) else None
 
     def _commit(self, batch: BatchPlan) -> bool:
-        """The fenced commit of what ``step`` trained, with its history, counters and dead letters;
-        then every trained job's result. False (nothing written) when the checkpoint moved on."""
-        base, trained, jobs = batch.base, batch.trained, batch.jobs
+        """The fenced commit of what ``step`` trained, with its history, counters and dead letters.
+        False (nothing written) when the checkpoint moved on."""
+        base, trained, prep = batch.base, batch.trained, batch.prep
         ema = batch.loss_ema(self.settings.loss_ema_alpha)
+        every = batch.all_trained()
         result = self.store.commit(
             batch.model,
             expected=base,
             params=batch.theta.tobytes() if trained else b"",
-            event_ids=[jobs[i].event.event_id for i, _ in trained],
+            event_ids=prep.event_ids if every else [prep.event_ids[i] for i, _ in trained],
             loss_last=trained[-1][1] if trained else 0.0,
             loss_ema=ema if ema is not None else 0.0,
-            actions=dict(Counter(jobs[i].event.action_type for i, _ in trained)),
+            actions=dict(Counter(prep.actions if every else [prep.actions[i] for i, _ in trained])),
             history=history(batch, self.settings.history_max, time.time()),
             dead=batch.dead,
         )
         if not result.ok:
             return False
-        for k, (i, loss) in enumerate(trained):
-            position = result.first_step + k + 1
-            event = jobs[i].event
-            batch.outcomes[i] = Outcome.success(
-                jobs[i].task_id,
-                {
-                    "status": "trained",
-                    "model": batch.model,
-                    "event_id": event.event_id,
-                    "step": position,
-                    "version": result.version,
-                    "loss": loss,
-                },
-            )
-            if position % self.settings.log_every == 0:
-                logger.info(
-                    "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
-                    batch.model,
-                    position,
-                    result.version,
-                    loss,
-                    ema,
-                )
+        batch.committed, batch.ema = result, ema
         # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
         self._cache[batch.model] = (
             Checkpoint(
@@ -366,6 +406,41 @@ class Trainer:
             else base
         )
         return True
+
+    def _answer(self, batch: BatchPlan) -> list[Outcome]:
+        """Every job's outcome once the commit landed: the trained ones are made here, after the
+        lock is given back."""
+        result = batch.committed
+        assert result is not None
+        jobs, model, outcomes = batch.jobs, batch.model, batch.outcomes
+        version, first, log_every = result.version, result.first_step + 1, self.settings.log_every
+        event_ids = batch.prep.event_ids
+        for k, (i, loss) in enumerate(batch.trained):
+            position = first + k
+            event_id = event_ids[i]
+            outcomes[i] = Outcome(
+                jobs[i].task_id,
+                "SUCCESS",
+                {
+                    "status": "trained",
+                    "model": model,
+                    "event_id": event_id,
+                    "step": position,
+                    "version": version,
+                    "loss": loss,
+                },
+                event_id=event_id,
+            )
+            if position % log_every == 0:
+                logger.info(
+                    "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
+                    model,
+                    position,
+                    version,
+                    loss,
+                    batch.ema,
+                )
+        return batch.results()
 
     # -- prediction ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Every write that must be atomic is one Lua script, so a reader never sees weights without the
 ``version`` and ``step`` that go with them, and a commit either lands whole or not at all. The
-scripts are ``lua/{read,commit,dead,init}.lua`` beside this module, each with a header naming its
+scripts are ``lua/{read,done,commit,dead,init}.lua`` beside this module, each with a header naming its
 KEYS and ARGV.
 Key names come from ``producer.keys``.
 """
@@ -52,6 +52,7 @@ class Store:
         self.settings = settings
         # The scripts and what their KEYS and ARGV are: worker/store/lua/*.lua.
         self._read = client.register_script(load_lua(__package__, "read"))
+        self._done = client.register_script(load_lua(__package__, "done"))
         self._commit = client.register_script(load_lua(__package__, "commit"))
         self._dead = client.register_script(load_lua(__package__, "dead"))
         self._init = client.register_script(load_lua(__package__, "init"))
@@ -69,8 +70,7 @@ class Store:
         guess = cached.gen if cached else None
         fields = [marker_field(e) for e in event_ids]
         if fields and guess is not None:
-            for slot in slots:
-                pipe.hmget(keys.done(guess, slot), fields)
+            self._done(keys=[keys.done(guess, slot) for slot in slots], args=fields, client=pipe)
         replies = pipe.execute()
         reply = replies[0]
         if not reply:
@@ -96,13 +96,10 @@ class Store:
         if not event_ids:
             return ReadResult(state, ckpt, [])
         if guess == gen:
-            found = replies[1:]
+            found = replies[1]
         else:
-            pipe = self.client.pipeline(transaction=False)
-            for slot in slots:
-                pipe.hmget(keys.done(gen, slot), fields)
-            found = pipe.execute()
-        return ReadResult(state, ckpt, [any(v is not None for v in vs) for vs in zip(*found, strict=True)])
+            found = self._done(keys=[keys.done(gen, slot) for slot in slots], args=fields)
+        return ReadResult(state, ckpt, [flag == 49 for flag in found])  # b"1"
 
     def load(self, model: str) -> Checkpoint | None:
         """The current checkpoint, read without the lock (one atomic script)."""
