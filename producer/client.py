@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -14,6 +15,7 @@ from kombu.exceptions import OperationalError
 from producer.celery_config import make_celery
 from producer.errors import (
     BrokerFullError,
+    ConfigurationError,
     InvalidEventError,
     PublishError,
     QueueFullError,
@@ -22,15 +24,18 @@ from producer.errors import (
 )
 from producer.events import EVENT_LIST, InteractionData
 from producer.handles import JobHandle
+from producer.linger import Linger
 from producer.protocol import (
     TASK_PREDICT,
     TASK_TRAIN_BATCH,
     TASK_TRAIN_STEP,
+    EnvelopeTemplate,
     encode_envelope,
     new_task_id,
     result_key,
 )
 from producer.redis_conn import connect, redact_url
+from producer.sender import Sender
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
 
@@ -48,9 +53,17 @@ class TrainingClient:
 
     Events are validated before anything is sent: an invalid one raises
     ``pydantic.ValidationError`` (a ``ValueError``) and nothing is enqueued.
+
+    ``linger_ms`` above 0: ``train_step`` calls from every thread are buffered for up to that
+    many milliseconds and sent together as ``itrain.train_batch`` messages (see
+    ``producer.linger``); ``close()`` sends what is left. Thread-safe.
     """
 
-    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, settings: Settings | None = None, linger_ms: float = 0
+    ) -> None:
+        if not linger_ms >= 0:
+            raise ConfigurationError(f"linger_ms must be 0 or more milliseconds, got {linger_ms!r}")
         base = settings or get_settings()
         if redis_url is not None:
             base = base.model_copy(
@@ -61,6 +74,23 @@ class TrainingClient:
         self._broker = connect(base.broker, base.publish_timeout)
         self._store = connect(base.store, base.publish_timeout)
         self._results = connect(base.backend, base.publish_timeout)
+        self._sender = Sender(self._broker)
+        self._step_templates = {
+            ignore: EnvelopeTemplate(TASK_TRAIN_STEP, base.queue, ignore_result=ignore)
+            for ignore in (False, True)
+        }
+        self._linger = (
+            Linger(
+                self._push_one,
+                self.app,
+                queue=base.queue,
+                linger_ms=linger_ms,
+                max_events=base.chunk_size,
+                max_message_bytes=base.max_message_bytes,
+            )
+            if linger_ms > 0
+            else None
+        )
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -71,17 +101,16 @@ class TrainingClient:
         other, a failure is still dead-lettered and Flower still shows the task, but no result
         is written: the handle's ``get()`` returns ``None`` at once, its ``state`` stays
         ``PENDING``, and ``wait_all`` on it raises ``ResultIgnoredError``.
+
+        With ``linger_ms`` the event is buffered and the handle returned before it is sent; a
+        send that fails makes the handle's ``get()`` raise the error (``PublishError``,
+        ``QueueFullError``) instead of this call.
         """
-        payload = _validate_one(event).model_dump(mode="json")
+        data, payload = _event_json(event)
         task_id = new_task_id()
-        envelope = encode_envelope(
-            TASK_TRAIN_STEP,
-            task_id,
-            [payload],
-            self.settings.queue,
-            argsrepr=_argsrepr(payload),
-            ignore_result=not result,
-        )
+        if self._linger is not None:
+            return self._linger.add(task_id, data, ignored=not result)
+        envelope = self._step_templates[not result].fill(task_id, b"[" + data + b"]", _argsrepr(payload))
         self._push([envelope])
         return JobHandle(task_id, self.app, ignored=not result)
 
@@ -96,7 +125,7 @@ class TrainingClient:
         items = list(events)
         if not items:
             return []
-        payloads = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
+        payloads = _payloads(items)
         ids = [new_task_id() for _ in payloads]
         queue = self.settings.queue
         self._push(
@@ -131,7 +160,7 @@ class TrainingClient:
     def queue_length(self) -> int:
         """Messages waiting in the queue (a ``train_many`` chunk counts as one)."""
         try:
-            return int(self._broker.llen(self.settings.queue))
+            return int(self._sender.execute("LLEN", self.settings.queue))
         except _UNREACHABLE as exc:
             raise PublishError(f"cannot reach {redact_url(self.settings.broker)}: {exc}") from exc
 
@@ -144,6 +173,8 @@ class TrainingClient:
         round trips instead of one subscription per handle. ``ResultTimeoutError`` when some are
         still pending after ``timeout`` seconds; ``ResultIgnoredError`` at once, before any
         waiting, when a handle was sent with ``result=False`` (it will never have a result).
+        With ``linger_ms``, buffered events are sent first, and the error of a send that failed
+        (``PublishError``, ``QueueFullError``) is raised.
         """
         ignored = [i for i, h in enumerate(handles) if getattr(h, "ignored", False)]
         if ignored:
@@ -152,6 +183,8 @@ class TrainingClient:
                 "sent with result=False / results=False (fire-and-forget): no result is written for "
                 "them, so they cannot be waited on"
             )
+        if self._linger is not None:
+            self._linger.settle(handles)
         backend = self.app.backend
         results: list[Any] = [_PENDING] * len(handles)
         pending = list(range(len(handles)))
@@ -184,11 +217,23 @@ class TrainingClient:
                 time.sleep(poll)
         return results
 
+    def flush(self) -> None:
+        """Send the events ``linger_ms`` holds back now (nothing to do without linger)."""
+        if self._linger is not None:
+            self._linger.flush()
+
     def close(self) -> None:
-        self._broker.close()
-        self._store.close()
-        self._results.close()
-        self.app.close()
+        """Send what linger holds back, then close the connections. Raises the error of a
+        linger batch that could not be sent (its handles raise it too)."""
+        try:
+            if self._linger is not None:
+                self._linger.close()
+        finally:
+            self._sender.close()
+            self._broker.close()
+            self._store.close()
+            self._results.close()
+            self.app.close()
 
     def __enter__(self) -> TrainingClient:
         return self
@@ -238,7 +283,7 @@ class TrainingClient:
         def push() -> None:
             self._check_queue()
             if len(envelopes) == 1:
-                self._broker.lpush(queue, envelopes[0])
+                self._sender.execute("LPUSH", queue, envelopes[0])
                 return
             # MULTI/EXEC: all messages or none, so a retry after an error cannot send one twice.
             # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
@@ -248,6 +293,9 @@ class TrainingClient:
             pipe.execute()
 
         self._publish(push)
+
+    def _push_one(self, envelope: bytes) -> None:
+        self._push([envelope])
 
     def _send(self, task: str, payload: dict[str, Any]) -> AsyncResult:
         def send() -> AsyncResult:
@@ -290,8 +338,62 @@ def _argsrepr(payload: dict[str, Any]) -> str:
     # Task events (Flower) show this instead of the arguments: never the raw user id.
     return (
         f"[{{event_id: {payload['event_id']}, action_type: {payload['action_type']}, "
-        f"model: {payload['model']}}}]"
+        f"model: {payload.get('model', 'default')}}}]"
     )
+
+
+# Timestamps whose JSON form the worker reads as the same instant: numbers and strings are read
+# by the same rules on both sides, a datetime becomes ISO 8601 with its offset (none: UTC).
+_SENT_AS_IS = frozenset({int, float, str, datetime})
+
+
+def _with_id(event: EventLike) -> EventLike:
+    # The id is chosen here, not by the worker, so that a retried call de-duplicates.
+    if type(event) is dict and "event_id" not in event:
+        return {**event, "event_id": new_task_id()}
+    return event
+
+
+def _as_is(event: EventLike) -> bool:
+    """Whether a validated event can be sent as the caller gave it: a plain dict whose every value
+    JSON keeps as it is (orjson refuses the rest, which are then sent as ``model_dump``)."""
+    return type(event) is dict and type(event.get("timestamp")) in _SENT_AS_IS
+
+
+def _event_json(event: EventLike) -> tuple[bytes, dict[str, Any]]:
+    """One event validated, as JSON and as the object the JSON encodes.
+
+    A plain dict is sent as given (with an ``event_id`` added when it has none): the worker
+    validates it again with the same model, and skipping ``model_dump`` saves several µs.
+    """
+    event = _with_id(event)
+    model = _validate_one(event)
+    if _as_is(event):
+        try:
+            return orjson.dumps(event), event  # type: ignore[return-value]
+        except TypeError:
+            pass  # a value JSON cannot hold as is (bytes, an unusual tzinfo): the model's form
+    payload = model.model_dump(mode="json")
+    return orjson.dumps(payload), payload
+
+
+def _payloads(events: list[EventLike]) -> list[dict[str, Any]]:
+    """The events validated (all or nothing), as objects ready for JSON, in order.
+
+    Plain dicts go as the caller gave them, with an ``event_id`` added where missing (see
+    ``_event_json``); anything else as ``model_dump(mode="json")``.
+    """
+    items = [_with_id(e) for e in events]
+    valid = EVENT_LIST.validate_python(items)
+    out: list[dict[str, Any]] = [
+        e if _as_is(e) else v.model_dump(mode="json")  # type: ignore[misc]
+        for e, v in zip(items, valid, strict=True)
+    ]
+    try:
+        orjson.dumps(out)
+    except TypeError:
+        return EVENT_LIST.dump_python(valid, mode="json")  # type: ignore[no-any-return]
+    return out
 
 
 def _validate_one(event: EventLike) -> InteractionData:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -20,6 +19,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+
+from producer.protocol import new_task_id
 
 __all__ = [
     "CONTEXT_KEY_MAX",
@@ -67,10 +68,6 @@ ContextValue = Annotated[
 Probability = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
-def _new_event_id() -> str:
-    return str(uuid.uuid4())
-
-
 class InteractionData(BaseModel):
     """One user interaction: who did what, when, in which context.
 
@@ -82,7 +79,7 @@ class InteractionData(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
-        default_factory=_new_event_id,
+        default_factory=new_task_id,
         description="De-duplication key; a UUID4 is generated when absent.",
     )
     user_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
