@@ -1,0 +1,156 @@
+"""What the producer sends, without Redis: ids, the envelope template, and validated events
+sent as the caller gave them (the worker must read them back as the same event)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from producer.client import _event_json, _payloads
+from producer.events import InteractionData
+from producer.protocol import (
+    TASK_TRAIN_BATCH,
+    TASK_TRAIN_STEP,
+    EnvelopeTemplate,
+    encode_envelope,
+    new_task_id,
+)
+from tests.helpers import make_event, make_events
+
+
+def test_task_ids_are_uuid4_text_and_unique() -> None:
+    ids = [new_task_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for i in ids[:100]:
+        parsed = uuid.UUID(i)
+        assert str(parsed) == i
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_task_ids_differ_in_a_forked_child() -> None:
+    # Given a process that has made ids
+    before = new_task_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then leave at once
+        os.write(write, new_task_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    # Then the child's ids do not continue the parent's sequence
+    ours = new_task_id()
+    assert child[:23] != ours[:23]
+    assert len({before, child, ours}) == 3
+
+
+@pytest.mark.parametrize("task", [TASK_TRAIN_STEP, TASK_TRAIN_BATCH])
+@pytest.mark.parametrize("ignore_result", [False, True])
+@pytest.mark.parametrize("argsrepr", ['[{event_id: "x\\\\y", model: m}]', None])
+def test_envelope_template_is_encode_envelope(task: str, ignore_result: bool, argsrepr: str | None) -> None:
+    # Given a template and the same message built by encode_envelope
+    queue = 'q"ueue'
+    args = [[{"event_id": "é\n", "n": 1}], ["a"]]
+    task_id = new_task_id()
+    filled = EnvelopeTemplate(task, queue, ignore_result=ignore_result).fill(
+        task_id, orjson.dumps(args), argsrepr
+    )
+    built = encode_envelope(task, task_id, args, queue, argsrepr=argsrepr, ignore_result=ignore_result)
+    # Then both are the same message but for the delivery tag, unique to each
+    a, b = orjson.loads(filled), orjson.loads(built)
+    tag = a["properties"].pop("delivery_tag")
+    b["properties"].pop("delivery_tag")
+    assert a == b
+    assert uuid.UUID(tag).version == 4
+
+
+AS_GIVEN = [
+    pytest.param({}, id="plain"),
+    pytest.param({"timestamp": datetime(2024, 3, 1, 8, 30)}, id="naive-datetime"),
+    pytest.param(
+        {"timestamp": datetime(2024, 3, 1, 10, 30, tzinfo=timezone(timedelta(hours=2)))}, id="aware-datetime"
+    ),
+    pytest.param({"timestamp": datetime(2024, 3, 1, 10, 30, tzinfo=ZoneInfo("Europe/Paris"))}, id="zoneinfo"),
+    pytest.param({"timestamp": "1700000000.5"}, id="epoch-string"),
+    pytest.param({"timestamp": "2024-03-01T08:30:00+05:00"}, id="iso-string"),
+    pytest.param({"label": [0.0, 1, 0.25]}, id="label-list"),
+    pytest.param({"context": {"k": 2**63 - 1, "f": 0.5, "b": True, "s": ""}}, id="context-limits"),
+]
+
+
+@pytest.mark.parametrize("overrides", AS_GIVEN)
+def test_plain_dict_is_sent_as_given_and_read_back_the_same(overrides: dict[str, object]) -> None:
+    # Given a valid plain dict event
+    event = make_event(**overrides)
+    # When the client turns it into what it sends
+    data, payload = _event_json(event)
+    (listed,) = _payloads([event])
+    # Then it is the caller's own object (no model_dump) ...
+    assert payload is event
+    assert listed is event
+    # ... and the worker, validating the JSON, reads the same event as the producer did
+    assert InteractionData.model_validate(orjson.loads(data)) == InteractionData.model_validate(event)
+
+
+def test_missing_event_id_is_filled_in_by_the_producer_without_touching_the_callers_dict() -> None:
+    # Given events without an event id
+    event = make_event()
+    del event["event_id"]
+    original = dict(event)
+    # When they are made ready to send
+    _, payload = _event_json(event)
+    many = _payloads([event, event])
+    # Then each got its own id (a retry of the same payload de-duplicates), the caller's dict unchanged
+    ids = [payload["event_id"], many[0]["event_id"], many[1]["event_id"]]
+    assert len(set(ids)) == 3
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+    assert event == original
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"user_id": b"user-bytes"}, id="bytes"),
+        pytest.param({"timestamp": datetime(2024, 3, 1, tzinfo=UTC).date()}, id="date"),
+    ],
+)
+def test_values_json_would_change_are_sent_in_the_models_form(overrides: dict[str, object]) -> None:
+    # Given a valid event with a value orjson cannot encode, or encodes as something else
+    event = make_event(**overrides)
+    try:
+        model = InteractionData.model_validate(event)
+    except ValidationError:
+        pytest.skip("this pydantic refuses the value")
+    # When it is made ready to send
+    data, payload = _event_json(event)
+    (listed,) = _payloads([event])
+    # Then the model's JSON form is sent, which reads back as the same event
+    expected = model.model_dump(mode="json")
+    assert payload == expected
+    assert listed == expected
+    assert InteractionData.model_validate(orjson.loads(data)) == model
+
+
+def test_models_and_dicts_mix() -> None:
+    events: list[object] = list(make_events("default", 4))
+    events[1] = InteractionData.model_validate(events[1])
+    out = _payloads(events)  # type: ignore[arg-type]
+    assert out[0] is events[0]
+    assert out[1] == events[1].model_dump(mode="json")  # type: ignore[attr-defined]
+
+
+def test_invalid_event_raises_validation_error_naming_the_index() -> None:
+    events = make_events("default", 3)
+    events[2]["timestamp"] = -5
+    with pytest.raises(ValidationError, match=r"2\.timestamp"):
+        _payloads(events)
+    with pytest.raises(ValidationError, match=r"timestamp"):
+        _event_json(events[2])
