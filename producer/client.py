@@ -22,7 +22,7 @@ from producer.errors import (
     ResultIgnoredError,
     ResultTimeoutError,
 )
-from producer.events import EVENT_LIST, InteractionData
+from producer.events import EVENT_LIST, InteractionData, check_dict, check_dicts
 from producer.handles import JobHandle
 from producer.linger import Linger
 from producer.protocol import (
@@ -363,17 +363,18 @@ def _as_is(event: EventLike) -> bool:
 def _event_json(event: EventLike) -> tuple[bytes, dict[str, Any]]:
     """One event validated, as JSON and as the object the JSON encodes.
 
-    A plain dict is sent as given (with an ``event_id`` added when it has none): the worker
-    validates it again with the same model, and skipping ``model_dump`` saves several µs.
+    A plain dict is checked without building a model and sent as given (with an ``event_id``
+    added when it has none): the worker validates it again with the same field types, and
+    skipping the model and ``model_dump`` halves the validation's cost.
     """
     event = _with_id(event)
-    model = _validate_one(event)
     if _as_is(event):
+        check_dict(event)  # type: ignore[arg-type]
         try:
             return orjson.dumps(event), event  # type: ignore[return-value]
         except TypeError:
             pass  # a value JSON cannot hold as is (bytes, an unusual tzinfo): the model's form
-    payload = model.model_dump(mode="json")
+    payload = _validate_one(event).model_dump(mode="json")
     return orjson.dumps(payload), payload
 
 
@@ -384,16 +385,15 @@ def _payloads(events: list[EventLike]) -> list[dict[str, Any]]:
     ``_event_json``); anything else as ``model_dump(mode="json")``.
     """
     items = [_with_id(e) for e in events]
-    valid = EVENT_LIST.validate_python(items)
-    out: list[dict[str, Any]] = [
-        e if _as_is(e) else v.model_dump(mode="json")  # type: ignore[misc]
-        for e, v in zip(items, valid, strict=True)
-    ]
-    try:
-        orjson.dumps(out)
-    except TypeError:
-        return EVENT_LIST.dump_python(valid, mode="json")  # type: ignore[no-any-return]
-    return out
+    if all(_as_is(e) for e in items):
+        check_dicts(items)  # type: ignore[arg-type]
+        try:
+            orjson.dumps(items)
+        except TypeError:
+            pass  # some value JSON cannot hold as is: the models' form for all
+        else:
+            return items  # type: ignore[return-value]
+    return EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")  # type: ignore[no-any-return]
 
 
 def _validate_one(event: EventLike) -> InteractionData:

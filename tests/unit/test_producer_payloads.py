@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from producer.client import _event_json, _payloads
-from producer.events import InteractionData
+from producer.events import EVENT_LIST, InteractionData, check_dict, check_dicts
 from producer.protocol import (
     TASK_TRAIN_BATCH,
     TASK_TRAIN_STEP,
@@ -140,11 +140,79 @@ def test_values_json_would_change_are_sent_in_the_models_form(overrides: dict[st
 
 
 def test_models_and_dicts_mix() -> None:
+    # Given dict events and a model among them
     events: list[object] = list(make_events("default", 4))
     events[1] = InteractionData.model_validate(events[1])
+    # When they are made ready to send, then each reads back as the same event
     out = _payloads(events)  # type: ignore[arg-type]
-    assert out[0] is events[0]
-    assert out[1] == events[1].model_dump(mode="json")  # type: ignore[attr-defined]
+    assert [InteractionData.model_validate(orjson.loads(orjson.dumps(o))) for o in out] == [
+        InteractionData.model_validate(e) for e in events
+    ]
+
+
+_BASE = {"user_id": "u1", "action_type": "click", "timestamp": 1_700_000_000}
+VERDICTS = [
+    {},
+    {"event_id": "x" * 129},
+    {"event_id": ""},
+    {"event_id": 42},
+    {"user_id": ""},
+    {"user_id": "u" * 257},
+    {"user_id": 123},
+    {"action_type": "a" * 65},
+    {"timestamp": float("nan")},
+    {"timestamp": -1},
+    {"timestamp": True},
+    {"timestamp": 1e13},
+    {"timestamp": "not a time"},
+    {"timestamp": None},
+    {"timestamp": "-86400.5"},
+    {"timestamp": "0001-01-01T00:00:00+01:00"},
+    {"timestamp": "9999-12-31T23:59:59-01:00"},
+    {"timestamp": datetime(2024, 1, 1)},
+    {"context": None},
+    {"context": {}},
+    {"context": {f"k{i}": i for i in range(65)}},
+    {"context": {"": 1}},
+    {"context": {"k" * 65: 1}},
+    {"context": {"k": "v" * 257}},
+    {"context": {"k": [1, 2]}},
+    {"context": {"k": 2**63}},
+    {"context": {"k": float("inf")}},
+    {"label": 1},
+    {"label": [0.0, 1.0]},
+    {"label": []},
+    {"label": [0.5] * 65},
+    {"label": ["0.5"]},
+    {"label": 1.5},
+    {"model": "has space"},
+    {"model": "x" * 65},
+    {"extra": 1},
+]
+
+
+@pytest.mark.parametrize("overrides", VERDICTS, ids=[str(i) for i in range(len(VERDICTS))])
+def test_dict_check_agrees_with_the_model(overrides: dict[str, object]) -> None:
+    """The producer checks plain dicts without building a model: the same verdict, the same
+    error locations and types, for one event and in a list."""
+    event = {**_BASE, **overrides}
+
+    def errors(check: object) -> list[tuple[object, ...]] | None:
+        try:
+            check()  # type: ignore[operator]
+        except ValidationError as exc:
+            return [(e["loc"], e["type"]) for e in exc.errors()]
+        return None
+
+    assert errors(lambda: check_dict(event)) == errors(lambda: InteractionData.model_validate(event))
+    assert errors(lambda: check_dicts([_BASE, event])) == errors(
+        lambda: EVENT_LIST.validate_python([_BASE, event])
+    )
+
+
+def test_dict_check_errors_read_as_the_models() -> None:
+    with pytest.raises(ValidationError, match="1 validation error for InteractionData"):
+        _event_json({**_BASE, "timestamp": -1})
 
 
 def test_invalid_event_raises_validation_error_naming_the_index() -> None:
