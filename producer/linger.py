@@ -16,11 +16,15 @@ A send that fails (``PublishError`` after ``ITRAIN_PUBLISH_TIMEOUT``, ``QueueFul
 not lost silently: every handle of the batch raises that error from ``get()`` (and
 ``wait_all``), and ``close()`` raises it too. Events still in the buffer when the process dies
 (``kill -9``, a crash, ``os._exit``) are lost: at most ``linger_ms`` worth of calls.
+
+A forked child starts with empty buffers (the parent sends what it had buffered) and a sending
+thread of its own.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -102,6 +106,13 @@ class LingerHandle(JobHandle):
 class Linger:
     """The buffers of one client; ``add`` from any thread."""
 
+    _lock: threading.Lock
+    _wake: threading.Condition
+    _open: dict[bool, _Batch]  # by ignore_result
+    _sending: set[_Batch]
+    _errors: list[BaseException]  # failed sends close() has not reported yet
+    _thread: threading.Thread | None
+
     def __init__(
         self,
         publish: Callable[[bytes], None],
@@ -122,13 +133,9 @@ class Linger:
         self._max_events = max_events
         self._max_bytes = int(max_message_bytes * 0.9)  # as train_many's chunks
         self._max_message_bytes = max_message_bytes
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._open: dict[bool, _Batch] = {}  # by ignore_result
-        self._sending: set[_Batch] = set()
-        self._errors: list[BaseException] = []  # failed sends close() has not reported yet
-        self._thread: threading.Thread | None = None
+        self._reset()
         self._closed = False
+        _live.add(self)
         # Weakly: a client dropped without close() must not be kept alive until exit.
         ref = weakref.ref(self)
 
@@ -213,6 +220,15 @@ class Linger:
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _reset(self) -> None:
+        # Also in a forked child: the lock may have been held by a thread that is not there.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._open = {}
+        self._sending = set()
+        self._errors = []
+        self._thread = None
+
     def _take(self, ignored: bool) -> _Batch:
         # Under the lock: the batch leaves the buffers and is counted as being sent.
         batch = self._open.pop(ignored)
@@ -258,3 +274,14 @@ class Linger:
             if due:
                 return [(ignored, self._take(ignored)) for ignored in due]
             self._wake.wait(min(batch.deadline for batch in self._open.values()) - now)
+
+
+_live: weakref.WeakSet[Linger] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for linger in list(_live):
+        linger._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork)

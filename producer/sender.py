@@ -7,11 +7,14 @@ at hand. ``train_step`` is one such command per event, so that difference is mos
 
 Connections are made from the client's pool settings (URL, password, TLS, timeouts), kept in a
 free list (``list.pop``/``append`` are atomic, so any thread may take one) and reconnected by
-redis-py on next use after an error.
+redis-py on next use after an error. A forked child forgets the parent's connections (their
+sockets are the parent's) and makes its own.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from typing import Any
 
 import redis
@@ -26,6 +29,7 @@ class Sender:
         self._pool = client.connection_pool
         # redis-py's Connection methods carry no type hints.
         self._idle: list[Any] = []
+        _live.add(self)
 
     def execute(self, *args: Any) -> Any:
         """The reply to one command; Redis errors (``OutOfMemoryError``...) and connection errors
@@ -52,3 +56,19 @@ class Sender:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().disconnect()
+
+    def _forget(self) -> None:
+        # In a forked child: dropped, not disconnected (redis-py shuts a socket down only in the
+        # process that opened it, and closing our copy of the descriptor leaves the parent's).
+        self._idle = []
+
+
+_live: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for sender in list(_live):
+        sender._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork)

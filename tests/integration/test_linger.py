@@ -5,6 +5,7 @@ to its own event's result, and a send that fails surfaces on each handle and fro
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import sys
 import threading
@@ -201,3 +202,30 @@ def test_linger_flushes_at_interpreter_exit(redis_url: str, redis_client: redis.
 def test_linger_ms_must_not_be_negative(redis_url: str) -> None:
     with pytest.raises(ConfigurationError, match="linger_ms"):
         TrainingClient(redis_url=redis_url, linger_ms=-1)
+
+
+def test_linger_in_a_forked_child_sends_its_own_events_only(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given a lingering client that has sent once (a connection held) and has an event buffered
+    settings = Settings(redis_url=redis_url, queue=queue)
+    lingering = TrainingClient(settings=settings, linger_ms=60_000)
+    lingering.queue_length()
+    lingering.train_step(make_event("default", 0, "parent"))
+    # When the process forks and the child sends and closes
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for e in make_events("default", 2, "child"):
+                lingering.train_step(e)
+            lingering.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    lingering.close()
+    # Then the child sent its two events, the parent its one: nothing twice, nothing lost
+    sent = sorted(e["event_id"] for m in _messages(redis_client, queue) for e in m["args"][1])
+    assert sent == ["child-0", "child-1", "parent-0"]
