@@ -238,6 +238,8 @@ class Linger:
     def _send(self, batch: _Batch, ignored: bool) -> None:
         args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
         envelope = self._templates[ignored].fill(new_task_id(), args, f"[{len(batch.ids)} events]")
+        # Handles outlive the batch's events: they keep only its outcome.
+        batch.ids, batch.events = [], []
         try:
             self._publish(envelope)
         except Exception as exc:
