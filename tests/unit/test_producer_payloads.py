@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
+import redis
 from pydantic import ValidationError
 
 from producer.client import _event_json, _payloads
@@ -21,6 +22,7 @@ from producer.protocol import (
     encode_envelope,
     new_task_id,
 )
+from producer.sender import _pack
 from tests.helpers import make_event, make_events
 
 
@@ -222,3 +224,11 @@ def test_invalid_event_raises_validation_error_naming_the_index() -> None:
         _payloads(events)
     with pytest.raises(ValidationError, match=r"timestamp"):
         _event_json(events[2])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("LPUSH", "itrain", b"x" * 1300), ("LLEN", "é-queue"), ("SET", "k", 5), ("LPUSH", "q", b"\x00\r\n")],
+)
+def test_sender_packs_commands_as_redis_py_does(args: tuple[object, ...]) -> None:
+    assert _pack(args) == b"".join(redis.Connection().pack_command(*args))
