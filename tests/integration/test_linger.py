@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from producer.client import TrainingClient
-from producer.errors import ConfigurationError, PublishError, QueueFullError
+from producer.errors import ConfigurationError, InvalidEventError, PublishError, QueueFullError
 from producer.keys import ModelKeys
 from producer.linger import LingerHandle
 from producer.protocol import TASK_TRAIN_BATCH, result_key
@@ -204,6 +204,8 @@ def test_linger_ms_must_not_be_negative(redis_url: str) -> None:
         TrainingClient(redis_url=redis_url, linger_ms=-1)
 
 
+# Python 3.12+ warns on fork() in a process with threads; the child does its part and exits at once.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_linger_in_a_forked_child_sends_its_own_events_only(
     redis_url: str, redis_client: redis.Redis, queue: str
 ) -> None:
@@ -229,3 +231,22 @@ def test_linger_in_a_forked_child_sends_its_own_events_only(
     # Then the child sent its two events, the parent its one: nothing twice, nothing lost
     sent = sorted(e["event_id"] for m in _messages(redis_client, queue) for e in m["args"][1])
     assert sent == ["child-0", "child-1", "parent-0"]
+
+
+def test_linger_bounds_messages_in_bytes(redis_url: str, redis_client: redis.Redis, queue: str) -> None:
+    # Given a client whose messages may carry 4 KiB, and events of about 700 bytes
+    settings = Settings(redis_url=redis_url, queue=queue, max_message_bytes=4096)
+    lingering = TrainingClient(settings=settings, linger_ms=60_000)
+    wide = {f"k{i}": "v" * 200 for i in range(3)}
+    # When 12 of them are sent, then messages leave as they fill up, each within the limit
+    for e in make_events("default", 12, "wide", context=wide):
+        lingering.train_step(e)
+    # and an event too large for any message is refused at the call, naming the setting
+    huge = {f"k{i}": "v" * 256 for i in range(20)}
+    with pytest.raises(InvalidEventError, match="ITRAIN_MAX_MESSAGE_BYTES"):
+        lingering.train_step(make_event("default", 99, "huge", context=huge))
+    lingering.close()
+    messages = _messages(redis_client, queue)
+    assert sum(len(m["args"][0]) for m in messages) == 12
+    assert len(messages) >= 3
+    assert all(len(base64.b64decode(m["body"])) <= 4096 for m in messages)
