@@ -204,10 +204,11 @@ class Linger:
         (a note counts the others)."""
         with self._lock:
             self._closed = True
-            self._wake.notify()
-            thread = self._thread
         self.flush()
         atexit.unregister(self._at_exit)
+        with self._lock:
+            self._wake.notify()  # nothing left and closed: the sending thread ends
+            thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
         with self._lock:
