@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -15,6 +16,7 @@ from producer.celery_config import make_celery
 from producer.chunks import event_meta
 from producer.errors import (
     BrokerFullError,
+    ConfigurationError,
     InvalidEventError,
     PermissionDeniedError,
     PublishError,
@@ -22,17 +24,20 @@ from producer.errors import (
     ResultIgnoredError,
     ResultTimeoutError,
 )
-from producer.events import EVENT_LIST, InteractionData
+from producer.events import EVENT_LIST, InteractionData, check_dicts
 from producer.handles import Chunk, ChunkHandle, JobHandle, handle_for
+from producer.linger import Linger
 from producer.protocol import (
     TASK_PREDICT,
     TASK_TRAIN_BATCH,
     TASK_TRAIN_STEP,
+    EnvelopeTemplate,
     encode_envelope,
     new_task_id,
     result_key,
 )
 from producer.redis_conn import check_tls_url, connect, redact_url
+from producer.sender import Sender
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
 
@@ -50,9 +55,17 @@ class TrainingClient:
 
     Events are validated before anything is sent: an invalid one raises
     ``pydantic.ValidationError`` (a ``ValueError``) and nothing is enqueued.
+
+    ``linger_ms`` above 0: ``train_step`` calls from every thread are buffered for up to that
+    many milliseconds and sent together as ``itrain.train_batch`` messages (see
+    ``producer.linger``); ``close()`` sends what is left. Thread-safe.
     """
 
-    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, settings: Settings | None = None, linger_ms: float = 0
+    ) -> None:
+        if not linger_ms >= 0:
+            raise ConfigurationError(f"linger_ms must be 0 or more milliseconds, got {linger_ms!r}")
         base = settings or get_settings()
         if redis_url is not None:
             base = base.model_copy(
@@ -69,6 +82,23 @@ class TrainingClient:
         self._broker = connect(base.broker, base.publish_timeout)
         self._store = connect(base.store, base.publish_timeout)
         self._results = connect(base.backend, base.publish_timeout)
+        self._sender = Sender(self._broker)
+        self._step_templates = {
+            ignore: EnvelopeTemplate(TASK_TRAIN_STEP, base.queue, ignore_result=ignore)
+            for ignore in (False, True)
+        }
+        self._linger = (
+            Linger(
+                self._push_one,
+                self.app,
+                queue=base.queue,
+                linger_ms=linger_ms,
+                max_events=base.chunk_size,
+                max_message_bytes=base.max_message_bytes,
+            )
+            if linger_ms > 0
+            else None
+        )
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -79,17 +109,16 @@ class TrainingClient:
         other, a failure is still dead-lettered and Flower still shows the task, but no result
         is written: the handle's ``get()`` returns ``None`` at once, its ``state`` stays
         ``PENDING``, and ``wait_all`` on it raises ``ResultIgnoredError``.
+
+        With ``linger_ms`` the event is buffered and the handle returned before it is sent; a
+        send that fails makes the handle's ``get()`` raise the error (``PublishError``,
+        ``QueueFullError``) instead of this call.
         """
-        payload = _validate_one(event).model_dump(mode="json")
+        data, payload = _event_json(event)
         task_id = new_task_id()
-        envelope = encode_envelope(
-            TASK_TRAIN_STEP,
-            task_id,
-            [payload],
-            self.settings.queue,
-            argsrepr=_argsrepr(payload),
-            ignore_result=not result,
-        )
+        if self._linger is not None:
+            return self._linger.add(task_id, data, ignored=not result)
+        envelope = self._step_templates[not result].fill(task_id, b"[" + data + b"]", _argsrepr(payload))
         self._push([envelope])
         return JobHandle(task_id, self.app, ignored=not result)
 
@@ -105,7 +134,7 @@ class TrainingClient:
         items = list(events)
         if not items:
             return []
-        payloads = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
+        payloads = _payloads(items)
         queue, app, ignored = self.settings.queue, self.app, not results
         envelopes: list[bytes] = []
         handles: list[AsyncResult] = []
@@ -151,7 +180,7 @@ class TrainingClient:
     def queue_length(self) -> int:
         """Messages waiting in the queue (a ``train_many`` chunk counts as one)."""
         try:
-            return int(self._broker.llen(self.settings.queue))
+            return int(self._sender.execute("LLEN", self.settings.queue))
         except _UNREACHABLE as exc:
             raise PublishError(f"cannot reach {redact_url(self.settings.broker)}: {exc}") from exc
 
@@ -164,6 +193,8 @@ class TrainingClient:
         round trips instead of one subscription per handle. ``ResultTimeoutError`` when some are
         still pending after ``timeout`` seconds; ``ResultIgnoredError`` at once, before any
         waiting, when a handle was sent with ``result=False`` (it will never have a result).
+        With ``linger_ms``, buffered events are sent first, and the error of a send that failed
+        (``PublishError``, ``QueueFullError``) is raised.
         """
         ignored = [i for i, h in enumerate(handles) if getattr(h, "ignored", False)]
         if ignored:
@@ -172,6 +203,8 @@ class TrainingClient:
                 "sent with result=False / results=False (fire-and-forget): no result is written for "
                 "them, so they cannot be waited on"
             )
+        if self._linger is not None:
+            self._linger.settle(handles)
         backend = self.app.backend
         results: list[Any] = [_PENDING] * len(handles)
         pending = list(range(len(handles)))
@@ -206,11 +239,23 @@ class TrainingClient:
                 time.sleep(poll)
         return results
 
+    def flush(self) -> None:
+        """Send the events ``linger_ms`` holds back now (nothing to do without linger)."""
+        if self._linger is not None:
+            self._linger.flush()
+
     def close(self) -> None:
-        self._broker.close()
-        self._store.close()
-        self._results.close()
-        self.app.close()
+        """Send what linger holds back, then close the connections. Raises the error of a
+        linger batch that could not be sent (its handles raise it too)."""
+        try:
+            if self._linger is not None:
+                self._linger.close()
+        finally:
+            self._sender.close()
+            self._broker.close()
+            self._store.close()
+            self._results.close()
+            self.app.close()
 
     def __enter__(self) -> TrainingClient:
         return self
@@ -260,7 +305,7 @@ class TrainingClient:
         def push() -> None:
             self._check_queue()
             if len(envelopes) == 1:
-                self._broker.lpush(queue, envelopes[0])
+                self._sender.execute("LPUSH", queue, envelopes[0])
                 return
             # MULTI/EXEC: all messages or none, so a retry after an error cannot send one twice.
             # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
@@ -270,6 +315,9 @@ class TrainingClient:
             pipe.execute()
 
         self._publish(push)
+
+    def _push_one(self, envelope: bytes) -> None:
+        self._push([envelope])
 
     def _send(self, task: str, payload: dict[str, Any]) -> AsyncResult:
         def send() -> AsyncResult:
@@ -325,7 +373,7 @@ def _argsrepr(payload: dict[str, Any]) -> str:
     # Task events (Flower) show this instead of the arguments: never the raw user id.
     return (
         f"[{{event_id: {payload['event_id']}, action_type: {payload['action_type']}, "
-        f"model: {payload['model']}}}]"
+        f"model: {payload.get('model', 'default')}}}]"
     )
 
 
@@ -333,6 +381,56 @@ def _key(handle: AsyncResult) -> str:
     """Where a handle's result is stored: its chunk's key for a chunk event's handle."""
     key = getattr(handle, "key", None)
     return key if isinstance(key, str) else result_key(handle.id)
+
+
+# Timestamps whose JSON form the worker reads as the same instant: numbers and strings are read
+# by the same rules on both sides, a datetime becomes ISO 8601 with its offset (none: UTC).
+_SENT_AS_IS = frozenset({int, float, str, datetime})
+
+
+def _with_id(event: EventLike) -> EventLike:
+    # The id is chosen here, not by the worker, so that a retried call de-duplicates.
+    if type(event) is dict and "event_id" not in event:
+        return {**event, "event_id": new_task_id()}
+    return event
+
+
+def _as_is(event: EventLike) -> bool:
+    """Whether a validated event can be sent as the caller gave it: a plain dict whose every value
+    JSON keeps as it is (orjson refuses the rest, which are then sent as ``model_dump``)."""
+    return type(event) is dict and type(event.get("timestamp")) in _SENT_AS_IS
+
+
+def _event_json(event: EventLike) -> tuple[bytes, dict[str, Any]]:
+    """One event validated, as the JSON ``train_step`` sends and the fields its ``argsrepr`` shows.
+
+    Exactly ``InteractionData.model_dump(mode="json")`` (the contract's form of the
+    ``itrain.train_step`` argument, which other services may read off the queue), serialised by
+    pydantic in one call; an ``event_id`` is chosen here when missing, so a retry de-duplicates.
+    """
+    model = _validate_one(_with_id(event))
+    shown = {"event_id": model.event_id, "action_type": model.action_type, "model": model.model}
+    return model.__pydantic_serializer__.to_json(model), shown
+
+
+def _payloads(events: list[EventLike]) -> list[dict[str, Any]]:
+    """The events of a ``train_many`` chunk validated (all or nothing), ready for JSON, in order.
+
+    Plain dicts are checked against the model's field types without building a model
+    (``check_dicts``) and go as the caller gave them, with an ``event_id`` added where missing:
+    the chunk form is ours (README, "Enqueue from any language"), and the worker validates each
+    event again with the same types. Anything else goes as ``model_dump(mode="json")``.
+    """
+    items = [_with_id(e) for e in events]
+    if all(_as_is(e) for e in items):
+        check_dicts(items)  # type: ignore[arg-type]
+        try:
+            orjson.dumps(items)
+        except TypeError:
+            pass  # some value JSON cannot hold as is: the models' form for all
+        else:
+            return items  # type: ignore[return-value]
+    return EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")  # type: ignore[no-any-return]
 
 
 def _validate_one(event: EventLike) -> InteractionData:

@@ -8,6 +8,9 @@ The README's "Enqueue from any language" section walks through it command by com
 from __future__ import annotations
 
 import base64
+import itertools
+import os
+import re
 import uuid
 from typing import Any
 
@@ -18,6 +21,7 @@ __all__ = [
     "TASK_PREDICT",
     "TASK_TRAIN_BATCH",
     "TASK_TRAIN_STEP",
+    "EnvelopeTemplate",
     "encode_envelope",
     "new_task_id",
     "result_key",
@@ -36,7 +40,30 @@ def result_key(task_id: str) -> str:
 
 
 def new_task_id() -> str:
-    return str(uuid.uuid4())
+    """A unique id in the UUID4 text form, ~0.2 µs instead of ``uuid4``'s ~2 µs.
+
+    The first 16 hex digits are random per process (drawn again in a forked child), the last 12 a
+    counter from a random start: unique across processes and restarts as random UUIDs are, but
+    without a system call and a ``UUID`` object per id.
+    """
+    return f"{_id_prefix}{next(_id_counter) & _COUNTER_MASK:012x}"
+
+
+_COUNTER_MASK = (1 << 48) - 1
+
+
+def _new_id_source() -> None:
+    global _id_prefix, _id_counter
+    r = os.urandom(14).hex()
+    # Version 4 and the RFC 4122 variant, as uuid4 sets them.
+    _id_prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{'89ab'[int(r[15], 16) & 3]}{r[16:19]}-"
+    _id_counter = itertools.count(int(r[19:28], 16) << 12)
+
+
+_id_prefix: str
+_id_counter: itertools.count[int]
+_new_id_source()
+os.register_at_fork(after_in_child=_new_id_source)
 
 
 def encode_envelope(
@@ -83,3 +110,35 @@ def encode_envelope(
         },
     }
     return orjson.dumps(envelope)
+
+
+_BODY_TAIL = b',{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
+# A slot's value is written with its quotes (argsrepr may be null), so the quotes go with it.
+_SLOT = re.compile(rb'"@@itrain-(id|body|argsrepr|tag)@@"')
+
+
+class EnvelopeTemplate:
+    """``encode_envelope`` for one task, queue and ``ignore_result``, built once and filled in per
+    message: a few byte joins instead of a dict, a JSON encoding and a UUID (~1 µs against ~6)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, task: str, queue: str, *, ignore_result: bool = False) -> None:
+        raw = encode_envelope(task, "@@itrain-id@@", [], queue, ignore_result=ignore_result)
+        env = orjson.loads(raw)
+        env["body"] = "@@itrain-body@@"
+        env["headers"]["argsrepr"] = "@@itrain-argsrepr@@"
+        env["properties"]["delivery_tag"] = "@@itrain-tag@@"
+        pieces = _SLOT.split(orjson.dumps(env))
+        # re.split alternates text and captured slot names: text, slot, text, slot, ..., text.
+        if pieces[1::2] != [b"body", b"id", b"id", b"argsrepr", b"id", b"tag"]:
+            raise AssertionError(f"unexpected envelope layout: {pieces[1::2]}")  # encode_envelope changed
+        self._parts = tuple(pieces[0::2])
+
+    def fill(self, task_id: str, args_json: bytes, argsrepr: str | None = None) -> bytes:
+        """The message for ``task_id`` whose positional arguments are ``args_json`` (a JSON array)."""
+        p0, p1, p2, p3, p4, p5, p6 = self._parts
+        tid = orjson.dumps(task_id)
+        body = b'"' + base64.b64encode(b"[" + args_json + _BODY_TAIL) + b'"'
+        tag = b'"' + new_task_id().encode() + b'"'
+        return b"".join((p0, body, p1, tid, p2, tid, p3, orjson.dumps(argsrepr), p4, tid, p5, tag, p6))

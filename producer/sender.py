@@ -1,0 +1,83 @@
+"""``Sender``: one Redis command over a held connection, without redis-py's per-call machinery.
+
+``redis.Redis.lpush`` costs the caller ~85-110 µs of CPU a call (redis-py 8: a connection taken
+from and given back to the pool under its lock, the retry wrapper, connection-state metrics),
+against ~20 µs for packing the command, ``sendall`` and reading the reply on a connection kept
+at hand. ``train_step`` is one such command per event, so that difference is most of its cost.
+
+Connections are made from the client's pool settings (URL, password, TLS, timeouts), kept in a
+free list (``list.pop``/``append`` are atomic, so any thread may take one) and reconnected by
+redis-py on next use after an error. A forked child forgets the parent's connections (their
+sockets are the parent's) and makes its own.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import redis
+
+__all__ = ["Sender"]
+
+
+class Sender:
+    """Sends single commands for ``client``'s Redis; as many connections as concurrent callers."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        # redis-py's Connection methods carry no type hints.
+        self._idle: list[Any] = []
+        _live.add(self)
+
+    def execute(self, *args: Any) -> Any:
+        """The reply to one command; Redis errors (``OutOfMemoryError``...) and connection errors
+        are raised as redis-py raises them."""
+        conn: Any
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        try:
+            conn.send_packed_command([_pack(args)])
+            reply = conn.read_response()
+        except redis.ResponseError:
+            self._idle.append(conn)  # a reply was read in full: the connection is in step
+            raise
+        except BaseException:
+            # Unknown state (half a reply, a timeout): start afresh; redis-py reconnects on use.
+            conn.disconnect()
+            self._idle.append(conn)
+            raise
+        self._idle.append(conn)
+        return reply
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().disconnect()
+
+    def _forget(self) -> None:
+        # In a forked child: dropped, not disconnected (redis-py shuts a socket down only in the
+        # process that opened it, and closing our copy of the descriptor leaves the parent's).
+        self._idle = []
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """A command in RESP, Redis's wire format (half the time of redis-py's packer)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if type(arg) is bytes else str(arg).encode()
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
+
+
+_live: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for sender in list(_live):
+        sender._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork)
