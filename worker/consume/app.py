@@ -79,6 +79,13 @@ def _log_kernel(**_: Any) -> None:
     log = logging.getLogger("itrain.kernel")
     for seconds in _kernel_seconds:
         log.info("SGD kernel ready in %.2f s (compiled, or loaded from numba's cache)", seconds)
+    if not settings.hash_key_bytes:
+        logging.getLogger("itrain.features").warning(
+            "ITRAIN_HASH_KEY is not set: user ids are hashed without a secret key, so a stored "
+            "feature can be matched to a user id by hashing likely ids; set the same "
+            "ITRAIN_HASH_KEY on every worker and ModelReader of a model (changing it changes every "
+            "user's input)"
+        )
 
 
 worker_init.connect(_compile_kernel, weak=False)
