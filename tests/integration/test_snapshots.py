@@ -94,3 +94,27 @@ def test_cli_lists_snapshots_and_rolls_back(own_runtime, cli, capsys, make_model
     assert f"the weights of version {version}" in capsys.readouterr().out
     assert cli(["rollback", "--model", model, "--to", "999"]) == 1
     assert "no snapshot of version 999" in one_line(capsys.readouterr().err)
+
+
+def test_trainer_snapshots_every_n_steps_and_records_lock_times(
+    redis_url, make_model, redis_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from worker.consume import runtime as runtime_module
+    from worker.consume.runtime import Runtime
+
+    # Given a worker process that snapshots every 10 steps
+    rt = Runtime(Settings(redis_url=redis_url, snapshot_every=10, snapshot_keep=3))
+    monkeypatch.setattr(runtime_module, "_runtime", (os.getpid(), rt))
+    model = make_model()
+    # When 25 events train, 5 at a time (one critical section for each call)
+    for k in range(5):
+        train(model, f"auto{k}-", 5)
+    # Then snapshots were taken as steps 10 and 20 were passed
+    assert [s.step for s in list_snapshots(redis_client, model)] == [20, 10]
+    # And each critical section's lock wait and hold went into the exporter's histograms
+    stats = {k.decode(): float(v) for k, v in redis_client.hgetall(ModelKeys(model).lock_stats).items()}
+    assert sum(v for k, v in stats.items() if k.startswith("w:") and k != "w:sum") == 5  # one per call
+    assert sum(v for k, v in stats.items() if k.startswith("h:") and k != "h:sum") == 5
+    assert stats["h:sum"] > 0

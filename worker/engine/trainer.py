@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from producer.errors import (
     TargetError,
 )
 from producer.events import InteractionData
-from producer.keys import ModelKeys
+from producer.keys import LOCK_BUCKETS, ModelKeys
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.features import featurize, featurize_many
@@ -48,6 +49,7 @@ from worker.engine.targets import make_targets
 from worker.store.lock import ModelLock
 from worker.store.model_store import CommitResult, Store
 from worker.store.results import Outcome, failure_payload
+from worker.store.snapshots import due, take_snapshot
 
 __all__ = [
     "BatchPlan",
@@ -344,6 +346,7 @@ class Trainer:
                 held = lock.release()
             self._record_timing(model, lock.waited, held, len(jobs))
             if isinstance(found, BatchPlan):
+                self._maybe_snapshot(found)
                 return self._answer(found)
             if found is not None:
                 return found
@@ -480,13 +483,27 @@ class Trainer:
             for j in jobs
         ]
 
+    def _maybe_snapshot(self, batch: BatchPlan) -> None:
+        """A snapshot of the checkpoint when this commit crossed a multiple of
+        ``ITRAIN_SNAPSHOT_EVERY`` steps (after the lock: the copy is one atomic script)."""
+        before, after = batch.base.step, batch.base.step + len(batch.trained)
+        if due(before, after, self.settings.snapshot_every):
+            version = take_snapshot(self.store.client, batch.model, self.settings.snapshot_keep)
+            logger.info("model=%s snapshot of version %s (step %d)", batch.model, version, after)
+
     def _record_timing(self, model: str, waited: float, held: float, n: int) -> None:
+        """Lock wait and hold of this critical section into the model's histograms (``itrain
+        exporter``), and with ``ITRAIN_RECORD_TIMINGS`` into the bench's list: one round trip."""
+        keys = ModelKeys(model)
+        pipe = self.store.client.pipeline(transaction=False)
+        for prefix, seconds in (("w", waited), ("h", held)):
+            pipe.hincrby(keys.lock_stats, f"{prefix}:{bisect_left(LOCK_BUCKETS, seconds)}", 1)
+            pipe.hincrbyfloat(keys.lock_stats, f"{prefix}:sum", seconds)
         if self.settings.record_timings:
-            key = ModelKeys(model).prefix + "timings"
-            pipe = self.store.client.pipeline(transaction=False)
+            key = keys.prefix + "timings"
             pipe.lpush(key, f"{waited:.6f} {held:.6f} {n}")
             pipe.ltrim(key, 0, 99_999)
-            pipe.execute()
+        pipe.execute()
 
 
 def _dead(job: Job, exc: BaseException) -> bytes:
