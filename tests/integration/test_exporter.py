@@ -64,7 +64,11 @@ def test_values_move_as_events_train(own_runtime, make_model, redis_client) -> N
     assert after[("itrain_dead_letters", m)] == 1
     assert after[("itrain_model_loss_ema", m)] > 0
     assert after[("itrain_redis_memory_used_bytes", ())] > 0
+    # (the one critical section those events trained in is in the lock histograms)
+    assert after[("itrain_lock_wait_seconds_count", m)] == 1
+    assert after[("itrain_lock_hold_seconds_sum", m)] > 0
     # And the lock histograms count buckets cumulatively up to +Inf
+    redis_client.delete(ModelKeys(model).lock_stats)
     fields = {"w:0": 2, "w:3": 1, "w:sum": "0.0061", "h:13": 1, "h:sum": "7.5"}
     redis_client.hset(ModelKeys(model).lock_stats, mapping=fields)
     hist = scrape(collector)
