@@ -151,6 +151,11 @@ class AppResult(AsyncResult):  # type: ignore[misc]
 
     app: Celery
 
+    @property
+    def key(self) -> str:
+        """The Redis key its result is written under."""
+        return result_key(self.id)
+
     def __new__(cls, id: str, *args: Any, **kwargs: Any) -> Any:
         if isinstance(id, str) and parse_handle_id(id) is not None:
             return handle_for(id, kwargs.get("app") or cls.app)

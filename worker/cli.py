@@ -118,8 +118,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
         updated = client.hget(ModelKeys(name).ckpt, "updated_at")
         when = "-" if updated is None else f"{datetime.fromtimestamp(float(updated), UTC):%Y-%m-%d %H:%M:%S}"
+        shown = Text(terminal_safe(name))  # (names written by other tools may hold anything)
         table.add_row(
-            name, str(s["version"]), str(s["step"]), ema, when, str(s["history_len"]), str(s["dead_letters"])
+            shown, str(s["version"]), str(s["step"]), ema, when, str(s["history_len"]), str(s["dead_letters"])
         )
     out.print(table)
     return 0

@@ -20,6 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 from producer.client import TrainingClient
 from producer.errors import PermissionDeniedError
 from producer.keys import ModelKeys
+from producer.model_reader import ModelReader
 from tests.helpers import make_event
 from worker.devtools.embedded_redis import RedisServer
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
@@ -99,6 +100,9 @@ def test_reader_paths_need_nothing_more(acl: Acl) -> None:
         assert client.stats(MODEL)["initialized"] is True
         handles = client.train_many([make_event(MODEL, i, "acl-r") for i in range(5)])
         assert {r["status"] for r in client.wait_all(handles, timeout=60)} == {"trained"}
+    # and the in-process predictor
+    with ModelReader(MODEL, acl.urls["reader"], refresh_ms=0) as reader:
+        assert reader.predict(make_event(MODEL, 0, "acl-rp"))["model"] == MODEL
     assert acl.denials() == []
 
 

@@ -216,13 +216,16 @@ def _collect(
 ) -> list[tuple[str, float]]:
     """(status, completion time) of every result, once all are written."""
     results = client.wait_all(handles, timeout=timeout, poll=0.05)
-    done: list[float] = []
-    for i in range(0, len(handles), 10_000):
-        metas = raw.mget([h.key for h in handles[i : i + 10_000]])
-        for meta in metas:
+    # Each result key once: the handles of a train_many chunk share theirs (and its date_done).
+    keys = list(dict.fromkeys(h.key for h in handles))
+    finished: dict[str, float] = {}
+    for i in range(0, len(keys), 10_000):
+        part = keys[i : i + 10_000]
+        for key, meta in zip(part, raw.mget(part), strict=True):
             if meta is None:  # expired between the two reads: the run took longer than its TTL
                 raise TimeoutError("a result expired before the benchmark read its completion time")
-            done.append(datetime.fromisoformat(orjson.loads(meta)["date_done"]).timestamp())
+            finished[key] = datetime.fromisoformat(orjson.loads(meta)["date_done"]).timestamp()
+    done = [finished[h.key] for h in handles]
     return [
         (r.get("status", "?") if isinstance(r, dict) else "failed", t)
         for r, t in zip(results, done, strict=True)
