@@ -389,6 +389,21 @@ def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 5.0
         return int(exc.code), bytes(exc.read())
 
 
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, auth: tuple[str, str] | None = None
+) -> tuple[int, bytes]:
+    """GET ``url`` once the server ``proc`` started answers: (status, body). AssertionError when
+    ``proc`` exits first or nothing answers within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return http_get(url, auth)
+        except OSError:
+            assert proc.poll() is None, f"the server for {url} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer within {timeout:g} s"
+            time.sleep(0.2)
+
+
 def evidence_env(visibility: int) -> dict[str, str]:
     """Worker settings for tests that read the exactly-once evidence: dead workers' messages back
     after ``visibility`` seconds, markers kept longer than that, every step kept in the history."""

@@ -30,7 +30,7 @@ from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from producer.keys import MODELS, ModelKeys
 from producer.settings import Settings
-from tests.helpers import http_get, make_event
+from tests.helpers import http_get, make_event, wait_http
 from worker.devtools.embedded_redis import find_redis_server, free_port
 from worker.devtools.stack import node_name, start_process, stop_process, wait_for_workers
 
@@ -344,15 +344,7 @@ def test_exporter_command_runs_as_compose_would(services: dict[str, Any], redis_
     cmd = _set_option(_set_option(command_of(services["exporter"]), "--port", port), "--address", "127.0.0.1")
     proc = start_process(_local(cmd), _local_env(services["exporter"], redis_url, "itrain", {}))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, body = http_get(f"http://127.0.0.1:{port}/metrics")
-                break
-            except OSError:
-                assert proc.poll() is None, "the exporter exited"
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        status, body = wait_http(f"http://127.0.0.1:{port}/metrics", proc)
         assert status == 200
         assert b"itrain_up 1.0" in body
     finally:

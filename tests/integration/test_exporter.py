@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,7 +13,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from producer.keys import ModelKeys
 from producer.settings import get_settings
-from tests.helpers import http_get, raw_event
+from tests.helpers import raw_event, wait_http
 from tests.integration.test_cli import one_line
 from tests.integration.test_run_messages import own_runtime, step_message
 from worker.cli import main
@@ -103,15 +102,7 @@ def test_exporter_command_serves_metrics_on_127_0_0_1(redis_url, make_model) -> 
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, body = http_get(f"http://127.0.0.1:{port}/metrics")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline, "the exporter did not answer within 30 s"
-                time.sleep(0.2)
+        status, body = wait_http(f"http://127.0.0.1:{port}/metrics", proc)
         # Then /metrics answers with the model's figures, and Redis is reported up
         assert status == 200
         page = samples(body.decode())
