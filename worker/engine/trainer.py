@@ -344,7 +344,8 @@ class Trainer:
                 found = self._critical_section(model, prep)
             finally:
                 held = lock.release()
-            self._record_timing(model, lock.waited, held, len(jobs))
+            if not isinstance(found, list):  # (a model that does not exist gets no keys at all)
+                self._record_timing(model, lock.waited, held, len(jobs))
             if isinstance(found, BatchPlan):
                 self._maybe_snapshot(found)
                 return self._answer(found)
