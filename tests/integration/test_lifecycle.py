@@ -4,12 +4,14 @@ they were) and ``itrain models``."""
 from __future__ import annotations
 
 import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from producer.errors import ModelNotInitialisedError
 from producer.keys import MODELS, ModelKeys
-from tests.helpers import raw_event
+from tests.helpers import check_each_event_once, make_events, raw_event
 from tests.integration.test_cli import cli, one_line
 from tests.integration.test_run_messages import own_runtime, step_message
 from worker.consume.runtime import run_messages
@@ -73,3 +75,33 @@ def test_models_lists_step_version_and_last_update(own_runtime, cli, capsys, mak
     assert rows[trained].split("│")[3].strip() == "3"  # step
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[trained])
     assert rows[fresh].split("│")[5].strip() == "-"  # never committed
+
+
+def test_two_models_trained_concurrently_stay_isolated(
+    workers, redis_url, make_model, make_client, redis_client
+) -> None:
+    """Two models fed at once, from two threads, by two workers: each one's step equals its own
+    events, its markers and history name only its own events, and deleting one leaves the other."""
+    queue = f"itrain-two-{uuid.uuid4().hex[:6]}"
+    workers.start(2, redis_url=redis_url, env={"ITRAIN_QUEUE": queue, "ITRAIN_HISTORY_MAX": "5000"})
+    first, second = make_model(), make_model()
+    sizes = {first: 700, second: 400}
+
+    def feed(model: str) -> list:
+        client = make_client(redis_url, queue=queue, chunk_size=50)
+        events = make_events(model, sizes[model], f"iso-{model}")
+        handles = [*client.train_many(events[:300]), *[client.train_step(e) for e in events[300:350]]]
+        handles += client.train_many(events[350:])
+        return [e["event_id"] for e in events], client.wait_all(handles, timeout=120)
+
+    with ThreadPoolExecutor(2) as pool:
+        (ids_a, res_a), (ids_b, res_b) = pool.map(feed, [first, second])
+    for model, ids, results in ((first, ids_a, res_a), (second, ids_b, res_b)):
+        assert {r["status"] for r in results} == {"trained"}
+        assert {r["model"] for r in results} == {model}
+        evidence = check_each_event_once(redis_client, model, ids)
+        assert evidence["step"] == evidence["marked"] == sizes[model]
+    # And deleting one model leaves the other as it was
+    before = redis_client.hgetall(ModelKeys(second).ckpt)
+    delete_model(redis_client, first)
+    assert redis_client.hgetall(ModelKeys(second).ckpt) == before
