@@ -17,7 +17,6 @@ from producer.chunks import event_meta
 from producer.errors import (
     BrokerFullError,
     ConfigurationError,
-    InvalidEventError,
     PermissionDeniedError,
     PublishError,
     QueueFullError,
@@ -32,7 +31,9 @@ from producer.protocol import (
     TASK_TRAIN_BATCH,
     TASK_TRAIN_STEP,
     EnvelopeTemplate,
+    batch_budget,
     encode_envelope,
+    event_weight,
     new_task_id,
     result_key,
 )
@@ -134,11 +135,11 @@ class TrainingClient:
         items = list(events)
         if not items:
             return []
-        payloads = _payloads(items)
+        payloads, encoded = _payloads(items)
         queue, app, ignored = self.settings.queue, self.app, not results
         envelopes: list[bytes] = []
         handles: list[AsyncResult] = []
-        for a, b in self._chunks(payloads):
+        for a, b in self._chunks(encoded):
             # One result for the chunk, under its message id (``producer.chunks``).
             chunk = Chunk(new_task_id(), app)
             envelopes.append(
@@ -273,24 +274,21 @@ class TrainingClient:
                 f"ITRAIN_MAX_QUEUE_LENGTH is {limit}; nothing was enqueued"
             )
 
-    def _chunks(self, payloads: list[dict[str, Any]]) -> list[tuple[int, int]]:
-        """(start, end) of each message: at most ``ITRAIN_CHUNK_SIZE`` events, and small enough
-        for the worker's ``ITRAIN_MAX_MESSAGE_BYTES`` (events with large contexts weigh ~20 KB)."""
-        limit = int(self.settings.max_message_bytes * 0.9)
+    def _chunks(self, encoded: list[bytes]) -> list[tuple[int, int]]:
+        """(start, end) of each message, from the events' JSON: at most ``ITRAIN_CHUNK_SIZE``
+        events, and small enough for the worker's ``ITRAIN_MAX_MESSAGE_BYTES`` (events with
+        large contexts weigh ~20 KB)."""
+        max_bytes = self.settings.max_message_bytes
+        limit = batch_budget(max_bytes)
         bounds: list[tuple[int, int]] = []
         start, size = 0, 0
-        for i, payload in enumerate(payloads):
-            weight = len(orjson.dumps(payload)) + 48  # the event, its result id, separators
-            if weight > limit:
-                raise InvalidEventError(
-                    f"event {i} is {weight} bytes, more than a message may carry "
-                    f"(ITRAIN_MAX_MESSAGE_BYTES={self.settings.max_message_bytes})"
-                )
+        for i, data in enumerate(encoded):
+            weight = event_weight(data, max_bytes, f"event {i}")
             if i > start and (i - start >= self.settings.chunk_size or size + weight > limit):
                 bounds.append((start, i))
                 start, size = i, 0
             size += weight
-        bounds.append((start, len(payloads)))
+        bounds.append((start, len(encoded)))
         return bounds
 
     def _push(self, envelopes: list[bytes]) -> None:
@@ -413,8 +411,9 @@ def _event_json(event: EventLike) -> tuple[bytes, dict[str, Any]]:
     return model.__pydantic_serializer__.to_json(model), shown
 
 
-def _payloads(events: list[EventLike]) -> list[dict[str, Any]]:
-    """The events of a ``train_many`` chunk validated (all or nothing), ready for JSON, in order.
+def _payloads(events: list[EventLike]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The events of ``train_many`` validated (all or nothing), in order: as objects ready for
+    JSON, and as each one's JSON (what ``_chunks`` weighs them by).
 
     Plain dicts are checked against the model's field types without building a model
     (``check_dicts``) and go as the caller gave them, with an ``event_id`` added where missing:
@@ -425,12 +424,11 @@ def _payloads(events: list[EventLike]) -> list[dict[str, Any]]:
     if all(_as_is(e) for e in items):
         check_dicts(items)  # type: ignore[arg-type]
         try:
-            orjson.dumps(items)
+            return items, [orjson.dumps(e) for e in items]  # type: ignore[return-value]
         except TypeError:
             pass  # some value JSON cannot hold as is: the models' form for all
-        else:
-            return items  # type: ignore[return-value]
-    return EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")  # type: ignore[no-any-return]
+    payloads = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
+    return payloads, [orjson.dumps(p) for p in payloads]
 
 
 def _validate_one(event: EventLike) -> InteractionData:

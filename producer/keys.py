@@ -16,7 +16,7 @@ and the commit script may touch them together.
 | ``itrain:{m}:snapshots`` | list | versions of the kept snapshots, newest first (``ITRAIN_SNAPSHOT_KEEP``) |
 | ``itrain:{m}:snap:<version>`` | hash | a copy of the checkpoint at that version, and ``snapshot_at`` |
 | ``itrain:{m}:lock_stats`` | hash | lock wait and hold per critical section, as histogram bucket |
-| | | counts (``w:<i>``, ``h:<i>``), sums and counts (``itrain exporter``) |
+| | | counts (``w:<i>``, ``h:<i>``) and sums (``w:sum``, ``h:sum``) (``itrain exporter``) |
 | ``itrain:{m}:done:<gen>:<slot>`` | hash | ``marker_field(event id)`` -> the step that trained it, for |
 | | | events trained in one slot of time (a quarter of ``ITRAIN_DEDUPE_TTL``); expires a window |
 | | | after its slot |

@@ -2,8 +2,9 @@
 
 One ``LPUSH`` per call costs the producer a round trip to Redis (most of ``train_step``'s CPU);
 with ``TrainingClient(linger_ms=2)`` the calls of every thread wait in a buffer for at most 2 ms
-and leave together as one batch message in the ``[ids, events]`` wire format ``train_many``
-uses, so each event still gets its own ``celery-task-meta-<id>`` result. A call returns its
+and leave together as one ``itrain.train_batch`` message in the ``[ids, events]`` form (one
+result per event, unlike ``train_many``'s one result per chunk), so each event still gets its
+own ``celery-task-meta-<id>`` result. A call returns its
 handle at once, before the event is sent.
 
 A buffer is sent when its oldest event has waited ``linger_ms``, when it holds
@@ -35,9 +36,9 @@ import orjson
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from producer.errors import InvalidEventError, PublishError
+from producer.errors import PublishError
 from producer.handles import JobHandle
-from producer.protocol import TASK_TRAIN_BATCH, EnvelopeTemplate, new_task_id
+from producer.protocol import TASK_TRAIN_BATCH, EnvelopeTemplate, batch_budget, event_weight, new_task_id
 
 __all__ = ["Linger", "LingerHandle"]
 
@@ -131,7 +132,7 @@ class Linger:
         }
         self._delay = linger_ms / 1000.0
         self._max_events = max_events
-        self._max_bytes = int(max_message_bytes * 0.9)  # as train_many's chunks
+        self._max_bytes = batch_budget(max_message_bytes)
         self._max_message_bytes = max_message_bytes
         self._reset()
         self._closed = False
@@ -149,12 +150,7 @@ class Linger:
 
     def add(self, task_id: str, data: bytes, *, ignored: bool) -> LingerHandle:
         """Buffer one validated event (its JSON) under result id ``task_id``."""
-        weight = len(data) + 48  # the event, its id, separators
-        if weight > self._max_bytes:
-            raise InvalidEventError(
-                f"event is {weight} bytes, more than a message may carry "
-                f"(ITRAIN_MAX_MESSAGE_BYTES={self._max_message_bytes})"
-            )
+        weight = event_weight(data, self._max_message_bytes)
         full: list[_Batch] = []
         with self._lock:
             if self._closed:

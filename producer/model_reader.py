@@ -114,12 +114,15 @@ class ModelReader:
             weights = self._weights
             if weights is not None and now - self._checked < self.refresh_s:
                 return weights
-            version, cid = (_bytes(v) for v in self._client.hmget(self._keys.ckpt, ["version", "cid"]))
             self._checked = now
+            if weights is None:  # nothing to compare yet: read everything in one round trip
+                self._weights = weights = self._load()
+                return weights
+            version, cid = (_bytes(v) for v in self._client.hmget(self._keys.ckpt, ["version", "cid"]))
             if version is None:
                 raise ModelNotInitialisedError(f"model {self.model!r} is not initialised")
             tag = version + b":" + (cid or b"")
-            if weights is None or weights.tag != tag:
+            if weights.tag != tag:
                 weights = self._load()
                 self._weights = weights
             return weights

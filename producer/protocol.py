@@ -16,13 +16,17 @@ from typing import Any
 
 import orjson
 
+from producer.errors import InvalidEventError
+
 __all__ = [
     "RESULT_KEY_PREFIX",
     "TASK_PREDICT",
     "TASK_TRAIN_BATCH",
     "TASK_TRAIN_STEP",
     "EnvelopeTemplate",
+    "batch_budget",
     "encode_envelope",
+    "event_weight",
     "new_task_id",
     "result_key",
 ]
@@ -33,6 +37,25 @@ TASK_TRAIN_BATCH = "itrain.train_batch"
 TASK_PREDICT = "itrain.predict"
 #: Celery's Redis result backend keeps a task's result under this prefix + task id.
 RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+def batch_budget(max_message_bytes: int) -> int:
+    """Bytes of events one ``itrain.train_batch`` message may carry: nine tenths of
+    ``ITRAIN_MAX_MESSAGE_BYTES``, the rest for the envelope around them."""
+    return int(max_message_bytes * 0.9)
+
+
+def event_weight(event_json: bytes, max_message_bytes: int, where: str = "event") -> int:
+    """What one event (its JSON) weighs in a batch message: the event, an id, separators.
+    ``InvalidEventError`` naming ``where`` when it is more than any message may carry."""
+
+    weight = len(event_json) + 48
+    if weight > batch_budget(max_message_bytes):
+        raise InvalidEventError(
+            f"{where} is {weight} bytes, more than a message may carry "
+            f"(ITRAIN_MAX_MESSAGE_BYTES={max_message_bytes})"
+        )
+    return weight
 
 
 def result_key(task_id: str) -> str:

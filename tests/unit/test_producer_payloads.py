@@ -96,7 +96,7 @@ def test_plain_dict_is_sent_as_given_and_read_back_the_same(overrides: dict[str,
     event = make_event(**overrides)
     # When the client turns it into what it sends
     data, _ = _event_json(event)
-    (listed,) = _payloads([event])
+    (listed,), _ = _payloads([event])
     # Then a train_many chunk carries the caller's own object (no model_dump), and a train_step
     # message exactly the model's JSON form (the contract's argument of itrain.train_step) ...
     assert listed is event
@@ -112,7 +112,7 @@ def test_missing_event_id_is_filled_in_by_the_producer_without_touching_the_call
     original = dict(event)
     # When they are made ready to send
     _, payload = _event_json(event)
-    many = _payloads([event, event])
+    many, _ = _payloads([event, event])
     # Then each got its own id (a retry of the same payload de-duplicates), the caller's dict unchanged
     ids = [payload["event_id"], many[0]["event_id"], many[1]["event_id"]]
     assert len(set(ids)) == 3
@@ -136,7 +136,7 @@ def test_values_json_would_change_are_sent_in_the_models_form(overrides: dict[st
         pytest.skip("this pydantic refuses the value")
     # When it is made ready to send
     data, _ = _event_json(event)
-    (listed,) = _payloads([event])
+    (listed,), _ = _payloads([event])
     # Then the model's JSON form is sent, which reads back as the same event
     expected = model.model_dump(mode="json")
     assert orjson.loads(data) == expected
@@ -149,7 +149,8 @@ def test_models_and_dicts_mix() -> None:
     events: list[object] = list(make_events("default", 4))
     events[1] = InteractionData.model_validate(events[1])
     # When they are made ready to send, then each reads back as the same event
-    out = _payloads(events)  # type: ignore[arg-type]
+    out, encoded = _payloads(events)  # type: ignore[arg-type]
+    assert [orjson.loads(e) for e in encoded] == [orjson.loads(orjson.dumps(o)) for o in out]
     assert [InteractionData.model_validate(orjson.loads(orjson.dumps(o))) for o in out] == [
         InteractionData.model_validate(e) for e in events
     ]

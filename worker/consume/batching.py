@@ -46,15 +46,18 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
-from producer.errors import ItrainError
+from producer.errors import InvalidEventError, ItrainError
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
 from worker.consume.faults import is_redis_fault
 from worker.consume.messages import (
+    TASK_ID_MAX,
     RawMessage,
+    check_task_id,
     decode_args,
     is_chunk,
     model_hint,
+    printable,
     split_batch,
     validate_event,
 )
@@ -267,19 +270,17 @@ def _culprit_error(raw: RawMessage, exc: BaseException) -> BaseException:
 
 
 def _result_id(value: Any) -> bool:
-    """Whether ``value`` can name a result key (text of 1 to 255 characters, valid UTF-8)."""
-    if not (isinstance(value, str) and 0 < len(value) <= 255):
-        return False
+    """Whether ``value`` can name a result key (``check_task_id``'s rule)."""
     try:
-        value.encode()
-    except UnicodeEncodeError:
+        check_task_id(value)
+    except InvalidEventError:
         return False
     return True
 
 
 def _printable(value: str) -> str:
-    """``value`` as valid UTF-8 text of at most 255 characters (lone surrogates escaped)."""
-    return value[:255].encode("utf-8", "backslashreplace").decode()
+    """``value`` as valid UTF-8 text no longer than a task id may be."""
+    return printable(value, TASK_ID_MAX)
 
 
 def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:

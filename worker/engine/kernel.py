@@ -169,9 +169,10 @@ def per_event_steps(
         )
     if not (theta.flags.c_contiguous and theta.flags.writeable and theta.dtype == np.float64):
         raise ValueError("theta must be a writable, contiguous float64 vector (it is updated in place)")
-    # One compiled signature only: writable C-contiguous float64 matrices, Python ints and floats.
-    X = np.array(X, dtype=np.float64, order="C")
-    T = np.array(T, dtype=np.float64, order="C")
+    # One compiled signature only: writable C-contiguous float64 matrices, Python ints and floats
+    # (a copy only when the caller's arrays are not already so: this runs inside the lock).
+    X = np.require(X, np.float64, ["C", "W"])
+    T = np.require(T, np.float64, ["C", "W"])
     losses = np.zeros(n)
     status = np.zeros(n, dtype=np.int8)
     logit = np.zeros(n)

@@ -140,9 +140,9 @@ class PerEventSGD:
     """Exact sequential SGD, one update per example, in place on the weights it was given.
 
     The same arithmetic as ``loss_and_grad`` + ``clip_by_norm`` + ``sgd_update`` on one example
-    (a test keeps them equal), written for speed: this loop runs inside the lock, so its cost
-    per event bounds the throughput of the whole system. Views and scratch buffers are made
-    once per batch, the per-output maths is plain floats, and no call allocates a matrix.
+    (a test keeps them equal): the numpy reference that the compiled kernel the trainer runs
+    (``kernel.per_event_steps``) is tested against. Views and scratch buffers are made once per
+    batch, the per-output maths is plain floats, and no call allocates a matrix.
     """
 
     def __init__(self, shape: Shape, lr: float, clip: float, theta: Array) -> None:
