@@ -389,6 +389,11 @@ def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 5.0
         return int(exc.code), bytes(exc.read())
 
 
+def predictions(trainer: Any, model: str, probes: Sequence[InteractionData]) -> list[list[float]]:
+    """What ``trainer`` predicts for each probe event, as if sent for ``model``."""
+    return [trainer.predict(e.model_copy(update={"model": model}))["prediction"] for e in probes]
+
+
 def wait_http(
     url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, auth: tuple[str, str] | None = None
 ) -> tuple[int, bytes]:

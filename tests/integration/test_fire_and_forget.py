@@ -8,26 +8,17 @@ from __future__ import annotations
 import time
 import uuid
 
-import orjson
 import pytest
 import redis
 
 from producer.client import TrainingClient
 from producer.errors import ResultIgnoredError
-from producer.keys import ModelKeys
 from producer.protocol import result_key
 from tests.helpers import make_event, make_events, wait_until
+from tests.integration.test_run_messages import dead_letters, step
 from tests.integration.test_task_events import _Receiver
 
 WAIT = 60.0
-
-
-def _step(client: redis.Redis, model: str) -> int:
-    return int(client.hget(ModelKeys(model).ckpt, "step") or 0)
-
-
-def _dead_event_ids(client: redis.Redis, model: str) -> list[str]:
-    return [orjson.loads(e)["event_id"] for e in client.lrange(ModelKeys(model).dead, 0, -1)]
 
 
 def test_fire_and_forget_trains_dead_letters_and_writes_no_result(
@@ -62,9 +53,11 @@ def test_fire_and_forget_trains_dead_letters_and_writes_no_result(
         assert time.monotonic() - started < WAIT / 2
 
         # And the valid events train (45 silent and 1 ordinary), both failures are dead-lettered
-        wait_until(lambda: _step(redis_client, model) == 46, WAIT, "46 events trained")
+        wait_until(lambda: step(redis_client, model) == 46, WAIT, "46 events trained")
         wait_until(
-            lambda: sorted(_dead_event_ids(redis_client, model)) == [f"{tag}-46", f"{tag}-5"],
+            lambda: (
+                sorted(d["event_id"] for d in dead_letters(redis_client, model)) == [f"{tag}-46", f"{tag}-5"]
+            ),
             WAIT,
             "two dead letters",
         )

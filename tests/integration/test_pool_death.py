@@ -25,7 +25,7 @@ from producer.client import TrainingClient
 from producer.keys import ModelKeys
 from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
 from producer.settings import Settings
-from tests.helpers import Workers, check_each_event_once, create_model, make_events, wait_until
+from tests.helpers import Workers, check_each_event_once, make_events, wait_until
 
 WAIT = 90.0
 
@@ -35,7 +35,13 @@ class CrashWorker:
     proc: subprocess.Popen[bytes]
     queue: str
     job_log: Path
-    log: Path
+    workers: Workers
+    redis_url: str
+
+    @property
+    def settings(self) -> Settings:
+        """Settings that publish to this worker's queue."""
+        return Settings(redis_url=self.redis_url, queue=self.queue)
 
     def jobs(self) -> list[list[str]]:
         """The task ids of every pool job run so far, one list per job, in order."""
@@ -44,7 +50,7 @@ class CrashWorker:
         return [line.split() for line in self.job_log.read_text().splitlines()]
 
     def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        return self.workers.tail(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,7 @@ def crash_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     workers = Workers(logs)
     try:
         (proc,) = workers.start(1, redis_url=redis_url, env=env, concurrency=1, app="tests.crash_app")
-        yield CrashWorker(proc, queue, logs / "jobs.txt", workers.logs[proc.pid])
+        yield CrashWorker(proc, queue, logs / "jobs.txt", workers, redis_url)
     finally:
         workers.close()
 
@@ -89,11 +95,10 @@ def _results(client: redis.Redis, ids: list[str], worker: CrashWorker) -> list[d
 
 
 def test_message_that_kills_its_pool_process_is_dead_lettered_alone(
-    crash_worker: CrashWorker, redis_client: redis.Redis, redis_url: str
+    crash_worker: CrashWorker, redis_client: redis.Redis, make_model: Any
 ) -> None:
     # Given a micro-batch of six valid events and one whose pool job dies
-    settings = Settings(redis_url=redis_url, queue=crash_worker.queue)
-    model = create_model(redis_client, settings)
+    settings, model = crash_worker.settings, make_model()
     neighbours = make_events(model, 6, f"pd-{uuid.uuid4().hex[:6]}")
     culprit = {**make_events(model, 1, "x")[0], "event_id": f"crash-me-{uuid.uuid4().hex[:6]}"}
     events = [*neighbours[:3], culprit, *neighbours[3:]]
@@ -140,11 +145,10 @@ def test_message_that_kills_its_pool_process_is_dead_lettered_alone(
 
 
 def test_redis_fault_under_a_job_requeues_without_dead_letters(
-    crash_worker: CrashWorker, redis_client: redis.Redis, redis_url: str
+    crash_worker: CrashWorker, redis_client: redis.Redis, make_model: Any
 ) -> None:
     # Given a micro-batch whose pool job finds Redis unreachable (the first time only)
-    settings = Settings(redis_url=redis_url, queue=crash_worker.queue)
-    model = create_model(redis_client, settings)
+    model = make_model()
     events = make_events(model, 4, f"rf-{uuid.uuid4().hex[:6]}")
     events.append({**make_events(model, 1, "y")[0], "event_id": f"redis-fault-{uuid.uuid4().hex[:6]}"})
 
@@ -160,7 +164,7 @@ def test_redis_fault_under_a_job_requeues_without_dead_letters(
     assert sorted(runs[0]) == sorted(ids), runs
     assert sum(len(j) for j in runs) == 2 * len(ids), f"not requeued exactly once: {runs}"
     # ... after a backoff, not in a loop, and nothing was dead-lettered
-    log = crash_worker.log.read_text()
+    log = crash_worker.workers.log(crash_worker.proc)
     assert "Redis failed (ConnectionError: injected: Redis unreachable) under 5 message(s)" in log
     assert "requeued in 0.5 s" in log
     assert redis_client.llen(ModelKeys(model).dead) == 0
@@ -168,11 +172,10 @@ def test_redis_fault_under_a_job_requeues_without_dead_letters(
 
 
 def test_batch_message_that_kills_its_pool_process_fails_every_event_it_carries(
-    crash_worker: CrashWorker, redis_client: redis.Redis, redis_url: str
+    crash_worker: CrashWorker, redis_client: redis.Redis, make_model: Any
 ) -> None:
     # Given a train_many chunk whose pool job dies (one of its events is the trigger)
-    settings = Settings(redis_url=redis_url, queue=crash_worker.queue)
-    model = create_model(redis_client, settings)
+    settings, model = crash_worker.settings, make_model()
     events = make_events(model, 3, f"pb-{uuid.uuid4().hex[:6]}")
     events[1]["event_id"] = f"crash-me-{uuid.uuid4().hex[:6]}"
 

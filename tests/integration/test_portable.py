@@ -13,7 +13,7 @@ import pytest
 from producer.errors import CheckpointError, ModelExistsError
 from producer.events import InteractionData
 from producer.keys import ModelKeys
-from tests.helpers import raw_event
+from tests.helpers import predictions, raw_event
 from tests.integration.test_cli import cli, one_line
 from tests.integration.test_run_messages import own_runtime, step_message
 from worker.consume.runtime import run_messages
@@ -22,10 +22,6 @@ from worker.ops.portable import export_model, import_model, read_export
 __all__ = ["cli", "own_runtime"]  # fixtures, imported for the tests below
 
 PROBES = [InteractionData(user_id=f"probe-{i}", action_type="click", timestamp=i * 977) for i in range(8)]
-
-
-def predictions(trainer, model: str) -> list[list[float]]:
-    return [trainer.predict(e.model_copy(update={"model": model}))["prediction"] for e in PROBES]
 
 
 @pytest.fixture
@@ -46,7 +42,7 @@ def test_round_trip_gives_identical_predictions(own_runtime, trained, tmp_path: 
     name, version, _ = import_model(store, out, copy, force=False)
     # Then that model predicts exactly as the original, at its step, as version 1 of its own
     assert (name, version) == (copy, 1)
-    assert predictions(trainer, copy) == predictions(trainer, trained)
+    assert predictions(trainer, copy, PROBES) == predictions(trainer, trained, PROBES)
     assert store.load(copy).step == 40
 
 

@@ -9,7 +9,7 @@ from producer.errors import ModelError
 from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.settings import Settings
-from tests.helpers import raw_event
+from tests.helpers import predictions, raw_event
 from tests.integration.test_cli import cli, one_line
 from tests.integration.test_run_messages import own_runtime, step_message
 from worker.consume.runtime import run_messages
@@ -19,10 +19,6 @@ from worker.store.snapshots import due, list_snapshots, rollback, take_snapshot
 __all__ = ["cli", "own_runtime"]  # fixtures, imported for the tests below
 
 PROBES = [InteractionData(user_id=f"probe-{i}", action_type="view", timestamp=i * 613) for i in range(6)]
-
-
-def predictions(trainer, model: str) -> list[list[float]]:
-    return [trainer.predict(e.model_copy(update={"model": model}))["prediction"] for e in PROBES]
 
 
 def train(model: str, tag: str, n: int) -> list:
@@ -41,16 +37,16 @@ def test_rollback_restores_predictions_as_a_new_version(own_runtime, make_model,
     model = make_model()
     train(model, "a", 20)
     first = take_snapshot(client, model, keep=10)
-    before = predictions(trainer, model)
+    before = predictions(trainer, model, PROBES)
     train(model, "b", 20)
     second = take_snapshot(client, model, keep=10)
-    assert predictions(trainer, model) != before
+    assert predictions(trainer, model, PROBES) != before
     assert [s.version for s in list_snapshots(client, model)] == [second, first]
     # When it is rolled back to the first snapshot
     version = rollback(client, model, first, settings)
     # Then it predicts exactly as then, under a version above every earlier one
     assert version > second
-    assert predictions(trainer, model) == before
+    assert predictions(trainer, model, PROBES) == before
     ckpt = own_runtime.store.load(model)
     assert (ckpt.version, ckpt.step) == (version, 40)  # step keeps counting the events trained
     # And an undone event re-sent answers duplicate; a new one trains as step 41
