@@ -8,6 +8,7 @@ __all__ = [
     "ConfigurationError",
     "DeliveryLimitError",
     "EventProcessingError",
+    "GuardTrippedError",
     "InvalidEventError",
     "ItrainError",
     "LockTimeoutError",
@@ -79,6 +80,12 @@ class TargetError(InvalidEventError):
 
 class NonFiniteUpdateError(ItrainError):
     """An update would have put a non-finite value (NaN or infinity) into the weights."""
+
+
+class GuardTrippedError(ModelError):
+    """The model's guard tripped: training on it is paused (its weights were rolled back to the
+    best recent snapshot) until ``itrain resume``; the event was not trained and may be sent again
+    after the resume (its event id keeps that safe)."""
 
 
 class EventProcessingError(ItrainError):

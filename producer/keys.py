@@ -7,14 +7,18 @@ and the commit script may touch them together.
 |---|---|---|
 | ``itrain:models`` | set | names of initialised models |
 | ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta``, |
-| | | ``config``, ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at`` |
+| | | ``config``, ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at``; the online |
+| | | evaluation (``eval``, ``eval_wn``, ``eval_cap``: ``producer.evaluation``) and the guard |
+| | | (``guard``, ``guard_loss``, ``guard_ref``, ``paused``, ``trips``: ``worker.engine.guard``) |
+| ``itrain:{m}:eval`` | string | the evaluation window's records (``producer.evaluation.RECORD``) |
 | ``itrain:{m}:stats`` | hash | analytics counters: ``interactions``, ``failures`` |
 | ``itrain:{m}:actions`` | hash | interactions per action type |
 | ``itrain:{m}:history`` | list | the last ``ITRAIN_HISTORY_MAX`` training examples, newest first (JSON) |
 | ``itrain:{m}:dead`` | list | the last ``ITRAIN_DEAD_LETTER_MAX`` failed messages, newest first (JSON) |
 | ``itrain:{m}:lock`` | string | the update lock's token, with a TTL of ``ITRAIN_LOCK_TIMEOUT`` |
 | ``itrain:{m}:snapshots`` | list | versions of the kept snapshots, newest first (``ITRAIN_SNAPSHOT_KEEP``) |
-| ``itrain:{m}:snap:<version>`` | hash | a copy of the checkpoint at that version, and ``snapshot_at`` |
+| ``itrain:{m}:snap:<version>`` | hash | a copy of the checkpoint at that version, ``snapshot_at`` and |
+| | | ``eval_ring`` (the evaluation window then) |
 | ``itrain:{m}:lock_stats`` | hash | lock wait and hold per critical section, as histogram bucket |
 | | | counts (``w:<i>``, ``h:<i>``) and sums (``w:sum``, ``h:sum``) (``itrain exporter``) |
 | ``itrain:{m}:done:<gen>:<slot>`` | hash | ``marker_field(event id)`` -> the step that trained it, for |
@@ -71,6 +75,10 @@ class ModelKeys:
     @property
     def actions(self) -> str:
         return self.prefix + "actions"
+
+    @property
+    def eval_ring(self) -> str:
+        return self.prefix + "eval"
 
     @property
     def history(self) -> str:

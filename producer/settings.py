@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # A snapshot of the checkpoint every this many steps (0: never), the last this many kept.
     snapshot_every: int = Field(10_000, ge=0)
     snapshot_keep: int = Field(10, ge=1, le=1000)
+    # The online evaluation's window: its metrics cover a model's last this many trained events
+    # (fixed for a model when it first trains; a guard with a wider window widens it).
+    eval_window: int = Field(1000, ge=1, le=100_000)
     dead_letter_max: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
     loss_ema_alpha: float = Field(0.05, gt=0, le=1)

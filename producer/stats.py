@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import redis
 
+from producer.evaluation import eval_report
 from producer.keys import ModelKeys
 
-__all__ = ["read_stats"]
+__all__ = ["guard_report", "read_stats"]
 
 
 def _int(value: bytes | None) -> int:
@@ -19,21 +21,44 @@ def _float(value: bytes | None) -> float | None:
     return float(value) if value not in (None, b"") else None
 
 
+#: The checkpoint's fields of the online evaluation and the guard, in ``read_stats``'s order.
+EVAL_FIELDS = ["config", "eval", "eval_wn", "eval_cap", "guard", "paused", "trips", "guard_ref"]
+
+
+def guard_report(
+    guard: bytes | None, paused: bytes | None, trips: bytes | None, ref: bytes | None
+) -> dict[str, Any]:
+    """The ``guard`` of ``itrain stats``: its window and ratio (``None`` without a guard), whether
+    training is paused, the trips so far and the reference (best recent snapshot) it compares to."""
+    window, ratio = (guard or b"").split() or (None, None)
+    loss, version = (ref or b"").split() or (None, None)
+    return {
+        "window": int(window) if window else None,
+        "ratio": float(ratio) if ratio else None,
+        "paused": bool(paused),
+        "trips": _int(trips),
+        "reference_loss": float(loss) if loss else None,
+        "reference_version": int(version) if version else None,
+    }
+
+
 def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
     """The model's figures in one round trip; ``version`` and ``step`` come from the checkpoint,
-    ``redis_memory_used`` (bytes) from the store's server."""
+    ``redis_memory_used`` (bytes) from the store's server, ``eval`` (``producer.evaluation``) from
+    the state the trainer commits with the weights."""
     keys = ModelKeys(model)
     pipe = client.pipeline(transaction=False)
-    pipe.hmget(keys.ckpt, ["version", "step", "loss_last", "loss_ema"])
+    pipe.hmget(keys.ckpt, ["version", "step", "loss_last", "loss_ema", *EVAL_FIELDS])
+    pipe.get(keys.eval_ring)
     pipe.hmget(keys.stats, ["interactions", "failures"])
     pipe.hgetall(keys.actions)
     pipe.llen(keys.history)
     pipe.llen(keys.dead)
     # INFO, not MEMORY STATS or CONFIG: managed Redis and least-privilege users allow it.
     pipe.info("memory")
-    (version, step, loss_last, loss_ema), (interactions, failures), actions, hist, dead, memory = (
-        pipe.execute()
-    )
+    ckpt, ring, (interactions, failures), actions, hist, dead, memory = pipe.execute()
+    version, step, loss_last, loss_ema, config, evaluation, wn, cap, guard, paused, trips, ref = ckpt
+    outputs = int(orjson.loads(config).get("outputs", 1)) if config else 1
     return {
         "model": model,
         "initialized": version is not None,
@@ -49,4 +74,6 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
         # Bytes the whole Redis server holds (``INFO memory`` ``used_memory``), every model and
         # every key of the store's server, not this model alone.
         "redis_memory_used": int(memory["used_memory"]),
+        "eval": eval_report(evaluation, wn, cap, ring, outputs),
+        "guard": guard_report(guard, paused, trips, ref) if version is not None else None,
     }

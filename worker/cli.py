@@ -34,6 +34,8 @@ from producer.stats import read_stats
 from worker.devtools.pacing import send_paced
 from worker.devtools.synthetic import synthetic_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.engine.guard import Guard
+from worker.store.guard import resume, set_guard
 from worker.store.model_store import Store
 
 __all__ = ["main", "build_parser"]
@@ -58,12 +60,51 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     if args.exist_ok and not args.force and args.model in store.models():
         out.print(f"model [bold]{args.model}[/] exists; left unchanged")
         return 0
+    guard = _guard_args(args.guard_window, args.guard_ratio)
     version = store.create(args.model, Checkpoint.initial(config), force=args.force)
     out.print(
         f"model [bold]{args.model}[/] initialised at version {version}: "
         f"4 -> {config.hidden} -> {config.outputs}, lr {config.lr:g}, clip {config.clip:g}, "
         f"seed {config.seed}, mode {config.mode}"
     )
+    if guard is not None:
+        set_guard(store.client, args.model, guard, settings)
+        out.print(
+            f"guard: pause and roll back when the log loss of the last {guard.window} events "
+            f"exceeds {guard.ratio:g} x the best recent snapshot's"
+        )
+    return 0
+
+
+def _guard_args(window: int | None, ratio: float | None) -> Guard | None:
+    if window is None and ratio is None:
+        return None
+    if window is None or ratio is None:
+        raise ConfigurationError("a guard needs both --guard-window and --guard-ratio")
+    return Guard(window, ratio)
+
+
+def cmd_guard(args: argparse.Namespace, settings: Settings) -> int:
+    client = connect(settings.store, settings.publish_timeout)
+    if args.off:
+        set_guard(client, args.model, None, settings)
+        out.print(f"model {args.model}: guard removed")
+        return 0
+    guard = _guard_args(args.window, args.ratio)
+    if guard is None:
+        raise ConfigurationError("give --window W --ratio R, or --off")
+    set_guard(client, args.model, guard, settings)
+    out.print(
+        f"model {args.model}: guard set (window {guard.window} events, ratio {guard.ratio:g}); it arms at "
+        "the next snapshot taken with that window full"
+    )
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    was_paused = resume(connect(settings.store, settings.publish_timeout), args.model, settings)
+    state = "resumed: training again" if was_paused else "was not paused; its evaluation window restarted"
+    out.print(f"model {args.model} {state}")
     return 0
 
 
@@ -96,10 +137,43 @@ def print_stats(stats: dict[str, Any]) -> None:
             value = ", ".join(f"{terminal_safe(k)} {v}" for k, v in value.items()) or "-"
         elif key == "redis_memory_used":
             value = f"{value} B ({_mib(value)})"
+        elif key == "eval" and value is not None:
+            value = _eval_text(value)
+        elif key == "guard" and value is not None:
+            value = (
+                (
+                    "none"
+                    if value["window"] is None
+                    else f"window {value['window']}, ratio {value['ratio']:g}, reference "
+                    f"{_fmt(value['reference_loss'])} (snapshot {value['reference_version'] or '-'})"
+                )
+                + f", trips {value['trips']}"
+                + (", PAUSED" if value["paused"] else "")
+            )
         elif isinstance(value, float):
             value = f"{value:.6f}"
         table.add_row(key, Text("-" if value is None else str(value)))  # Text: no markup read
     out.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _eval_text(ev: dict[str, Any]) -> str:
+    """The online evaluation, one line for the window and the total, one per action."""
+
+    def line(name: str, m: dict[str, Any]) -> str:
+        t = m["total"]
+        return (
+            f"{name}: last {m['count']} logloss {_fmt(m['logloss'])} mse {_fmt(m['mse'])} "
+            f"acc {_fmt(m['accuracy'])} auc {_fmt(m['auc'])} | all {t['count']} logloss "
+            f"{_fmt(t['logloss'])} mse {_fmt(t['mse'])} acc {_fmt(t['accuracy'])}"
+        )
+
+    rows = [line(f"window {ev['window']}", ev)]
+    rows += [line(terminal_safe(name), m) for name, m in ev["by_action"].items()]
+    return "\n".join(rows)
 
 
 def terminal_safe(text: str) -> str:
@@ -112,15 +186,27 @@ def terminal_safe(text: str) -> str:
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     client = connect(settings.store, settings.publish_timeout)
     store = Store(client, settings)
-    table = Table("model", "version", "step", "loss_ema", "last update (UTC)", "history", "dead letters")
+    table = Table(
+        "model", "version", "step", "loss_ema", "eval logloss", "last update (UTC)", "history", "dead letters"
+    )
     for name in store.models():
         s = read_stats(client, name)
         ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
+        ev = "-" if s["eval"] is None else _fmt(s["eval"]["logloss"])
+        if s["guard"] and s["guard"]["paused"]:
+            ev += " (paused)"
         updated = client.hget(ModelKeys(name).ckpt, "updated_at")
         when = "-" if updated is None else f"{datetime.fromtimestamp(float(updated), UTC):%Y-%m-%d %H:%M:%S}"
         shown = Text(terminal_safe(name))  # (names written by other tools may hold anything)
         table.add_row(
-            shown, str(s["version"]), str(s["step"]), ema, when, str(s["history_len"]), str(s["dead_letters"])
+            shown,
+            str(s["version"]),
+            str(s["step"]),
+            ema,
+            ev,
+            when,
+            str(s["history_len"]),
+            str(s["dead_letters"]),
         )
     out.print(table)
     return 0
@@ -188,11 +274,31 @@ def cmd_snapshots(args: argparse.Namespace, settings: Settings) -> int:
     client = connect(settings.store, settings.publish_timeout)
     if not client.exists(ModelKeys(args.model).ckpt):
         raise ModelNotInitialisedError(f"model {args.model!r} does not exist; `itrain models` lists them")
-    table = Table("version", "step", "taken (UTC)", "loss_ema", title=f"snapshots of {args.model}")
+    table = Table(
+        "version",
+        "step",
+        "taken (UTC)",
+        "loss_ema",
+        "window",
+        "eval logloss",
+        "eval mse",
+        "eval accuracy",
+        title=f"snapshots of {args.model}",
+    )
     for snap in list_snapshots(client, args.model):
         ema = "-" if snap.loss_ema is None else f"{snap.loss_ema:.6f}"
         taken = f"{datetime.fromtimestamp(snap.snapshot_at, UTC):%Y-%m-%d %H:%M:%S}"
-        table.add_row(str(snap.version), str(snap.step), taken, ema)
+        ev = snap.eval or {"count": 0, "logloss": None, "mse": None, "accuracy": None}
+        table.add_row(
+            str(snap.version),
+            str(snap.step),
+            taken,
+            ema,
+            str(ev["count"]),
+            _fmt(ev["logloss"]),
+            _fmt(ev["mse"]),
+            _fmt(ev["accuracy"]),
+        )
     out.print(table)
     return 0
 
@@ -410,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["per_event", "minibatch"], default="per_event")
     p.add_argument("--force", action="store_true", help="replace an existing model")
     p.add_argument("--exist-ok", action="store_true", help="succeed without change when the model exists")
+    p.add_argument(
+        "--guard-window", type=_positive_int, default=None, metavar="W", help="guard: events measured"
+    )
+    p.add_argument("--guard-ratio", type=_positive_float, default=None, metavar="R", help="guard: loss ratio")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("stats", help="a model's statistics")
@@ -466,6 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--to", type=_positive_int, required=True, metavar="VERSION")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("guard", help="pause and roll back a model whose online log loss degrades")
+    p.add_argument("--model", default="default")
+    p.add_argument("--window", type=_positive_int, default=None, metavar="W", help="events measured")
+    p.add_argument(
+        "--ratio", type=_positive_float, default=None, metavar="R", help="times the best snapshot's"
+    )
+    p.add_argument("--off", action="store_true", help="remove the guard")
+    p.set_defaults(func=cmd_guard)
+
+    p = sub.add_parser("resume", help="re-enable training on a model its guard paused")
+    p.add_argument("--model", default="default")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("delete", help="remove a model and every key it has")
     p.add_argument("--model", required=True)

@@ -15,7 +15,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.errors import CheckpointError
+from worker.engine.evaluation import EvalState
 from worker.engine.features import N_FEATURES
+from worker.engine.guard import Guard
 from worker.engine.mlp import Shape, init_params
 
 __all__ = ["DTYPE", "Checkpoint", "Mode", "ModelConfig", "decode", "encode"]
@@ -57,6 +59,11 @@ class Checkpoint:
     cid: str = ""
     #: The generation: the version ``itrain init`` gave the model; event markers are keyed by it.
     gen: int = 0
+    #: The online evaluation as of this checkpoint (read and cached with it by the trainer).
+    eval: EvalState | None = None
+    guard: Guard | None = None
+    #: A tripped guard paused training until ``itrain resume``.
+    paused: bool = False
 
     @classmethod
     def initial(cls, config: ModelConfig) -> Checkpoint:

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from producer.errors import NonFiniteUpdateError
-from worker.engine.mlp import MAX_STEP_NORM, PerEventSGD, Shape
+from worker.engine.mlp import MAX_STEP_NORM, PerEventSGD, Shape, forward, sigmoid
 
 __all__ = ["per_event_steps", "per_event_steps_reference", "warm_up"]
 
@@ -66,10 +66,12 @@ def _sgd_loop(
     losses: Array,
     status: npt.NDArray[np.int8],
     logit: Array,
+    preds: Array,
 ) -> None:
     """One exact SGD step per row of ``X``, in place on ``theta`` (layout W1 | b1 | W2 | b2).
 
-    Writes each row's loss before its update, its status and, for a non-finite logit, that logit.
+    Writes each row's loss and prediction (sigmoid outputs) before its update, its status and, for
+    a non-finite logit, that logit.
     """
     n_in, n_h, k = inputs, hidden, outputs
     o_b1 = n_h * n_in
@@ -101,7 +103,9 @@ def _sgd_loop(
                 break
             tj = T[e, j]
             loss += max(zj, 0.0) - tj * zj + math.log1p(math.exp(-abs(zj)))
-            dz[j] = (0.5 * (1.0 + math.tanh(0.5 * zj)) - tj) / k
+            pj = 0.5 * (1.0 + math.tanh(0.5 * zj))
+            preds[e, j] = pj
+            dz[j] = (pj - tj) / k
         if bad:
             continue
         loss /= k
@@ -154,13 +158,21 @@ _compiled = _jit(_sgd_loop)
 
 
 def per_event_steps(
-    theta: Array, shape: Shape, X: Array, T: Array, lr: float, clip: float
+    theta: Array,
+    shape: Shape,
+    X: Array,
+    T: Array,
+    lr: float,
+    clip: float,
+    predictions: Array | None = None,
 ) -> list[float | NonFiniteUpdateError]:
     """Train on the rows of ``X`` (targets ``T``) one after the other, in place on ``theta``.
 
     One entry per row: the loss before its update, or the ``NonFiniteUpdateError`` that refused it
     (the weights then stay as they were before that row). ``theta`` must be a writable, contiguous
-    float64 vector of ``shape.size`` values.
+    float64 vector of ``shape.size`` values. ``predictions``, when given, a writable (rows,
+    outputs) float64 matrix, receives each row's prediction before its update (the online
+    evaluation's "test" of test-then-train).
     """
     n = X.shape[0]
     if X.shape != (n, shape.inputs) or T.shape != (n, shape.outputs) or theta.shape != (shape.size,):
@@ -176,6 +188,14 @@ def per_event_steps(
     losses = np.zeros(n)
     status = np.zeros(n, dtype=np.int8)
     logit = np.zeros(n)
+    if predictions is None:
+        predictions = np.empty((n, shape.outputs))
+    elif predictions.shape != (n, shape.outputs) or not (
+        predictions.flags.c_contiguous and predictions.flags.writeable and predictions.dtype == np.float64
+    ):
+        raise ValueError(
+            f"predictions must be a writable, contiguous float64 matrix of shape {(n, shape.outputs)}"
+        )
     _compiled(
         theta,
         int(shape.inputs),
@@ -189,6 +209,7 @@ def per_event_steps(
         losses,
         status,
         logit,
+        predictions,
     )
     out: list[float | NonFiniteUpdateError] = [*losses.tolist()]
     if status.any():
@@ -198,12 +219,21 @@ def per_event_steps(
 
 
 def per_event_steps_reference(
-    theta: Array, shape: Shape, X: Array, T: Array, lr: float, clip: float
+    theta: Array,
+    shape: Shape,
+    X: Array,
+    T: Array,
+    lr: float,
+    clip: float,
+    predictions: Array | None = None,
 ) -> list[float | NonFiniteUpdateError]:
     """``per_event_steps`` with the numpy kernel (``PerEventSGD``): the reference it is tested against."""
     kernel = PerEventSGD(shape, lr, clip, theta)
     out: list[float | NonFiniteUpdateError] = []
-    for x, t in zip(X, T, strict=True):
+    for e, (x, t) in enumerate(zip(X, T, strict=True)):
+        if predictions is not None:
+            _, z = forward(theta, shape, x[None, :])
+            predictions[e] = sigmoid(z[0])
         try:
             out.append(kernel.step(x, t.tolist()))
         except NonFiniteUpdateError as exc:

@@ -5,15 +5,18 @@
 3. Target        ``targets.make_targets``, before the lock
 4. Forward       ``kernel.per_event_steps`` (numba) / ``mlp.minibatch_step``
 5. Backward      the same calls: gradient, clipping, refused if non-finite
-6. Bookkeeping   ``store.Store.commit``: step, version, counters, loss, history, event markers
+6. Bookkeeping   ``store.Store.commit``: step, version, counters, loss, history, event markers,
+                 the online evaluation (``evaluation.advance``, each event scored before its update)
 7. Cleanup       the same commit trims history and dead letters; markers and results expire
 
 Everything that needs no shared state is ``prepare``d before the lock (features, targets,
 in-batch copies, the fixed part of each history entry). Under the model's lock run only the
 checkpoint read (its version and the event markers), the SGD steps and the commit, fenced by the
 checkpoint version, as named phases over one ``BatchPlan``: ``plan`` (duplicates, refusals,
-copies), ``step`` (the SGD kernel), ``settle_copies``, ``history`` and the commit. The trained
-events' results are made after the lock is given back.
+copies), ``step`` (the SGD kernel), ``settle_copies``, ``evaluate``, the guard's check
+(``guard.tripped``: a trip refuses the batch and restores the best recent snapshot instead of
+committing), ``history`` and the commit. The trained events' results are made after the lock is
+given back.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy.typing as npt
 import orjson
 
 from producer.errors import (
+    GuardTrippedError,
     ItrainError,
     LockTimeoutError,
     ModelNotInitialisedError,
@@ -42,7 +46,9 @@ from producer.events import InteractionData
 from producer.keys import LOCK_BUCKETS, ModelKeys
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint
+from worker.engine.evaluation import EvalState, EvalUpdate, advance
 from worker.engine.features import featurize, featurize_many
+from worker.engine.guard import Reference, tripped
 from worker.engine.kernel import per_event_steps
 from worker.engine.mlp import forward, minibatch_step, sigmoid
 from worker.engine.targets import make_targets
@@ -57,6 +63,7 @@ __all__ = [
     "Prepared",
     "Trainer",
     "dead_letter_entry",
+    "evaluate",
     "history",
     "plan",
     "prepare",
@@ -175,6 +182,8 @@ class BatchPlan:
     copies: list[tuple[int, int]] = field(default_factory=list)
     #: (index, loss) of each job ``step`` trained, in training order.
     trained: list[tuple[int, float]] = field(default_factory=list)
+    #: The predictions (sigmoid outputs) of the trained jobs before their update, one row each.
+    P: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty((0, 1)))
     #: The weights after ``step``; the cached checkpoint's own array is never changed in place.
     theta: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     #: Each job's outcome once known.
@@ -253,16 +262,22 @@ def step(batch: BatchPlan) -> None:
     X = prep.X if every else prep.X[train]
     Y = prep.Y if every else prep.Y[train]
     if cfg.mode == "per_event":
-        steps = per_event_steps(theta, cfg.shape, X, Y, cfg.lr, cfg.clip)
-        for i, loss in zip(train, steps, strict=True):
+        P = np.empty((len(train), cfg.outputs))
+        steps = per_event_steps(theta, cfg.shape, X, Y, cfg.lr, cfg.clip, P)
+        kept: list[int] = []
+        for k, (i, loss) in enumerate(zip(train, steps, strict=True)):
             if isinstance(loss, NonFiniteUpdateError):
                 batch.fail(i, loss)
             else:
                 batch.trained.append((i, loss))
+                kept.append(k)
+        batch.P = P if len(kept) == len(train) else P[kept]
     else:
         try:
+            _, Z = forward(theta, cfg.shape, X)
             theta, losses = minibatch_step(theta, cfg.shape, X, Y, cfg.lr, cfg.clip)
             batch.trained = list(zip(train, losses.tolist(), strict=True))
+            batch.P = sigmoid(Z)
         except NonFiniteUpdateError as exc:
             for i in train:
                 batch.fail(i, exc)
@@ -281,6 +296,26 @@ def settle_copies(batch: BatchPlan) -> None:
             batch.dead.append(_dead(jobs[i], NonFiniteUpdateError(original.result["exc_message"][0])))
         else:
             batch.outcomes[i] = Outcome.duplicate(jobs[i].task_id, batch.model, event_id)
+
+
+def evaluate(batch: BatchPlan, eval_window: int) -> EvalUpdate | None:
+    """The online evaluation after the trained events (``None`` when none trained): each one's
+    prediction and loss from before its own update, into the window and the sums since creation."""
+    if not batch.trained:
+        return None
+    every = batch.all_trained()
+    idx = [i for i, _ in batch.trained]
+    prep, base = batch.prep, batch.base
+    losses = np.fromiter((loss for _, loss in batch.trained), np.float64, len(idx))
+    state = base.eval if base.eval is not None else EvalState(eval_window)
+    return advance(
+        state,
+        batch.P,
+        prep.Y if every else prep.Y[idx],
+        losses,
+        prep.actions if every else [prep.actions[i] for i in idx],
+        base.guard.window if base.guard else 0,
+    )
 
 
 def history(batch: BatchPlan, history_max: int, now: float) -> list[bytes]:
@@ -370,13 +405,19 @@ class Trainer:
             return [self._skipped(j) for j in prep.jobs]
         self._outputs[model] = read.checkpoint.config.outputs
         batch = plan(model, prep, read.checkpoint, read.done, self.settings.targets)
+        if batch.base.paused:
+            return self._refuse_paused(batch)
         step(batch)
         settle_copies(batch)
-        return batch if self._commit(batch) else None
+        update = evaluate(batch, self.settings.eval_window)
+        ref, loss = read.guard_ref, update.guard_loss if update is not None else None
+        if loss is not None and ref is not None and tripped(batch.base.guard, loss, ref):
+            return self._trip(batch, ref, loss)
+        return batch if self._commit(batch, update) else None
 
-    def _commit(self, batch: BatchPlan) -> bool:
-        """The fenced commit of what ``step`` trained, with its history, counters and dead letters.
-        False (nothing written) when the checkpoint moved on."""
+    def _commit(self, batch: BatchPlan, update: EvalUpdate | None) -> bool:
+        """The fenced commit of what ``step`` trained, with its history, counters, dead letters and
+        online evaluation. False (nothing written) when the checkpoint moved on."""
         base, trained, prep = batch.base, batch.trained, batch.prep
         ema = batch.loss_ema(self.settings.loss_ema_alpha)
         every = batch.all_trained()
@@ -390,6 +431,7 @@ class Trainer:
             actions=dict(Counter(prep.actions if every else [prep.actions[i] for i, _ in trained])),
             history=history(batch, self.settings.history_max, time.time()),
             dead=batch.dead,
+            evaluation=update,
         )
         if not result.ok:
             return False
@@ -405,6 +447,8 @@ class Trainer:
                 loss_last=trained[-1][1],
                 cid=result.cid,
                 gen=base.gen,
+                eval=update.state if update is not None else base.eval,
+                guard=base.guard,
             )
             if trained
             else base
@@ -444,6 +488,57 @@ class Trainer:
                     loss,
                     batch.ema,
                 )
+        return batch.results()
+
+    # -- the guard ----------------------------------------------------------------------------
+
+    def _refuse_paused(self, batch: BatchPlan) -> list[Outcome]:
+        """A paused model trains nothing: its events fail with ``GuardTrippedError`` and are
+        dead-lettered (duplicates still answer ``duplicate``)."""
+        model = batch.model
+        exc = GuardTrippedError(
+            f"model {model!r} is paused: its guard tripped; run `itrain resume --model {model}`, "
+            "then send the refused events again"
+        )
+        for i in [*batch.train, *(i for i, _ in batch.copies)]:
+            batch.fail(i, exc)
+        self.store.dead_letter(model, batch.dead)
+        return batch.results()
+
+    def _trip(self, batch: BatchPlan, ref: Reference, loss: float) -> list[Outcome] | None:
+        """The guard tripped on this batch: refuse its events, restore the best recent snapshot
+        and pause the model, in one write fenced like a commit (``None`` when the checkpoint moved
+        on: the batch is tried again on the new one)."""
+        model, guard = batch.model, batch.base.guard
+        assert guard is not None
+        exc = GuardTrippedError(
+            f"guard of model {model!r} tripped: log loss {loss:.6g} over its last {guard.window} events "
+            f"exceeds {guard.ratio:g} x {ref.loss:.6g} (snapshot {ref.version}); training paused and "
+            f"weights rolled back; run `itrain resume --model {model}`, then send the refused events again"
+        )
+        trained = {i for i, _ in batch.trained}
+        for i, _ in batch.trained:
+            batch.fail(i, exc)
+        for i, j in batch.copies:
+            if j in trained:  # answered ``duplicate`` of an event now refused: refused too
+                batch.fail(i, exc)
+        ok, value = self.store.restore(
+            model, ref.version, trip=True, expected=batch.base.tag, dead=batch.dead
+        )
+        self._cache.pop(model, None)
+        if not ok:
+            return None if value == "moved" else [self._skipped(j) for j in batch.jobs]
+        logger.error(
+            "model=%s guard tripped: loss %.6g over %d events > %g x %.6g; rolled back to snapshot %d "
+            "as version %s, training paused",
+            model,
+            loss,
+            guard.window,
+            guard.ratio,
+            ref.loss,
+            ref.version,
+            value,
+        )
         return batch.results()
 
     # -- prediction ---------------------------------------------------------------------------

@@ -1,4 +1,22 @@
-"""A model's lifecycle beyond training: removing a model and every key it has."""
+"""A model's lifecycle beyond training, as Python functions (each ``itrain`` command calls one).
+
+| command | function |
+|---|---|
+| ``itrain init`` | ``worker.store.model_store.Store.create`` |
+| ``itrain snapshots`` | ``list_snapshots(client, model)`` |
+| (every ``ITRAIN_SNAPSHOT_EVERY`` steps) | ``take_snapshot(client, model, keep)`` |
+| ``itrain rollback --to V`` | ``rollback(client, model, V, settings)`` |
+| ``itrain export --out F`` | ``export_model(store, model, F, settings.targets)`` |
+| ``itrain import F`` | ``import_model(store, F, model, force=...)`` |
+| ``itrain guard`` / ``init --guard-*`` | ``set_guard(client, model, Guard(W, R), settings)`` |
+| ``itrain resume`` | ``resume(client, model, settings)`` |
+| ``itrain delete --yes`` | ``delete_model(client, model)`` (below) |
+| ``itrain stats`` (``eval``) | ``producer.stats.read_stats(client, model)`` |
+| in-process predictions | ``producer.ModelReader(model).predict(event)`` |
+
+``client`` is a ``redis.Redis`` (``producer.redis_conn.connect(settings.store)``), ``store`` a
+``worker.store.model_store.Store(client, settings)``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +24,22 @@ import redis
 
 from producer.errors import ModelNotInitialisedError
 from producer.keys import MODELS, ModelKeys
+from worker.engine.guard import Guard
+from worker.ops.portable import export_model, import_model
+from worker.store.guard import resume, set_guard
+from worker.store.snapshots import list_snapshots, rollback, take_snapshot
 
-__all__ = ["delete_model"]
+__all__ = [
+    "Guard",
+    "delete_model",
+    "export_model",
+    "import_model",
+    "list_snapshots",
+    "resume",
+    "rollback",
+    "set_guard",
+    "take_snapshot",
+]
 
 #: Keys deleted per command: bounded, so a model with millions of markers never blocks Redis.
 BATCH = 1000

@@ -2,7 +2,7 @@
 
 Every write that must be atomic is one Lua script, so a reader never sees weights without the
 ``version`` and ``step`` that go with them, and a commit either lands whole or not at all. The
-scripts are ``lua/{read,done,commit,dead,init}.lua`` beside this module, each with a header naming its
+scripts are ``lua/{read,done,commit,dead,init,restore}.lua`` beside this module, each with a header naming its
 KEYS and ARGV.
 Key names come from ``producer.keys``.
 """
@@ -21,6 +21,8 @@ from producer.errors import ModelExistsError
 from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_field, marker_slots
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, decode, encode
+from worker.engine.evaluation import EvalUpdate, decode_state
+from worker.engine.guard import Reference, parse_guard, parse_reference
 from worker.lua import load_lua
 
 __all__ = ["CommitResult", "ReadResult", "Store"]
@@ -34,6 +36,8 @@ class ReadResult:
     state: Literal["missing", "unchanged", "fresh"]
     checkpoint: Checkpoint | None
     done: list[bool]
+    #: The guard's reference (the best recent snapshot), read every time: snapshots set it.
+    guard_ref: Reference | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,7 @@ class Store:
         self._commit = client.register_script(load_lua(__package__, "commit"))
         self._dead = client.register_script(load_lua(__package__, "dead"))
         self._init = client.register_script(load_lua(__package__, "init"))
+        self._restore = client.register_script(load_lua(__package__, "restore"))
 
     def read(
         self, model: str, cached: Checkpoint | None, event_ids: Sequence[str], *, now: float | None = None
@@ -66,7 +71,7 @@ class Store:
         keys = ModelKeys(model)
         slots = marker_slots(time.time() if now is None else now, self.settings.dedupe_ttl)
         pipe = self.client.pipeline(transaction=False)
-        self._read(keys=[keys.ckpt], args=[cached.tag if cached else ""], client=pipe)
+        self._read(keys=[keys.ckpt, keys.eval_ring], args=[cached.tag if cached else ""], client=pipe)
         guess = cached.gen if cached else None
         fields = [marker_field(e) for e in event_ids]
         if fields and guess is not None:
@@ -75,12 +80,13 @@ class Store:
         reply = replies[0]
         if not reply:
             return ReadResult("missing", None, [False] * len(event_ids))
-        tag, gen = reply[0].decode(), int(reply[1])
-        if len(reply) == 2 and cached is not None:
+        tag, gen, ref = reply[0].decode(), int(reply[1]), parse_reference(reply[2])
+        if len(reply) == 3 and cached is not None:
             state: Literal["unchanged", "fresh"] = "unchanged"
             ckpt = cached
         else:
-            version, params, meta, config, step, loss_ema, loss_last = reply[2:]
+            version, params, meta, config, step, loss_ema, loss_last = reply[3:10]
+            evaluation, eval_wn, eval_cap, guard, paused, ring = reply[10:]
             state = "fresh"
             ckpt = decode(
                 params=params,
@@ -93,13 +99,18 @@ class Store:
                 cid=tag.partition(":")[2],
                 gen=gen,
             )
+            ckpt.guard = parse_guard(guard)
+            ckpt.paused = bool(paused)
+            ckpt.eval = decode_state(
+                evaluation, eval_wn, eval_cap, ring if ckpt.guard else None, self.settings.eval_window
+            )
         if not event_ids:
-            return ReadResult(state, ckpt, [])
+            return ReadResult(state, ckpt, [], ref)
         if guess == gen:
             found = replies[1]
         else:
             found = self._done(keys=[keys.done(gen, slot) for slot in slots], args=fields)
-        return ReadResult(state, ckpt, [flag == 49 for flag in found])  # b"1"
+        return ReadResult(state, ckpt, [flag == 49 for flag in found], ref)  # b"1"
 
     def load(self, model: str) -> Checkpoint | None:
         """The current checkpoint, read without the lock (one atomic script)."""
@@ -117,8 +128,10 @@ class Store:
         actions: dict[str, int],
         history: Sequence[bytes],
         dead: Sequence[bytes],
+        evaluation: EvalUpdate | None = None,
     ) -> CommitResult:
-        """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on."""
+        """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on.
+        ``evaluation`` is written with the weights (it is needed whenever events trained)."""
         keys = ModelKeys(model)
         s = self.settings
         cid = new_cid()
@@ -138,13 +151,24 @@ class Store:
             len(dead),
             cid,
         ]
+        if evaluation is not None:
+            ev = evaluation.state
+            loss = evaluation.guard_loss
+            window = expected.guard.window if expected.guard else 0
+            guard_loss = "" if loss is None else f"{loss!r} {window}"
+            args.extend((evaluation.json, ev.wn, ev.cap, guard_loss, len(evaluation.segments)))
+        else:
+            args.extend(("", 0, 0, "", 0))
         args.extend(marker_field(e) for e in event_ids)
         for name, count in actions.items():
             args.extend((name, count))
         args.extend(history)
         args.extend(dead)
+        if evaluation is not None:
+            for offset, data in evaluation.segments:
+                args.extend((offset, data))
         ok, version, first = self._commit(
-            keys=[keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead], args=args
+            keys=[keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead, keys.eval_ring], args=args
         )
         return CommitResult(bool(ok), int(version), int(first), cid)
 
@@ -173,13 +197,45 @@ class Store:
         for name, value in fields.items():
             flat.extend((name, value))
         ok, version = self._init(
-            keys=[MODELS, keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead], args=flat
+            keys=[MODELS, keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead, keys.eval_ring],
+            args=flat,
         )
         if not ok:
             raise ModelExistsError(
                 f"model {model!r} already exists at version {int(version)}; use --force to replace it"
             )
         return int(version)
+
+    def restore(
+        self,
+        model: str,
+        snapshot: int | None,
+        *,
+        trip: bool,
+        expected: str = "",
+        dead: Sequence[bytes] = (),
+    ) -> tuple[bool, int | str]:
+        """``lua/restore.lua``: snapshot ``snapshot``'s weights as a new version (a rollback), or
+        a guard's trip (fenced on ``expected``, pausing the model, with ``dead`` letters). Returns
+        (True, new version) or (False, why: ``no-model``, ``no-snapshot``, ``other-generation``,
+        ``moved``). Run under the model's lock."""
+        keys = ModelKeys(model)
+        snap = keys.snapshot_prefix + ("" if snapshot is None else str(snapshot))
+        reply = self._restore(
+            keys=[keys.ckpt, snap, keys.eval_ring, keys.stats, keys.dead],
+            args=[
+                "trip" if trip else "rollback",
+                new_cid(),
+                time.time(),
+                expected,
+                self.settings.dead_letter_max,
+                *dead,
+            ],
+        )
+        ok, value = reply[0], reply[1]
+        if ok:
+            return True, int(value)
+        return False, value.decode() if isinstance(value, bytes) else str(value)
 
     def models(self) -> list[str]:
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(MODELS))

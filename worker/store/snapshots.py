@@ -2,24 +2,28 @@
 
 Every ``ITRAIN_SNAPSHOT_EVERY`` steps the trainer copies the checkpoint it just committed to
 ``itrain:{m}:snap:<version>`` (``lua/snapshot.lua``), keeping the last ``ITRAIN_SNAPSHOT_KEEP``.
-``rollback`` restores one under the model's lock (``lua/rollback.lua``) as a new version: versions
-never go back, ``step`` keeps counting the events trained, and the undone events keep their
-de-dup markers (a re-send answers ``duplicate``: it was trained once, then undone on purpose).
+``rollback`` restores one under the model's lock (``lua/restore.lua``) as a new version: versions
+never go back, ``step`` keeps counting the events trained, the evaluation window restarts, and
+the undone events keep their de-dup markers (a re-send answers ``duplicate``: it was trained
+once, then undone on purpose). Each snapshot keeps the evaluation window of its moment, so the
+listing shows its windowed metrics, and a guard picks the best one (``worker.engine.guard``).
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from producer.errors import ModelError, ModelNotInitialisedError
+from producer.evaluation import window_metrics
 from producer.keys import ModelKeys
 from producer.settings import Settings
 from worker.lua import load_lua
 from worker.store.lock import ModelLock
+from worker.store.model_store import Store
 
 __all__ = ["Snapshot", "due", "list_snapshots", "rollback", "take_snapshot"]
 
@@ -30,6 +34,8 @@ class Snapshot:
     step: int
     snapshot_at: float
     loss_ema: float | None
+    #: The online evaluation over the window at that moment (count, logloss, mse, accuracy).
+    eval: dict[str, Any] | None = None
 
 
 def due(step_before: int, step_after: int, every: int) -> bool:
@@ -42,7 +48,9 @@ def take_snapshot(client: redis.Redis, model: str, keep: int) -> int | None:
     """Copy the current checkpoint; returns its version (None when the model has none)."""
     keys = ModelKeys(model)
     script = client.register_script(load_lua("worker.store", "snapshot"))
-    version = script(keys=[keys.ckpt, keys.snapshots], args=[keys.snapshot_prefix, keep, time.time()])
+    version = script(
+        keys=[keys.ckpt, keys.snapshots, keys.eval_ring], args=[keys.snapshot_prefix, keep, time.time()]
+    )
     return None if version is None else int(version)
 
 
@@ -52,25 +60,27 @@ def list_snapshots(client: redis.Redis, model: str) -> list[Snapshot]:
     versions = [int(v) for v in client.lrange(keys.snapshots, 0, -1)]
     pipe = client.pipeline(transaction=False)
     for v in versions:
-        pipe.hmget(keys.snapshot_prefix + str(v), ["step", "snapshot_at", "loss_ema"])
+        pipe.hmget(
+            keys.snapshot_prefix + str(v),
+            ["step", "snapshot_at", "loss_ema", "eval_wn", "eval_cap", "eval_ring"],
+        )
     out = []
-    for v, (step, at, ema) in zip(versions, pipe.execute(), strict=True):
+    for v, (step, at, ema, wn, cap, ring) in zip(versions, pipe.execute(), strict=True):
         if step is not None:
-            out.append(Snapshot(v, int(step), float(at or 0), float(ema) if ema not in (None, b"") else None))
+            ev = window_metrics(ring, wn, int(cap)) if cap else None
+            out.append(
+                Snapshot(v, int(step), float(at or 0), float(ema) if ema not in (None, b"") else None, ev)
+            )
     return out
 
 
 def rollback(client: redis.Redis, model: str, to_version: int, settings: Settings) -> int:
     """Restore snapshot ``to_version`` as a new version of ``model``; returns that version."""
-    keys = ModelKeys(model)
-    script = client.register_script(load_lua("worker.store", "rollback"))
     with ModelLock(client, model, settings):
-        ok, value = script(
-            keys=[keys.ckpt, keys.snapshot_prefix + str(to_version)], args=[uuid.uuid4().hex, time.time()]
-        )
-    reason = value.decode() if isinstance(value, bytes) else value
+        ok, value = Store(client, settings).restore(model, to_version, trip=False)
     if ok:
         return int(value)
+    reason = value
     if reason == "no-model":
         raise ModelNotInitialisedError(f"model {model!r} does not exist; `itrain models` lists the models")
     if reason == "no-snapshot":

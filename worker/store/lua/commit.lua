@@ -1,7 +1,7 @@
 -- commit.lua: the fenced commit of a trained batch.
 --
 -- KEYS[1]  the checkpoint hash      KEYS[2]  the stats hash      KEYS[3]  the per-action counts
--- KEYS[4]  the history list         KEYS[5]  the dead-letter list
+-- KEYS[4]  the history list         KEYS[5]  the dead-letter list     KEYS[6]  the evaluation ring
 -- ARGV[1]  expected tag (version:cid, as read under the lock)
 -- ARGV[2]  the new weights (raw float64 bytes; '' when nothing trained)
 -- ARGV[3]  n, the number of trained events
@@ -15,8 +15,12 @@
 --          lives at least the window, whatever the worker's clock says.
 -- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
 -- ARGV[13] n_dead           ARGV[14] the new cid
--- ARGV[15...] then n marker fields (producer.keys.marker_field of each event id), n_actions
---          (name, count) pairs, n_history entries (newest last) and n_dead entries.
+-- ARGV[15] the online evaluation's JSON (producer.evaluation)    ARGV[16] eval_wn
+-- ARGV[17] eval_cap         ARGV[18] guard_loss ('loss window', '' when none)
+-- ARGV[19] n_segments, the ring's changed runs
+-- ARGV[20...] then n marker fields (producer.keys.marker_field of each event id), n_actions
+--          (name, count) pairs, n_history entries (newest last), n_dead entries and n_segments
+--          (byte offset, bytes) pairs of evaluation records.
 --
 -- It lands only if the checkpoint is still the one read under the lock (same tag): a holder
 -- whose lock expired while it was paused finds another checkpoint and is refused, instead of
@@ -38,11 +42,12 @@ local n = tonumber(ARGV[3])
 local n_actions, n_hist, n_dead = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local step0 = tonumber(redis.call('HGET', KEYS[1], 'step'))
 local newv = tonumber(v)
-local i = 15
+local i = 20
 if n > 0 then
   newv = newv + 1
   redis.call('HSET', KEYS[1], 'params', ARGV[2], 'version', newv, 'cid', ARGV[14], 'step', step0 + n,
-             'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6])
+             'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6],
+             'eval', ARGV[15], 'eval_wn', ARGV[16], 'eval_cap', ARGV[17], 'guard_loss', ARGV[18])
   local window = tonumber(ARGV[8])
   local width = math.max(1, math.ceil(window / 4))
   local slot = math.floor(tonumber(redis.call('TIME')[1]) / width)
@@ -78,5 +83,10 @@ if n_dead > 0 then
   push(KEYS[5], i, n_dead)
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
   redis.call('HINCRBY', KEYS[2], 'failures', n_dead)
+  i = i + n_dead
+end
+for j = 1, tonumber(ARGV[19]) do
+  redis.call('SETRANGE', KEYS[6], tonumber(ARGV[i]), ARGV[i + 1])
+  i = i + 2
 end
 return {1, newv, step0}

@@ -1,0 +1,165 @@
+"""Online evaluation, the trainer's side: each trained batch's records and the model's new state.
+
+Test-then-train: every event's prediction and loss come from the weights before its own update
+(the kernel writes them), so each event is scored on data the model had not seen. The state's
+layout and the metrics read from it are in ``producer.evaluation``; this module makes a batch's
+records and the next state (pure functions over numpy arrays). The trainer writes the state in the
+same fenced commit as the weights, so the figures always describe the committed weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from producer.evaluation import MAX_ACTIONS, OTHER_ACTION, RECORD
+
+__all__ = ["COLUMNS", "EvalState", "EvalUpdate", "advance", "decode_state", "guard_loss", "records"]
+
+Array = npt.NDArray[np.float64]
+#: loss, squared error, prediction, target, binary targets, correct, action id (``RECORD``).
+COLUMNS = 7
+_LOSS, _SE, _BINARY, _CORRECT, _ACTION = 0, 1, 4, 5, 6
+
+
+@dataclass(slots=True)
+class EvalState:
+    """A model's online evaluation as committed: where the window is, and the sums since creation.
+
+    ``ring`` (the window's records) is held only for a model with a guard, which needs the log
+    loss of its last events at every commit; for any other model the commit script writes the
+    new records at their place and no worker reads them back.
+    """
+
+    cap: int
+    #: Events in the window since it last restarted; the ring holds the last ``min(wn, cap)``.
+    wn: int = 0
+    ring: Array | None = None
+    actions: list[str] = field(default_factory=list)
+    total: list[float] = field(default_factory=lambda: [0.0] * 5)
+    by_action: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalUpdate:
+    """What a commit writes: the new state (cached once the commit lands), its JSON, and the
+    window's new records as (byte offset in the ring, bytes) segments."""
+
+    state: EvalState
+    json: bytes
+    segments: list[tuple[int, bytes]]
+    #: The log loss over the guard's window, when the model has a guard and the window is full.
+    guard_loss: float | None
+
+
+def decode_state(
+    state: bytes | None, wn: bytes | None, cap: bytes | None, ring: bytes | None, default_cap: int
+) -> EvalState:
+    """The committed state (``ring`` decoded when given, i.e. when the model has a guard)."""
+    out = EvalState(int(cap) if cap else default_cap, int(wn or 0))
+    if state:
+        info = orjson.loads(state)
+        out.actions = list(info["actions"])
+        out.total = [float(v) for v in info["total"]]
+        out.by_action = {k: [float(v) for v in sums] for k, sums in info["by_action"].items()}
+    if ring is not None:
+        out.ring = np.zeros((out.cap, COLUMNS))
+        raw = ring[: out.cap * RECORD.size]
+        raw = raw[: len(raw) - len(raw) % RECORD.size]
+        if raw:
+            flat = np.frombuffer(raw, dtype="<f8").reshape(-1, COLUMNS)
+            out.ring[: len(flat)] = flat
+    return out
+
+
+def records(P: Array, Y: Array, losses: Array, action_ids: npt.NDArray[np.intp]) -> Array:
+    """One record per trained event (``producer.evaluation.RECORD``), from its predictions ``P``
+    and targets ``Y`` (rows, outputs), its loss and its action's id."""
+    out = np.empty((len(losses), COLUMNS))
+    out[:, _LOSS] = losses
+    out[:, _SE] = np.mean((P - Y) ** 2, axis=1)
+    out[:, 2] = P[:, 0]
+    out[:, 3] = Y[:, 0]
+    binary = (Y == 0.0) | (Y == 1.0)
+    out[:, _BINARY] = binary.sum(axis=1)
+    out[:, _CORRECT] = (binary & ((P >= 0.5) == (Y == 1.0))).sum(axis=1)
+    out[:, _ACTION] = action_ids
+    return out
+
+
+def _action_ids(state: EvalState, actions: list[str]) -> tuple[list[str], npt.NDArray[np.intp]]:
+    """The ring's action table after ``actions`` (new names added up to ``MAX_ACTIONS``, the rest
+    as ``OTHER_ACTION``) and each action's id."""
+    names = list(state.actions)
+    index = {name: i for i, name in enumerate(names)}
+    ids = np.empty(len(actions), dtype=np.intp)
+    for k, name in enumerate(actions):
+        i = index.get(name)
+        if i is None:
+            if len(names) >= MAX_ACTIONS:
+                name = OTHER_ACTION
+                i = index.get(name)
+            if i is None:
+                i = index[name] = len(names)
+                names.append(name)
+        ids[k] = i
+    return names, ids
+
+
+def guard_loss(ring: Array, wn: int, window: int) -> float | None:
+    """The mean log loss of the last ``window`` events, once the window holds that many."""
+    cap = len(ring)
+    if window <= 0 or window > cap or wn < window:
+        return None
+    slots = np.arange(wn - window, wn) % cap
+    return float(ring[slots, _LOSS].mean())
+
+
+def _place(recs: Array, wn: int, cap: int) -> tuple[list[tuple[int, Array]], Array]:
+    """Where the new records go in the ring: (first slot, rows) runs, and the rows that land
+    (only the last ``cap`` when the batch is longer than the window)."""
+    n = len(recs)
+    if n >= cap:
+        full = np.empty((cap, COLUMNS))
+        full[(wn + n - cap + np.arange(cap)) % cap] = recs[-cap:]
+        return [(0, full)], full
+    start = wn % cap
+    split = cap - start
+    if n <= split:
+        return [(start, recs)], recs
+    return [(start, recs[:split]), (0, recs[split:])], recs
+
+
+def advance(
+    state: EvalState, P: Array, Y: Array, losses: Array, actions: list[str], guard_window: int
+) -> EvalUpdate:
+    """The state after a batch of trained events, in training order (pure: ``state`` is kept)."""
+    names, ids = _action_ids(state, actions)
+    recs = records(P, Y, losses, ids)
+    n, cap = len(recs), state.cap
+    runs, _ = _place(recs, state.wn, cap)
+    ring = None
+    if state.ring is not None:
+        ring = state.ring.copy()
+        for first, rows in runs:
+            ring[first : first + len(rows)] = rows
+    sums = recs[:, [_LOSS, _SE, _BINARY, _CORRECT]].sum(axis=0).tolist()
+    total = [state.total[0] + n, *(a + b for a, b in zip(state.total[1:], sums, strict=True))]
+    by_action = dict(state.by_action)
+    for i in np.unique(ids).tolist():
+        mine = recs[ids == i]
+        add = [float(len(mine)), *mine[:, [_LOSS, _SE, _BINARY, _CORRECT]].sum(axis=0).tolist()]
+        old = by_action.get(names[i], [0.0] * 5)
+        by_action[names[i]] = [a + b for a, b in zip(old, add, strict=True)]
+    wn = state.wn + n
+    g = guard_loss(ring, wn, guard_window) if ring is not None else None
+    info = {"actions": names, "total": total, "by_action": by_action}
+    return EvalUpdate(
+        EvalState(cap, wn, ring, names, total, by_action),
+        orjson.dumps(info),
+        [(first * RECORD.size, rows.tobytes()) for first, rows in runs],
+        g,
+    )
