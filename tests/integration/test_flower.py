@@ -1,7 +1,9 @@
 """Flower, started here with basic auth, in front of a real worker: it lists every training task
 with its name and final state, and the arguments it shows are the worker's (event id, action,
-model; ``[N events]`` for a batch; a placeholder for ``predict``), never the sender's ``argsrepr``,
-so a raw user id put there by ``send_task`` or a raw ``LPUSH`` never reaches Flower.
+model; ``[N events]`` for a batch; a placeholder for ``predict``), never the ones a message's
+header carries, so a raw user id put in ``argsrepr`` by ``send_task`` or a raw ``LPUSH`` never
+reaches Flower through the worker. (A sender that publishes its own ``task-sent`` events chooses
+what they say; the README's "What Flower shows" tells when Flower keeps them.)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id
 from producer.settings import Settings
@@ -98,7 +101,13 @@ def test_flower_shows_worker_built_args_on_every_path(
     start_workers(1, env={"ITRAIN_QUEUE": queue})
     settings = Settings(redis_url=redis_url, queue=queue)
     model = create_model(redis_client, settings)
-    with TrainingClient(settings=settings) as client:
+    # A Celery sender that sets the header's argsrepr, kwargsrepr and shadow, as send_task lets
+    # anyone do, and publishes no task-sent event: the worker's events are then all Flower knows
+    # of its tasks. (With task-sent events on, Celery's event state keeps a sender's task-sent
+    # args over the worker's when that event arrives last: the sender's choice, not the worker's.)
+    hostile = make_celery(settings, main="itrain-flower-test-sender", producer=True)
+    hostile.conf.task_send_sent_event = False
+    with TrainingClient(settings=settings) as client, hostile:
         # Flower receives events only once it has subscribed: wait until it shows one task.
         warm = client.train_step(_event(model, "warm"))
         wait_until(
@@ -114,7 +123,7 @@ def test_flower_shows_worker_built_args_on_every_path(
         events = [step, sent, pushed, *many, asked]
 
         h_step = client.train_step(step)
-        h_sent = client.app.send_task(
+        h_sent = hostile.send_task(
             TASK_TRAIN_STEP,
             args=[sent],
             queue=queue,
@@ -130,7 +139,7 @@ def test_flower_shows_worker_built_args_on_every_path(
             ),
         )
         h_many = client.train_many(many)
-        h_predict = client.app.send_task(
+        h_predict = hostile.send_task(
             TASK_PREDICT, args=[asked], queue=queue, argsrepr=f"[{asked!r}]", shadow=asked["user_id"]
         )
         results = client.wait_all([h_step, h_sent, *h_many, h_predict], timeout=WAIT)
@@ -160,6 +169,9 @@ def test_flower_shows_worker_built_args_on_every_path(
         assert "'trained': 3" in batch["result"]
         assert tasks[h_predict.id]["name"] == TASK_PREDICT
         assert tasks[h_predict.id]["args"] == HIDDEN_ARGS
+        # ... all of it from the worker's events: the client pushes its messages itself and the
+        # Celery sender has task-sent events off, so no task here had a task-sent event
+        assert [i for i, t in tasks.items() if t["sent"] is not None] == []
 
     # ... and no user id anywhere in what Flower serves
     text = json.dumps(tasks)
