@@ -13,6 +13,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from producer.keys import ModelKeys
 from producer.settings import get_settings
+from producer.stats import read_stats
 from tests.helpers import raw_event, wait_http
 from tests.integration.test_cli import one_line
 from tests.integration.test_run_messages import own_runtime, step_message
@@ -63,6 +64,18 @@ def test_values_move_as_events_train(own_runtime, make_model, redis_client) -> N
     assert after[("itrain_dead_letters", m)] == 1
     assert after[("itrain_model_loss_ema", m)] > 0
     assert after[("itrain_redis_memory_used_bytes", ())] > 0
+    # And the online evaluation, as ``itrain stats`` shows it; no guard, so never paused
+    ev = read_stats(redis_client, model)["eval"]
+    assert ("itrain_eval_logloss", m) not in before
+    for scope, figures in (("window", ev), ("total", ev["total"])):
+        labels = (*m, ("scope", scope))
+        assert after[("itrain_eval_events", labels)] == figures["count"] == 30
+        assert after[("itrain_eval_logloss", labels)] == pytest.approx(figures["logloss"])
+        assert after[("itrain_eval_mse", labels)] == pytest.approx(figures["mse"])
+        assert after[("itrain_eval_accuracy", labels)] == pytest.approx(figures["accuracy"])
+    assert ("itrain_eval_auc", m) not in after  # every click's target is 1: one class, no AUC
+    assert after[("itrain_guard_paused", m)] == 0
+    assert after[("itrain_guard_trips_total", m)] == 0
     # (the one critical section those events trained in is in the lock histograms)
     assert after[("itrain_lock_wait_seconds_count", m)] == 1
     assert after[("itrain_lock_hold_seconds_sum", m)] > 0

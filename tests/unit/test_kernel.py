@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def both(shape, theta, X, T, lr, clip):
-    """Weights and per-event results of each kernel, each from its own copy of ``theta``."""
+    """Weights and per-event results of each kernel, each from its own copy of ``theta``; the
+    predictions each made before every update are checked equal on the way."""
     fast, ref = theta.copy(), theta.copy()
-    fast_out = per_event_steps(fast, shape, X, T, lr, clip)
+    fast_p, ref_p = np.full((len(X), shape.outputs), np.nan), np.full((len(X), shape.outputs), np.nan)
+    fast_out = per_event_steps(fast, shape, X, T, lr, clip, fast_p)
     with np.errstate(over="ignore", invalid="ignore"):  # numpy warns where the compiled loop is silent
-        ref_out = per_event_steps_reference(ref, shape, X, T, lr, clip)
+        ref_out = per_event_steps_reference(ref, shape, X, T, lr, clip, ref_p)
+    scored = [k for k, out in enumerate(ref_out) if not isinstance(out, NonFiniteUpdateError)]
+    np.testing.assert_allclose(fast_p[scored], ref_p[scored], rtol=0, atol=TOL)
+    assert np.all((fast_p[scored] >= 0) & (fast_p[scored] <= 1))
     return fast, fast_out, ref, ref_out
 
 
@@ -43,6 +48,24 @@ def assert_same(fast, fast_out, ref, ref_out) -> None:
 
 
 # -- equal to the numpy kernel ----------------------------------------------------------------------
+
+
+def test_predictions_are_the_sigmoid_of_the_weights_before_each_update() -> None:
+    """Test-then-train: row k's prediction comes from the weights after rows 0..k-1 only."""
+    from worker.engine.mlp import forward, sigmoid
+
+    shape, theta, X, T = problem(4, 8, 2, 6, 3)
+    P = np.empty((6, 2))
+    w = theta.copy()
+    per_event_steps(w, shape, X, T, 0.3, 1.0, P)
+    replay = theta.copy()
+    for k in range(6):
+        np.testing.assert_allclose(
+            P[k], sigmoid(forward(replay, shape, X[k : k + 1])[1])[0], rtol=0, atol=TOL
+        )
+        per_event_steps(replay, shape, X[k : k + 1], T[k : k + 1], 0.3, 1.0)
+    with pytest.raises(ValueError, match="predictions"):
+        per_event_steps(theta.copy(), shape, X, T, 0.3, 1.0, np.empty((6, 3)))
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -71,7 +71,18 @@ _PRODUCER = Role(
     ("&celery-task-meta-*", "&/*.celeryev/*"),
 )
 
-_READ_MODELS = ("+hget", "+hmget", "+hgetall", "+hlen", "+llen", "+lrange", "+smembers", "+exists", "+info")
+_READ_MODELS = (
+    "+hget",
+    "+hmget",
+    "+hgetall",
+    "+hlen",
+    "+llen",
+    "+lrange",
+    "+smembers",
+    "+exists",
+    "+info",
+    "+get",
+)
 
 ROLES: dict[str, Role] = {
     "producer": _PRODUCER,

@@ -17,6 +17,12 @@ number of exporters (or none) may run, and a restarted one reports the same valu
 | ``itrain_dead_letters`` | gauge | model | entries in the (bounded) dead-letter list |
 | ``itrain_lock_wait_seconds`` | histogram | model | time to get the model's lock, per critical section |
 | ``itrain_lock_hold_seconds`` | histogram | model | time the lock was held, per critical section |
+| ``itrain_eval_logloss`` / ``_mse`` / ``_accuracy`` | gauge | model, scope | online evaluation |
+| | | | (``producer.evaluation``): ``scope`` is ``window`` (the last ``ITRAIN_EVAL_WINDOW``) or ``total`` |
+| ``itrain_eval_auc`` | gauge | model | the window's AUC (single-output models, both classes present) |
+| ``itrain_eval_events`` | gauge | model, scope | events the evaluation counts |
+| ``itrain_guard_paused`` | gauge | model | 1 while a tripped guard keeps training paused |
+| ``itrain_guard_trips`` | counter | model | times the model's guard tripped |
 | ``itrain_queue_messages`` | gauge | queue | messages waiting in the queue list |
 | ``itrain_unacked_messages`` | gauge | | messages taken by workers, not yet acknowledged |
 | ``itrain_redis_memory_used_bytes`` | gauge | | ``INFO memory`` ``used_memory`` of the store's Redis |
@@ -29,11 +35,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import orjson
 import redis
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from producer.evaluation import eval_report
 from producer.keys import LOCK_BUCKETS, MODELS, ModelKeys
 
 __all__ = ["DEFAULT_PORT", "ItrainCollector", "serve"]
@@ -70,18 +78,19 @@ class ItrainCollector(Collector):
         pipe = self.client.pipeline(transaction=False)
         for model in models:
             keys = ModelKeys(model)
-            pipe.hmget(keys.ckpt, [*_CKPT_GAUGES[:4], "updated_at"])
+            pipe.hmget(keys.ckpt, [*_CKPT_GAUGES[:4], "updated_at", *_EVAL_FIELDS])
             pipe.hmget(keys.stats, ["failures"])
             pipe.hgetall(keys.actions)
             pipe.llen(keys.dead)
             pipe.hgetall(keys.lock_stats)
+            pipe.get(keys.eval_ring)
         for queue in self.queues:
             pipe.llen(queue)
         pipe.hlen("unacked")
         pipe.info("memory")
         replies = pipe.execute()
         self.round_trips = 2
-        per_model, rest = replies[: 5 * len(models)], replies[5 * len(models) :]
+        per_model, rest = replies[: _PER_MODEL * len(models)], replies[_PER_MODEL * len(models) :]
         return [*_model_metrics(models, per_model), *self._server_metrics(rest)]
 
     def _server_metrics(self, replies: list[Any]) -> list[Metric]:
@@ -105,6 +114,10 @@ class ItrainCollector(Collector):
 
 
 _CKPT_GAUGES = ("step", "version", "loss_last", "loss_ema", "updated_timestamp_seconds")
+#: The checkpoint's fields of the online evaluation and the guard, after the gauges'.
+_EVAL_FIELDS = ("config", "eval", "eval_wn", "eval_cap", "paused", "trips")
+#: Replies per model in the scrape's pipeline.
+_PER_MODEL = 6
 _CKPT_TEXTS = (
     "Events trained (the checkpoint's step)",
     "The checkpoint version",
@@ -132,9 +145,11 @@ def _model_metrics(models: list[str], replies: list[Any]) -> list[Metric]:
     hold = HistogramMetricFamily(
         "itrain_lock_hold_seconds", "Time the model's lock was held, per critical section", labels=["model"]
     )
+    evaluation = _EvalFamilies()
     for i, model in enumerate(models):
-        ckpt, (fails,), actions, dead_len, lock_stats = replies[5 * i : 5 * i + 5]
-        for name, raw in zip(_CKPT_GAUGES, ckpt, strict=True):
+        ckpt, (fails,), actions, dead_len, lock_stats, ring = replies[_PER_MODEL * i : _PER_MODEL * (i + 1)]
+        evaluation.add(model, ckpt[len(_CKPT_GAUGES) :], ring)
+        for name, raw in zip(_CKPT_GAUGES, ckpt, strict=False):
             if raw not in (None, b""):
                 gauges[name].add_metric([model], float(raw))
         for action, count in sorted(actions.items()):
@@ -144,7 +159,49 @@ def _model_metrics(models: list[str], replies: list[Any]) -> list[Metric]:
         for family, prefix in ((wait, "w"), (hold, "h")):
             buckets, total = histogram(lock_stats, prefix)
             family.add_metric([model], buckets, total)
-    return [*gauges.values(), interactions, failures, dead, wait, hold]
+    return [*gauges.values(), interactions, failures, dead, wait, hold, *evaluation.families()]
+
+
+class _EvalFamilies:
+    """The online evaluation's and the guard's metric families, filled model by model."""
+
+    def __init__(self) -> None:
+        def gauge(name: str, text: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"itrain_eval_{name}", text, labels=["model", *labels])
+
+        self.scoped = {
+            "logloss": gauge(
+                "logloss", "Mean log loss of each event's prediction before its update", "scope"
+            ),
+            "mse": gauge("mse", "Mean squared error of each event's prediction before its update", "scope"),
+            "accuracy": gauge("accuracy", "Accuracy at 0.5 over targets that are 0 or 1", "scope"),
+            "count": gauge("events", "Events the online evaluation counts", "scope"),
+        }
+        self.auc = gauge("auc", "AUC over the window (single-output models, both classes present)")
+        self.paused = GaugeMetricFamily(
+            "itrain_guard_paused", "1 while a tripped guard keeps training paused", labels=["model"]
+        )
+        self.trips = CounterMetricFamily(
+            "itrain_guard_trips", "Times the model's guard tripped", labels=["model"]
+        )
+
+    def add(self, model: str, fields: list[Any], ring: bytes | None) -> None:
+        config, state, wn, cap, paused, trips = fields
+        self.paused.add_metric([model], 1.0 if paused else 0.0)
+        self.trips.add_metric([model], float(trips or 0))
+        outputs = int(orjson.loads(config).get("outputs", 1)) if config else 1
+        report = eval_report(state, wn, cap, ring, outputs)
+        if report is None:
+            return
+        for scope, figures in (("window", report), ("total", report["total"])):
+            for name, family in self.scoped.items():
+                if figures[name] is not None:
+                    family.add_metric([model, scope], float(figures[name]))
+        if report["auc"] is not None:
+            self.auc.add_metric([model], float(report["auc"]))
+
+    def families(self) -> list[Metric]:
+        return [*self.scoped.values(), self.auc, self.paused, self.trips]
 
 
 def histogram(fields: dict[bytes, bytes], prefix: str) -> tuple[list[tuple[str, float]], float]:

@@ -1,0 +1,128 @@
+"""The online evaluation's pure parts: the AUC, the ring's placement of records (wrapping, a batch
+longer than the window), sums since creation per action, the guard's window and its rule."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from producer.errors import ConfigurationError
+from producer.evaluation import MAX_ACTIONS, OTHER_ACTION, RECORD, auc, decode_ring, eval_report
+from worker.engine.evaluation import COLUMNS, EvalState, advance, decode_state, guard_loss
+from worker.engine.guard import Guard, Reference, parse_guard, parse_reference, tripped
+
+
+def brute_auc(pairs: list[tuple[float, float]]) -> float:
+    pos = [p for p, t in pairs if t == 1.0]
+    neg = [p for p, t in pairs if t == 0.0]
+    return sum((a > b) + 0.5 * (a == b) for a, b in itertools.product(pos, neg)) / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_auc_equals_the_pairwise_count_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    preds = rng.choice([0.1, 0.2, 0.5, 0.7, 0.9], size=n).tolist()  # many ties
+    targets = rng.choice([0.0, 1.0], size=n).tolist()
+    pairs = list(zip(preds, targets, strict=True))
+    if 0 < sum(targets) < n:
+        assert auc(pairs) == pytest.approx(brute_auc(pairs), abs=1e-12)
+    else:
+        assert auc(pairs) is None
+
+
+def replay(state: EvalState, batches: list[int], cap: int) -> tuple[EvalState, bytearray, list[float]]:
+    """Advance through batches of the given sizes, applying each update's ring segments to a byte
+    string as Redis's SETRANGE would; returns the state, the bytes and every loss in order."""
+    ring = bytearray()
+    losses: list[float] = []
+    k = 0
+    for n in batches:
+        loss = np.arange(k, k + n, dtype=float) + 0.5
+        P = np.full((n, 1), 0.8)
+        Y = np.ones((n, 1))
+        update = advance(state, P, Y, loss, ["click"] * n, guard_window=3)
+        for offset, data in update.segments:
+            ring.extend(bytes(max(0, offset + len(data) - len(ring))))
+            ring[offset : offset + len(data)] = data
+        state = update.state
+        losses.extend(loss.tolist())
+        k += n
+    return state, ring, losses
+
+
+@pytest.mark.parametrize("batches", [[1, 1, 1], [3, 4], [5, 2, 6], [12], [2, 9, 1, 1], [4, 4, 4, 4]])
+def test_ring_holds_the_last_cap_events(batches: list[int]) -> None:
+    cap = 5
+    state, ring, losses = replay(EvalState(cap, ring=np.zeros((cap, COLUMNS))), batches, cap)
+    records = decode_ring(bytes(ring), cap)
+    wn = sum(batches)
+    held = sorted(r[0] for r in records[: min(wn, cap)])
+    assert held == sorted(losses[-cap:])
+    # The worker's own copy of the ring equals what Redis would hold
+    assert state.ring is not None
+    np.testing.assert_array_equal(
+        state.ring, np.frombuffer(bytes(ring).ljust(cap * RECORD.size, b"\0"), "<f8").reshape(cap, COLUMNS)
+    )
+    assert guard_loss(state.ring, wn, 3) == pytest.approx(np.mean(losses[-3:]))
+    assert state.total[0] == wn
+    assert state.total[1] == pytest.approx(sum(losses))
+
+
+def test_guard_loss_needs_a_full_guard_window() -> None:
+    ring = np.zeros((4, COLUMNS))
+    ring[:2, 0] = [1.0, 3.0]
+    assert guard_loss(ring, 2, 3) is None
+    assert guard_loss(ring, 2, 2) == 2.0
+    assert guard_loss(ring, 2, 5) is None  # wider than the ring
+
+
+def test_actions_beyond_the_limit_count_as_other() -> None:
+    state = EvalState(10)
+    names = [f"a{i}" for i in range(MAX_ACTIONS + 3)]
+    n = len(names)
+    update = advance(state, np.full((n, 1), 0.5), np.ones((n, 1)), np.ones(n), names, 0)
+    assert len(update.state.actions) == MAX_ACTIONS + 1
+    assert update.state.actions[-1] == OTHER_ACTION
+    assert update.state.by_action[OTHER_ACTION][0] == 3
+    # Decoding the committed JSON gives the same state
+    again = decode_state(update.json, b"%d" % n, b"10", None, 999)
+    assert (again.cap, again.wn, again.actions, again.total) == (
+        10,
+        n,
+        update.state.actions,
+        update.state.total,
+    )
+    assert again.ring is None
+
+
+def test_report_of_a_view_counts_in_loss_not_in_accuracy() -> None:
+    state = EvalState(4)
+    P = np.array([[0.9], [0.3], [0.6]])
+    Y = np.array([[1.0], [0.0], [0.5]])
+    update = advance(state, P, Y, np.array([0.1, 0.4, 0.7]), ["click", "skip", "view"], 0)
+    ring = b"".join(data for _, data in update.segments)
+    report = eval_report(update.json, b"3", b"4", ring, outputs=1)
+    assert report is not None
+    assert report["count"] == 3
+    assert report["logloss"] == pytest.approx(0.4)
+    assert report["mse"] == pytest.approx((0.01 + 0.09 + 0.01) / 3)
+    assert report["accuracy"] == 1.0  # two binary targets, both right; the view is not counted
+    assert report["auc"] == 1.0
+    assert report["by_action"]["view"]["accuracy"] is None
+    assert eval_report(None, None, None, None, 1) is None
+
+
+def test_guard_rule_and_parsing() -> None:
+    guard = parse_guard(Guard(100, 2.0).encode())
+    assert guard == Guard(100, 2.0)
+    assert parse_guard(None) is None
+    ref = parse_reference(b"0.25 7")
+    assert ref == Reference(0.25, 7)
+    assert tripped(guard, 0.51, ref)
+    assert not tripped(guard, 0.5, ref)
+    assert not tripped(None, 9.0, ref)
+    with pytest.raises(ConfigurationError, match="ratio"):
+        Guard(10, float("nan"))
