@@ -118,15 +118,16 @@ def _scope(records: list[Record], single_output: bool) -> dict[str, Any]:
 
 def eval_report(
     state: bytes | None, wn: bytes | None, cap: bytes | None, ring: bytes | None, outputs: int
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """The ``eval`` of ``itrain stats``: windowed metrics (with AUC) and since-creation ones, for
-    the model and per action; ``None`` before the model trained anything."""
-    if not state or not cap:
-        return None
-    info = orjson.loads(state)
-    records = window_records(decode_ring(ring, int(cap)), int(wn or 0))
+    the model and per action (counts of 0 and ``None`` figures before it trained anything;
+    ``window`` is ``None`` until its first commit or guard fixes it)."""
+    info: dict[str, Any] = (
+        orjson.loads(state) if state else {"total": [0.0] * 5, "actions": [], "by_action": {}}
+    )
+    records = window_records(decode_ring(ring, int(cap)), int(wn or 0)) if cap else []
     single = outputs == 1
-    report = {"window": int(cap), **_scope(records, single), "total": metrics(info["total"])}
+    report = {"window": int(cap) if cap else None, **_scope(records, single), "total": metrics(info["total"])}
     names: list[str] = info["actions"]
     by_action: dict[str, Any] = {}
     for name, sums in sorted(info["by_action"].items()):

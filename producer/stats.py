@@ -28,7 +28,7 @@ EVAL_FIELDS = ["config", "eval", "eval_wn", "eval_cap", "guard", "paused", "trip
 def guard_report(
     guard: bytes | None, paused: bytes | None, trips: bytes | None, ref: bytes | None
 ) -> dict[str, Any]:
-    """The ``guard`` of ``itrain stats``: its window and ratio (``None`` without a guard), whether
+    """``eval["guard"]`` of ``itrain stats``: its window and ratio (``None`` without a guard), whether
     training is paused, the trips so far and the reference (best recent snapshot) it compares to."""
     window, ratio = (guard or b"").split() or (None, None)
     loss, version = (ref or b"").split() or (None, None)
@@ -74,6 +74,11 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
         # Bytes the whole Redis server holds (``INFO memory`` ``used_memory``), every model and
         # every key of the store's server, not this model alone.
         "redis_memory_used": int(memory["used_memory"]),
-        "eval": eval_report(evaluation, wn, cap, ring, outputs),
-        "guard": guard_report(guard, paused, trips, ref) if version is not None else None,
+        # The online evaluation, with the guard's state (``None`` for a model that does not exist).
+        "eval": None
+        if version is None
+        else {
+            **eval_report(evaluation, wn, cap, ring, outputs),
+            "guard": guard_report(guard, paused, trips, ref),
+        },
     }

@@ -32,7 +32,7 @@ from producer.redis_conn import connect, redact_url
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
 from worker.devtools.pacing import send_paced
-from worker.devtools.synthetic import synthetic_events
+from worker.devtools.synthetic import ACTIONS, synthetic_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.guard import Guard
 from worker.store.guard import resume, set_guard
@@ -176,6 +176,16 @@ def _eval_text(ev: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _guard_text(guard: dict[str, Any]) -> str:
+    text = (
+        "none"
+        if guard["window"] is None
+        else f"window {guard['window']}, ratio {guard['ratio']:g}, reference "
+        f"{_fmt(guard['reference_loss'])} (snapshot {guard['reference_version'] or '-'})"
+    )
+    return text + f", trips {guard['trips']}" + (", PAUSED" if guard["paused"] else "")
+
+
 def terminal_safe(text: str) -> str:
     """``text`` with every control and non-printable character escaped (``\\x1b``, ``\\n``)."""
     if text.isprintable():
@@ -192,9 +202,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     for name in store.models():
         s = read_stats(client, name)
         ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
-        ev = "-" if s["eval"] is None else _fmt(s["eval"]["logloss"])
-        if s["guard"] and s["guard"]["paused"]:
-            ev += " (paused)"
+        ev = _fmt(s["eval"]["logloss"]) + (" (paused)" if s["eval"]["guard"]["paused"] else "")
         updated = client.hget(ModelKeys(name).ckpt, "updated_at")
         when = "-" if updated is None else f"{datetime.fromtimestamp(float(updated), UTC):%Y-%m-%d %H:%M:%S}"
         shown = Text(terminal_safe(name))  # (names written by other tools may hold anything)
@@ -328,8 +336,17 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     with TrainingClient(settings=settings) as client:
+        flipped = (
+            {action: 1.0 - settings.targets[action] for action, _ in ACTIONS} if args.flip_labels else None
+        )
         summary = produce(
-            client, args.events, model=args.model, rate=args.rate, users=args.users, wait=args.wait
+            client,
+            args.events,
+            model=args.model,
+            rate=args.rate,
+            users=args.users,
+            wait=args.wait,
+            labels=flipped,
         )
     out.print(summary)
     return 0 if "failed" not in summary else EXIT_FAIL
@@ -344,9 +361,10 @@ def produce(
     users: int,
     wait: bool,
     timeout: float = 600.0,
+    labels: dict[str, float] | None = None,
 ) -> str:
     """Send ``n`` synthetic events (paced at ``rate`` per second if given) and describe the run."""
-    events = synthetic_events(n, users=users, model=model)
+    events = synthetic_events(n, users=users, model=model, labels=labels)
     start = time.perf_counter()
     with _progress() as progress:
         sent_bar = progress.add_task("enqueued", total=n)
@@ -538,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--users", type=_positive_int, default=1000)
     p.add_argument("--wait", action="store_true", help="wait for every result and count them")
+    p.add_argument(
+        "--flip-labels",
+        action="store_true",
+        help="label each event 1 - its action's target (a drill: a guarded model should trip)",
+    )
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("plot", help="a model's per-event loss and its moving average, as a PNG")

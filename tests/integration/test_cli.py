@@ -39,6 +39,7 @@ CONTRACT_KEYS = {
     "failures",
     "dead_letters",
     "redis_memory_used",
+    "eval",
 }
 
 

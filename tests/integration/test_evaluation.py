@@ -150,7 +150,9 @@ def test_eval_moves_with_the_weights_and_duplicates_do_not_count(
 
 def test_a_new_model_has_no_eval_and_multi_output_has_no_auc(small_window, make_model, redis_client) -> None:
     model = make_model(outputs=2)
-    assert read_stats(redis_client, model)["eval"] is None
+    fresh = read_stats(redis_client, model)["eval"]
+    assert (fresh["window"], fresh["count"], fresh["logloss"], fresh["by_action"]) == (None, 0, None, {})
+    assert read_stats(redis_client, "no-such-model")["eval"] is None
     events = [raw_event(model, f"m{i}", label=[1.0, 0.0] if i % 2 else [0.0, 1.0]) for i in range(4)]
     run_messages([batch_message([new_id() for _ in events], events)])
     ev = read_stats(redis_client, model)["eval"]

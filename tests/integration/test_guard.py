@@ -73,7 +73,7 @@ def test_flipped_labels_trip_the_guard_and_restore_the_snapshot(
         send(labelled(model, f"good{k}-", 20))
     snap = take_snapshot(redis_client, model, keep=10)
     good = predictions(trainer, model, PROBES)
-    guard = read_stats(redis_client, model)["guard"]
+    guard = read_stats(redis_client, model)["eval"]["guard"]
     assert (guard["reference_version"], guard["trips"], guard["paused"]) == (snap, 0, False)
     (listed,) = list_snapshots(redis_client, model)
     assert listed.eval is not None
@@ -98,8 +98,8 @@ def test_flipped_labels_trip_the_guard_and_restore_the_snapshot(
     stats = read_stats(redis_client, model)
     assert predictions(trainer, model, PROBES) == good
     assert stats["version"] > version_before
-    assert stats["guard"]["paused"] is True
-    assert stats["guard"]["trips"] == 1
+    assert stats["eval"]["guard"]["paused"] is True
+    assert stats["eval"]["guard"]["trips"] == 1
     # The window restarted with the rollback: nothing in it yet
     assert stats["eval"]["count"] == 0
     # The refused events are dead letters naming the guard; they have no marker (never trained)
@@ -119,7 +119,7 @@ def test_flipped_labels_trip_the_guard_and_restore_the_snapshot(
     assert outcome(app, again[0]) == "trained"
     for k in range(3):
         assert {outcome(app, i) for i in send(labelled(model, f"after{k}-", 10))} == {"trained"}
-    assert read_stats(redis_client, model)["guard"]["paused"] is False
+    assert read_stats(redis_client, model)["eval"]["guard"]["paused"] is False
 
 
 def test_guard_without_a_reference_does_not_trip(own_runtime, make_model, redis_client, app) -> None:
@@ -129,7 +129,7 @@ def test_guard_without_a_reference_does_not_trip(own_runtime, make_model, redis_
     send(labelled(model, "good-", 40))
     ids = send(labelled(model, "bad-", 40, flipped=True))
     assert {outcome(app, i) for i in ids} == {"trained"}
-    assert read_stats(redis_client, model)["guard"]["reference_loss"] is None
+    assert read_stats(redis_client, model)["eval"]["guard"]["reference_loss"] is None
 
 
 def test_guard_refuses_bad_settings_and_unknown_models(own_runtime, redis_client) -> None:
@@ -147,10 +147,10 @@ def test_guard_and_resume_from_the_command_line(cli, capsys, redis_client, make_
     model = f"g-{new_id()[:8]}"
     assert cli(["init", "--model", model, "--guard-window", "30", "--guard-ratio", "2"]) == 0
     stats = stats_json(cli, capsys, model)
-    assert (stats["guard"]["window"], stats["guard"]["ratio"]) == (30, 2.0)
-    assert stats["eval"] is None
+    assert (stats["eval"]["guard"]["window"], stats["eval"]["guard"]["ratio"]) == (30, 2.0)
+    assert (stats["eval"]["window"], stats["eval"]["count"], stats["eval"]["logloss"]) == (1000, 0, None)
     assert cli(["guard", "--model", model, "--window", "50", "--ratio", "1.5"]) == 0
-    assert stats_json(cli, capsys, model)["guard"]["window"] == 50
+    assert stats_json(cli, capsys, model)["eval"]["guard"]["window"] == 50
     capsys.readouterr()
     assert cli(["guard", "--model", model, "--window", "50", "--ratio", "0.5"]) == 1
     assert "ratio" in one_line(capsys.readouterr().err)
@@ -159,4 +159,4 @@ def test_guard_and_resume_from_the_command_line(cli, capsys, redis_client, make_
     assert cli(["resume", "--model", model]) == 0
     assert "was not paused" in capsys.readouterr().out
     assert cli(["guard", "--model", model, "--off"]) == 0
-    assert stats_json(cli, capsys, model)["guard"]["window"] is None
+    assert stats_json(cli, capsys, model)["eval"]["guard"]["window"] is None

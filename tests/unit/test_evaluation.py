@@ -112,7 +112,8 @@ def test_report_of_a_view_counts_in_loss_not_in_accuracy() -> None:
     assert report["accuracy"] == 1.0  # two binary targets, both right; the view is not counted
     assert report["auc"] == 1.0
     assert report["by_action"]["view"]["accuracy"] is None
-    assert eval_report(None, None, None, None, 1) is None
+    empty = eval_report(None, None, None, None, 1)
+    assert (empty["window"], empty["count"], empty["logloss"], empty["total"]["count"]) == (None, 0, None, 0)
 
 
 def test_guard_rule_and_parsing() -> None:

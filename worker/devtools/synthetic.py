@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["ACTIONS", "synthetic_events"]
@@ -20,9 +21,15 @@ ACTIONS: tuple[tuple[str, float], ...] = (
 
 
 def synthetic_events(
-    n: int, *, users: int = 1000, model: str = "default", seed: int | None = None
+    n: int,
+    *,
+    users: int = 1000,
+    model: str = "default",
+    seed: int | None = None,
+    labels: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """``n`` plain-dict events from ``users`` users, timestamps spread over the last day."""
+    """``n`` plain-dict events from ``users`` users, timestamps spread over the last day; with
+    ``labels``, each carries the label given for its action (a guard drill sends flipped ones)."""
     rng = random.Random(seed)
     names = [a for a, _ in ACTIONS]
     weights = [w for _, w in ACTIONS]
@@ -36,6 +43,7 @@ def synthetic_events(
             "timestamp": now - rng.random() * 86400.0,
             "context": {"page": rng.choice(("home", "search", "item"))} if rng.random() < 0.5 else None,
             "model": model,
+            **({"label": labels[action]} if labels is not None else {}),
         }
         for action in actions
     ]

@@ -191,8 +191,6 @@ class _EvalFamilies:
         self.trips.add_metric([model], float(trips or 0))
         outputs = int(orjson.loads(config).get("outputs", 1)) if config else 1
         report = eval_report(state, wn, cap, ring, outputs)
-        if report is None:
-            return
         for scope, figures in (("window", report), ("total", report["total"])):
             for name, family in self.scoped.items():
                 if figures[name] is not None:
