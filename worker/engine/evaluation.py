@@ -16,13 +16,14 @@ import numpy.typing as npt
 import orjson
 
 from producer.evaluation import MAX_ACTIONS, OTHER_ACTION, RECORD
+from worker.engine.jit import compile_cached
 
 __all__ = ["COLUMNS", "EvalState", "EvalUpdate", "advance", "decode_state", "guard_loss", "records"]
 
 Array = npt.NDArray[np.float64]
 #: loss, squared error, prediction, target, binary targets, correct, action id (``RECORD``).
 COLUMNS = 7
-_LOSS, _SE, _BINARY, _CORRECT, _ACTION = 0, 1, 4, 5, 6
+_LOSS = 0
 
 
 @dataclass(slots=True)
@@ -75,19 +76,60 @@ def decode_state(
     return out
 
 
-def records(P: Array, Y: Array, losses: Array, action_ids: npt.NDArray[np.intp]) -> Array:
+def _records_loop(
+    P: Array, Y: Array, losses: Array, ids: npt.NDArray[np.intp], out: Array, sums: Array
+) -> None:
+    """Fill ``out`` with one record per event and add each to its action's row of ``sums``
+    (count, loss, squared error, binary targets, correct): one compiled pass, as a batch of one
+    event (``train_step``) would pay numpy's call overhead a dozen times."""
+    k = P.shape[1]
+    for e in range(P.shape[0]):
+        se = 0.0
+        binary = 0.0
+        correct = 0.0
+        for j in range(k):
+            p, t = P[e, j], Y[e, j]
+            se += (p - t) * (p - t)
+            if t == 0.0 or t == 1.0:
+                binary += 1.0
+                if (p >= 0.5) == (t == 1.0):
+                    correct += 1.0
+        se /= k
+        out[e, 0] = losses[e]
+        out[e, 1] = se
+        out[e, 2] = P[e, 0]
+        out[e, 3] = Y[e, 0]
+        out[e, 4] = binary
+        out[e, 5] = correct
+        out[e, 6] = ids[e]
+        a = ids[e]
+        sums[a, 0] += 1.0
+        sums[a, 1] += losses[e]
+        sums[a, 2] += se
+        sums[a, 3] += binary
+        sums[a, 4] += correct
+
+
+_records_compiled = compile_cached(_records_loop)
+
+
+def records(
+    P: Array, Y: Array, losses: Array, action_ids: npt.NDArray[np.intp], n_actions: int
+) -> tuple[Array, Array]:
     """One record per trained event (``producer.evaluation.RECORD``), from its predictions ``P``
-    and targets ``Y`` (rows, outputs), its loss and its action's id."""
+    and targets ``Y`` (rows, outputs), its loss and its action's id; and the per-action sums of
+    the batch, one row per action id: count, loss, squared error, binary targets, correct."""
     out = np.empty((len(losses), COLUMNS))
-    out[:, _LOSS] = losses
-    out[:, _SE] = np.mean((P - Y) ** 2, axis=1)
-    out[:, 2] = P[:, 0]
-    out[:, 3] = Y[:, 0]
-    binary = (Y == 0.0) | (Y == 1.0)
-    out[:, _BINARY] = binary.sum(axis=1)
-    out[:, _CORRECT] = (binary & ((P >= 0.5) == (Y == 1.0))).sum(axis=1)
-    out[:, _ACTION] = action_ids
-    return out
+    sums = np.zeros((n_actions, 5))
+    _records_compiled(
+        np.require(P, np.float64, ["C"]),
+        np.require(Y, np.float64, ["C"]),
+        np.require(losses, np.float64, ["C"]),
+        np.require(action_ids, np.intp, ["C"]),
+        out,
+        sums,
+    )
+    return out, sums
 
 
 def _action_ids(state: EvalState, actions: list[str]) -> tuple[list[str], npt.NDArray[np.intp]]:
@@ -138,7 +180,7 @@ def advance(
 ) -> EvalUpdate:
     """The state after a batch of trained events, in training order (pure: ``state`` is kept)."""
     names, ids = _action_ids(state, actions)
-    recs = records(P, Y, losses, ids)
+    recs, per_action = records(P, Y, losses, ids, len(names))
     n, cap = len(recs), state.cap
     runs, _ = _place(recs, state.wn, cap)
     ring = None
@@ -146,14 +188,14 @@ def advance(
         ring = state.ring.copy()
         for first, rows in runs:
             ring[first : first + len(rows)] = rows
-    sums = recs[:, [_LOSS, _SE, _BINARY, _CORRECT]].sum(axis=0).tolist()
-    total = [state.total[0] + n, *(a + b for a, b in zip(state.total[1:], sums, strict=True))]
+    rows = per_action.tolist()
+    total = list(state.total)
     by_action = dict(state.by_action)
-    for i in np.unique(ids).tolist():
-        mine = recs[ids == i]
-        add = [float(len(mine)), *mine[:, [_LOSS, _SE, _BINARY, _CORRECT]].sum(axis=0).tolist()]
-        old = by_action.get(names[i], [0.0] * 5)
-        by_action[names[i]] = [a + b for a, b in zip(old, add, strict=True)]
+    for i, add in enumerate(rows):
+        if add[0]:
+            old = by_action.get(names[i], [0.0] * 5)
+            by_action[names[i]] = [a + b for a, b in zip(old, add, strict=True)]
+            total = [a + b for a, b in zip(total, add, strict=True)]
     wn = state.wn + n
     g = guard_loss(ring, wn, guard_window) if ring is not None else None
     info = {"actions": names, "total": total, "by_action": by_action}

@@ -17,11 +17,12 @@ import logging
 import math
 from typing import Any
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
 from producer.errors import NonFiniteUpdateError
+from worker.engine.evaluation import EvalState, advance
+from worker.engine.jit import compile_cached
 from worker.engine.mlp import MAX_STEP_NORM, PerEventSGD, Shape, forward, sigmoid
 
 __all__ = ["per_event_steps", "per_event_steps_reference", "warm_up"]
@@ -144,17 +145,9 @@ def _sgd_loop(
         status[e] = _OK
 
 
-def _jit(func: Any) -> Any:
-    try:
-        return numba.njit(cache=True)(func)
-    except RuntimeError as exc:  # no writable cache directory: compile in memory on every start
-        logger.warning("numba cannot cache %s (%s); set NUMBA_CACHE_DIR to a writable directory", func, exc)
-        return numba.njit(cache=False)(func)
-
-
 # ``_sgd_loop`` finds ``_dot`` among the globals when it is compiled: it must be a compiled one.
-_dot: Any = _jit(_dot_py)
-_compiled = _jit(_sgd_loop)
+_dot: Any = compile_cached(_dot_py)
+_compiled = compile_cached(_sgd_loop)
 
 
 def per_event_steps(
@@ -242,9 +235,11 @@ def per_event_steps_reference(
 
 
 def warm_up() -> None:
-    """Compile the kernel (or load it from the cache) now, on a tiny batch."""
+    """Compile the kernel and the online evaluation's loop (or load them from the cache) now, on
+    a tiny batch."""
     shape = Shape(1, 1, 1)
     per_event_steps(np.zeros(shape.size), shape, np.zeros((1, 1)), np.zeros((1, 1)), 0.1, 1.0)
+    advance(EvalState(1), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1), ["warm-up"], 0)
 
 
 def _refusal(code: int, logit: float, lr: float) -> NonFiniteUpdateError:
