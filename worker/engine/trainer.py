@@ -522,22 +522,21 @@ class Trainer:
         for i, j in batch.copies:
             if j in trained:  # answered ``duplicate`` of an event now refused: refused too
                 batch.fail(i, exc)
-        ok, value = self.store.restore(
-            model, ref.version, trip=True, expected=batch.base.tag, dead=batch.dead
-        )
+        done = self.store.restore(model, ref.version, trip=True, expected=batch.base.tag, dead=batch.dead)
         self._cache.pop(model, None)
-        if not ok:
-            return None if value == "moved" else [self._skipped(j) for j in batch.jobs]
+        if not done.ok:
+            return None if done.reason == "moved" else [self._skipped(j) for j in batch.jobs]
         logger.error(
-            "model=%s guard tripped: loss %.6g over %d events > %g x %.6g; rolled back to snapshot %d "
-            "as version %s, training paused",
+            "model=%s guard tripped: loss %.6g over %d events > %g x %.6g; %s as version %d, training paused",
             model,
             loss,
             guard.window,
             guard.ratio,
             ref.loss,
-            ref.version,
-            value,
+            f"rolled back to snapshot {ref.version}"
+            if done.restored
+            else f"snapshot {ref.version} is gone, weights kept",
+            done.version,
         )
         return batch.results()
 

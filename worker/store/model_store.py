@@ -25,7 +25,7 @@ from worker.engine.evaluation import EvalUpdate, decode_state
 from worker.engine.guard import Reference, parse_guard, parse_reference
 from worker.lua import load_lua
 
-__all__ = ["CommitResult", "ReadResult", "Store"]
+__all__ = ["CommitResult", "ReadResult", "Restored", "Store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,18 @@ class ReadResult:
     done: list[bool]
     #: The guard's reference (the best recent snapshot), read every time: snapshots set it.
     guard_ref: Reference | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What ``Store.restore`` did: ``ok`` and the new ``version``, whether the snapshot's weights
+    were ``restored``, else ``reason`` (``no-model``, ``no-snapshot``, ``other-generation``,
+    ``moved``)."""
+
+    ok: bool
+    version: int
+    restored: bool
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +226,10 @@ class Store:
         trip: bool,
         expected: str = "",
         dead: Sequence[bytes] = (),
-    ) -> tuple[bool, int | str]:
+    ) -> Restored:
         """``lua/restore.lua``: snapshot ``snapshot``'s weights as a new version (a rollback), or
-        a guard's trip (fenced on ``expected``, pausing the model, with ``dead`` letters). Returns
-        (True, new version) or (False, why: ``no-model``, ``no-snapshot``, ``other-generation``,
-        ``moved``). Run under the model's lock."""
+        a guard's trip (fenced on ``expected``, pausing the model, with ``dead`` letters; when the
+        snapshot is gone it still pauses). Run under the model's lock."""
         keys = ModelKeys(model)
         snap = keys.snapshot_prefix + ("" if snapshot is None else str(snapshot))
         reply = self._restore(
@@ -232,10 +243,10 @@ class Store:
                 *dead,
             ],
         )
-        ok, value = reply[0], reply[1]
-        if ok:
-            return True, int(value)
-        return False, value.decode() if isinstance(value, bytes) else str(value)
+        if reply[0]:
+            return Restored(True, int(reply[1]), bool(reply[2]), "")
+        reason = reply[1]
+        return Restored(False, 0, False, reason.decode() if isinstance(reason, bytes) else str(reason))
 
     def models(self) -> list[str]:
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(MODELS))

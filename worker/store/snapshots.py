@@ -77,10 +77,10 @@ def list_snapshots(client: redis.Redis, model: str) -> list[Snapshot]:
 def rollback(client: redis.Redis, model: str, to_version: int, settings: Settings) -> int:
     """Restore snapshot ``to_version`` as a new version of ``model``; returns that version."""
     with ModelLock(client, model, settings):
-        ok, value = Store(client, settings).restore(model, to_version, trip=False)
-    if ok:
-        return int(value)
-    reason = value
+        done = Store(client, settings).restore(model, to_version, trip=False)
+    if done.ok:
+        return done.version
+    reason = done.reason
     if reason == "no-model":
         raise ModelNotInitialisedError(f"model {model!r} does not exist; `itrain models` lists the models")
     if reason == "no-snapshot":
