@@ -335,7 +335,15 @@ def test_every_metric_the_dashboard_queries_is_served(make_model, redis_client) 
     # Then each is a metric the exporter serves, and the dashboard covers what operators watch
     assert queried, "the dashboard queries nothing"
     assert queried <= served, f"not served: {sorted(queried - served)}"
-    for needed in ("loss_ema", "interactions_total", "failures_total", "lock_wait", "lock_hold", "queue"):
+    for needed in (
+        "loss_ema",
+        "interactions_total",
+        "failures_total",
+        "lock_wait",
+        "lock_hold",
+        "queue",
+        "eval_logloss",
+    ):
         assert any(needed in name for name in queried), needed
 
 
