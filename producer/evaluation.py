@@ -129,10 +129,11 @@ def eval_report(
     single = outputs == 1
     report = {"window": int(cap) if cap else None, **_scope(records, single), "total": metrics(info["total"])}
     names: list[str] = info["actions"]
+    grouped: dict[str, list[Record]] = {}
+    for r in records:  # one pass over the window, whatever the number of actions
+        grouped.setdefault(names[int(r[6])], []).append(r)
     by_action: dict[str, Any] = {}
     for name, sums in sorted(info["by_action"].items()):
-        idx = names.index(name) if name in names else -1
-        scope = _scope([r for r in records if int(r[6]) == idx], single)
-        by_action[name] = {**scope, "total": metrics(sums)}
+        by_action[name] = {**_scope(grouped.get(name, []), single), "total": metrics(sums)}
     report["by_action"] = by_action
     return report

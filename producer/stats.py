@@ -30,8 +30,9 @@ def guard_report(
 ) -> dict[str, Any]:
     """``eval["guard"]`` of ``itrain stats``: its window and ratio (``None`` without a guard), whether
     training is paused, the trips so far and the reference (best recent snapshot) it compares to."""
-    window, ratio = (guard or b"").split() or (None, None)
-    loss, version = (ref or b"").split() or (None, None)
+    parts, refs = (guard or b"").split(), (ref or b"").split()
+    window, ratio = parts[:2] if len(parts) >= 2 else (None, None)
+    loss, version = refs if len(refs) == 2 else (None, None)
     return {
         "window": int(window) if window else None,
         "ratio": float(ratio) if ratio else None,

@@ -56,11 +56,12 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     config = ModelConfig(
         hidden=args.hidden, outputs=args.outputs, lr=args.lr, clip=args.clip, seed=args.seed, mode=args.mode
     )
+    guard = _guard_args(args.guard_window, args.guard_ratio)
     store = Store(connect(settings.store, settings.publish_timeout), settings)
     if args.exist_ok and not args.force and args.model in store.models():
-        out.print(f"model [bold]{args.model}[/] exists; left unchanged")
+        note = " (its guard too: `itrain guard` changes one)" if guard else ""
+        out.print(f"model [bold]{args.model}[/] exists; left unchanged{note}")
         return 0
-    guard = _guard_args(args.guard_window, args.guard_ratio)
     version = store.create(args.model, Checkpoint.initial(config), force=args.force)
     out.print(
         f"model [bold]{args.model}[/] initialised at version {version}: "
@@ -95,8 +96,8 @@ def cmd_guard(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigurationError("give --window W --ratio R, or --off")
     set_guard(client, args.model, guard, settings)
     out.print(
-        f"model {args.model}: guard set (window {guard.window} events, ratio {guard.ratio:g}); it arms at "
-        "the next snapshot taken with that window full"
+        f"model {args.model}: guard set (window {guard.window} events, ratio {guard.ratio:g}); a new "
+        "baseline: it arms at the next snapshot taken with that window full"
     )
     return 0
 
@@ -138,18 +139,9 @@ def print_stats(stats: dict[str, Any]) -> None:
         elif key == "redis_memory_used":
             value = f"{value} B ({_mib(value)})"
         elif key == "eval" and value is not None:
-            value = _eval_text(value)
-        elif key == "guard" and value is not None:
-            value = (
-                (
-                    "none"
-                    if value["window"] is None
-                    else f"window {value['window']}, ratio {value['ratio']:g}, reference "
-                    f"{_fmt(value['reference_loss'])} (snapshot {value['reference_version'] or '-'})"
-                )
-                + f", trips {value['trips']}"
-                + (", PAUSED" if value["paused"] else "")
-            )
+            table.add_row("eval", Text(_eval_text(value)))
+            table.add_row("guard", Text(_guard_text(value["guard"])))
+            continue
         elif isinstance(value, float):
             value = f"{value:.6f}"
         table.add_row(key, Text("-" if value is None else str(value)))  # Text: no markup read
@@ -202,7 +194,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     for name in store.models():
         s = read_stats(client, name)
         ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
-        ev = _fmt(s["eval"]["logloss"]) + (" (paused)" if s["eval"]["guard"]["paused"] else "")
+        ev = "-" if s["eval"] is None else _fmt(s["eval"]["logloss"])
+        if s["eval"] is not None and s["eval"]["guard"]["paused"]:
+            ev += " (paused)"
         updated = client.hget(ModelKeys(name).ckpt, "updated_at")
         when = "-" if updated is None else f"{datetime.fromtimestamp(float(updated), UTC):%Y-%m-%d %H:%M:%S}"
         shown = Text(terminal_safe(name))  # (names written by other tools may hold anything)

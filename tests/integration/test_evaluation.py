@@ -14,14 +14,18 @@ import pytest
 from producer.events import InteractionData
 from producer.settings import Settings
 from producer.stats import read_stats
-from tests.helpers import raw_event
+from tests.helpers import make_interaction, raw_event
 from tests.integration.test_run_messages import batch_message, new_id
 from worker.consume import runtime
 from worker.consume.runtime import Runtime, run_messages
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.features import featurize
+from worker.engine.guard import Guard
 from worker.engine.mlp import PerEventSGD, forward, sigmoid
 from worker.engine.targets import make_target
+from worker.engine.trainer import Job, Trainer
+from worker.store.guard import set_guard
+from worker.store.model_store import Store
 
 WINDOW = 5
 
@@ -160,3 +164,44 @@ def test_a_new_model_has_no_eval_and_multi_output_has_no_auc(small_window, make_
     # Accuracy counts each output whose target is 0 or 1: 8 of them here
     assert ev["accuracy"] * 8 == pytest.approx(round(ev["accuracy"] * 8))
     assert np.isfinite(ev["mse"])
+
+
+@pytest.mark.parametrize("mode", ["per_event", "minibatch"])
+def test_two_workers_alternating_keep_one_evaluation(mode, small_window, make_model, redis_client) -> None:
+    """Two trainers (two workers' caches) take turns on one model: the evaluation each commits
+    continues the other's, and equals the losses the results report (each event scored before
+    its update), in both modes."""
+    settings = small_window.settings
+    model = make_model(lr=0.3, mode=mode)
+    workers = [Trainer(Store(redis_client, settings), settings) for _ in range(2)]
+    losses: list[tuple[int, float]] = []
+    sizes = [3, 1, 4, 2, 7, 1, 1, 5]
+    k = 0
+    for turn, n in enumerate(sizes):
+        jobs = [Job(f"t{k + i}", make_interaction(model=model, i=k + i, tag="alt")) for i in range(n)]
+        k += n
+        outcomes = workers[turn % 2].train(jobs)
+        losses += [(o.result["step"], o.result["loss"]) for o in outcomes]
+    ordered = [loss for _, loss in sorted(losses)]
+    ev = read_stats(redis_client, model)["eval"]
+    assert ev["total"]["count"] == len(ordered) == read_stats(redis_client, model)["step"]
+    assert ev["total"]["logloss"] == pytest.approx(sum(ordered) / len(ordered), abs=1e-12)
+    assert ev["count"] == WINDOW
+    assert ev["logloss"] == pytest.approx(sum(ordered[-WINDOW:]) / WINDOW, abs=1e-12)
+
+
+def test_a_guard_set_while_a_worker_holds_the_model_reaches_it(
+    small_window, make_model, redis_client
+) -> None:
+    """A worker's cached checkpoint is refreshed when a guard is set (its id changes): the
+    worker's next commit counts the window from the restart, not from its stale copy."""
+    settings = small_window.settings
+    model = make_model()
+    worker = Trainer(Store(redis_client, settings), settings)
+    worker.train([Job(f"a{i}", make_interaction(model=model, i=i, tag="a")) for i in range(4)])
+    assert read_stats(redis_client, model)["eval"]["count"] == 4
+    set_guard(redis_client, model, Guard(3, 2.0), settings)
+    assert read_stats(redis_client, model)["eval"]["count"] == 0
+    worker.train([Job(f"b{i}", make_interaction(model=model, i=i, tag="b")) for i in range(2)])
+    ev = read_stats(redis_client, model)["eval"]
+    assert (ev["count"], ev["total"]["count"], ev["guard"]["window"]) == (2, 6, 3)

@@ -8,12 +8,15 @@ checkpoint's ``guard_ref``). When the window's loss exceeds R times the referenc
 trips: the trainer refuses the batch, rolls the model back to that snapshot and pauses it, in one
 fenced write (``worker.store.guard``), until ``itrain resume``.
 
-A guard arms once a snapshot taken with a full guard window exists; the window restarts after a
-trip, a rollback and a resume, so the old losses never trip it again.
+Setting a guard (``itrain guard``, even with the same values) starts a new *baseline*: its epoch
+rises, and only snapshots measured under that epoch can be its reference, so a guard arms at the
+first snapshot taken with its window full after it was set. A resume keeps the baseline. The window
+restarts after a trip, a rollback and a resume, so the old losses never trip it again.
 
 Stored in the checkpoint hash as plain strings (Lua reads them without a JSON parser):
-``guard`` = ``"W R"``, ``guard_loss`` = ``"loss W"`` (written by each commit of a guarded model),
-``guard_ref`` = ``"loss version"``, ``paused`` = ``"1"``, ``trips`` = count.
+``guard`` = ``"W R E"`` (E the epoch, written by ``guard.lua``), ``guard_loss`` = ``"loss W:E"``
+(written by each commit of a guarded model), ``guard_ref`` = ``"loss version"``, ``paused`` =
+``"1"``, ``trips`` = count.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Guard:
 
     window: int
     ratio: float
+    #: The baseline's number (``guard.lua`` raises it each time a guard is set).
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.window <= MAX_WINDOW:
@@ -46,7 +51,13 @@ class Guard:
             )
 
     def encode(self) -> str:
+        """``"W R"``: ``guard.lua`` appends the new epoch."""
         return f"{self.window} {self.ratio!r}"
+
+    @property
+    def baseline(self) -> str:
+        """``"W:E"``: what a commit's ``guard_loss`` and a snapshot's are measured under."""
+        return f"{self.window}:{self.epoch}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +74,9 @@ def _text(raw: bytes | str | None) -> str:
 
 def parse_guard(raw: bytes | str | None) -> Guard | None:
     parts = _text(raw).split()
-    return Guard(int(parts[0]), float(parts[1])) if len(parts) == 2 else None
+    if len(parts) not in (2, 3):
+        return None
+    return Guard(int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
 
 
 def parse_reference(raw: bytes | str | None) -> Reference | None:

@@ -382,7 +382,6 @@ class Trainer:
             if not isinstance(found, list):  # (a model that does not exist gets no keys at all)
                 self._record_timing(model, lock.waited, held, len(jobs))
             if isinstance(found, BatchPlan):
-                self._maybe_snapshot(found)
                 return self._answer(found)
             if found is not None:
                 return found
@@ -413,7 +412,12 @@ class Trainer:
         ref, loss = read.guard_ref, update.guard_loss if update is not None else None
         if loss is not None and ref is not None and tripped(batch.base.guard, loss, ref):
             return self._trip(batch, ref, loss)
-        return batch if self._commit(batch, update) else None
+        if not self._commit(batch, update):
+            return None
+        # Under the lock (once per ITRAIN_SNAPSHOT_EVERY steps): a guard's trip, which reads the
+        # reference snapshot under the lock too, never races a snapshot that replaces it.
+        self._maybe_snapshot(batch)
+        return batch
 
     def _commit(self, batch: BatchPlan, update: EvalUpdate | None) -> bool:
         """The fenced commit of what ``step`` trained, with its history, counters, dead letters and
@@ -580,7 +584,7 @@ class Trainer:
 
     def _maybe_snapshot(self, batch: BatchPlan) -> None:
         """A snapshot of the checkpoint when this commit crossed a multiple of
-        ``ITRAIN_SNAPSHOT_EVERY`` steps (after the lock: the copy is one atomic script)."""
+        ``ITRAIN_SNAPSHOT_EVERY`` steps (one atomic script, run under the lock)."""
         before, after = batch.base.step, batch.base.step + len(batch.trained)
         if due(before, after, self.settings.snapshot_every):
             version = take_snapshot(self.store.client, batch.model, self.settings.snapshot_keep)

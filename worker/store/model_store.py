@@ -165,9 +165,8 @@ class Store:
         ]
         if evaluation is not None:
             ev = evaluation.state
-            loss = evaluation.guard_loss
-            window = expected.guard.window if expected.guard else 0
-            guard_loss = "" if loss is None else f"{loss!r} {window}"
+            loss, guard = evaluation.guard_loss, expected.guard
+            guard_loss = "" if loss is None or guard is None else f"{loss!r} {guard.baseline}"
             args.extend((evaluation.json, ev.wn, ev.cap, guard_loss, len(evaluation.segments)))
         else:
             args.extend(("", 0, 0, "", 0))

@@ -16,7 +16,7 @@
 -- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
 -- ARGV[13] n_dead           ARGV[14] the new cid
 -- ARGV[15] the online evaluation's JSON (producer.evaluation)    ARGV[16] eval_wn
--- ARGV[17] eval_cap         ARGV[18] guard_loss ('loss window', '' when none)
+-- ARGV[17] eval_cap         ARGV[18] guard_loss ('loss W:E', '' when none)
 -- ARGV[19] n_segments, the ring's changed runs
 -- ARGV[20...] then n marker fields (producer.keys.marker_field of each event id), n_actions
 --          (name, count) pairs, n_history entries (newest last), n_dead entries and n_segments

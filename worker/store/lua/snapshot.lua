@@ -8,7 +8,8 @@
 -- The copy is of one checkpoint, read and written in one script: weights never without their
 -- version and step. A version already snapshotted is not copied again.
 -- Then the guard's reference (worker.engine.guard) is made again from the kept snapshots: the
--- lowest guard_loss measured over the model's current guard window, as 'loss version'.
+-- lowest guard_loss measured under the model's current guard (its window and epoch, 'W:E'), as
+-- 'loss version'.
 -- Returns the snapshotted version, or false when the model has no checkpoint.
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return false end
@@ -28,11 +29,12 @@ local guard = redis.call('HGET', KEYS[1], 'guard')
 local gen = redis.call('HGET', KEYS[1], 'gen')
 local best, best_text = nil, nil
 if guard then
-  local window = string.match(guard, '^(%S+)')
+  local window, epoch = string.match(guard, '^(%S+) %S+ (%S+)$')
+  local baseline = (window or '') .. ':' .. (epoch or '')
   for _, sv in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
     local g = redis.call('HMGET', ARGV[1] .. sv, 'guard_loss', 'gen')
     local loss, w = string.match(g[1] or '', '^(%S+) (%S+)$')
-    if loss and w == window and g[2] == gen and (best == nil or tonumber(loss) < best) then
+    if loss and w == baseline and g[2] == gen and (best == nil or tonumber(loss) < best) then
       best, best_text = tonumber(loss), loss .. ' ' .. sv
     end
   end
