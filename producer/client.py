@@ -130,7 +130,7 @@ class TrainingClient:
         """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
 
         Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``) and all
-        messages go to Redis in one pipelined round trip. Each chunk has one result, and each
+        messages go to Redis in one ``LPUSH`` (all or none). Each chunk has one result, and each
         event's handle (id ``<chunk id>:<index>``) reads its entry of it (``producer.chunks``).
         All or nothing: an invalid event or a full queue raises before anything is sent.
         ``results=False``: fire-and-forget, as ``train_step(..., result=False)``, for every event.
