@@ -88,13 +88,17 @@ def event_meta(chunk: dict[str, Any], index: int, task_id: str) -> dict[str, Any
     }
 
 
-def event_state(chunk: dict[str, Any], index: int, task_id: str) -> tuple[Any, Any]:
+def event_state(
+    chunk: dict[str, Any], index: int, task_id: str, *, checked: bool | None = None
+) -> tuple[Any, Any]:
     """(status, result) of event ``index`` in its chunk's decoded meta: the parts of its
-    ``event_meta`` that ``TrainingClient.wait_all`` reads, without building the rest."""
+    ``event_meta`` that ``TrainingClient.wait_all`` reads, without building the rest.
+    ``checked``: ``is_chunk_result(chunk)`` when the caller knows it already (it reads many
+    events of one chunk)."""
     status = chunk.get("status")
     if status != "SUCCESS":
         return status, chunk.get("result")  # the whole message failed (or is not ready): so did every event
-    if not is_chunk_result(chunk):
+    if not (is_chunk_result(chunk) if checked is None else checked):
         return "FAILURE", _not_a_chunk(task_id)
     body = chunk["result"]
     if not 0 <= index < len(body["ids"]):

@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
-from producer.chunks import event_state
+from producer.chunks import event_state, is_chunk_result
 from producer.errors import (
     BrokerFullError,
     ConfigurationError,
@@ -219,6 +219,7 @@ class TrainingClient:
                 except _UNREACHABLE as exc:
                     raise PublishError(f"cannot reach {redact_url(self.settings.backend)}: {exc}") from exc
                 stored = {k: orjson.loads(v) for k, v in zip(wanted, values, strict=True) if v is not None}
+                chunk_form = {k: is_chunk_result(meta) for k, meta in stored.items()}  # once a chunk
                 for i in part:
                     meta = stored.get(keys[i])
                     if meta is None:
@@ -226,7 +227,7 @@ class TrainingClient:
                         continue
                     h = handles[i]
                     if isinstance(h, ChunkHandle):
-                        status, result = event_state(meta, h.index, h.id)
+                        status, result = event_state(meta, h.index, h.id, checked=chunk_form[keys[i]])
                     else:
                         status, result = meta.get("status"), meta.get("result")
                     if status == "SUCCESS":
