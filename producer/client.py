@@ -285,6 +285,11 @@ class TrainingClient:
         large contexts weigh ~20 KB)."""
         max_bytes = self.settings.max_message_bytes
         limit = batch_budget(max_bytes)
+        size_cap = self.settings.chunk_size
+        if encoded and (max(map(len, encoded)) + event_weight(b"", max_bytes)) * size_cap <= limit:
+            # No chunk of the heaviest events could reach the byte budget (the common case):
+            # every chunk is ITRAIN_CHUNK_SIZE events, as the loop below would cut them.
+            return [(a, min(a + size_cap, len(encoded))) for a in range(0, len(encoded), size_cap)]
         bounds: list[tuple[int, int]] = []
         start, size = 0, 0
         for i, data in enumerate(encoded):
