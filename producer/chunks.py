@@ -29,6 +29,7 @@ __all__ = [
     "event_meta",
     "event_state",
     "handle_id",
+    "handle_ids",
     "is_chunk_result",
     "merge_chunk",
     "parse_handle_id",
@@ -40,6 +41,12 @@ _SEPARATOR = ":"
 def handle_id(chunk_id: str, index: int) -> str:
     """The id of the handle of event ``index`` of chunk ``chunk_id``."""
     return f"{chunk_id}{_SEPARATOR}{index}"
+
+
+def handle_ids(chunk_id: str, n: int) -> list[str]:
+    """The ids of the handles of all ``n`` events of chunk ``chunk_id``, in order."""
+    prefix = chunk_id + _SEPARATOR
+    return [prefix + str(i) for i in range(n)]
 
 
 def parse_handle_id(value: str) -> tuple[str, int] | None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
-from producer.chunks import handle_id
+from producer.chunks import handle_id, handle_ids
 from producer.errors import InvalidEventError
 from producer.events import EVENT_LIST, InteractionData, describe_validation_error
 
@@ -189,7 +189,7 @@ def split_batch(args: list[Any], task_id: str) -> list[tuple[Any, Any]]:
     if is_chunk(args):
         (events,) = args
         _check_batch_size(len(events))
-        return [(handle_id(task_id, i), event) for i, event in enumerate(events)]
+        return list(zip(handle_ids(task_id, len(events)), events, strict=True))
     if len(args) != 2 or not isinstance(args[0], list) or not isinstance(args[1], list):
         raise InvalidEventError(
             "itrain.train_batch takes a list of events, or a list of ids and a list of events"

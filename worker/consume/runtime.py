@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.chunks import handle_id
+from producer.chunks import handle_ids
 from producer.errors import DeliveryLimitError, EventProcessingError, InvalidEventError
 from producer.events import InteractionData
 from producer.protocol import TASK_TRAIN_BATCH
@@ -179,7 +179,8 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         events = read_chunk(msg, settings.max_message_bytes)
         if events is not None and plain_chunk(msg.task_id, len(events)):
             plan.chunks[m] = len(events)
-            _add(plan, m, [Job(handle_id(msg.task_id, i), e) for i, e in enumerate(events)], late)
+            ids = handle_ids(msg.task_id, len(events))
+            _add(plan, m, list(map(Job._make, zip(ids, events, strict=True))), late)
             return
     try:
         args = decode_args(msg, settings.max_message_bytes)
