@@ -11,6 +11,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -195,8 +196,29 @@ class _Dicts:
         model: NotRequired[ModelName]
 
 
+#: An epoch number in range, checked by pydantic without a call into Python.
+_EpochSeconds = Annotated[float, Strict(), Field(ge=0, le=_MAX_EPOCH, allow_inf_nan=False)]
+
+
+class _FastDicts:
+    """``_Dicts`` with epoch numbers checked natively first: accepts exactly what ``_Dicts``
+    accepts (anything else goes on to ``_Dicts``' own validator), but its errors tell of both
+    alternatives; ``check_dicts`` reports those of ``_Dicts`` instead."""
+
+    @with_config(ConfigDict(extra="forbid"))
+    class InteractionData(TypedDict):
+        event_id: NotRequired[EventId]
+        user_id: UserId
+        action_type: ActionType
+        timestamp: Annotated[_EpochSeconds | CheckedTimestamp, Field(union_mode="left_to_right")]
+        context: NotRequired[Context]
+        label: NotRequired[Label]
+        model: NotRequired[ModelName]
+
+
 _DICT = TypeAdapter(_Dicts.InteractionData)
 _DICT_LIST = TypeAdapter(list[_Dicts.InteractionData])
+_FAST_DICT_LIST = TypeAdapter(list[_FastDicts.InteractionData])
 
 
 def check_dict(event: dict[str, Any]) -> None:
@@ -206,7 +228,10 @@ def check_dict(event: dict[str, Any]) -> None:
 
 def check_dicts(events: list[dict[str, Any]]) -> None:
     """Raise ``ValidationError`` exactly when ``EVENT_LIST.validate_python(events)`` would."""
-    _DICT_LIST.validate_python(events)
+    try:
+        _FAST_DICT_LIST.validate_python(events)
+    except ValidationError:
+        _DICT_LIST.validate_python(events)  # raises the model's own errors
 
 
 def event_json_schema() -> dict[str, Any]:
