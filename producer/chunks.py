@@ -27,7 +27,9 @@ from typing import Any
 __all__ = [
     "chunk_result",
     "event_meta",
+    "event_state",
     "handle_id",
+    "handle_ids",
     "is_chunk_result",
     "merge_chunk",
     "parse_handle_id",
@@ -39,6 +41,12 @@ _SEPARATOR = ":"
 def handle_id(chunk_id: str, index: int) -> str:
     """The id of the handle of event ``index`` of chunk ``chunk_id``."""
     return f"{chunk_id}{_SEPARATOR}{index}"
+
+
+def handle_ids(chunk_id: str, n: int) -> list[str]:
+    """The ids of the handles of all ``n`` events of chunk ``chunk_id``, in order."""
+    prefix = chunk_id + _SEPARATOR
+    return [prefix + str(i) for i in range(n)]
 
 
 def parse_handle_id(value: str) -> tuple[str, int] | None:
@@ -76,28 +84,37 @@ def is_chunk_result(meta: Any) -> bool:
 
 def event_meta(chunk: dict[str, Any], index: int, task_id: str) -> dict[str, Any]:
     """The Celery meta of event ``index``, read from its chunk's decoded meta."""
-    meta: dict[str, Any] = {
-        "status": chunk.get("status"),
-        "result": chunk.get("result"),
+    status, result = event_state(chunk, index, task_id)
+    return {
+        "status": status,
+        "result": result,
         "traceback": None,
         "children": [],
         "date_done": chunk.get("date_done"),
         "task_id": task_id,
     }
-    if meta["status"] != "SUCCESS":
-        return meta  # the whole message failed (or the chunk is not ready): so did every event
-    if not is_chunk_result(chunk):
-        meta.update(status="FAILURE", result=_not_a_chunk(task_id))
-        return meta
+
+
+def event_state(
+    chunk: dict[str, Any], index: int, task_id: str, *, checked: bool | None = None
+) -> tuple[Any, Any]:
+    """(status, result) of event ``index`` in its chunk's decoded meta: the parts of its
+    ``event_meta`` that ``TrainingClient.wait_all`` reads, without building the rest.
+    ``checked``: ``is_chunk_result(chunk)`` when the caller knows it already (it reads many
+    events of one chunk)."""
+    status = chunk.get("status")
+    if status != "SUCCESS":
+        return status, chunk.get("result")  # the whole message failed (or is not ready): so did every event
+    if not (is_chunk_result(chunk) if checked is None else checked):
+        return "FAILURE", _not_a_chunk(task_id)
     body = chunk["result"]
     if not 0 <= index < len(body["ids"]):
-        meta.update(status="FAILURE", result=_not_a_chunk(task_id))
-        return meta
+        return "FAILURE", _not_a_chunk(task_id)
     entry = body["results"][index]
     if isinstance(entry, list):
         model = body["model"] if isinstance(body["model"], str) else body["model"][index]
         step, version, loss = entry
-        meta["result"] = {
+        trained = {
             "status": "trained",
             "model": model,
             "event_id": body["ids"][index],
@@ -105,14 +122,12 @@ def event_meta(chunk: dict[str, Any], index: int, task_id: str) -> dict[str, Any
             "version": version,
             "loss": loss,
         }
-    elif isinstance(entry, dict) and "exc_type" in entry:
-        meta.update(status="FAILURE", result=entry)
-    elif entry is None:
-        meta["status"] = "PENDING"  # not answered (never written by a worker of this version)
-        meta["result"] = None
-    else:
-        meta["result"] = entry
-    return meta
+        return "SUCCESS", trained
+    if isinstance(entry, dict) and "exc_type" in entry:
+        return "FAILURE", entry
+    if entry is None:
+        return "PENDING", None  # not answered (never written by a worker of this version)
+    return "SUCCESS", entry
 
 
 def merge_chunk(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:

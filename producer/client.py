@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import make_celery
-from producer.chunks import event_meta
+from producer.chunks import event_state, is_chunk_result
 from producer.errors import (
     BrokerFullError,
     ConfigurationError,
@@ -32,7 +32,6 @@ from producer.protocol import (
     TASK_TRAIN_STEP,
     EnvelopeTemplate,
     batch_budget,
-    encode_envelope,
     event_weight,
     new_task_id,
     result_key,
@@ -88,6 +87,10 @@ class TrainingClient:
             ignore: EnvelopeTemplate(TASK_TRAIN_STEP, base.queue, ignore_result=ignore)
             for ignore in (False, True)
         }
+        self._batch_templates = {
+            ignore: EnvelopeTemplate(TASK_TRAIN_BATCH, base.queue, ignore_result=ignore)
+            for ignore in (False, True)
+        }
         self._linger = (
             Linger(
                 self._push_one,
@@ -127,7 +130,7 @@ class TrainingClient:
         """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
 
         Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``) and all
-        messages go to Redis in one pipelined round trip. Each chunk has one result, and each
+        messages go to Redis in one ``LPUSH`` (all or none). Each chunk has one result, and each
         event's handle (id ``<chunk id>:<index>``) reads its entry of it (``producer.chunks``).
         All or nothing: an invalid event or a full queue raises before anything is sent.
         ``results=False``: fire-and-forget, as ``train_step(..., result=False)``, for every event.
@@ -135,23 +138,17 @@ class TrainingClient:
         items = list(events)
         if not items:
             return []
-        payloads, encoded = _payloads(items)
-        queue, app, ignored = self.settings.queue, self.app, not results
+        _, encoded = _payloads(items)
+        app, ignored = self.app, not results
+        template = self._batch_templates[ignored]
         envelopes: list[bytes] = []
         handles: list[AsyncResult] = []
         for a, b in self._chunks(encoded):
-            # One result for the chunk, under its message id (``producer.chunks``).
+            # One result for the chunk, under its message id (``producer.chunks``). The message's
+            # one argument, the list of events, is joined from each event's JSON made above.
             chunk = Chunk(new_task_id(), app)
-            envelopes.append(
-                encode_envelope(
-                    TASK_TRAIN_BATCH,
-                    chunk.id,
-                    [payloads[a:b]],
-                    queue,
-                    argsrepr=f"[{b - a} events]",
-                    ignore_result=ignored,
-                )
-            )
+            args = b"[[" + b",".join(encoded[a:b]) + b"]]"
+            envelopes.append(template.fill(chunk.id, args, f"[{b - a} events]"))
             handles.extend(ChunkHandle(chunk, i, ignored=ignored) for i in range(b - a))
         self._push(envelopes)
         return handles
@@ -209,28 +206,36 @@ class TrainingClient:
         backend = self.app.backend
         results: list[Any] = [_PENDING] * len(handles)
         pending = list(range(len(handles)))
+        keys = [_key(h) for h in handles]  # once, not on every poll
         deadline = time.monotonic() + timeout
         while pending:
             still: list[int] = []
             for start in range(0, len(pending), 5000):
                 part = pending[start : start + 5000]
                 # The handles of one chunk share its key: each key is read and decoded once.
-                keys = list(dict.fromkeys(_key(handles[i]) for i in part))
+                wanted = list(dict.fromkeys([keys[i] for i in part]))
                 try:
-                    values = self._results.mget(keys)
+                    values = self._results.mget(wanted)
                 except _UNREACHABLE as exc:
                     raise PublishError(f"cannot reach {redact_url(self.settings.backend)}: {exc}") from exc
-                stored = {k: orjson.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+                stored = {k: orjson.loads(v) for k, v in zip(wanted, values, strict=True) if v is not None}
+                chunk_form = {k: is_chunk_result(meta) for k, meta in stored.items()}  # once a chunk
                 for i in part:
-                    meta = stored.get(_key(handles[i]))
-                    if meta is not None and isinstance(handles[i], ChunkHandle):
-                        meta = event_meta(meta, handles[i].index, handles[i].id)
-                    if meta is None or meta.get("status") not in ("SUCCESS", "FAILURE"):
+                    meta = stored.get(keys[i])
+                    if meta is None:
                         still.append(i)
-                    elif meta["status"] == "SUCCESS":
-                        results[i] = meta["result"]
+                        continue
+                    h = handles[i]
+                    if isinstance(h, ChunkHandle):
+                        status, result = event_state(meta, h.index, h.id, checked=chunk_form[keys[i]])
                     else:
-                        results[i] = backend.exception_to_python(meta["result"])
+                        status, result = meta.get("status"), meta.get("result")
+                    if status == "SUCCESS":
+                        results[i] = result
+                    elif status == "FAILURE":
+                        results[i] = backend.exception_to_python(result)
+                    else:
+                        still.append(i)
             pending = still
             if pending:
                 if time.monotonic() > deadline:
@@ -280,6 +285,11 @@ class TrainingClient:
         large contexts weigh ~20 KB)."""
         max_bytes = self.settings.max_message_bytes
         limit = batch_budget(max_bytes)
+        size_cap = self.settings.chunk_size
+        if encoded and (max(map(len, encoded)) + event_weight(b"", max_bytes)) * size_cap <= limit:
+            # No chunk of the heaviest events could reach the byte budget (the common case):
+            # every chunk is ITRAIN_CHUNK_SIZE events, as the loop below would cut them.
+            return [(a, min(a + size_cap, len(encoded))) for a in range(0, len(encoded), size_cap)]
         bounds: list[tuple[int, int]] = []
         start, size = 0, 0
         for i, data in enumerate(encoded):
@@ -302,15 +312,10 @@ class TrainingClient:
 
         def push() -> None:
             self._check_queue()
-            if len(envelopes) == 1:
-                self._sender.execute("LPUSH", queue, envelopes[0])
-                return
-            # MULTI/EXEC: all messages or none, so a retry after an error cannot send one twice.
-            # kombu's Redis transport consumes with BRPOP, so LPUSH keeps arrival order.
-            pipe = self._broker.pipeline(transaction=True)
-            for envelope in envelopes:
-                pipe.lpush(queue, envelope)
-            pipe.execute()
+            # One LPUSH for all: every message or none (a retry after an error cannot send one
+            # twice), and one command for Redis to run. LPUSH of several values pushes them in
+            # turn, and kombu's Redis transport consumes with BRPOP: arrival order is kept.
+            self._sender.execute("LPUSH", queue, *envelopes)
 
         self._publish(push)
 

@@ -11,6 +11,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -95,6 +96,24 @@ def _timestamp(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
     # One Python call for the whole field (a before and an after validator cost twice that):
     # numbers are epoch seconds, always (pydantic would read large ones as milliseconds), a
     # number in a string too; anything else is pydantic's to parse; the result is in UTC.
+    # First the common case, an int or float in range, by exact type (a third of the field's
+    # cost went to the isinstance checks below); NaN fails the comparison and goes on.
+    kind = type(value)
+    if (kind is float or kind is int) and 0 <= value <= _MAX_EPOCH:
+        return datetime.fromtimestamp(value, tz=UTC)
+    return _timestamp_other(value, handler)
+
+
+def _timestamp_checked(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # ``_timestamp`` for a check whose result is thrown away (``check_dicts``): an epoch number in
+    # range is accepted as it is, since building its datetime cannot fail (0 to 9999-12-31).
+    kind = type(value)
+    if (kind is float or kind is int) and 0 <= value <= _MAX_EPOCH:
+        return value
+    return _timestamp_other(value, handler)
+
+
+def _timestamp_other(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
     if isinstance(value, bool):
         raise ValueError("timestamp must be a datetime or epoch seconds, not a boolean")
     if isinstance(value, int | float):
@@ -115,6 +134,8 @@ EventId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 ActionType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Timestamp = Annotated[datetime, WrapValidator(_timestamp)]
+#: ``Timestamp`` for ``check_dicts``: accepts exactly the same values, builds no datetime.
+CheckedTimestamp = Annotated[datetime, WrapValidator(_timestamp_checked)]
 Context = Annotated[dict[ContextKey, ContextValue] | None, Field(max_length=CONTEXT_MAX_ENTRIES)]
 Label = Probability | Annotated[list[Probability], Field(min_length=1, max_length=LABEL_MAX_OUTPUTS)] | None
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
@@ -169,7 +190,27 @@ class _Dicts:
         event_id: NotRequired[EventId]
         user_id: UserId
         action_type: ActionType
-        timestamp: Timestamp
+        timestamp: CheckedTimestamp
+        context: NotRequired[Context]
+        label: NotRequired[Label]
+        model: NotRequired[ModelName]
+
+
+#: An epoch number in range, checked by pydantic without a call into Python.
+_EpochSeconds = Annotated[float, Strict(), Field(ge=0, le=_MAX_EPOCH, allow_inf_nan=False)]
+
+
+class _FastDicts:
+    """``_Dicts`` with epoch numbers checked natively first: accepts exactly what ``_Dicts``
+    accepts (anything else goes on to ``_Dicts``' own validator), but its errors tell of both
+    alternatives; ``check_dicts`` reports those of ``_Dicts`` instead."""
+
+    @with_config(ConfigDict(extra="forbid"))
+    class InteractionData(TypedDict):
+        event_id: NotRequired[EventId]
+        user_id: UserId
+        action_type: ActionType
+        timestamp: Annotated[_EpochSeconds | CheckedTimestamp, Field(union_mode="left_to_right")]
         context: NotRequired[Context]
         label: NotRequired[Label]
         model: NotRequired[ModelName]
@@ -177,6 +218,7 @@ class _Dicts:
 
 _DICT = TypeAdapter(_Dicts.InteractionData)
 _DICT_LIST = TypeAdapter(list[_Dicts.InteractionData])
+_FAST_DICT_LIST = TypeAdapter(list[_FastDicts.InteractionData])
 
 
 def check_dict(event: dict[str, Any]) -> None:
@@ -186,7 +228,10 @@ def check_dict(event: dict[str, Any]) -> None:
 
 def check_dicts(events: list[dict[str, Any]]) -> None:
     """Raise ``ValidationError`` exactly when ``EVENT_LIST.validate_python(events)`` would."""
-    _DICT_LIST.validate_python(events)
+    try:
+        _FAST_DICT_LIST.validate_python(events)
+    except ValidationError:
+        _DICT_LIST.validate_python(events)  # raises the model's own errors
 
 
 def event_json_schema() -> dict[str, Any]:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from producer.chunks import chunk_result, event_meta, handle_id, is_chunk_result, merge_chunk, parse_handle_id
+import pytest
+
+from producer.chunks import (
+    chunk_result,
+    event_meta,
+    event_state,
+    handle_id,
+    handle_ids,
+    is_chunk_result,
+    merge_chunk,
+    parse_handle_id,
+)
 
 FAILED = {"exc_type": "InvalidEventError", "exc_message": ["timestamp: bad"], "exc_module": "producer.errors"}
 DUPLICATE = {"status": "duplicate", "model": "m", "event_id": "e2"}
@@ -71,3 +82,32 @@ def test_merge_keeps_every_entry_but_a_trained_one_replacing_a_lesser_one() -> N
     assert merge_chunk(old, other) is None
     # A message that failed whole, then trained: the chunk's result replaces the failure
     assert merge_chunk({"status": "FAILURE", "result": FAILED}, new) == new
+
+
+def test_handle_ids_are_each_handle_id_in_order() -> None:
+    assert handle_ids("c-1", 12) == [handle_id("c-1", i) for i in range(12)]
+    assert [parse_handle_id(v) for v in handle_ids("c-1", 3)] == [("c-1", 0), ("c-1", 1), ("c-1", 2)]
+    assert handle_ids("c-1", 0) == []
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        chunk([[1, 2, 0.5], FAILED, DUPLICATE, None]),
+        chunk([[1, 2, 0.5], [2, 2, 0.25]], models=["a", "b"]),
+        chunk([[1, 2, 0.5]], status="FAILURE"),
+        {"status": "SUCCESS", "result": {"not": "a chunk"}},
+        {"status": "PENDING", "result": None},
+    ],
+    ids=["mixed", "two-models", "failed-chunk", "not-a-chunk", "pending"],
+)
+def test_event_state_is_the_status_and_result_of_event_meta(meta: dict[str, Any]) -> None:
+    """What ``wait_all`` reads of each event is what its full meta says, checked or not."""
+    for i in range(5):
+        task_id = handle_id("c", i)
+        full = event_meta(meta, i, task_id)
+        assert event_state(meta, i, task_id) == (full["status"], full["result"])
+        assert event_state(meta, i, task_id, checked=is_chunk_result(meta)) == (
+            full["status"],
+            full["result"],
+        )

@@ -182,6 +182,26 @@ def test_timestamp_invalid_rejected(value) -> None:
     assert_names(rejected(timestamp=value), "timestamp")
 
 
+def test_timestamp_epoch_numbers_are_fromtimestamp_exactly() -> None:
+    """Epoch numbers (read without pydantic's datetime parsing, by exact type) give exactly
+    ``datetime.fromtimestamp(value, UTC)``, microsecond rounding included; an int subclass that
+    is not a bool takes the general path to the same instant."""
+    # Given floats with every kind of fraction, ints, and the range's ends
+    values = [i * 7_919.123457 + i / 1e7 for i in range(2000)] + [0, 0.0, -0.0, 1, 253_402_300_799]
+    for value in values:
+        # When validated
+        ts = InteractionData(**fields(timestamp=value)).timestamp
+        # Then the same instant and zone as fromtimestamp gives
+        assert ts == datetime.fromtimestamp(value, tz=UTC)
+        assert ts.tzinfo is UTC
+
+    class Seconds(int):
+        pass
+
+    minute = InteractionData(**fields(timestamp=Seconds(60))).timestamp
+    assert minute == datetime(1970, 1, 1, 0, 1, tzinfo=UTC)
+
+
 @pytest.mark.parametrize("text", ["-1", "-86400.5", "30000000000", "1700000000"])
 def test_timestamp_numeric_string_is_epoch_seconds_or_rejected(text) -> None:
     """A numeric string follows the rules of the number: same instant, or rejected like it."""

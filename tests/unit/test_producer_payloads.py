@@ -13,16 +13,19 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from producer.client import _event_json, _payloads
+from producer.client import TrainingClient, _event_json, _payloads
 from producer.events import EVENT_LIST, InteractionData, check_dict, check_dicts
 from producer.protocol import (
     TASK_TRAIN_BATCH,
     TASK_TRAIN_STEP,
     EnvelopeTemplate,
+    batch_budget,
     encode_envelope,
+    event_weight,
     new_task_id,
 )
 from producer.sender import _pack
+from producer.settings import Settings
 from tests.helpers import make_event, make_events
 
 
@@ -170,6 +173,12 @@ VERDICTS = [
     {"timestamp": -1},
     {"timestamp": True},
     {"timestamp": 1e13},
+    {"timestamp": 0},
+    {"timestamp": -0.0},
+    {"timestamp": 253_402_300_799},
+    {"timestamp": 253_402_300_799.5},
+    {"timestamp": 10**400},
+    {"timestamp": float("inf")},
     {"timestamp": "not a time"},
     {"timestamp": None},
     {"timestamp": "-86400.5"},
@@ -236,3 +245,36 @@ def test_invalid_event_raises_validation_error_naming_the_index() -> None:
 )
 def test_sender_packs_commands_as_redis_py_does(args: tuple[object, ...]) -> None:
     assert _pack(args) == b"".join(redis.Connection().pack_command(*args))
+
+
+def _cut_by_weight(encoded: list[bytes], chunk_size: int, max_bytes: int) -> list[tuple[int, int]]:
+    """The rule of ``TrainingClient._chunks``, event by event: at most ``chunk_size`` events and
+    ``batch_budget`` bytes of weight a chunk."""
+    limit = batch_budget(max_bytes)
+    bounds, start, size = [], 0, 0
+    for i, data in enumerate(encoded):
+        weight = event_weight(data, max_bytes)
+        if i > start and (i - start >= chunk_size or size + weight > limit):
+            bounds.append((start, i))
+            start, size = i, 0
+        size += weight
+    bounds.append((start, len(encoded)))
+    return bounds
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 256])
+@pytest.mark.parametrize("max_bytes", [1024, 4096, 1_048_576])
+@pytest.mark.parametrize("sizes", [[10] * 700, [10, 800, 10, 10, 300] * 40, [10] * 5 + [860]])
+def test_chunks_cut_as_the_weight_rule_does(chunk_size: int, max_bytes: int, sizes: list[int]) -> None:
+    """Chunks of equal size where no chunk can reach the byte budget, by weight otherwise: the
+    same bounds as weighing each event."""
+    # Given events of these JSON sizes and a client with these limits
+    encoded = [b"x" * n for n in sizes]
+    client = TrainingClient(
+        settings=Settings(
+            redis_url="redis://127.0.0.1:1/0", chunk_size=chunk_size, max_message_bytes=max_bytes
+        )
+    )
+    # When they are cut into chunks, then the bounds are those of the weight rule
+    assert client._chunks(encoded) == _cut_by_weight(encoded, chunk_size, max_bytes)
+    client.close()

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.chunks import handle_ids
 from producer.errors import DeliveryLimitError, EventProcessingError, InvalidEventError
 from producer.events import InteractionData
 from producer.protocol import TASK_TRAIN_BATCH
@@ -34,8 +35,10 @@ from worker.consume.messages import (
     decode_args,
     is_chunk,
     model_hint,
+    plain_chunk,
     plain_ids,
     printable,
+    read_chunk,
     split_batch,
     validate_event,
     validate_many,
@@ -170,6 +173,15 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
     except InvalidEventError as exc:
         _refuse(plan, m, msg, exc, settings)
         return
+    late = msg.deliveries > settings.max_deliveries
+    if msg.task == TASK_TRAIN_BATCH:
+        # A chunk whose every event is valid (the common case) is read in one call.
+        events = read_chunk(msg, settings.max_message_bytes)
+        if events is not None and plain_chunk(msg.task_id, len(events)):
+            plan.chunks[m] = len(events)
+            ids = handle_ids(msg.task_id, len(events))
+            _add(plan, m, list(map(Job._make, zip(ids, events, strict=True))), late)
+            return
     try:
         args = decode_args(msg, settings.max_message_bytes)
         items = split_batch(args, msg.task_id) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
@@ -181,7 +193,6 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         plan.chunks[m] = len(items)
 
     batch = msg.task == TASK_TRAIN_BATCH
-    late = msg.deliveries > settings.max_deliveries
     try:
         valid = validate_many([payload for _, payload in items])
     except Exception as exc:  # validate_many falls back on its own; this is a bug's safety net
@@ -189,10 +200,9 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         valid = [None] * len(items)
     ids = [task_id for task_id, _ in items]
     if not any(event is None for event in valid) and (not batch or plain_ids(ids)):
-        # Every item valid (the common case): all become jobs, in order, without a check each.
+        # Every item valid: all become jobs, in order, without a check each.
         jobs = [Job(task_id, event) for task_id, event in zip(ids, valid, strict=True) if event is not None]
-        (plan.late if late else plan.jobs).extend(jobs)
-        (plan.late_owner if late else plan.owner).extend([m] * len(jobs))
+        _add(plan, m, jobs, late)
         return
     for (task_id, payload), event in zip(items, valid, strict=True):
         try:
@@ -214,6 +224,12 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
             continue
         (plan.late if late else plan.jobs).append(job)
         (plan.late_owner if late else plan.owner).append(m)
+
+
+def _add(plan: _Plan, m: int, jobs: list[Job], late: bool) -> None:
+    """Jobs of message ``m``, to train, or to answer without training when it came too often."""
+    (plan.late if late else plan.jobs).extend(jobs)
+    (plan.late_owner if late else plan.owner).extend([m] * len(jobs))
 
 
 def _refuse(plan: _Plan, m: int, msg: RawMessage, exc: InvalidEventError, settings: Settings) -> None:
@@ -350,7 +366,8 @@ def _summaries(
         per_message.setdefault(m, []).append(outcome)
     shown: dict[int, str] = {}
     for m, job in zip([*plan.owner, *plan.late_owner], [*plan.jobs, *plan.late], strict=True):
-        shown.setdefault(m, shown_args(job.event))
+        if m not in shown:
+            shown[m] = shown_args(job.event)
     summaries: list[Summary] = []
     for m, msg in enumerate(messages):
         if m in plan.message_error:
