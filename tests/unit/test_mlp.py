@@ -17,6 +17,7 @@ from worker.engine.mlp import (
     loss_and_grad,
     minibatch_step,
     sgd_update,
+    sigmoid,
     unpack,
 )
 
@@ -292,10 +293,12 @@ def test_minibatch_step_returns_pre_update_losses_and_mean_gradient_update() -> 
     per_example = [loss_and_grad(theta, shape, X[i : i + 1], T[i : i + 1])[1] for i in range(6)]
     mean_grad = np.mean(per_example, axis=0)
     # When one mini-batch step is taken
-    new, losses = minibatch_step(theta, shape, X, T, lr, clip)
-    # Then the losses are the per-example pre-update losses
+    P = np.full((6, 2), np.nan)
+    new, losses = minibatch_step(theta, shape, X, T, lr, clip, P)
+    # Then the losses and predictions are the per-example pre-update ones
     assert losses.shape == (6,)
     np.testing.assert_allclose(losses, pre, rtol=1e-12)
+    np.testing.assert_allclose(P, sigmoid(forward(theta, shape, X)[1]), rtol=0, atol=1e-15)
     # And the new weights are one clipped mean-gradient step
     np.testing.assert_allclose(new, theta - lr * clip_by_norm(mean_grad.copy(), clip), rtol=1e-12, atol=1e-15)
     # And the input weights are untouched

@@ -99,15 +99,21 @@ def bce_with_logits(Z: Array, T: Array) -> Array:
     return losses
 
 
-def loss_and_grad(theta: Array, shape: Shape, X: Array, T: Array) -> tuple[Array, Array]:
-    """Per-example losses and the gradient of their mean with respect to ``theta``."""
+def loss_and_grad(
+    theta: Array, shape: Shape, X: Array, T: Array, predictions: Array | None = None
+) -> tuple[Array, Array]:
+    """Per-example losses and the gradient of their mean with respect to ``theta``; the sigmoid
+    outputs go into ``predictions`` when given (a (B, outputs) matrix)."""
     p = unpack(theta, shape)
     B = X.shape[0]
     H, Z = forward(theta, shape, X)
     losses = bce_with_logits(Z, T)
     grad = np.empty_like(theta)
     g = unpack(grad, shape)
-    dZ = (sigmoid(Z) - T) / (shape.outputs * B)  # dL/dz for sigmoid + cross-entropy
+    P = sigmoid(Z)
+    if predictions is not None:
+        predictions[...] = P
+    dZ = (P - T) / (shape.outputs * B)  # dL/dz for sigmoid + cross-entropy
     g.W2[...] = dZ.T @ H
     g.b2[...] = dZ.sum(axis=0)
     dH = (dZ @ p.W2) * (1.0 - H * H)  # back through tanh
@@ -205,14 +211,15 @@ class PerEventSGD:
 
 
 def minibatch_step(
-    theta: Array, shape: Shape, X: Array, T: Array, lr: float, clip: float
+    theta: Array, shape: Shape, X: Array, T: Array, lr: float, clip: float, predictions: Array | None = None
 ) -> tuple[Array, Array]:
     """One vectorised SGD step on the mean loss of a batch.
 
-    Returns the new weights and the per-example losses before the update. Raises
+    Returns the new weights and the per-example losses before the update; ``predictions``, when
+    given, receives the predictions before the update (the online evaluation's). Raises
     ``NonFiniteUpdateError`` (weights untouched) when the step would not be finite.
     """
-    losses, grad = loss_and_grad(theta, shape, X, T)
+    losses, grad = loss_and_grad(theta, shape, X, T, predictions)
     if not (np.isfinite(losses).all() and np.isfinite(grad).all()):
         raise NonFiniteUpdateError("non-finite loss or gradient in the mini-batch")
     return sgd_update(theta, clip_by_norm(grad, clip), lr), losses

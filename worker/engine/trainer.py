@@ -274,10 +274,10 @@ def step(batch: BatchPlan) -> None:
         batch.P = P if len(kept) == len(train) else P[kept]
     else:
         try:
-            _, Z = forward(theta, cfg.shape, X)
-            theta, losses = minibatch_step(theta, cfg.shape, X, Y, cfg.lr, cfg.clip)
+            P = np.empty((len(train), cfg.outputs))
+            theta, losses = minibatch_step(theta, cfg.shape, X, Y, cfg.lr, cfg.clip, P)
             batch.trained = list(zip(train, losses.tolist(), strict=True))
-            batch.P = sigmoid(Z)
+            batch.P = P
         except NonFiniteUpdateError as exc:
             for i in train:
                 batch.fail(i, exc)

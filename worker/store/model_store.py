@@ -220,7 +220,7 @@ class Store:
     def restore(
         self,
         model: str,
-        snapshot: int | None,
+        snapshot: int,
         *,
         trip: bool,
         expected: str = "",
@@ -230,7 +230,7 @@ class Store:
         a guard's trip (fenced on ``expected``, pausing the model, with ``dead`` letters; when the
         snapshot is gone it still pauses). Run under the model's lock."""
         keys = ModelKeys(model)
-        snap = keys.snapshot_prefix + ("" if snapshot is None else str(snapshot))
+        snap = keys.snapshot_prefix + str(snapshot)
         reply = self._restore(
             keys=[keys.ckpt, snap, keys.eval_ring, keys.stats, keys.dead],
             args=[
