@@ -14,7 +14,8 @@ in-batch copies, the fixed part of each history entry). Under the model's lock r
 checkpoint read (its version and the event markers), the SGD steps and the commit, fenced by the
 checkpoint version, as named phases over one ``BatchPlan``: ``plan`` (duplicates, refusals,
 copies), ``step`` (the SGD kernel), ``settle_copies``, ``evaluate``, the guard's check
-(``guard.tripped``: a trip refuses the batch and restores the best recent snapshot instead of
+(``guard.worst_window`` and ``guard.tripped`` over every window of the guard's width that ends in
+the batch: a trip refuses the batch and restores the best recent snapshot instead of
 committing), ``history`` and the commit. The trained events' results are made after the lock is
 given back.
 """
@@ -48,7 +49,7 @@ from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint
 from worker.engine.evaluation import EvalState, EvalUpdate, advance
 from worker.engine.features import featurize, featurize_many
-from worker.engine.guard import Reference, tripped
+from worker.engine.guard import Reference, Window, tripped
 from worker.engine.kernel import per_event_steps
 from worker.engine.mlp import forward, minibatch_step, sigmoid
 from worker.engine.targets import make_targets
@@ -409,9 +410,11 @@ class Trainer:
         step(batch)
         settle_copies(batch)
         update = evaluate(batch, self.settings.eval_window)
-        ref, loss = read.guard_ref, update.guard_loss if update is not None else None
-        if loss is not None and ref is not None and tripped(batch.base.guard, loss, ref):
-            return self._trip(batch, ref, loss)
+        # Every window of the guard's width that ends in this batch, not only the last one: a
+        # large batch would otherwise learn a bad stream before its last events are looked at.
+        ref, worst = read.guard_ref, update.worst if update is not None else None
+        if worst is not None and ref is not None and tripped(batch.base.guard, worst.loss, ref):
+            return self._trip(batch, ref, worst)
         if not self._commit(batch, update):
             return None
         # Under the lock (once per ITRAIN_SNAPSHOT_EVERY steps): a guard's trip, which reads the
@@ -509,16 +512,18 @@ class Trainer:
         self.store.dead_letter(model, batch.dead)
         return batch.results()
 
-    def _trip(self, batch: BatchPlan, ref: Reference, loss: float) -> list[Outcome] | None:
+    def _trip(self, batch: BatchPlan, ref: Reference, worst: Window) -> list[Outcome] | None:
         """The guard tripped on this batch: refuse its events, restore the best recent snapshot
         and pause the model, in one write fenced like a commit (``None`` when the checkpoint moved
         on: the batch is tried again on the new one)."""
         model, guard = batch.model, batch.base.guard
         assert guard is not None
+        where = f"ending at event {worst.end + 1} of the {len(batch.trained)} this batch scored"
         exc = GuardTrippedError(
-            f"guard of model {model!r} tripped: log loss {loss:.6g} over its last {guard.window} events "
-            f"exceeds {guard.ratio:g} x {ref.loss:.6g} (snapshot {ref.version}); training paused and "
-            f"weights rolled back; run `itrain resume --model {model}`, then send the refused events again"
+            f"guard of model {model!r} tripped: log loss {worst.loss:.6g} over {guard.window} consecutive "
+            f"events ({where}) exceeds {guard.ratio:g} x {ref.loss:.6g} (snapshot {ref.version}); "
+            f"training paused and weights rolled back; run `itrain resume --model {model}`, then send "
+            "the refused events again"
         )
         trained = {i for i, _ in batch.trained}
         for i, _ in batch.trained:
@@ -531,10 +536,12 @@ class Trainer:
         if not done.ok:
             return None if done.reason == "moved" else [self._skipped(j) for j in batch.jobs]
         logger.error(
-            "model=%s guard tripped: loss %.6g over %d events > %g x %.6g; %s as version %d, training paused",
+            "model=%s guard tripped: loss %.6g over %d events (%s) > %g x %.6g; %s as version %d, "
+            "training paused",
             model,
-            loss,
+            worst.loss,
             guard.window,
+            where,
             guard.ratio,
             ref.loss,
             f"rolled back to snapshot {ref.version}"
