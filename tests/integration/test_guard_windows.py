@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 import redis
 
+from producer.client import TrainingClient
+from producer.errors import GuardTrippedError
 from producer.evaluation import decode_ring
 from producer.keys import ModelKeys
 from producer.stats import read_stats
+from tests.helpers import statuses
 from tests.integration.test_guard import labelled, outcome, send
 from tests.integration.test_run_messages import app, own_runtime, step
 from worker.devtools.synthetic import synthetic_events
@@ -74,6 +77,29 @@ def test_flipped_stream_in_one_batch_trips_the_guard(
     assert step(redis_client, model) == step_before
     guard = read_stats(redis_client, model)["eval"]["guard"]
     assert (guard["paused"], guard["trips"]) == (True, 1)
+
+
+def test_flipped_stream_from_train_many_trips_the_guard_in_a_running_worker(
+    start_workers: Any, client: TrainingClient, make_model: Any, redis_client: redis.Redis, settings: Any
+) -> None:
+    # Given a worker process and a guarded model that learned clicks -> 1, skips -> 0, armed by a
+    # snapshot of it
+    start_workers(1)
+    model = make_model(lr=0.5)
+    set_guard(redis_client, model, Guard(WINDOW, RATIO), settings)
+    warm = client.train_many(labelled(model, "good-", 200))
+    assert statuses(client.wait_all(warm, timeout=120)) == {"trained": 200}
+    snap = take_snapshot(redis_client, model, keep=10)
+    assert snap is not None
+
+    # When 600 events with flipped labels are sent in one train_many call (the case)
+    results = client.wait_all(client.train_many(labelled(model, "bad-", 600, flipped=True)), timeout=120)
+
+    # Then none of them trained: the batch that tripped the guard was refused, the rest met a
+    # paused model; the weights are the snapshot's
+    assert all(isinstance(r, GuardTrippedError) for r in results), statuses(results)
+    assert weights(redis_client, model) == snapshot_weights(redis_client, model, snap)
+    assert read_stats(redis_client, model)["eval"]["guard"]["trips"] == 1
 
 
 def test_clean_stream_in_large_batches_never_trips_the_guard(
