@@ -71,7 +71,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     if guard is not None:
         set_guard(store.client, args.model, guard, settings)
         out.print(
-            f"guard: pause and roll back when the log loss of the last {guard.window} events "
+            f"guard: pause and roll back when the log loss of any {guard.window} consecutive events "
             f"exceeds {guard.ratio:g} x the best recent snapshot's"
         )
     return 0

@@ -18,14 +18,15 @@ from tests.helpers import make_interaction, raw_event
 from tests.integration.test_run_messages import batch_message, new_id
 from worker.consume import runtime
 from worker.consume.runtime import Runtime, run_messages
+from worker.engine.batch import Job
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.features import featurize
 from worker.engine.guard import Guard
 from worker.engine.mlp import PerEventSGD, forward, sigmoid
 from worker.engine.targets import make_target
-from worker.engine.trainer import Job, Trainer
 from worker.store.guard import set_guard
 from worker.store.model_store import Store
+from worker.training.trainer import Trainer
 
 WINDOW = 5
 

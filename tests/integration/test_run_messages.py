@@ -30,11 +30,12 @@ from worker.consume.faults import is_redis_fault
 from worker.consume.messages import RawMessage
 from worker.consume.runtime import Runtime, run_messages
 from worker.devtools.embedded_redis import RedisServer
+from worker.engine.batch import Job
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.mlp import init_params
-from worker.engine.trainer import Job, Trainer
 from worker.store.model_store import Store
 from worker.store.results import Outcome, write_results
+from worker.training.trainer import Trainer
 
 BAD_TIMESTAMP = "0001-01-01T00:00:00+01:00"
 

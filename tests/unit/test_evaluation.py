@@ -1,5 +1,5 @@
 """The online evaluation's pure parts: the AUC, the ring's placement of records (wrapping, a batch
-longer than the window), sums since creation per action, the guard's window and its rule."""
+longer than the window), sums since creation per action, the guard's windows and its rule."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from producer.errors import ConfigurationError
 from producer.evaluation import MAX_ACTIONS, OTHER_ACTION, RECORD, auc, decode_ring, eval_report
-from worker.engine.evaluation import COLUMNS, EvalState, advance, decode_state, guard_loss
-from worker.engine.guard import Guard, Reference, parse_guard, parse_reference, tripped
+from worker.engine.evaluation import COLUMNS, EvalState, advance, decode_state, guard_loss, recent_losses
+from worker.engine.guard import Guard, Reference, Window, parse_guard, parse_reference, tripped, worst_window
 
 
 def brute_auc(pairs: list[tuple[float, float]]) -> float:
@@ -66,17 +66,75 @@ def test_ring_holds_the_last_cap_events(batches: list[int]) -> None:
     np.testing.assert_array_equal(
         state.ring, np.frombuffer(bytes(ring).ljust(cap * RECORD.size, b"\0"), "<f8").reshape(cap, COLUMNS)
     )
-    assert guard_loss(state.ring, wn, 3) == pytest.approx(np.mean(losses[-3:]))
+    # The reference figure covers the whole window held; the guard's windows reach back 2 events
+    assert guard_loss(state.ring, wn, 3) == pytest.approx(np.mean(losses[-cap:]) if wn >= 3 else None)
+    np.testing.assert_array_equal(recent_losses(state.ring, wn, 2), losses[-2:])
     assert state.total[0] == wn
     assert state.total[1] == pytest.approx(sum(losses))
 
 
 def test_guard_loss_needs_a_full_guard_window() -> None:
     ring = np.zeros((4, COLUMNS))
-    ring[:2, 0] = [1.0, 3.0]
+    ring[:3, 0] = [1.0, 3.0, 5.0]
     assert guard_loss(ring, 2, 3) is None
     assert guard_loss(ring, 2, 2) == 2.0
+    assert guard_loss(ring, 3, 2) == 3.0  # over every event held, not only the guard's window
     assert guard_loss(ring, 2, 5) is None  # wider than the ring
+
+
+def naive_windows(earlier: list[float], losses: list[float], window: int) -> dict[int, float]:
+    """The mean of every full window that ends in the batch, by the position of its last event in
+    the batch: one Python sum each."""
+    seq = earlier + losses
+    return {
+        end - len(earlier): sum(seq[end - window + 1 : end + 1]) / window
+        for end in range(len(earlier), len(seq))
+        if end - window + 1 >= 0
+    }
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_worst_window_equals_a_naive_scan(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    window = int(rng.integers(1, 30))
+    earlier = rng.exponential(0.5, size=int(rng.integers(0, 40))).tolist()
+    losses = rng.exponential(0.5, size=int(rng.integers(0, 60))).tolist()
+    if seed % 4 == 0 and losses:  # a burst somewhere: the worst window is inside the batch
+        at = int(rng.integers(0, len(losses)))
+        losses[at : at + window] = [5.0] * len(losses[at : at + window])
+    got = worst_window(np.array(earlier), np.array(losses), window)
+    means = naive_windows(earlier, losses, window)
+    if not means:
+        assert got is None
+    else:
+        assert got is not None
+        assert got.loss == pytest.approx(max(means.values()), rel=1e-12, abs=1e-12)
+        assert means[got.end] == pytest.approx(got.loss, rel=1e-12, abs=1e-12)
+
+
+def test_worst_window_sees_a_burst_the_last_window_hides() -> None:
+    # A bad burst in the middle of a batch, clean events after it: the last window looks clean
+    losses = np.array([0.1] * 100 + [3.0] * 10 + [0.1] * 100)
+    assert worst_window(np.empty(0), losses, 10) == Window(pytest.approx(3.0), 109)
+    # A window straddling the previous commit: its first events come from ``earlier``
+    assert worst_window(np.array([9.0, 9.0, 9.0]), np.array([0.0]), 3) == Window(6.0, 0)
+    # Too few events since the window restarted: no window is full, nothing to judge
+    assert worst_window(np.array([1.0]), np.array([1.0]), 3) is None
+    assert worst_window(np.array([1.0, 1.0]), np.empty(0), 2) is None
+
+
+def test_advance_reports_the_worst_window_across_commits() -> None:
+    # Given a guarded state whose window holds clean events
+    cap, window = 8, 4
+    state = EvalState(cap, ring=np.zeros((cap, COLUMNS)))
+    for losses in ([0.1] * 6, [0.1, 0.1, 4.0, 4.0, 4.0, 0.1, 0.1, 0.1, 0.1, 0.1]):
+        n = len(losses)
+        update = advance(state, np.full((n, 1), 0.5), np.ones((n, 1)), np.array(losses), ["a"] * n, window)
+        state = update.state
+    # Then the worst window (0.1, 4, 4, 4 ending at the batch's 5th event) is reported, though the
+    # batch's last window (all 0.1) and the window's reference figure look clean
+    assert update.worst == Window(pytest.approx((0.1 + 12.0) / 4), 4)
+    assert update.guard_loss == pytest.approx(np.mean([0.1, 4.0, 4.0, 4.0, 0.1, 0.1, 0.1, 0.1]))
 
 
 def test_actions_beyond_the_limit_count_as_other() -> None:

@@ -189,8 +189,8 @@ def test_worker_init_compiles_the_one_signature_the_trainer_uses(tmp_path) -> No
         worker_init.send(sender=None)
         assert len(kernel._compiled.signatures) == 1, kernel._compiled.signatures
         from tests.helpers import problem, make_events
-        from tests.unit.test_trainer import _batch
-        from worker.engine.trainer import step
+        from tests.unit.test_batch import _batch
+        from worker.engine.batch import step
         pid = os.fork()
         if pid == 0:
             batch = _batch(make_events("m", 50, "fork", labels=True), hidden=7, lr=0.1)

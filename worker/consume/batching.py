@@ -63,7 +63,7 @@ from worker.consume.messages import (
 )
 from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
 from worker.consume.task_events import TaskEvents, task_events
-from worker.engine.trainer import dead_letter_entry
+from worker.outcome import dead_letter_entry
 from worker.store.results import Outcome, failure_payload, write_results
 
 __all__ = [

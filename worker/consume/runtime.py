@@ -43,9 +43,11 @@ from worker.consume.messages import (
     validate_event,
     validate_many,
 )
-from worker.engine.trainer import Job, Trainer, dead_letter_entry
+from worker.engine.batch import Job
+from worker.outcome import dead_letter_entry
 from worker.store.model_store import Store
 from worker.store.results import ChunkResult, Outcome, write_results
+from worker.training.trainer import Trainer
 
 __all__ = ["Runtime", "Summary", "get_runtime", "run_messages", "shown_args"]
 

@@ -1,4 +1,6 @@
-"""The training engine: features, targets, the MLP maths, checkpoints and the ``Trainer``.
+"""The training engine: features, targets, the MLP maths, checkpoints, the online evaluation, the
+guard's rule and a batch's phases (``batch``).
 
-Pure computation apart from ``trainer``, which drives the store; nothing here imports Celery.
+Pure computation: nothing here imports Redis, Celery, the store (``worker.store``) or the training
+loop that drives it (``worker.training``); ``tests/unit/test_layers.py`` keeps it so.
 """

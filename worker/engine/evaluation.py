@@ -16,9 +16,19 @@ import numpy.typing as npt
 import orjson
 
 from producer.evaluation import MAX_ACTIONS, OTHER_ACTION, RECORD
+from worker.engine.guard import Window, worst_window
 from worker.engine.jit import compile_cached
 
-__all__ = ["COLUMNS", "EvalState", "EvalUpdate", "advance", "decode_state", "guard_loss", "records"]
+__all__ = [
+    "COLUMNS",
+    "EvalState",
+    "EvalUpdate",
+    "advance",
+    "decode_state",
+    "guard_loss",
+    "recent_losses",
+    "records",
+]
 
 Array = npt.NDArray[np.float64]
 #: loss, squared error, prediction, target, binary targets, correct, action id (``RECORD``).
@@ -31,7 +41,7 @@ class EvalState:
     """A model's online evaluation as committed: where the window is, and the sums since creation.
 
     ``ring`` (the window's records) is held only for a model with a guard, which needs the log
-    loss of its last events at every commit; for any other model the commit script writes the
+    losses of its last events at every commit; for any other model the commit script writes the
     new records at their place and no worker reads them back.
     """
 
@@ -52,8 +62,12 @@ class EvalUpdate:
     state: EvalState
     json: bytes
     segments: list[tuple[int, bytes]]
-    #: The log loss over the guard's window, when the model has a guard and the window is full.
+    #: The window's log loss, the guard's reference candidate (``guard_loss``): when the model has
+    #: a guard and the window holds at least the guard's window of events.
     guard_loss: float | None
+    #: The worst window of the guard's width that ends in this batch (``guard.worst_window``),
+    #: when the model has a guard and a window is full.
+    worst: Window | None = None
 
 
 def decode_state(
@@ -152,12 +166,24 @@ def _action_ids(state: EvalState, actions: list[str]) -> tuple[list[str], npt.ND
 
 
 def guard_loss(ring: Array, wn: int, window: int) -> float | None:
-    """The mean log loss of the last ``window`` events, once the window holds that many."""
+    """The mean log loss over the evaluation window (its last ``min(wn, cap)`` events), once it
+    holds at least ``window`` events: the figure a snapshot keeps for the guard's reference."""
     cap = len(ring)
     if window <= 0 or window > cap or wn < window:
         return None
-    slots = np.arange(wn - window, wn) % cap
-    return float(ring[slots, _LOSS].mean())
+    return float(recent_losses(ring, wn, cap).mean())
+
+
+def recent_losses(ring: Array, wn: int, k: int) -> Array:
+    """The log losses of the window's last ``min(k, wn, cap)`` events, oldest first."""
+    cap = len(ring)
+    k = min(k, wn, cap)
+    if k <= 0:
+        return np.empty(0)
+    start = (wn - k) % cap
+    if start + k <= cap:
+        return ring[start : start + k, _LOSS]
+    return np.concatenate((ring[start:, _LOSS], ring[: start + k - cap, _LOSS]))
 
 
 def _place(recs: Array, wn: int, cap: int) -> tuple[list[tuple[int, Array]], Array]:
@@ -179,6 +205,10 @@ def advance(
     state: EvalState, P: Array, Y: Array, losses: Array, actions: list[str], guard_window: int
 ) -> EvalUpdate:
     """The state after a batch of trained events, in training order (pure: ``state`` is kept)."""
+    worst = None
+    if state.ring is not None and guard_window > 0:
+        # Before the ring takes the batch: the windows that straddle the last commit begin there.
+        worst = worst_window(recent_losses(state.ring, state.wn, guard_window - 1), losses, guard_window)
     names, ids = _action_ids(state, actions)
     recs, per_action = records(P, Y, losses, ids, len(names))
     n, cap = len(recs), state.cap
@@ -204,4 +234,5 @@ def advance(
         orjson.dumps(info),
         [(first * RECORD.size, rows.tobytes()) for first, rows in runs],
         g,
+        worst,
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 import redis
@@ -31,71 +31,11 @@ import redis
 from producer.chunks import chunk_result, merge_chunk, parse_handle_id
 from producer.protocol import result_key
 from worker.lua import load_lua
+from worker.outcome import Outcome, failure_payload
 
+# ``Outcome`` and ``failure_payload`` live in ``worker.outcome`` (the engine makes outcomes and
+# must not import the store); they are named here too, as what ``write_results`` writes.
 __all__ = ["ChunkResult", "Outcome", "failure_payload", "write_results"]
-
-Status = Literal["SUCCESS", "FAILURE"]
-
-
-class Outcome:
-    """The end of one job: its result object, or the error that failed it, and the event it answers.
-
-    ``event_id`` is taken from a SUCCESS result's ``event_id`` when not given; a FAILURE knows it
-    only when the caller says (``Outcome.failure(task_id, exc, event_id=...)``). A result with no
-    known event may be replaced by ``trained`` (see the module's precedence rule).
-    """
-
-    __slots__ = ("event_id", "keep_existing", "result", "status", "task_id")
-
-    def __init__(
-        self,
-        task_id: str,
-        status: Status,
-        result: dict[str, Any],
-        *,
-        keep_existing: bool = False,
-        event_id: str | None = None,
-    ) -> None:
-        self.task_id = task_id
-        self.status = status
-        self.result = result
-        #: Kept for callers: every result is now write-once (``keep_existing`` always holds), with
-        #: the one exception of ``trained`` replacing a lesser result of the same event.
-        self.keep_existing = keep_existing
-        if event_id is None and status == "SUCCESS":
-            found = result.get("event_id")
-            event_id = found if isinstance(found, str) else None
-        self.event_id = event_id
-
-    @classmethod
-    def success(cls, task_id: str, result: dict[str, Any]) -> Outcome:
-        return cls(task_id, "SUCCESS", result)
-
-    @classmethod
-    def duplicate(cls, task_id: str, model: str, event_id: str) -> Outcome:
-        result = {"status": "duplicate", "model": model, "event_id": event_id}
-        return cls(task_id, "SUCCESS", result, keep_existing=True)
-
-    @classmethod
-    def failure(cls, task_id: str, exc: BaseException, *, event_id: str | None = None) -> Outcome:
-        return cls(task_id, "FAILURE", failure_payload(exc), event_id=event_id)
-
-    @property
-    def trained(self) -> bool:
-        """Whether this result says the event is in the weights (it may replace a lesser one)."""
-        return self.status == "SUCCESS" and self.result.get("status") == "trained"
-
-    def __repr__(self) -> str:
-        return f"Outcome({self.task_id!r}, {self.status}, {self.result!r}, event_id={self.event_id!r})"
-
-
-def failure_payload(exc: BaseException) -> dict[str, Any]:
-    """Celery's JSON form of an exception; ``AsyncResult.get()`` raises it again on the caller."""
-    return {
-        "exc_type": type(exc).__name__,
-        "exc_message": [str(exc)],
-        "exc_module": type(exc).__module__,
-    }
 
 
 class ChunkResult:

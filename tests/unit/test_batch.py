@@ -1,6 +1,6 @@
-"""The trainer's phases over one ``BatchPlan``, without Redis: what ``plan`` decides for each job,
-what ``step`` trains, how ``settle_copies`` answers in-batch copies, and which history entries
-are built."""
+"""The engine's phases over one ``BatchPlan`` (``worker.engine.batch``), without Redis: what
+``plan`` decides for each job, what ``step`` trains, how ``settle_copies`` answers in-batch
+copies, and which history entries are built."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import orjson
 from producer.events import InteractionData
 from producer.settings import DEFAULT_TARGETS
 from tests.helpers import make_events
+from worker.engine.batch import BatchPlan, Job, history, plan, prepare, settle_copies, step
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.mlp import PerEventSGD, minibatch_step
 from worker.engine.targets import make_target
-from worker.engine.trainer import BatchPlan, Job, history, plan, prepare, settle_copies, step
 
 
 def _batch(events: list[dict], done: list[bool] | None = None, step0: int = 0, **config: object) -> BatchPlan:

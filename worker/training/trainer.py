@@ -1,0 +1,349 @@
+"""The training loop under a model's lock: take the lock, read the checkpoint, run the engine,
+commit (or trip the guard), answer.
+
+The spec's ``trainStep`` pipeline for a batch of events of one model:
+
+1. Validation    the model must be initialised (else the no-op ``skipped`` result)
+2. Preprocessing ``engine.features.featurize_many``, before the lock (``engine.batch.prepare``)
+3. Target        ``engine.targets.make_targets``, before the lock
+4. Forward       ``engine.kernel.per_event_steps`` (numba) / ``engine.mlp.minibatch_step``
+5. Backward      the same calls: gradient, clipping, refused if non-finite
+6. Bookkeeping   ``store.Store.commit``: step, version, counters, loss, history, event markers,
+                 the online evaluation (``engine.evaluation.advance``, each event scored before
+                 its update)
+7. Cleanup       the same commit trims history and dead letters; markers and results expire
+
+The computation is the engine's (``worker.engine.batch``: pure phases over one ``BatchPlan``);
+this module does the I/O around it. Under the lock run only the checkpoint read (its version and
+the event markers), the phases ``plan``, ``step``, ``settle_copies``, ``evaluate``, the guard's
+check (``engine.guard.tripped`` on the worst window of the guard's width that ends in the batch:
+a trip refuses the batch and restores the best recent snapshot instead of committing),
+``history`` and the commit, fenced by the checkpoint version. The trained events' results are
+made after the lock is given back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from producer.errors import GuardTrippedError, ItrainError, LockTimeoutError, ModelNotInitialisedError
+from producer.events import InteractionData
+from producer.keys import LOCK_BUCKETS, ModelKeys
+from producer.settings import Settings
+from worker.engine.batch import (
+    BatchPlan,
+    Job,
+    Prepared,
+    evaluate,
+    history,
+    job_dead_letter,
+    plan,
+    prepare,
+    settle_copies,
+    step,
+)
+from worker.engine.checkpoint import Checkpoint
+from worker.engine.evaluation import EvalUpdate
+from worker.engine.features import featurize
+from worker.engine.guard import Reference, Window, tripped
+from worker.engine.mlp import forward, sigmoid
+from worker.outcome import Outcome, failure_payload
+from worker.store.lock import ModelLock
+from worker.store.model_store import CommitResult, Store
+from worker.store.snapshots import due, take_snapshot
+
+__all__ = ["Committed", "Trainer"]
+
+logger = logging.getLogger("itrain.trainer")
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A batch whose fenced commit landed: what the commit answered and the running loss it wrote."""
+
+    batch: BatchPlan
+    result: CommitResult
+    ema: float | None
+
+
+class Trainer:
+    """Trains batches of events against the shared checkpoints; one per worker process.
+
+    Keeps each model's last committed checkpoint in memory, so a worker that committed the
+    previous batch reads no weights at all for the next one (the read script answers with the
+    version only).
+    """
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._cache: dict[str, Checkpoint] = {}
+        #: Each model's output count as last read: targets are made before the lock for it.
+        self._outputs: dict[str, int] = {}
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """One outcome per job, in the same order; events of a model train in arrival order."""
+        by_model: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_model.setdefault(job.event.model, []).append(i)
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        # An exception escapes: a Redis fault sends the messages back to the queue, anything
+        # else is isolated to the event that raises it by ``run_messages`` (it retries in halves).
+        for model, idxs in by_model.items():
+            done = self._train_model(model, [jobs[i] for i in idxs])
+            for i, outcome in zip(idxs, done, strict=True):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    def _train_model(self, model: str, jobs: list[Job]) -> list[Outcome]:
+        # Outside the lock: all that needs no shared state (the output count is the one this
+        # process saw last; ``plan`` makes the targets again in the rare case it changed).
+        prep = prepare(jobs, self._outputs.get(model, 1), self.settings.targets)
+        lock = ModelLock(self.store.client, model, self.settings)
+        attempts = self.settings.commit_retries
+        for attempt in range(attempts):
+            try:
+                lock.acquire()
+            except LockTimeoutError as exc:
+                return self._fail_all(model, jobs, exc)
+            try:
+                found = self._critical_section(model, prep)
+            finally:
+                held = lock.release()
+            if not isinstance(found, list):  # (a model that does not exist gets no keys at all)
+                self._record_timing(model, lock.waited, held, len(jobs))
+            if isinstance(found, Committed):
+                return self._answer(found)
+            if found is not None:
+                return found
+            # Fenced out: another worker committed first (our lock had expired). Retry on its weights.
+            self._cache.pop(model, None)
+            logger.warning(
+                "model=%s commit refused (attempt %d/%d); retrying on fresh weights",
+                model,
+                attempt + 1,
+                attempts,
+            )
+        return self._fail_all(model, jobs, ItrainError(f"commit refused {attempts} times in a row"))
+
+    def _critical_section(self, model: str, prep: Prepared) -> Committed | list[Outcome] | None:
+        """Read, plan, step, settle copies, commit: the committed batch, the answers of a model
+        that is not initialised, or ``None`` when the fenced commit was refused."""
+        read = self.store.read(model, self._cache.get(model), prep.event_ids)
+        if read.checkpoint is None:
+            self._cache.pop(model, None)
+            return [self._skipped(j) for j in prep.jobs]
+        self._outputs[model] = read.checkpoint.config.outputs
+        batch = plan(model, prep, read.checkpoint, read.done, self.settings.targets)
+        if batch.base.paused:
+            return self._refuse_paused(batch)
+        step(batch)
+        settle_copies(batch)
+        update = evaluate(batch, self.settings.eval_window)
+        # Every window of the guard's width that ends in this batch, not only the last one: a
+        # large batch would otherwise learn a bad stream before its last events are looked at.
+        ref, worst = read.guard_ref, update.worst if update is not None else None
+        if worst is not None and ref is not None and tripped(batch.base.guard, worst.loss, ref):
+            return self._trip(batch, ref, worst)
+        committed = self._commit(batch, update)
+        if committed is None:
+            return None
+        # Under the lock (once per ITRAIN_SNAPSHOT_EVERY steps): a guard's trip, which reads the
+        # reference snapshot under the lock too, never races a snapshot that replaces it.
+        self._maybe_snapshot(batch)
+        return committed
+
+    def _commit(self, batch: BatchPlan, update: EvalUpdate | None) -> Committed | None:
+        """The fenced commit of what ``step`` trained, with its history, counters, dead letters and
+        online evaluation. ``None`` (nothing written) when the checkpoint moved on."""
+        base, trained, prep = batch.base, batch.trained, batch.prep
+        ema = batch.loss_ema(self.settings.loss_ema_alpha)
+        every = batch.all_trained()
+        result = self.store.commit(
+            batch.model,
+            expected=base,
+            params=batch.theta.tobytes() if trained else b"",
+            event_ids=prep.event_ids if every else [prep.event_ids[i] for i, _ in trained],
+            loss_last=trained[-1][1] if trained else 0.0,
+            loss_ema=ema if ema is not None else 0.0,
+            actions=dict(Counter(prep.actions if every else [prep.actions[i] for i, _ in trained])),
+            history=history(batch, self.settings.history_max, time.time()),
+            dead=batch.dead,
+            evaluation=update,
+        )
+        if not result.ok:
+            return None
+        # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
+        self._cache[batch.model] = (
+            Checkpoint(
+                config=base.config,
+                theta=batch.theta,
+                version=result.version,
+                step=base.step + len(trained),
+                loss_ema=ema,
+                loss_last=trained[-1][1],
+                cid=result.cid,
+                gen=base.gen,
+                eval=update.state if update is not None else base.eval,
+                guard=base.guard,
+            )
+            if trained
+            else base
+        )
+        return Committed(batch, result, ema)
+
+    def _answer(self, committed: Committed) -> list[Outcome]:
+        """Every job's outcome once the commit landed: the trained ones are made here, after the
+        lock is given back."""
+        batch, result = committed.batch, committed.result
+        jobs, model, outcomes = batch.jobs, batch.model, batch.outcomes
+        version, first, log_every = result.version, result.first_step + 1, self.settings.log_every
+        event_ids = batch.prep.event_ids
+        for k, (i, loss) in enumerate(batch.trained):
+            position = first + k
+            event_id = event_ids[i]
+            outcomes[i] = Outcome(
+                jobs[i].task_id,
+                "SUCCESS",
+                {
+                    "status": "trained",
+                    "model": model,
+                    "event_id": event_id,
+                    "step": position,
+                    "version": version,
+                    "loss": loss,
+                },
+                event_id=event_id,
+            )
+            if position % log_every == 0:
+                logger.info(
+                    "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
+                    model,
+                    position,
+                    version,
+                    loss,
+                    committed.ema,
+                )
+        return batch.results()
+
+    # -- the guard ----------------------------------------------------------------------------
+
+    def _refuse_paused(self, batch: BatchPlan) -> list[Outcome]:
+        """A paused model trains nothing: its events fail with ``GuardTrippedError`` and are
+        dead-lettered (duplicates still answer ``duplicate``)."""
+        model = batch.model
+        exc = GuardTrippedError(
+            f"model {model!r} is paused: its guard tripped; run `itrain resume --model {model}`, "
+            "then send the refused events again"
+        )
+        for i in [*batch.train, *(i for i, _ in batch.copies)]:
+            batch.fail(i, exc)
+        self.store.dead_letter(model, batch.dead)
+        return batch.results()
+
+    def _trip(self, batch: BatchPlan, ref: Reference, worst: Window) -> list[Outcome] | None:
+        """The guard tripped on this batch: refuse its events, restore the best recent snapshot
+        and pause the model, in one write fenced like a commit (``None`` when the checkpoint moved
+        on: the batch is tried again on the new one)."""
+        model, guard = batch.model, batch.base.guard
+        assert guard is not None
+        where = f"ending at event {worst.end + 1} of the {len(batch.trained)} this batch scored"
+        exc = GuardTrippedError(
+            f"guard of model {model!r} tripped: log loss {worst.loss:.6g} over {guard.window} consecutive "
+            f"events ({where}) exceeds {guard.ratio:g} x {ref.loss:.6g} (snapshot {ref.version}); "
+            f"training paused and weights rolled back; run `itrain resume --model {model}`, then send "
+            "the refused events again"
+        )
+        trained = {i for i, _ in batch.trained}
+        for i, _ in batch.trained:
+            batch.fail(i, exc)
+        for i, j in batch.copies:
+            if j in trained:  # answered ``duplicate`` of an event now refused: refused too
+                batch.fail(i, exc)
+        done = self.store.restore(model, ref.version, trip=True, expected=batch.base.tag, dead=batch.dead)
+        self._cache.pop(model, None)
+        if not done.ok:
+            return None if done.reason == "moved" else [self._skipped(j) for j in batch.jobs]
+        logger.error(
+            "model=%s guard tripped: loss %.6g over %d events (%s) > %g x %.6g; %s as version %d, "
+            "training paused",
+            model,
+            worst.loss,
+            guard.window,
+            where,
+            guard.ratio,
+            ref.loss,
+            f"rolled back to snapshot {ref.version}"
+            if done.restored
+            else f"snapshot {ref.version} is gone, weights kept",
+            done.version,
+        )
+        return batch.results()
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def predict(self, event: InteractionData) -> dict[str, Any]:
+        """The model's output for an event, from the current checkpoint (no lock needed: the
+        checkpoint is read in one atomic command)."""
+        model = event.model
+        ckpt = self.store.read(model, self._cache.get(model), ()).checkpoint
+        if ckpt is None:
+            raise ModelNotInitialisedError(
+                f"model {model!r} is not initialised; run `itrain init --model {model}`"
+            )
+        self._cache[model] = ckpt
+        _, Z = forward(ckpt.theta, ckpt.config.shape, featurize(event)[None, :])
+        return {"model": model, "version": ckpt.version, "prediction": sigmoid(Z)[0].tolist()}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _skipped(self, job: Job) -> Outcome:
+        model = job.event.model
+        return Outcome.success(
+            job.task_id,
+            {
+                "status": "skipped",
+                "model": model,
+                "event_id": job.event.event_id,
+                "reason": f"model {model!r} is not initialised; run `itrain init --model {model}`",
+            },
+        )
+
+    def _fail_all(self, model: str, jobs: list[Job], exc: ItrainError) -> list[Outcome]:
+        self.store.dead_letter(model, [job_dead_letter(j, exc) for j in jobs])
+        logger.error("model=%s %d event(s) failed: %s", model, len(jobs), exc)
+        # A redelivered event may already have its "trained" result: never hide it.
+        return [
+            Outcome(j.task_id, "FAILURE", failure_payload(exc), keep_existing=True, event_id=j.event.event_id)
+            for j in jobs
+        ]
+
+    def _maybe_snapshot(self, batch: BatchPlan) -> None:
+        """A snapshot of the checkpoint when this commit crossed a multiple of
+        ``ITRAIN_SNAPSHOT_EVERY`` steps (one atomic script, run under the lock)."""
+        before, after = batch.base.step, batch.base.step + len(batch.trained)
+        if due(before, after, self.settings.snapshot_every):
+            version = take_snapshot(self.store.client, batch.model, self.settings.snapshot_keep)
+            logger.info("model=%s snapshot of version %s (step %d)", batch.model, version, after)
+
+    def _record_timing(self, model: str, waited: float, held: float, n: int) -> None:
+        """Lock wait and hold of this critical section into the model's histograms (``itrain
+        exporter``), and with ``ITRAIN_RECORD_TIMINGS`` into the bench's list: one round trip."""
+        keys = ModelKeys(model)
+        pipe = self.store.client.pipeline(transaction=False)
+        for prefix, seconds in (("w", waited), ("h", held)):
+            pipe.hincrby(keys.lock_stats, f"{prefix}:{bisect_left(LOCK_BUCKETS, seconds)}", 1)
+            pipe.hincrbyfloat(keys.lock_stats, f"{prefix}:sum", seconds)
+        if self.settings.record_timings:
+            key = keys.prefix + "timings"
+            pipe.lpush(key, f"{waited:.6f} {held:.6f} {n}")
+            pipe.ltrim(key, 0, 99_999)
+        pipe.execute()
