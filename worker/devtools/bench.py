@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import orjson
 import redis
-from rich.console import Console
 from rich.table import Table
 
 from producer.client import TrainingClient
@@ -44,6 +43,7 @@ from worker.devtools.pacing import send_paced
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
 from worker.devtools.synthetic import synthetic_events
 from worker.engine.checkpoint import Checkpoint, Mode, ModelConfig
+from worker.output import Output
 from worker.store.model_store import Store
 
 __all__ = ["ScenarioResult", "run_bench", "percentile"]
@@ -319,7 +319,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(
-    args: argparse.Namespace, console: Console, progress: Callable[[str], None] | None = None
+    args: argparse.Namespace, console: Output, progress: Callable[[str], None] | None = None
 ) -> int:
     say = progress or (lambda text: console.print(text))
     results: list[ScenarioResult] = []
@@ -372,9 +372,12 @@ def run_bench(
             ),
             "message_path_msgs_per_s_itrain/stock": round(ours.messages_per_s / stock.messages_per_s, 2),
         }
+    # Only the tables of what ran: `--only` runs neither the message path nor the memory figure.
     console.print(render(results, report))
-    console.print(render_message_path(paths))
-    console.print(render_memory(memory))
+    if paths:
+        console.print(render_message_path(paths))
+    if memory:
+        console.print(render_memory(memory))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
