@@ -43,7 +43,7 @@ __all__ = ["main", "build_parser"]
 # A terminal gets rich's tables and colours; a file or a pipe gets whole lines, tables as Markdown
 # (worker/output.py).
 out = Output()
-err = Output(stderr=True)
+err = Output(stderr=True, soft_wrap=True)  # an error is one line, on a terminal too
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2

@@ -33,10 +33,11 @@ __all__ = ["UNBOUNDED_WIDTH", "Output", "make_console", "markdown_table"]
 UNBOUNDED_WIDTH = 100_000
 
 
-def make_console(file: IO[str], *, terminal: bool) -> Console:
-    """A console writing to ``file``: rich's defaults for a terminal, else unwrapped plain text."""
+def make_console(file: IO[str], *, terminal: bool, soft_wrap: bool = False) -> Console:
+    """A console writing to ``file``: rich's defaults for a terminal (``soft_wrap``: lines left
+    to the terminal to fold, never broken by rich), else unwrapped plain text."""
     if terminal:
-        return Console(file=file)
+        return Console(file=file, soft_wrap=soft_wrap)
     return Console(
         file=file,
         width=UNBOUNDED_WIDTH,
@@ -51,14 +52,16 @@ def make_console(file: IO[str], *, terminal: bool) -> Console:
 
 
 class Output:
-    """One output stream of the command line (stdout, or stderr with ``stderr=True``).
+    """One output stream of the command line (stdout, or stderr with ``stderr=True``; with
+    ``soft_wrap=True`` rich does not break its lines on a terminal either: one-line errors).
 
     Looks at the stream each time it prints (tests and callers may swap ``sys.stdout``) and keeps
     one console per stream object.
     """
 
-    def __init__(self, *, stderr: bool = False) -> None:
+    def __init__(self, *, stderr: bool = False, soft_wrap: bool = False) -> None:
         self._stderr = stderr
+        self._soft_wrap = soft_wrap
         self._made: tuple[IO[str], bool, Console] | None = None
 
     @property
@@ -77,7 +80,7 @@ class Output:
         """The console for the stream as it is now (for rich's progress bars)."""
         file, terminal = self.file, self.is_terminal
         if self._made is None or self._made[0] is not file or self._made[1] != terminal:
-            self._made = (file, terminal, make_console(file, terminal=terminal))
+            self._made = (file, terminal, make_console(file, terminal=terminal, soft_wrap=self._soft_wrap))
         return self._made[2]
 
     def print(self, *objects: Any, **kwargs: Any) -> None:

@@ -72,3 +72,17 @@ def test_on_a_terminal_rich_draws_the_table(monkeypatch: pytest.MonkeyPatch) -> 
     # When a table is printed, then rich draws its box
     Output().print(table)
     assert "│ key │ value │" in buffer.getvalue()
+
+
+def test_errors_stay_one_line_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given stderr a terminal 20 columns wide
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", "20")
+    buffer = Tty()
+    monkeypatch.setattr("sys.stderr", buffer)
+    # When the command line's error stream prints a long error, then it is one line
+    Output(stderr=True, soft_wrap=True).print("itrain: " + "e" * 100, markup=False, highlight=False)
+    assert buffer.getvalue() == "itrain: " + "e" * 100 + "\n"
