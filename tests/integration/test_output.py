@@ -105,3 +105,17 @@ def test_bench_only_prints_the_table_of_what_ran_whole(tmp_path) -> None:
     # And the message-path and memory tables, which `--only` does not run, are not printed
     assert "message path" not in text
     assert "Redis memory" not in text
+
+
+def test_bench_only_with_an_unknown_scenario_says_so_before_starting_anything() -> None:
+    done = subprocess.run(
+        [ITRAIN, "bench", "--only", "c2,nope"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("itrain: --only: no scenario nope (known: ")
+    assert len(done.stderr.splitlines()) == 1

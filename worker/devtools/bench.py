@@ -32,6 +32,7 @@ import redis
 from rich.table import Table
 
 from producer.client import TrainingClient
+from producer.errors import ConfigurationError
 from producer.keys import ModelKeys
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
@@ -322,6 +323,15 @@ def run_bench(
     args: argparse.Namespace, console: Output, progress: Callable[[str], None] | None = None
 ) -> int:
     say = progress or (lambda text: console.print(text))
+    scenarios = plan(args.quick)
+    only = getattr(args, "only", None)
+    if only:
+        wanted = {key.strip() for key in only.split(",")}
+        unknown = wanted - {s.key for s in scenarios}
+        if unknown:  # before anything starts: a typo must not run an empty benchmark
+            known = ", ".join(s.key for s in scenarios)
+            raise ConfigurationError(f"--only: no scenario {', '.join(sorted(unknown))} (known: {known})")
+        scenarios = [s for s in scenarios if s.key in wanted]
     results: list[ScenarioResult] = []
     memory: list[MemoryFigure] = []
     with RedisServer() as server:
@@ -333,11 +343,6 @@ def run_bench(
         logs = Path(args.logs) if getattr(args, "logs", None) else Path(".itrain/logs")
         logs.mkdir(parents=True, exist_ok=True)
         with TrainingClient(settings=settings) as client:
-            scenarios = plan(args.quick)
-            only = getattr(args, "only", None)
-            if only:
-                wanted = {key.strip() for key in only.split(",")}
-                scenarios = [s for s in scenarios if s.key in wanted]
             for count in sorted({s.workers for s in scenarios}, key=lambda w: (w != 2, w)):
                 with _workers(count, env, client, logs) as procs:
                     assert server.proc is not None
