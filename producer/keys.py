@@ -1,7 +1,10 @@
 """The Redis key layout: every key the project writes, in one place.
 
-All keys of one model share the hash tag ``{model}``, so a Redis Cluster keeps them in one slot
-and the commit script may touch them together.
+Every key of one model carries the hash tag ``{model}`` (they hash to one Redis Cluster slot:
+``tests/unit/test_keys.py``). The project does not run on a Redis Cluster all the same: the broker's
+keys, ``itrain:models``, the unrouted dead letters and job results sit in other slots, and some
+scripts touch several (see the README's "Redis key layout"). Every script declares each key it
+touches in KEYS.
 
 | key | type | what |
 |---|---|---|

@@ -19,7 +19,6 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -35,13 +34,16 @@ from worker.devtools.pacing import send_paced
 from worker.devtools.synthetic import ACTIONS, synthetic_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.guard import Guard
+from worker.output import Output
 from worker.store.guard import resume, set_guard
 from worker.store.model_store import Store
 
 __all__ = ["main", "build_parser"]
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+# A terminal gets rich's tables and colours; a file or a pipe gets whole lines, tables as Markdown
+# (worker/output.py).
+out = Output()
+err = Output(stderr=True, soft_wrap=True)  # an error is one line, on a terminal too
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -460,7 +462,7 @@ def _progress() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=out,
+        console=out.console,
         transient=False,
     )
 

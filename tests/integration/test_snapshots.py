@@ -14,6 +14,7 @@ from tests.integration.test_cli import cli, one_line
 from tests.integration.test_run_messages import own_runtime, step_message
 from worker.consume.runtime import run_messages
 from worker.engine.checkpoint import Checkpoint, ModelConfig
+from worker.lua import load_lua
 from worker.store.snapshots import due, list_snapshots, rollback, take_snapshot
 
 __all__ = ["cli", "own_runtime"]  # fixtures, imported for the tests below
@@ -114,3 +115,32 @@ def test_trainer_snapshots_every_n_steps_and_records_lock_times(
     assert sum(v for k, v in stats.items() if k.startswith("w:") and k != "w:sum") == 5  # one per call
     assert sum(v for k, v in stats.items() if k.startswith("h:") and k != "h:sum") == 5
     assert stats["h:sum"] > 0
+
+
+def test_the_snapshot_script_writes_nothing_when_its_declared_names_are_stale(
+    own_runtime, make_model, redis_client
+) -> None:
+    """snapshot.lua touches only the hashes its caller names in KEYS, read just before: when the
+    version or the list of kept snapshots is no longer what was read, it writes nothing."""
+    # Given a model with one snapshot, trained on since
+    model = make_model()
+    keys = ModelKeys(model)
+    train(model, "v", 2)
+    kept = take_snapshot(redis_client, model, keep=10)
+    train(model, "w", 2)
+    current = int(redis_client.hget(keys.ckpt, "version"))
+    script = redis_client.register_script(load_lua("worker.store", "snapshot"))
+    names = [keys.ckpt, keys.snapshots, keys.eval_ring]
+    # When the script is called with a stale version, or without the kept snapshot in the list
+    stale_version = script(
+        keys=[*names, f"{keys.snapshot_prefix}{kept}", f"{keys.snapshot_prefix}{kept}"],
+        args=[10, 0, kept, kept],
+    )
+    stale_list = script(keys=[*names, f"{keys.snapshot_prefix}{current}"], args=[10, 0, current])
+    # Then it refuses both and nothing changed
+    assert (stale_version, stale_list) == (-1, -1)
+    assert [s.version for s in list_snapshots(redis_client, model)] == [kept]
+    assert not redis_client.exists(f"{keys.snapshot_prefix}{current}")
+    # And take_snapshot, which reads them first, takes it
+    assert take_snapshot(redis_client, model, keep=10) == current
+    assert [s.version for s in list_snapshots(redis_client, model)] == [current, kept]

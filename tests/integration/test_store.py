@@ -181,3 +181,38 @@ def test_markers_of_large_batches_in_several_slots_are_found(
     latest = store.load(model_name)
     assert store.read(model_name, latest, asked, now=now + 5).done == expected
     assert store.read(model_name, ckpt, asked, now=now + 5).done == expected  # an older copy
+
+
+def test_a_commit_from_a_host_whose_clock_is_hours_off_writes_its_markers_in_redis_slot(
+    redis_client: redis.Redis, redis_url: str, model_name: str
+) -> None:
+    """The commit script may touch only the marker hashes its caller names in KEYS: the caller
+    names the slots around its own clock; a clock far off is told Redis's slot and commits again."""
+    # Given a 40 s window (10 s slots), and a worker whose clock is an hour ahead of Redis's
+    settings = Settings(redis_url=redis_url, dedupe_ttl=40, visibility_timeout=20, max_deliveries=1)
+    store = Store(redis_client, settings)
+    store.create(model_name, Checkpoint.initial(ModelConfig()), force=False)
+    ckpt = store.load(model_name)
+    assert ckpt is not None
+    # When it commits two events
+    done = store.commit(
+        model_name,
+        expected=ckpt,
+        params=(ckpt.theta + 1.0).tobytes(),
+        event_ids=["x", "y"],
+        loss_last=0.5,
+        loss_ema=0.6,
+        actions={"click": 2},
+        history=[],
+        dead=[],
+        now=time.time() + 3600,
+    )
+    # Then the commit landed once, its markers in the hash of Redis's slot, found by a read
+    assert done.ok
+    assert (done.version, done.first_step) == (ckpt.version + 1, 0)
+    redis_slot = int(redis_client.time()[0]) // 10
+    (key,) = list(redis_client.scan_iter(match=ModelKeys(model_name).done_prefix(ckpt.gen) + "*"))
+    assert int(key.rsplit(b":", 1)[1]) in (redis_slot - 1, redis_slot)  # (a slot may end meanwhile)
+    assert redis_client.hlen(key) == 2
+    assert int(redis_client.hget(ModelKeys(model_name).ckpt, "step")) == 2
+    assert store.read(model_name, None, ["x", "y", "z"]).done == [True, True, False]

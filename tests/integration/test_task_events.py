@@ -38,6 +38,7 @@ class _Publishes:
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe("*celeryev*")
         self.bodies: list[Any] = []
+        self.errors: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -46,8 +47,11 @@ class _Publishes:
         while not self.stop.is_set():
             message = self.pubsub.get_message(timeout=0.1)
             if message and message["type"] == "pmessage":
-                envelope = orjson.loads(message["data"])
-                self.bodies.append(orjson.loads(base64.b64decode(envelope["body"])))
+                try:
+                    envelope = orjson.loads(message["data"])
+                    self.bodies.append(orjson.loads(base64.b64decode(envelope["body"])))
+                except ValueError as exc:  # kept for the assertion, not lost with this thread
+                    self.errors.append(f"{exc!r} in {message['data'][:200]!r}")
 
     def close(self) -> None:
         self.stop.set()
@@ -137,10 +141,16 @@ def test_task_events_are_published_in_batches_and_every_task_is_seen(
         assert {receiver.names[i] for i in ids} == {TASK_TRAIN_STEP}
         assert worker.poll() is None
 
-        # ... in far fewer publishes than events
+        # ... in far fewer publishes than events. This listener reads the same publishes in a
+        # thread of its own, and on a busy machine may still be behind the receiver, by the last
+        # publish or two (a count taken at once found 400 of 600): wait until it has them all.
+        def ours() -> int:
+            return sum(1 for batch in publishes.carrying(wanted) for e in batch if e.get("uuid") in wanted)
+
+        wait_until(lambda: ours() >= 2 * N or publishes.errors, 30, f"the {2 * N} task events' publishes")
+        assert not publishes.errors
+        assert ours() == 2 * N
         carrying = publishes.carrying(wanted)
-        ours = sum(1 for batch in carrying for e in batch if e.get("uuid") in wanted)
-        assert ours == 2 * N, ours
         # Celery alone publishes about one message per event here (one per loop tick).
         assert len(carrying) * 4 <= 2 * N, f"{len(carrying)} publishes for {2 * N} events"
         print(f"\n{len(carrying)} publishes for {2 * N} task events")

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import orjson
 import redis
-from rich.console import Console
 from rich.table import Table
 
 from producer.client import TrainingClient
+from producer.errors import ConfigurationError
 from producer.keys import ModelKeys
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
@@ -44,6 +44,7 @@ from worker.devtools.pacing import send_paced
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
 from worker.devtools.synthetic import synthetic_events
 from worker.engine.checkpoint import Checkpoint, Mode, ModelConfig
+from worker.output import Output
 from worker.store.model_store import Store
 
 __all__ = ["ScenarioResult", "run_bench", "percentile"]
@@ -319,9 +320,18 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(
-    args: argparse.Namespace, console: Console, progress: Callable[[str], None] | None = None
+    args: argparse.Namespace, console: Output, progress: Callable[[str], None] | None = None
 ) -> int:
     say = progress or (lambda text: console.print(text))
+    scenarios = plan(args.quick)
+    only = getattr(args, "only", None)
+    if only:
+        wanted = {key.strip() for key in only.split(",")}
+        unknown = wanted - {s.key for s in scenarios}
+        if unknown:  # before anything starts: a typo must not run an empty benchmark
+            known = ", ".join(s.key for s in scenarios)
+            raise ConfigurationError(f"--only: no scenario {', '.join(sorted(unknown))} (known: {known})")
+        scenarios = [s for s in scenarios if s.key in wanted]
     results: list[ScenarioResult] = []
     memory: list[MemoryFigure] = []
     with RedisServer() as server:
@@ -333,11 +343,6 @@ def run_bench(
         logs = Path(args.logs) if getattr(args, "logs", None) else Path(".itrain/logs")
         logs.mkdir(parents=True, exist_ok=True)
         with TrainingClient(settings=settings) as client:
-            scenarios = plan(args.quick)
-            only = getattr(args, "only", None)
-            if only:
-                wanted = {key.strip() for key in only.split(",")}
-                scenarios = [s for s in scenarios if s.key in wanted]
             for count in sorted({s.workers for s in scenarios}, key=lambda w: (w != 2, w)):
                 with _workers(count, env, client, logs) as procs:
                     assert server.proc is not None
@@ -372,9 +377,12 @@ def run_bench(
             ),
             "message_path_msgs_per_s_itrain/stock": round(ours.messages_per_s / stock.messages_per_s, 2),
         }
+    # Only the tables of what ran: `--only` runs neither the message path nor the memory figure.
     console.print(render(results, report))
-    console.print(render_message_path(paths))
-    console.print(render_memory(memory))
+    if paths:
+        console.print(render_message_path(paths))
+    if memory:
+        console.print(render_memory(memory))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")

@@ -2,8 +2,8 @@
 
 Every write that must be atomic is one Lua script, so a reader never sees weights without the
 ``version`` and ``step`` that go with them, and a commit either lands whole or not at all. The
-scripts are ``lua/{read,done,commit,dead,init,restore}.lua`` beside this module, each with a header naming its
-KEYS and ARGV.
+scripts are ``lua/{read,done,commit,dead,init,restore}.lua`` beside this module, each with a header naming
+its KEYS and ARGV; every key a script touches is declared in its KEYS.
 Key names come from ``producer.keys``.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import redis
 
-from producer.errors import ModelExistsError
-from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_field, marker_slots
+from producer.errors import CheckpointError, ModelExistsError
+from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_field, marker_slots, slot_seconds
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, decode, encode
 from worker.engine.evaluation import EvalUpdate, decode_state
@@ -141,12 +141,18 @@ class Store:
         history: Sequence[bytes],
         dead: Sequence[bytes],
         evaluation: EvalUpdate | None = None,
+        now: float | None = None,
     ) -> CommitResult:
         """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on.
-        ``evaluation`` is written with the weights (it is needed whenever events trained)."""
+        ``evaluation`` is written with the weights (it is needed whenever events trained).
+        ``now`` (this host's clock by default) picks the event markers' slots to declare."""
         keys = ModelKeys(model)
         s = self.settings
         cid = new_cid()
+        width = slot_seconds(s.dedupe_ttl)
+        # The markers go to the slot of Redis's clock; the script may touch only the hashes named
+        # here, so name this clock's slot and one each side (hosts' clocks differ a little).
+        first = int((time.time() if now is None else now) // width) - 1
         args: list[Any] = [
             expected.tag,
             params,
@@ -156,7 +162,7 @@ class Store:
             time.time(),
             s.history_max,
             s.dedupe_ttl,
-            keys.done_prefix(expected.gen),
+            first,
             s.dead_letter_max,
             len(actions),
             len(history),
@@ -178,10 +184,19 @@ class Store:
         if evaluation is not None:
             for offset, data in evaluation.segments:
                 args.extend((offset, data))
-        ok, version, first = self._commit(
-            keys=[keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead, keys.eval_ring], args=args
+        named = [keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead, keys.eval_ring]
+        for _ in range(3):
+            markers = [keys.done(expected.gen, first + k) for k in range(3)]
+            ok, version, step0 = self._commit(keys=[*named, *markers], args=args)
+            if ok != -1:
+                return CommitResult(ok == 1, int(version), int(step0), cid)
+            # This host's clock is more than a slot away from Redis's: name Redis's slot (the
+            # reply) and its neighbours, and commit again (nothing was written).
+            first = args[8] = int(version) - 1
+        raise CheckpointError(
+            f"model {model!r}: the commit found Redis's clock in another marker slot each time "
+            "(a clock jumping by a quarter of ITRAIN_DEDUPE_TTL?)"
         )
-        return CommitResult(bool(ok), int(version), int(first), cid)
 
     def dead_letter(self, model: str, entries: Sequence[bytes]) -> None:
         """Record failed messages in the model's bounded dead-letter list (or the unrouted one)."""

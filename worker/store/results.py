@@ -74,9 +74,10 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome | ChunkResult]
     if not outcomes:
         return 0
     done = datetime.now(UTC).isoformat()
+    keys: list[str] = []
     args: list[bytes | str | int] = [expires]
     for o in outcomes:
-        args.append(result_key(o.task_id))
+        keys.append(result_key(o.task_id))
         meta: dict[str, Any]
         if isinstance(o, ChunkResult):
             meta = {"status": "SUCCESS", "result": o.result(), "date_done": done, "task_id": o.task_id}
@@ -89,7 +90,7 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome | ChunkResult]
             meta["event_id"] = o.event_id
         args.extend((orjson.dumps(meta), o.event_id or "", 1 if o.trained else 0))
     # ``client=`` always: a cached Script must never run on a client other than this one.
-    written, *met = _script(client)(keys=[], args=args, client=client)
+    written, *met = _script(client)(keys=keys, args=args, client=client)
     found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))
     return int(written) + (_merge_chunks(client, found, expires) if found else 0)
 
@@ -107,11 +108,11 @@ def _merge_chunks(
         for key, old, new in found:
             merged = merge_chunk(orjson.loads(old), orjson.loads(new))
             if merged is not None:
-                args.extend((key, orjson.dumps(merged), old, "r"))
+                args.extend((orjson.dumps(merged), old, "r"))
                 tried.append((key, new))
         if not tried:
             break
-        n, *_ = _script(client)(keys=[], args=args, client=client)
+        n, *_ = _script(client)(keys=[key for key, _ in tried], args=args, client=client)
         written += int(n)
         if int(n) == len(tried):
             break

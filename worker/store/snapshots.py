@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from producer.errors import ModelError, ModelNotInitialisedError
+from producer.errors import CheckpointError, ModelError, ModelNotInitialisedError
 from producer.evaluation import window_metrics
 from producer.keys import ModelKeys
 from producer.settings import Settings
@@ -44,14 +44,30 @@ def due(step_before: int, step_after: int, every: int) -> bool:
     return every > 0 and step_after // every > step_before // every
 
 
-def take_snapshot(client: redis.Redis, model: str, keep: int) -> int | None:
+def take_snapshot(client: redis.Redis, model: str, keep: int, attempts: int = 5) -> int | None:
     """Copy the current checkpoint; returns its version (None when the model has none)."""
     keys = ModelKeys(model)
     script = client.register_script(load_lua("worker.store", "snapshot"))
-    version = script(
-        keys=[keys.ckpt, keys.snapshots, keys.eval_ring], args=[keys.snapshot_prefix, keep, time.time()]
-    )
-    return None if version is None else int(version)
+    for _ in range(attempts):
+        # The script declares every key it touches, and snapshot names hold versions: read the
+        # version and the list first (the script checks they are still so; under the model's
+        # lock they are).
+        pipe = client.pipeline(transaction=True)
+        pipe.hget(keys.ckpt, "version")
+        pipe.lrange(keys.snapshots, 0, -1)
+        current, kept = pipe.execute()
+        if current is None:
+            return None
+        versions = [current.decode(), *(v.decode() for v in kept)]
+        version = script(
+            keys=[keys.ckpt, keys.snapshots, keys.eval_ring, *(keys.snapshot_prefix + v for v in versions)],
+            args=[keep, time.time(), *versions],
+        )
+        if version is None:
+            return None
+        if int(version) != -1:
+            return int(version)
+    raise CheckpointError(f"model {model!r} changed during each of {attempts} snapshot attempts")
 
 
 def list_snapshots(client: redis.Redis, model: str) -> list[Snapshot]:

@@ -2,17 +2,21 @@
 --
 -- KEYS[1]  the checkpoint hash      KEYS[2]  the stats hash      KEYS[3]  the per-action counts
 -- KEYS[4]  the history list         KEYS[5]  the dead-letter list     KEYS[6]  the evaluation ring
+-- KEYS[7], KEYS[8], KEYS[9]  the event markers' hashes of slots s0, s0 + 1 and s0 + 2 (s0 is
+--          ARGV[9]) of the checkpoint's generation (producer.keys.ModelKeys.done)
 -- ARGV[1]  expected tag (version:cid, as read under the lock)
 -- ARGV[2]  the new weights (raw float64 bytes; '' when nothing trained)
 -- ARGV[3]  n, the number of trained events
 -- ARGV[4]  loss_last        ARGV[5]  loss_ema         ARGV[6]  now (epoch seconds)
 -- ARGV[7]  history_max      ARGV[8]  the de-duplication window, seconds (ITRAIN_DEDUPE_TTL)
--- ARGV[9]  done_prefix (event markers' key prefix, of the checkpoint's generation)
+-- ARGV[9]  s0, the slot of KEYS[7]
 --          Markers are compact: one hash per slot of time (a quarter of the window, as
 --          producer.keys.slot_seconds), marker field -> step, expiring a window after its slot
 --          ends; a reader looks in every slot of the last window (producer.keys.marker_slots).
 --          The slot is taken from Redis's clock, the one that expires the key: every marker
---          lives at least the window, whatever the worker's clock says.
+--          lives at least the window, whatever the worker's clock says. The caller names the
+--          hashes of the slots around its own clock's (a script may touch only keys declared in
+--          KEYS); when Redis's slot is none of them, nothing is written and the reply names it.
 -- ARGV[10] dead_max         ARGV[11] n_actions        ARGV[12] n_history
 -- ARGV[13] n_dead           ARGV[14] the new cid
 -- ARGV[15] the online evaluation's JSON (producer.evaluation)    ARGV[16] eval_wn
@@ -28,17 +32,24 @@
 -- dead letters are written together; lists are pushed a thousand at a time (Lua's unpack has a
 -- limit near 8,000 values).
 --
--- Returns {1, new version, step before} when it landed, {0, current version or -1, 0} when refused.
+-- Returns {1, new version, step before} when it landed, {0, current version or -1, 0} when refused,
+-- {-1, Redis's slot, 0} when that slot's marker hash is not among KEYS[7..9] (nothing written).
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v or v .. ':' .. (redis.call('HGET', KEYS[1], 'cid') or '') ~= ARGV[1] then
   return {0, v or -1, 0}
 end
+local n = tonumber(ARGV[3])
+local window = tonumber(ARGV[8])
+local width = math.max(1, math.ceil(window / 4))
+local slot = math.floor(tonumber(redis.call('TIME')[1]) / width)
+local offset = slot - tonumber(ARGV[9])
+if n > 0 and (offset < 0 or offset > 2) then return {-1, slot, 0} end
+local marker = KEYS[7 + offset]
 local function push(key, first, count)
   for s = first, first + count - 1, 1000 do
     redis.call('LPUSH', key, unpack(ARGV, s, math.min(s + 999, first + count - 1)))
   end
 end
-local n = tonumber(ARGV[3])
 local n_actions, n_hist, n_dead = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local step0 = tonumber(redis.call('HGET', KEYS[1], 'step'))
 local newv = tonumber(v)
@@ -48,10 +59,6 @@ if n > 0 then
   redis.call('HSET', KEYS[1], 'params', ARGV[2], 'version', newv, 'cid', ARGV[14], 'step', step0 + n,
              'loss_last', ARGV[4], 'loss_ema', ARGV[5], 'updated_at', ARGV[6],
              'eval', ARGV[15], 'eval_wn', ARGV[16], 'eval_cap', ARGV[17], 'guard_loss', ARGV[18])
-  local window = tonumber(ARGV[8])
-  local width = math.max(1, math.ceil(window / 4))
-  local slot = math.floor(tonumber(redis.call('TIME')[1]) / width)
-  local marker = ARGV[9] .. slot
   -- One HSET per thousand markers (a call per marker costs Redis more than the marker itself).
   for s = 1, n, 1000 do
     local pairs = {}

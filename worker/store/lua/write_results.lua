@@ -9,10 +9,13 @@
 -- A chunk's result (flag "c", producer.chunks) is written if absent; when one is there already,
 -- both go back to the caller, which merges them event by event (a trained entry replaces a lesser
 -- one) and writes the merge with flag "r": set only if the stored value is still the one it read.
--- KEYS: none (each result key is in ARGV: results of one batch have unrelated ids).
--- ARGV: ttl, then (key, meta json, X, flag) quads, where flag is "1" (trained) or "0" (any other
---       result of one event; X is its event id or ""), "c" (a chunk's result; X unused) or "r"
---       (replace a chunk's result; X is the value it must still hold).
+-- KEYS[k]  the result key of the k-th result (celery-task-meta-<id>). Results of one batch have
+--          unrelated ids, so the keys hash to many Redis Cluster slots: every one is declared
+--          here all the same, as Redis requires of a script.
+-- ARGV[1]  ttl, then a (meta json, X, flag) triple for each key in order, where flag is "1"
+--          (trained) or "0" (any other result of one event; X is its event id or ""), "c" (a
+--          chunk's result; X unused) or "r" (replace a chunk's result; X is the value it must
+--          still hold).
 -- Returns {number of results written, then (key, stored value, our value) of each chunk met}.
 
 local function replaceable(old, event, trained)
@@ -74,8 +77,9 @@ local function write(key, value, x, flag)
   end
 end
 
-for i = 2, #ARGV, 4 do
-  local err = write(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+for k = 1, #KEYS do
+  local i = 3 * k - 1
+  local err = write(KEYS[k], ARGV[i], ARGV[i + 1], ARGV[i + 2])
   if err then return err end
 end
 return {written, unpack(met)}
