@@ -30,9 +30,13 @@ OLD_REDIS = Path(__file__).resolve().parents[1] / "old_redis.py"
 SCRIPT = """
 set -e
 ip link set lo up
-for name in redis-server valkey-server; do
-  for path in $(which -a "$name" 2>/dev/null || true); do mount --bind /dev/null "$path"; done
+IFS=:
+for dir in $PATH; do
+  for name in redis-server valkey-server; do
+    if [ -e "$dir/$name" ]; then mount --bind /dev/null "$dir/$name"; fi
+  done
 done
+unset IFS
 exec "$@"
 """
 
