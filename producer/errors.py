@@ -21,6 +21,7 @@ __all__ = [
     "QueueFullError",
     "ResultIgnoredError",
     "ResultTimeoutError",
+    "ServerVersionError",
     "TargetError",
 ]
 
@@ -36,6 +37,10 @@ class ConfigurationError(ItrainError):
 class PermissionDeniedError(ConfigurationError):
     """The Redis user lacks a right the call needs (``NOPERM``): a setup error, not an outage;
     retrying cannot help. ``itrain acl`` prints the rights of each role."""
+
+
+class ServerVersionError(ConfigurationError):
+    """The Redis server is older than the project needs (Redis 7.0, or Valkey 7.2)."""
 
 
 class PublishError(ItrainError):

@@ -28,6 +28,7 @@ from producer.errors import ConfigurationError, ItrainError, ModelNotInitialised
 from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event_json_schema
 from producer.keys import ModelKeys
 from producer.redis_conn import connect, redact_url
+from producer.server_version import check_server_versions
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
 from worker.devtools.pacing import send_paced
@@ -47,6 +48,11 @@ err = Output(stderr=True, soft_wrap=True)  # an error is one line, on a terminal
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
+
+#: Commands that use no configured Redis (``schema``; ``acl`` prints lines for any server) or
+#: check the one they use themselves (``up``, ``demo`` and ``bench`` may start their own). Every
+#: other command first checks the version of each configured Redis (``producer.server_version``).
+_NO_VERSION_CHECK = frozenset({"schema", "acl", "up", "demo", "bench"})
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -468,8 +474,8 @@ def _progress() -> Progress:
 
 
 def _print_stack(stack: Any) -> None:
-    kind = "embedded redis-server" if stack.embedded else "Redis"
-    out.print(f"{kind} at {redact_url(stack.redis_url)}")
+    kind = f"embedded {stack.server or 'server'}" if stack.embedded else "Redis"
+    out.print(f"{kind} at {redact_url(stack.redis_url)}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"workers: {', '.join(stack.workers)} (logs in {stack.logs})")
     if stack.flower_url:
         out.print(f"Flower: {stack.flower_url}")
@@ -671,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(f"itrain: invalid setting: {bad}", markup=False, highlight=False)
         return EXIT_USAGE
     try:
+        if args.command not in _NO_VERSION_CHECK:
+            check_server_versions(settings)
         code: int = args.func(args, settings)
         return code
     except ValidationError as exc:

@@ -18,6 +18,7 @@ from celery.signals import celeryd_after_setup, worker_init
 
 from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
+from producer.server_version import check_server_versions
 from producer.settings import get_settings
 from worker.consume.transport import AMQP_CLASS, transport_url
 from worker.store.eviction import check_eviction_policies
@@ -44,12 +45,14 @@ if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
 
 
-def _refuse_evicting_redis(sender: Any = None, **_: Any) -> None:
+def _refuse_unusable_redis(sender: Any = None, **_: Any) -> None:
     """``celery -A worker worker`` stops here, in its main process, unless every Redis it uses
+    is Redis 7.0 or later (else every fetch fails and the consumer reconnects for ever) and
     runs ``maxmemory-policy noeviction`` (Flower and producers never send ``worker_init``)."""
     if getattr(sender, "app", None) is not app:
         return
     try:
+        check_server_versions(settings)
         check_eviction_policies(settings)
     except ConfigurationError as exc:
         # Celery logs and swallows an Exception raised by a signal handler; SystemExit is not one,
@@ -58,7 +61,7 @@ def _refuse_evicting_redis(sender: Any = None, **_: Any) -> None:
         raise SystemExit(1) from None
 
 
-worker_init.connect(_refuse_evicting_redis)
+worker_init.connect(_refuse_unusable_redis)
 
 
 _kernel_seconds: list[float] = []

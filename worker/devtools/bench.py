@@ -125,19 +125,21 @@ def plan(quick: bool) -> list[Scenario]:
 def _workers(
     count: int, env: dict[str, str], client: TrainingClient, logs: Path
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    worker_logs = [logs / f"bench-worker{i + 1}.log" for i in range(count)]
     procs = [
         start_worker(
             f"bench{i + 1}-{uuid.uuid4().hex[:4]}",
             env,
             concurrency=1,
             loglevel="warning",
-            log=logs / f"bench-worker{i + 1}.log",
+            log=log,
             app=naive.APP,  # the production tasks plus the naive baseline's
         )
-        for i in range(count)
+        for i, log in enumerate(worker_logs)
     ]
     try:
-        wait_for_workers(client.app, count, timeout=120)
+        # A worker that exits or stays silent ends the run with the last lines of its log.
+        wait_for_workers(client.app, count, procs=procs, logs=worker_logs, timeout=120)
         yield procs
     finally:
         for p in procs:

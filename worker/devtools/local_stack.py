@@ -11,11 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.celery_config import make_celery
-from producer.errors import ConfigurationError
+from producer.errors import ConfigurationError, ServerVersionError
 from producer.redis_conn import redact_url
+from producer.server_version import check_server_versions
 from producer.settings import Settings
 from worker.devtools.embedded_redis import RedisServer, free_port, is_reachable
-from worker.devtools.stack import start_exporter, start_flower, start_worker, stop_process, wait_for_workers
+from worker.devtools.stack import (
+    node_name,
+    start_exporter,
+    start_flower,
+    start_worker,
+    stop_process,
+    wait_for_workers,
+)
 
 __all__ = ["Stack", "local_stack", "stack_settings"]
 
@@ -26,6 +34,8 @@ _URL_VARS = ("ITRAIN_REDIS_URL", "ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "
 class Stack:
     redis_url: str
     embedded: bool
+    #: The embedded server's version and binary (``"Valkey 8.1.8 (/.../valkey-server)"``).
+    server: str | None = None
     workers: list[str] = field(default_factory=list)
     flower_url: str | None = None
     exporter_url: str | None = None
@@ -51,7 +61,9 @@ def local_stack(
     With no ``ITRAIN_*_URL`` set and no Redis answering at the default URL, an embedded
     ``redis-server`` (append-only file in ``state_dir/redis``) is started on 127.0.0.1:6379, or
     on a free port when 6379 is taken by something that is not Redis. ``embedded`` always starts
-    a private one on a free port, whatever is configured.
+    a private one on a free port, whatever is configured. A Redis older than the workers need
+    is refused before any worker starts (``ServerVersionError``, one line); when a worker does
+    not start, the error ends with the last lines of its log.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
@@ -69,13 +81,20 @@ def local_stack(
             url = server.url
         env = {"ITRAIN_REDIS_URL": url} if server else {}
         stack = Stack(redis_url=url, embedded=server is not None, logs=logs)
+        if server is not None:
+            stack.server = f"{server.version} ({server.binary})"
+        else:
+            _check_versions(settings, configured)
+        names, worker_logs = [], []
         for i in range(workers):
+            names.append(node_name(f"itrain{i + 1}"))
+            worker_logs.append(logs / f"worker{i + 1}.log")
             procs.append(
                 start_worker(
                     f"itrain{i + 1}",
                     env,
                     concurrency=concurrency,
-                    log=logs / f"worker{i + 1}.log",
+                    log=worker_logs[-1],
                     loglevel=loglevel,
                 )
             )
@@ -87,7 +106,9 @@ def local_stack(
             stack.exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
         app = make_celery(stack_settings(settings, stack))
         try:
-            stack.workers = wait_for_workers(app, workers, timeout=90)
+            stack.workers = wait_for_workers(
+                app, workers, names=names, procs=procs[:workers], logs=worker_logs, timeout=90
+            )
         finally:
             app.close()
         yield stack
@@ -96,6 +117,16 @@ def local_stack(
             stop_process(proc)
         if server is not None:
             server.stop()
+
+
+def _check_versions(settings: Settings, configured: bool) -> None:
+    try:
+        check_server_versions(settings)
+    except ServerVersionError as exc:
+        if configured:
+            raise
+        hint = "--embedded-redis starts a private, new-enough server instead"
+        raise ServerVersionError(f"{exc} ({hint})") from None
 
 
 def stack_settings(settings: Settings, stack: Stack) -> Settings:

@@ -64,16 +64,17 @@ def drain(
 ) -> MessagePathResult:
     """One worker of ``app`` drains ``n`` pre-pushed ``train_step`` messages of ``model``."""
     queue = f"itrain-drain-{uuid.uuid4().hex[:6]}"
+    log = logs / f"drain-{label}.log"
     proc = start_worker(
         f"drain-{label}-{uuid.uuid4().hex[:4]}",
         {**env, "ITRAIN_QUEUE": queue},
         concurrency=1,
         loglevel="warning",
-        log=logs / f"drain-{label}.log",
+        log=log,
         app=app,
     )
     try:
-        wait_for_workers(client.app, 1, procs=[proc], timeout=120)
+        wait_for_workers(client.app, 1, procs=[proc], logs=[log], timeout=120)
         time.sleep(1.0)  # let start-up work settle before the CPU baseline
         events = synthetic_events(n, users=10_000, model=model, seed=11)
         ids = [new_task_id() for _ in events]

@@ -18,6 +18,7 @@ from producer.errors import ConfigurationError
 __all__ = [
     "APP",
     "flower_command",
+    "log_tail",
     "node_name",
     "start_exporter",
     "start_flower",
@@ -112,25 +113,46 @@ def node_name(name: str) -> str:
     return f"{name}@{socket.gethostname()}"
 
 
+#: Lines of a worker's log shown when it does not start.
+LOG_TAIL_LINES = 20
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``log``, under a line naming it (empty when there is none)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = text.splitlines()[-lines:]
+    return "\n".join([f"--- last {len(tail)} lines of {log} ---", *tail]) if tail else ""
+
+
 def wait_for_workers(
     app: Celery,
     count: int = 0,
     *,
     names: Collection[str] = (),
     procs: Sequence[subprocess.Popen[bytes]] = (),
+    logs: Sequence[Path | None] = (),
     timeout: float = 60.0,
 ) -> list[str]:
     """Block until at least ``count`` workers, and every node of ``names`` (``node_name``), answer a
     ping; the names of all that answered. ``ConfigurationError`` at once when one of ``procs``
-    exits, or when they are not all there after ``timeout`` seconds."""
+    exits, or when they are not all there after ``timeout`` seconds.
+
+    ``logs``, in the order of ``procs`` (and of ``names`` when both are given), are the workers'
+    log files: the error ends with the last lines of the log of each worker that exited or did
+    not answer, so whoever reads it sees the cause (a worker that cannot use its Redis says why).
+    """
     want = set(names)
     deadline = time.monotonic() + timeout
     seen: list[str] = []
     while True:
-        for proc in procs:
+        for i, proc in enumerate(procs):
             if proc.poll() is not None:
                 raise ConfigurationError(
                     f"worker process {proc.pid} exited ({proc.returncode}) while starting"
+                    + _tails(logs[i : i + 1])
                 )
         # With names, ping only those: the call returns as soon as all of them have answered.
         replies = app.control.ping(destination=sorted(want) if want else None, timeout=1.0) or []
@@ -139,11 +161,21 @@ def wait_for_workers(
             return seen
         if time.monotonic() > deadline:
             missing = sorted(want - set(seen))
+            # With names, the logs of the silent ones; without, every log given.
+            silent = (
+                [log for name, log in zip(names, logs, strict=False) if name in missing] if want else logs
+            )
             raise ConfigurationError(
                 f"only {len(seen)} of {max(count, len(want))} worker(s) answered a ping within {timeout:g} s"
                 + (f"; missing {', '.join(missing)}" if missing else "")
+                + _tails(silent)
             )
         time.sleep(0.2)
+
+
+def _tails(logs: Sequence[Path | None]) -> str:
+    text = "\n".join(tail for log in logs if log is not None and (tail := log_tail(log)))
+    return f"\n{text}" if text else ""
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

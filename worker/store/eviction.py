@@ -15,7 +15,8 @@ from __future__ import annotations
 import redis
 
 from producer.errors import ConfigurationError
-from producer.redis_conn import connect, redact_url
+from producer.redis_conn import connect
+from producer.server_version import describe_roles, redis_roles
 from producer.settings import Settings
 
 __all__ = ["REQUIRED_POLICY", "check_eviction_policies", "eviction_policy", "redis_roles"]
@@ -34,24 +35,11 @@ def eviction_policy(client: redis.Redis) -> str:
     return str(policy)
 
 
-def redis_roles(settings: Settings) -> dict[str, list[str]]:
-    """Each distinct Redis URL the worker uses, with the roles it plays (store first)."""
-    roles: dict[str, list[str]] = {}
-    for role, url in (
-        ("store", settings.store),
-        ("broker", settings.broker),
-        ("result backend", settings.backend),
-    ):
-        roles.setdefault(url, []).append(role)
-    return roles
-
-
 def check_eviction_policies(settings: Settings) -> None:
     """Raise ``ConfigurationError`` (one line: the policy found and the fix) unless the store's
     Redis, and the broker's and result backend's where they differ, all run ``noeviction``."""
     for url, roles in redis_roles(settings).items():
-        named = roles[0] if len(roles) == 1 else f"{', '.join(roles[:-1])} and {roles[-1]}"
-        where = f"{named} Redis {redact_url(url)}"
+        where = describe_roles(url, roles)
         client = connect(url, settings.publish_timeout)
         try:
             policy = eviction_policy(client)
