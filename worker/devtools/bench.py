@@ -34,6 +34,7 @@ from rich.table import Table
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from producer.keys import ModelKeys
+from producer.server_version import read_server_version
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
 from worker.devtools.embedded_redis import RedisServer
@@ -341,7 +342,8 @@ def run_bench(
         settings = Settings(redis_url=server.url)
         raw = redis.Redis.from_url(server.url)
         store = Store(raw, settings)
-        redis_version = raw.info("server").get("redis_version")
+        # HELLO names the server and its own version (INFO says 7.2.4 for every Valkey).
+        redis_version = str(read_server_version(raw))
         logs = Path(args.logs) if getattr(args, "logs", None) else Path(".itrain/logs")
         logs.mkdir(parents=True, exist_ok=True)
         with TrainingClient(settings=settings) as client:
