@@ -1,5 +1,6 @@
 """interaction-trainer's producer side: the event, the client, settings and errors (no numpy)."""
 
+from producer.async_client import AsyncTrainingClient
 from producer.client import EventLike, TrainingClient
 from producer.errors import (
     BrokerFullError,
@@ -32,6 +33,7 @@ __all__ = [
     "InteractionData",
     "EventLike",
     "TrainingClient",
+    "AsyncTrainingClient",
     "ModelReader",
     "event_json_schema",
     # Configuration
