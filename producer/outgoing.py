@@ -8,8 +8,7 @@ pydantic's field-level details, before any message is built.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -113,23 +112,14 @@ def argsrepr(payload: dict[str, Any]) -> str:
     )
 
 
-@contextmanager
-def _as_invalid_event() -> Iterator[None]:
-    """pydantic's ``ValidationError`` as ours (also a ``ValidationError``), details kept."""
-    try:
-        yield
-    except InvalidEventError:
-        raise
-    except ValidationError as exc:
-        raise InvalidEventError.from_validation_error(exc) from None
-
-
 def validate_one(event: EventLike) -> InteractionData:
     """``event`` as the model; ``InvalidEventError`` naming each bad field."""
     if isinstance(event, InteractionData):
         return event
-    with _as_invalid_event():
+    try:
         return InteractionData.model_validate(event)
+    except ValidationError as exc:
+        raise InvalidEventError.from_validation_error(exc) from None
 
 
 # Timestamps whose JSON form the worker reads as the same instant: numbers and strings are read
@@ -172,7 +162,7 @@ def payloads(events: list[EventLike]) -> tuple[list[dict[str, Any]], list[bytes]
     event again with the same types. Anything else goes as ``model_dump(mode="json")``.
     """
     items = [_with_id(e) for e in events]
-    with _as_invalid_event():
+    try:
         if all(_as_is(e) for e in items):
             check_dicts(items)  # type: ignore[arg-type]
             try:
@@ -180,4 +170,6 @@ def payloads(events: list[EventLike]) -> tuple[list[dict[str, Any]], list[bytes]
             except TypeError:
                 pass  # some value JSON cannot hold as is: the models' form for all
         dumped = EVENT_LIST.dump_python(EVENT_LIST.validate_python(items), mode="json")
+    except ValidationError as exc:
+        raise InvalidEventError.from_validation_error(exc) from None
     return dumped, [orjson.dumps(p) for p in dumped]
