@@ -8,15 +8,29 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from pydantic import ValidationError
 
-from producer import AsyncTrainingClient, InvalidEventError, ItrainError, ResultTimeoutError, TrainingClient
+from producer import (
+    AsyncTrainingClient,
+    ConfigurationError,
+    InvalidEventError,
+    ItrainError,
+    PermissionDeniedError,
+    ResultTimeoutError,
+    TrainingClient,
+)
 from producer.settings import Settings
-from tests.helpers import make_events, statuses
+from tests.helpers import create_model, make_event, make_events, statuses
+from tests.integration.test_acl import MODEL, Acl, acl
+from tests.integration.test_tls import tls_redis
+
+__all__ = ["acl", "tls_redis"]  # fixtures, imported for the tests below
 
 TASKS = 100
 #: Events of each task: two single steps, then one train_many of the rest.
@@ -252,3 +266,55 @@ def test_train_many_results_is_a_deprecated_alias_of_result(redis_url) -> None:
                     return await c.train_many(events, results=False)
 
         assert all(h.ignored for h in asyncio.run(main()))
+
+
+def test_async_client_over_tls_with_a_private_ca(tls_redis: tuple[str, Path]) -> None:
+    # Given a TLS-only Redis whose URL verifies it against the test's CA, and a model on it
+    url, _ = tls_redis
+    admin = redis.Redis.from_url(url, socket_timeout=5)
+    settings = Settings(redis_url=url)
+    model = create_model(admin, settings)
+
+    async def main() -> tuple[int, dict[str, Any]]:
+        async with AsyncTrainingClient(settings=settings) as c:
+            await c.train_step(make_event(model, 0, "tls-a"))
+            await c.train_many(make_events(model, 3, "tls-b"))
+            return await c.queue_length(), await c.stats(model)
+
+    # When the async client publishes and reads over TLS, Then both work
+    try:
+        queued, stats = asyncio.run(main())
+        assert queued == 2
+        assert stats["initialized"] is True
+        # And a rediss:// URL that does not say how to verify the server is refused up front
+        with pytest.raises(ConfigurationError, match="ssl_cert_reqs"):
+            AsyncTrainingClient(url.split("?")[0])
+    finally:
+        admin.close()
+
+
+def test_async_client_needs_only_the_producer_role_and_reports_a_missing_right(acl: Acl) -> None:
+    async def as_producer() -> tuple[list[Any], dict[str, Any], int]:
+        async with AsyncTrainingClient(acl.urls["producer"]) as c:
+            handles = [
+                await c.train_step(make_event(MODEL, 0, "acl-a")),
+                *await c.train_many([make_event(MODEL, i, "acl-am") for i in range(10)]),
+            ]
+            results = await c.wait_all(handles, timeout=60)
+            prediction = await c.predict(make_event(MODEL, 1, "acl-ap"), timeout=60)
+            return results, prediction, await c.queue_length()
+
+    async def as_monitor() -> None:
+        async with AsyncTrainingClient(acl.urls["monitor"]) as c:
+            await c.train_step(make_event(MODEL, 0, "acl-async-denied"))
+
+    # When the producer's user trains, waits and predicts: nothing is refused
+    results, prediction, queued = asyncio.run(as_producer())
+    assert {r["status"] for r in results} == {"trained"}
+    assert prediction["model"] == MODEL
+    assert queued >= 0
+    assert acl.denials() == []
+    # When the monitor's user (no right to push) publishes: a permission error, at once
+    with pytest.raises(PermissionDeniedError, match="itrain acl --role producer"):
+        asyncio.run(as_monitor())
+    assert acl.denials() != []
