@@ -18,10 +18,13 @@ from pydantic import ValidationError
 
 from producer import (
     AsyncTrainingClient,
+    BrokerFullError,
     ConfigurationError,
     InvalidEventError,
     ItrainError,
     PermissionDeniedError,
+    PublishError,
+    QueueFullError,
     ResultTimeoutError,
     TrainingClient,
 )
@@ -29,6 +32,7 @@ from producer.settings import Settings
 from tests.helpers import create_model, make_event, make_events, statuses
 from tests.integration.test_acl import MODEL, Acl, acl
 from tests.integration.test_tls import tls_redis
+from worker.devtools.embedded_redis import RedisServer, free_port
 
 __all__ = ["acl", "tls_redis"]  # fixtures, imported for the tests below
 
@@ -318,3 +322,44 @@ def test_async_client_needs_only_the_producer_role_and_reports_a_missing_right(a
     with pytest.raises(PermissionDeniedError, match="itrain acl --role producer"):
         asyncio.run(as_monitor())
     assert acl.denials() != []
+
+
+def test_async_client_refuses_as_the_sync_one_a_full_queue_a_full_redis_and_no_redis(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    events = make_events("default", 3, "refused")
+    # Given a queue at ITRAIN_MAX_QUEUE_LENGTH
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    redis_client.lpush(queue, b"placeholder")
+    full_queue = Settings(redis_url=redis_url, queue=queue, max_queue_length=1)
+    # ... a Redis at maxmemory under noeviction, and a port where nothing listens
+    oom = RedisServer().start()
+    admin = redis.Redis.from_url(oom.url)
+    admin.set("ballast", b"x" * 2_000_000)
+    admin.config_set("maxmemory", 1_000_000)
+    nowhere = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", publish_timeout=0.5)
+
+    async def refusal(settings: Settings, many: bool) -> BaseException:
+        async with AsyncTrainingClient(settings=settings) as c:
+            try:
+                await asyncio.wait_for(c.train_many(events) if many else c.train_step(events[0]), 60)
+            except Exception as exc:
+                return exc
+        raise AssertionError("the call was not refused")
+
+    try:
+        for many in (False, True):
+            # When the async client publishes, Then the sync client's errors, and nothing is sent
+            assert isinstance(asyncio.run(refusal(full_queue, many)), QueueFullError)
+            assert "ITRAIN_MAX_QUEUE_LENGTH" in str(asyncio.run(refusal(full_queue, many)))
+            broker_full = asyncio.run(refusal(Settings(redis_url=oom.url), many))
+            assert isinstance(broker_full, BrokerFullError), broker_full
+            unreachable = asyncio.run(refusal(nowhere, many))
+            assert isinstance(unreachable, PublishError), unreachable
+            assert "ITRAIN_PUBLISH_TIMEOUT" in str(unreachable)
+        assert redis_client.lrange(queue, 0, -1) == [b"placeholder"]
+        assert admin.llen("itrain") == 0
+    finally:
+        admin.close()
+        oom.close()
+        redis_client.delete(queue)
