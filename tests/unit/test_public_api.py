@@ -14,6 +14,7 @@ from pydantic import ValidationError
 import producer
 from producer import errors
 from producer.errors import InvalidEventError, ItrainError, ResultTimeoutError
+from producer.events import describe_validation_error
 from producer.outgoing import event_json, payloads
 
 EVENT = {"user_id": "u1", "action_type": "click", "timestamp": 1_700_000_000}
@@ -81,3 +82,10 @@ def test_result_timeout_is_ours_celerys_and_pythons() -> None:
     assert issubclass(ResultTimeoutError, ItrainError)
     assert issubclass(ResultTimeoutError, CeleryTimeoutError)
     assert issubclass(ResultTimeoutError, TimeoutError)
+
+
+def test_a_workers_invalid_event_error_is_described_by_its_text() -> None:
+    # The command line describes every ValidationError in one line; a worker's error (rebuilt
+    # from its text) reads as that text, without a made-up field or value kind
+    worker_side = InvalidEventError("invalid event: timestamp: out of range (got str)")
+    assert describe_validation_error(worker_side) == "invalid event: timestamp: out of range (got str)"
