@@ -113,26 +113,7 @@ class InvalidEventError(ItrainError, ValidationError):
     @classmethod
     def from_validation_error(cls, exc: ValidationError) -> InvalidEventError:
         """``exc`` as an ``InvalidEventError``: the same title, field errors and message."""
-        lines: list[InitErrorDetails] = []
-        for err in exc.errors(include_url=False):
-            line: InitErrorDetails = {"type": err["type"], "loc": err["loc"], "input": err["input"]}
-            if "ctx" in err:
-                line["ctx"] = err["ctx"]
-            lines.append(line)
-        try:
-            return cls.from_exception_data(exc.title, lines)
-        except (KeyError, TypeError, ValueError):
-            # A type pydantic does not know by name (a validator's own PydanticCustomError):
-            # each line keeps its type and its rendered message.
-            kept: list[InitErrorDetails] = [
-                {
-                    "type": PydanticCustomError(err["type"], err["msg"]),
-                    "loc": err["loc"],
-                    "input": err["input"],
-                }
-                for err in exc.errors(include_url=False)
-            ]
-            return cls.from_exception_data(exc.title, kept)
+        return cls.from_exception_data(exc.title, [_line(err) for err in exc.errors(include_url=False)])
 
     def __str__(self) -> str:
         return self._text if self._text is not None else super().__str__()
@@ -148,6 +129,24 @@ class InvalidEventError(ItrainError, ValidationError):
 
 
 _TITLE = "InteractionData"
+
+
+def _line(err: Any) -> InitErrorDetails:
+    """One entry of ``ValidationError.errors()`` as a line to build an error from again."""
+    line: InitErrorDetails = {"type": err["type"], "loc": err["loc"], "input": err["input"]}
+    if "ctx" in err:
+        line["ctx"] = err["ctx"]
+    try:
+        ValidationError.from_exception_data(_TITLE, [line])
+    except (KeyError, TypeError, ValueError):
+        # A type pydantic does not know by name (a validator's own PydanticCustomError): the
+        # line keeps its type and its message as rendered.
+        return {
+            "type": PydanticCustomError(err["type"], err["msg"]),
+            "loc": err["loc"],
+            "input": err["input"],
+        }
+    return line
 
 
 class TargetError(InvalidEventError):

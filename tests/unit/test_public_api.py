@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import inspect
 import pickle
+from typing import Any
 
 import pytest
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 import producer
 from producer import errors
 from producer.errors import InvalidEventError, ItrainError, ResultTimeoutError
-from producer.events import describe_validation_error
+from producer.events import InteractionData, describe_validation_error
 from producer.outgoing import event_json, payloads
 
 EVENT = {"user_id": "u1", "action_type": "click", "timestamp": 1_700_000_000}
@@ -89,3 +91,46 @@ def test_a_workers_invalid_event_error_is_described_by_its_text() -> None:
     # from its text) reads as that text, without a made-up field or value kind
     worker_side = InvalidEventError("invalid event: timestamp: out of range (got str)")
     assert describe_validation_error(worker_side) == "invalid event: timestamp: out of range (got str)"
+
+
+def test_invalid_event_error_keeps_every_detail_of_pydantics_error() -> None:
+    # Given pydantic's own error for an event with several bad fields
+    bad = {**EVENT, "user_id": "", "timestamp": True, "label": 3, "context": {"k": 2**70}, "x": 1}
+    with pytest.raises(ValidationError) as original:
+        InteractionData.model_validate(bad)
+    # Then ours, from the clients, holds the same errors and message
+    with pytest.raises(InvalidEventError) as ours:
+        event_json(bad)
+    assert _comparable(ours.value.errors()) == _comparable(original.value.errors())
+    assert str(ours.value) == str(original.value)
+
+
+def _comparable(errors: list[Any]) -> list[Any]:
+    # A ctx may hold the ValueError a validator raised: equal by its text, not by identity
+    return [{**e, "ctx": {k: str(v) for k, v in e.get("ctx", {}).items()}} for e in errors]
+
+
+def test_invalid_event_error_keeps_a_validators_own_error_type() -> None:
+    # A type pydantic does not know by name keeps its type and message; the others stay whole
+    class Model(BaseModel):
+        a: int
+        b: int
+
+        @field_validator("a")
+        @classmethod
+        def custom(cls, v: int) -> int:
+            raise PydanticCustomError("my_type", "custom {x}", {"x": 1})
+
+        @field_validator("b")
+        @classmethod
+        def plain(cls, v: int) -> int:
+            raise ValueError("bad b")
+
+    with pytest.raises(ValidationError) as original:
+        Model(a=1, b=2)
+    ours = InvalidEventError.from_validation_error(original.value)
+    assert [(e["type"], e["loc"], e["msg"]) for e in ours.errors()] == [
+        ("my_type", ("a",), "custom 1"),
+        ("value_error", ("b",), "Value error, bad b"),
+    ]
+    assert _comparable(ours.errors())[1] == _comparable(original.value.errors())[1]
