@@ -1,10 +1,14 @@
 """interaction-trainer's producer side: the event, the client, settings and errors (no numpy)."""
 
+from producer.async_client import AsyncTrainingClient
 from producer.client import EventLike, TrainingClient
 from producer.errors import (
     BrokerFullError,
     CheckpointError,
     ConfigurationError,
+    DeliveryLimitError,
+    EventProcessingError,
+    GuardTrippedError,
     InvalidEventError,
     ItrainError,
     LockTimeoutError,
@@ -12,6 +16,7 @@ from producer.errors import (
     ModelExistsError,
     ModelNotInitialisedError,
     NonFiniteUpdateError,
+    PermissionDeniedError,
     PublishError,
     QueueFullError,
     ResultIgnoredError,
@@ -28,6 +33,7 @@ __all__ = [
     "InteractionData",
     "EventLike",
     "TrainingClient",
+    "AsyncTrainingClient",
     "ModelReader",
     "event_json_schema",
     # Configuration
@@ -37,9 +43,10 @@ __all__ = [
     "TASK_TRAIN_STEP",
     "TASK_TRAIN_BATCH",
     "TASK_PREDICT",
-    # Errors
+    # Errors: every one a caller can meet (a test holds this list to producer.errors)
     "ItrainError",
     "ConfigurationError",
+    "PermissionDeniedError",
     "PublishError",
     "BrokerFullError",
     "QueueFullError",
@@ -47,9 +54,12 @@ __all__ = [
     "ModelNotInitialisedError",
     "ModelExistsError",
     "CheckpointError",
+    "GuardTrippedError",
     "InvalidEventError",
     "TargetError",
     "NonFiniteUpdateError",
+    "EventProcessingError",
+    "DeliveryLimitError",
     "LockTimeoutError",
     "ResultIgnoredError",
     "ResultTimeoutError",

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
 __all__ = [
     "BrokerFullError",
     "CheckpointError",
@@ -72,11 +78,80 @@ class CheckpointError(ModelError):
     """A stored checkpoint is unreadable (bad shape, dtype or size)."""
 
 
-class InvalidEventError(ItrainError, ValueError):
-    """A message that reached a worker is not a valid event (bad JSON, type or field)."""
+class InvalidEventError(ItrainError, ValidationError):
+    """An event is not valid: refused by a client before anything is sent, or by a worker that
+    received it (bad JSON, type or field).
+
+    Also a ``pydantic.ValidationError`` (so a ``ValueError``): ``except ValidationError`` clauses
+    written for pydantic's own error still match, and ``errors()`` lists the bad fields. The
+    clients raise it with pydantic's field-level details (``from_validation_error``); an error
+    made from a text alone (``InvalidEventError("timestamp: ...")``: a worker's, or one read back
+    from a job's result) reads as that text, and ``errors()`` holds one ``invalid_event`` entry.
+    """
 
     #: What could still be read of a message that failed to decode (to route its dead letter).
     payload_hint: object = None
+    #: The text of an error made from a text alone; None for one with pydantic's details.
+    _text: str | None = None
+
+    # pydantic-core's ValidationError is built by ``from_exception_data(title, line_errors,
+    # input_type, hide_input)``, which calls the class with those four arguments; Celery and
+    # pickle rebuild an error from its one-text ``args``. ``__new__`` tells the two apart.
+    def __new__(cls, message: Any = "invalid event", *details: Any) -> InvalidEventError:
+        if details:
+            return super().__new__(cls, message, *details)
+        text = str(message)
+        # Without a context, pydantic leaves the template as it is ({...} in it included).
+        line: InitErrorDetails = {
+            "type": PydanticCustomError("invalid_event", text),
+            "loc": (),
+            "input": None,
+        }
+        error = cls.from_exception_data(_TITLE, [line])
+        error._text = text
+        return error
+
+    def __init__(self, message: Any = "invalid event", *details: Any) -> None:
+        # Celery stores ``args`` as the failure's message, and rebuilds the error from them.
+        self.args = (self._text if self._text is not None else super().__str__(),)
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError) -> InvalidEventError:
+        """``exc`` as an ``InvalidEventError``: the same title, field errors and message."""
+        return cls.from_exception_data(exc.title, [_line(err) for err in exc.errors(include_url=False)])
+
+    def __str__(self) -> str:
+        return self._text if self._text is not None else super().__str__()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # With its attributes (``payload_hint``); from its text, or from its field errors.
+        if self._text is not None:
+            return (type(self), (self._text,), self.__dict__)
+        return (*super().__reduce__()[:2], self.__dict__)
+
+
+_TITLE = "InteractionData"
+
+
+def _line(err: Any) -> InitErrorDetails:
+    """One entry of ``ValidationError.errors()`` as a line to build an error from again."""
+    line: InitErrorDetails = {"type": err["type"], "loc": err["loc"], "input": err["input"]}
+    if "ctx" in err:
+        line["ctx"] = err["ctx"]
+    try:
+        ValidationError.from_exception_data(_TITLE, [line])
+    except (KeyError, TypeError, ValueError):
+        # A type pydantic does not know by name (a validator's own PydanticCustomError): the
+        # line keeps its type and its message as rendered.
+        return {
+            "type": PydanticCustomError(err["type"], err["msg"]),
+            "loc": err["loc"],
+            "input": err["input"],
+        }
+    return line
 
 
 class TargetError(InvalidEventError):
@@ -112,5 +187,7 @@ class ResultIgnoredError(ItrainError, ValueError):
     be written, so waiting for them would never end."""
 
 
-class ResultTimeoutError(ItrainError, TimeoutError):
-    """Job results were not all ready within the time the caller allowed."""
+class ResultTimeoutError(ItrainError, CeleryTimeoutError, TimeoutError):  # type: ignore[misc]
+    """Job results were not ready within the time the caller allowed (``handle.get(timeout=)``,
+    ``wait``, ``wait_all``). Also Celery's ``TimeoutError`` (what ``AsyncResult.get()`` raises)
+    and Python's (what ``wait_all`` raised before), so clauses catching either still match."""

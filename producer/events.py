@@ -247,6 +247,10 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     """
     lines: dict[str, str] = {}
     for err in exc.errors(include_url=False):
+        if err["type"] == "invalid_event":
+            # An InvalidEventError made from a text (a worker's): the text says it all.
+            lines.setdefault(err["msg"], "")
+            continue
         loc = [str(p) for p in err["loc"]]
         kind = type(err.get("input")).__name__
         if loc[:1] == ["context"] and len(loc) >= 3 and loc[2] == "[key]":
@@ -274,7 +278,7 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
             field = ".".join(loc) or "event"
             msg = f"{_plain(err['msg'])} (got {kind})"
         lines.setdefault(field, msg)
-    parts = [f"{field}: {msg}" for field, msg in list(lines.items())[:limit]]
+    parts = [f"{field}: {msg}" if msg else field for field, msg in list(lines.items())[:limit]]
     if len(lines) > limit:
         parts.append(f"and {len(lines) - limit} more")
     return "; ".join(parts)

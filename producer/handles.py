@@ -18,16 +18,36 @@ from typing import Any
 
 import orjson
 from celery import Celery, states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from vine import promise
 
 from producer.chunks import event_meta, handle_id, parse_handle_id
+from producer.errors import ResultTimeoutError
 from producer.protocol import result_key
 
-__all__ = ["AppResult", "Chunk", "ChunkHandle", "JobHandle", "handle_for"]
+__all__ = ["AppResult", "Chunk", "ChunkHandle", "JobHandle", "handle_for", "timed_out"]
 
 
-class JobHandle(AsyncResult):  # type: ignore[misc]
+def timed_out(task_id: str, timeout: float | None) -> ResultTimeoutError:
+    """The error of a handle whose result was not ready within ``timeout`` seconds."""
+    within = f"within {timeout:g} s" if timeout is not None else "in time"
+    return ResultTimeoutError(f"the result of job {task_id} was not ready {within}")
+
+
+class _OurTimeout(AsyncResult):  # type: ignore[misc]
+    """``get()`` raises ``ResultTimeoutError`` (ours, and Celery's ``TimeoutError``) on timeout."""
+
+    def get(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get(timeout, *args, **kwargs)
+        except ResultTimeoutError:
+            raise
+        except CeleryTimeoutError:
+            raise timed_out(self.id, timeout) from None
+
+
+class JobHandle(_OurTimeout):
     def __init__(self, id: str, app: Celery, *, ignored: bool = False, backend: Any = None) -> None:
         self.app = app
         self.id = id
@@ -89,8 +109,8 @@ class Chunk:
 
     def wait(self, timeout: float | None, interval: float) -> dict[str, Any]:
         """The chunk's meta, waiting for it as ``AsyncResult.get()`` does (Celery's result
-        subscription wakes it when the chunk's result lands); ``celery.exceptions.TimeoutError``
-        after ``timeout`` seconds."""
+        subscription wakes it when the chunk's result lands); ``ResultTimeoutError`` after
+        ``timeout`` seconds."""
         if self.read() is None:
             if self._waiter is None:
                 self._waiter = JobHandle(self.id, self.app)
@@ -134,7 +154,10 @@ class ChunkHandle(JobHandle):
         if self.ignored:
             return None
         if self._cache is None:
-            self.chunk.wait(timeout, interval)
+            try:
+                self.chunk.wait(timeout, interval)
+            except ResultTimeoutError:
+                raise timed_out(self.id, timeout) from None
         self._get_task_meta()
         return self.maybe_throw(propagate=propagate, callback=callback)
 
@@ -148,7 +171,7 @@ def handle_for(task_id: str, app: Celery) -> JobHandle:
     return ChunkHandle(Chunk(parsed[0], app), parsed[1])
 
 
-class AppResult(AsyncResult):  # type: ignore[misc]
+class AppResult(_OurTimeout):
     """The producer app's ``app.AsyncResult(id)``: Celery's, except that a chunk event's id
     (``<chunk id>:<index>``) gives that event's ``ChunkHandle``, so a handle remade from its id
     anywhere works as the one ``train_many`` returned."""

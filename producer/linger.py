@@ -34,13 +34,12 @@ from typing import Any
 
 import orjson
 from celery import Celery, states
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from producer.errors import PublishError
-from producer.handles import JobHandle
+from producer.handles import JobHandle, timed_out
 from producer.protocol import TASK_TRAIN_BATCH, EnvelopeTemplate, batch_budget, event_weight, new_task_id
 
-__all__ = ["Linger", "LingerHandle"]
+__all__ = ["Linger", "LingerBuffers", "LingerHandle", "send_error"]
 
 #: How long the sending thread stays without work before it ends (a new call starts another).
 _IDLE_SECONDS = 1.0
@@ -49,10 +48,11 @@ _IDLE_SECONDS = 1.0
 class _Batch:
     """Events waiting to leave in one message, and what became of the message."""
 
-    __slots__ = ("deadline", "error", "events", "ids", "sent", "size")
+    __slots__ = ("deadline", "error", "events", "ids", "ignored", "sent", "size")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, ignored: bool) -> None:
         self.deadline = deadline
+        self.ignored = ignored  # sent with ignore_result (no results written)
         self.ids: list[str] = []
         self.events: list[bytes] = []
         self.size = 0
@@ -77,7 +77,7 @@ class LingerHandle(JobHandle):
     def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:
         start = time.monotonic()
         if not self._batch.sent.wait(timeout):
-            raise CeleryTimeoutError("The operation timed out.")
+            raise timed_out(self.id, timeout)
         error = self._batch.error
         if error is not None:
             if propagate:
@@ -104,14 +104,109 @@ class LingerHandle(JobHandle):
     info = result
 
 
+class LingerBuffers:
+    """The buffers of one client, without threads or I/O: which batch an event joins, when a
+    batch is due, its message, and what became of it. ``Linger`` (threads) and the asyncio
+    client's linger drive it; they keep calls to it one at a time (a lock, or the event loop)."""
+
+    def __init__(
+        self, app: Celery, *, queue: str, linger_ms: float, max_events: int, max_message_bytes: int
+    ) -> None:
+        self.app = app
+        self.delay = linger_ms / 1000.0
+        self._templates = {
+            ignore: EnvelopeTemplate(TASK_TRAIN_BATCH, queue, ignore_result=ignore)
+            for ignore in (False, True)
+        }
+        self._max_events = max_events
+        self._max_bytes = batch_budget(max_message_bytes)
+        self._max_message_bytes = max_message_bytes
+        self.open: dict[bool, _Batch] = {}  # by ignore_result
+        self.sending: set[_Batch] = set()
+        self._errors: list[BaseException] = []  # failed sends not reported by a close yet
+
+    def weigh(self, data: bytes) -> int:
+        """What an event's JSON weighs in a message; ``InvalidEventError`` when it cannot fit."""
+        return event_weight(data, self._max_message_bytes)
+
+    def put(
+        self, task_id: str, data: bytes, weight: int, *, ignored: bool
+    ) -> tuple[LingerHandle, list[_Batch], bool]:
+        """Buffer one event: its handle, the batches now full (taken, to be sent by the caller at
+        once), and whether a new batch was opened (its deadline is new)."""
+        full: list[_Batch] = []
+        batch = self.open.get(ignored)
+        if batch is not None and batch.size + weight > self._max_bytes:
+            full.append(self.take(ignored))
+            batch = None
+        opened = batch is None
+        if batch is None:
+            batch = self.open[ignored] = _Batch(time.monotonic() + self.delay, ignored)
+        batch.ids.append(task_id)
+        batch.events.append(data)
+        batch.size += weight
+        if len(batch.ids) >= self._max_events:
+            full.append(self.take(ignored))
+        return LingerHandle(task_id, self.app, batch, ignored=ignored), full, opened
+
+    def take(self, ignored: bool) -> _Batch:
+        """The open batch leaves the buffers and is counted as being sent."""
+        batch = self.open.pop(ignored)
+        self.sending.add(batch)
+        return batch
+
+    def take_all(self) -> list[_Batch]:
+        return [self.take(ignored) for ignored in list(self.open)]
+
+    def take_due(self, now: float) -> list[_Batch]:
+        """The batches whose oldest event has waited ``linger_ms``."""
+        return [self.take(ignored) for ignored, b in list(self.open.items()) if b.deadline <= now]
+
+    def next_deadline(self) -> float | None:
+        return min((b.deadline for b in self.open.values()), default=None)
+
+    def message(self, batch: _Batch) -> bytes:
+        """The batch's ``itrain.train_batch`` message in the ``[ids, events]`` form; handles
+        outlive the batch's events, so they are dropped here (handles keep only its outcome)."""
+        args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
+        envelope = self._templates[batch.ignored].fill(new_task_id(), args, f"[{len(batch.ids)} events]")
+        batch.ids, batch.events = [], []
+        return envelope
+
+    def finished(self, batch: _Batch, error: BaseException | None) -> None:
+        """The batch's send is over: in Redis (``error`` None) or failed for good."""
+        batch.error = error
+        if error is not None:
+            self._errors.append(error)
+        self.sending.discard(batch)
+        batch.sent.set()
+
+    def first_error(self) -> BaseException | None:
+        """The first send that failed since the last call (a note counts the others)."""
+        errors, self._errors = self._errors, []
+        if not errors:
+            return None
+        first = errors[0]
+        if len(errors) > 1:
+            first.add_note(f"{len(errors) - 1} more linger batch(es) of this client failed too")
+        return first
+
+
+def send_error(handles: Sequence[Any]) -> BaseException | None:
+    """The send error of the first of ``handles`` whose (sent) batch failed, or None."""
+    for handle in handles:
+        if isinstance(handle, LingerHandle) and handle._batch.error is not None:
+            return handle._batch.error
+    return None
+
+
 class Linger:
-    """The buffers of one client; ``add`` from any thread."""
+    """The buffers of one client, sent by a thread of their own; ``add`` from any thread."""
 
     _lock: threading.Lock
     _wake: threading.Condition
-    _open: dict[bool, _Batch]  # by ignore_result
-    _sending: set[_Batch]
-    _errors: list[BaseException]  # failed sends close() has not reported yet
+    _buffers: LingerBuffers
+    _make_buffers: Callable[[], LingerBuffers]
     _thread: threading.Thread | None
 
     def __init__(
@@ -125,15 +220,9 @@ class Linger:
         max_message_bytes: int,
     ) -> None:
         self._publish = publish
-        self._app = app
-        self._templates = {
-            ignore: EnvelopeTemplate(TASK_TRAIN_BATCH, queue, ignore_result=ignore)
-            for ignore in (False, True)
-        }
-        self._delay = linger_ms / 1000.0
-        self._max_events = max_events
-        self._max_bytes = batch_budget(max_message_bytes)
-        self._max_message_bytes = max_message_bytes
+        self._make_buffers = lambda: LingerBuffers(
+            app, queue=queue, linger_ms=linger_ms, max_events=max_events, max_message_bytes=max_message_bytes
+        )
         self._reset()
         self._closed = False
         _live.add(self)
@@ -150,39 +239,29 @@ class Linger:
 
     def add(self, task_id: str, data: bytes, *, ignored: bool) -> LingerHandle:
         """Buffer one validated event (its JSON) under result id ``task_id``."""
-        weight = event_weight(data, self._max_message_bytes)
-        full: list[_Batch] = []
+        weight = self._buffers.weigh(data)
         with self._lock:
             if self._closed:
                 raise PublishError("the client is closed: nothing was enqueued")
-            batch = self._open.get(ignored)
-            if batch is not None and batch.size + weight > self._max_bytes:
-                full.append(self._take(ignored))
-                batch = None
-            if batch is None:
-                batch = self._open[ignored] = _Batch(time.monotonic() + self._delay)
+            handle, full, opened = self._buffers.put(task_id, data, weight, ignored=ignored)
+            if opened:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="itrain-linger", daemon=True)
                     self._thread.start()
                 else:
                     self._wake.notify()  # a new deadline for the sending thread
-            batch.ids.append(task_id)
-            batch.events.append(data)
-            batch.size += weight
-            if len(batch.ids) >= self._max_events:
-                full.append(self._take(ignored))
         for done in full:
-            self._send(done, ignored)
-        return LingerHandle(task_id, self._app, batch, ignored=ignored)
+            self._send(done)
+        return handle
 
     def flush(self) -> None:
         """Send every buffered event now and wait for sends under way; errors go to the handles
         (and to ``close()``), they are not raised here."""
         with self._lock:
-            taken = [(ignored, self._take(ignored)) for ignored in list(self._open)]
-            waiting = list(self._sending)
-        for ignored, batch in taken:
-            self._send(batch, ignored)
+            taken = self._buffers.take_all()
+            waiting = list(self._buffers.sending)
+        for batch in taken:
+            self._send(batch)
         for batch in waiting:
             batch.sent.wait()
 
@@ -192,8 +271,9 @@ class Linger:
         for handle in handles:
             if isinstance(handle, LingerHandle):
                 handle._batch.sent.wait()
-                if handle._batch.error is not None:
-                    raise handle._batch.error
+        error = send_error(handles)
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Flush and stop; raises the first error of a send that failed since the last close()
@@ -208,12 +288,9 @@ class Linger:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
         with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            first = errors[0]
-            if len(errors) > 1:
-                first.add_note(f"{len(errors) - 1} more linger batch(es) of this client failed too")
-            raise first
+            error = self._buffers.first_error()
+        if error is not None:
+            raise error
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -221,32 +298,18 @@ class Linger:
         # Also in a forked child: the lock may have been held by a thread that is not there.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._open = {}
-        self._sending = set()
-        self._errors = []
+        self._buffers = self._make_buffers()
         self._thread = None
 
-    def _take(self, ignored: bool) -> _Batch:
-        # Under the lock: the batch leaves the buffers and is counted as being sent.
-        batch = self._open.pop(ignored)
-        self._sending.add(batch)
-        return batch
-
-    def _send(self, batch: _Batch, ignored: bool) -> None:
-        args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
-        envelope = self._templates[ignored].fill(new_task_id(), args, f"[{len(batch.ids)} events]")
-        # Handles outlive the batch's events: they keep only its outcome.
-        batch.ids, batch.events = [], []
+    def _send(self, batch: _Batch) -> None:
+        error: BaseException | None = None
         try:
-            self._publish(envelope)
+            self._publish(self._buffers.message(batch))
         except Exception as exc:
-            batch.error = exc
-            with self._lock:
-                self._errors.append(exc)
+            error = exc
         finally:
-            batch.sent.set()
             with self._lock:
-                self._sending.discard(batch)
+                self._buffers.finished(batch, error)
 
     def _run(self) -> None:
         """The sending thread: sends each buffer when its oldest event has waited long enough."""
@@ -256,23 +319,24 @@ class Linger:
                 if due is None:
                     self._thread = None
                     return
-            for ignored, batch in due:
-                self._send(batch, ignored)
+            for batch in due:
+                self._send(batch)
 
-    def _wait_for_due(self) -> list[tuple[bool, _Batch]] | None:
+    def _wait_for_due(self) -> list[_Batch] | None:
         # Under the lock; None when the thread should end (closed, or idle for a while).
         idle_until = time.monotonic() + _IDLE_SECONDS
         while True:
             now = time.monotonic()
-            if not self._open:
+            deadline = self._buffers.next_deadline()
+            if deadline is None:
                 if self._closed or now >= idle_until:
                     return None
                 self._wake.wait(idle_until - now)
                 continue
-            due = [ignored for ignored, batch in self._open.items() if batch.deadline <= now]
+            due = self._buffers.take_due(now)
             if due:
-                return [(ignored, self._take(ignored)) for ignored in due]
-            self._wake.wait(min(batch.deadline for batch in self._open.values()) - now)
+                return due
+            self._wake.wait(deadline - now)
 
 
 _live: weakref.WeakSet[Linger] = weakref.WeakSet()

@@ -10,7 +10,7 @@ import redis
 from producer.evaluation import eval_report
 from producer.keys import ModelKeys
 
-__all__ = ["guard_report", "read_stats"]
+__all__ = ["guard_report", "queue_stats", "read_stats", "stats_from_replies"]
 
 
 def _int(value: bytes | None) -> int:
@@ -47,8 +47,14 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
     """The model's figures in one round trip; ``version`` and ``step`` come from the checkpoint,
     ``redis_memory_used`` (bytes) from the store's server, ``eval`` (``producer.evaluation``) from
     the state the trainer commits with the weights."""
-    keys = ModelKeys(model)
     pipe = client.pipeline(transaction=False)
+    queue_stats(pipe, model)
+    return stats_from_replies(model, pipe.execute())
+
+
+def queue_stats(pipe: Any, model: str) -> None:
+    """Queue the commands of ``read_stats`` on a pipeline (redis-py's, blocking or asyncio)."""
+    keys = ModelKeys(model)
     pipe.hmget(keys.ckpt, ["version", "step", "loss_last", "loss_ema", *EVAL_FIELDS])
     pipe.get(keys.eval_ring)
     pipe.hmget(keys.stats, ["interactions", "failures"])
@@ -57,7 +63,11 @@ def read_stats(client: redis.Redis, model: str) -> dict[str, Any]:
     pipe.llen(keys.dead)
     # INFO, not MEMORY STATS or CONFIG: managed Redis and least-privilege users allow it.
     pipe.info("memory")
-    ckpt, ring, (interactions, failures), actions, hist, dead, memory = pipe.execute()
+
+
+def stats_from_replies(model: str, replies: list[Any]) -> dict[str, Any]:
+    """The statistics object from the replies to ``queue_stats``'s commands."""
+    ckpt, ring, (interactions, failures), actions, hist, dead, memory = replies
     version, step, loss_last, loss_ema, config, evaluation, wn, cap, guard, paused, trips, ref = ckpt
     outputs = int(orjson.loads(config).get("outputs", 1)) if config else 1
     return {

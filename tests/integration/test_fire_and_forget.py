@@ -1,5 +1,5 @@
 """Fire-and-forget (Celery's ``ignore_result``) against a real worker: ``train_step(...,
-result=False)`` and ``train_many(..., results=False)`` train, dead-letter failures and send task
+result=False)`` and ``train_many(..., result=False)`` train, dead-letter failures and send task
 events (Flower), and write no ``celery-task-meta-*`` key; their handles behave as Celery's
 ``AsyncResult`` of an ignored task, and ``wait_all`` refuses them at once."""
 
@@ -34,7 +34,7 @@ def test_fire_and_forget_trains_dead_letters_and_writes_no_result(
         steps = [client.train_step(e, result=False) for e in make_events(model, 5, tag)]
         bad_step = client.train_step(make_event(model, 5, tag, action_type="teleport"), result=False)
         chunk = [*make_events(model, 40, tag, start=6), make_event(model, 46, tag, action_type="teleport")]
-        many = client.train_many(chunk, results=False)
+        many = client.train_many(chunk, result=False)
         silent = [*steps, bad_step, *many]
 
         # Then each handle is Celery's handle of an ignored result: get() is None at once,

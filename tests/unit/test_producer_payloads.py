@@ -13,8 +13,9 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from producer.client import TrainingClient, _event_json, _payloads
+from producer.client import TrainingClient
 from producer.events import EVENT_LIST, InteractionData, check_dict, check_dicts
+from producer.outgoing import event_json, payloads
 from producer.protocol import (
     TASK_TRAIN_BATCH,
     TASK_TRAIN_STEP,
@@ -98,8 +99,8 @@ def test_plain_dict_is_sent_as_given_and_read_back_the_same(overrides: dict[str,
     # Given a valid plain dict event
     event = make_event(**overrides)
     # When the client turns it into what it sends
-    data, _ = _event_json(event)
-    (listed,), _ = _payloads([event])
+    data, _ = event_json(event)
+    (listed,), _ = payloads([event])
     # Then a train_many chunk carries the caller's own object (no model_dump), and a train_step
     # message exactly the model's JSON form (the contract's argument of itrain.train_step) ...
     assert listed is event
@@ -114,8 +115,8 @@ def test_missing_event_id_is_filled_in_by_the_producer_without_touching_the_call
     del event["event_id"]
     original = dict(event)
     # When they are made ready to send
-    _, payload = _event_json(event)
-    many, _ = _payloads([event, event])
+    _, payload = event_json(event)
+    many, _ = payloads([event, event])
     # Then each got its own id (a retry of the same payload de-duplicates), the caller's dict unchanged
     ids = [payload["event_id"], many[0]["event_id"], many[1]["event_id"]]
     assert len(set(ids)) == 3
@@ -138,8 +139,8 @@ def test_values_json_would_change_are_sent_in_the_models_form(overrides: dict[st
     except ValidationError:
         pytest.skip("this pydantic refuses the value")
     # When it is made ready to send
-    data, _ = _event_json(event)
-    (listed,), _ = _payloads([event])
+    data, _ = event_json(event)
+    (listed,), _ = payloads([event])
     # Then the model's JSON form is sent, which reads back as the same event
     expected = model.model_dump(mode="json")
     assert orjson.loads(data) == expected
@@ -152,7 +153,7 @@ def test_models_and_dicts_mix() -> None:
     events: list[object] = list(make_events("default", 4))
     events[1] = InteractionData.model_validate(events[1])
     # When they are made ready to send, then each reads back as the same event
-    out, encoded = _payloads(events)  # type: ignore[arg-type]
+    out, encoded = payloads(events)  # type: ignore[arg-type]
     assert [orjson.loads(e) for e in encoded] == [orjson.loads(orjson.dumps(o)) for o in out]
     assert [InteractionData.model_validate(orjson.loads(orjson.dumps(o))) for o in out] == [
         InteractionData.model_validate(e) for e in events
@@ -227,16 +228,16 @@ def test_dict_check_agrees_with_the_model(overrides: dict[str, object]) -> None:
 
 def test_dict_check_errors_read_as_the_models() -> None:
     with pytest.raises(ValidationError, match="1 validation error for InteractionData"):
-        _event_json({**_BASE, "timestamp": -1})
+        event_json({**_BASE, "timestamp": -1})
 
 
 def test_invalid_event_raises_validation_error_naming_the_index() -> None:
     events = make_events("default", 3)
     events[2]["timestamp"] = -5
     with pytest.raises(ValidationError, match=r"2\.timestamp"):
-        _payloads(events)
+        payloads(events)
     with pytest.raises(ValidationError, match=r"timestamp"):
-        _event_json(events[2])
+        event_json(events[2])
 
 
 @pytest.mark.parametrize(
@@ -248,7 +249,7 @@ def test_sender_packs_commands_as_redis_py_does(args: tuple[object, ...]) -> Non
 
 
 def _cut_by_weight(encoded: list[bytes], chunk_size: int, max_bytes: int) -> list[tuple[int, int]]:
-    """The rule of ``TrainingClient._chunks``, event by event: at most ``chunk_size`` events and
+    """The rule of ``Outgoing.chunks``, event by event: at most ``chunk_size`` events and
     ``batch_budget`` bytes of weight a chunk."""
     limit = batch_budget(max_bytes)
     bounds, start, size = [], 0, 0
@@ -276,5 +277,5 @@ def test_chunks_cut_as_the_weight_rule_does(chunk_size: int, max_bytes: int, siz
         )
     )
     # When they are cut into chunks, then the bounds are those of the weight rule
-    assert client._chunks(encoded) == _cut_by_weight(encoded, chunk_size, max_bytes)
+    assert client._outgoing.chunks(encoded) == _cut_by_weight(encoded, chunk_size, max_bytes)
     client.close()

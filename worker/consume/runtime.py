@@ -49,14 +49,30 @@ from worker.store.model_store import Store
 from worker.store.results import ChunkResult, Outcome, write_results
 from worker.training.trainer import Trainer
 
-__all__ = ["Runtime", "Summary", "get_runtime", "run_messages", "shown_args"]
+__all__ = ["ErrorText", "Runtime", "Summary", "get_runtime", "run_messages", "shown_args"]
 
 logger = logging.getLogger("itrain.runtime")
 
-#: (task id, state, result or error text, runtime in seconds, args to show), one per message. The
-#: args are built by the worker from the validated event (never the message header's ``argsrepr``,
-#: which any sender can set): Flower shows them, so they never hold the user id.
+#: (task id, state, result or ``ErrorText``, runtime in seconds, args to show), one per message.
+#: The args are built by the worker from the validated event (never the message header's
+#: ``argsrepr``, which any sender can set): Flower shows them, so they never hold the user id.
 Summary = tuple[str, str, Any, float, str]
+
+
+class ErrorText(str):
+    """A failed message's error text that also names the error's class (``exc_type``, in
+    ``producer.errors``), so that a direct call of a task raises that class, not a guess."""
+
+    exc_type: str
+
+    def __new__(cls, text: str, exc_type: str = "InvalidEventError") -> ErrorText:
+        self = super().__new__(cls, text)
+        self.exc_type = exc_type
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Summaries cross from the pool process to the main one pickled.
+        return (ErrorText, (str(self), self.exc_type))
 
 
 class Runtime:
@@ -370,16 +386,24 @@ def _summaries(
     for m, job in zip([*plan.owner, *plan.late_owner], [*plan.jobs, *plan.late], strict=True):
         if m not in shown:
             shown[m] = shown_args(job.event)
+    # A message refused before training failed as its item did (an InvalidEventError, by the
+    # admission's rules), or with no result at all (a task id that is not text).
+    refused = {m: o.result["exc_type"] for o, m in zip(plan.failures, plan.failure_owner, strict=True)}
     summaries: list[Summary] = []
     for m, msg in enumerate(messages):
         if m in plan.message_error:
-            summaries.append((msg.task_id, "FAILURE", plan.message_error[m], runtime, ""))
+            error = ErrorText(plan.message_error[m], refused.get(m, "InvalidEventError"))
+            summaries.append((msg.task_id, "FAILURE", error, runtime, ""))
         elif msg.task == TASK_TRAIN_BATCH:
             counts = _count(per_message.get(m, []), plan.invalid.get(m, 0))
             summaries.append((msg.task_id, "SUCCESS", counts, runtime, f"[{counts['events']} events]"))
         else:
             (o,) = per_message[m]
-            result = o.result if o.status == "SUCCESS" else o.result["exc_message"][0]
+            result = (
+                o.result
+                if o.status == "SUCCESS"
+                else ErrorText(o.result["exc_message"][0], o.result["exc_type"])
+            )
             summaries.append((msg.task_id, o.status, result, runtime, shown.get(m, "")))
     return summaries
 

@@ -9,11 +9,12 @@ from typing import Any
 import orjson
 from celery import Task
 
-from producer.errors import InvalidEventError, ItrainError
+from producer import errors
+from producer.errors import ItrainError
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP, new_task_id
 from worker.consume.app import app
 from worker.consume.messages import RawMessage, validate_event
-from worker.consume.runtime import get_runtime, run_messages
+from worker.consume.runtime import ErrorText, get_runtime, run_messages
 
 __all__ = ["TrainingTask", "predict", "train_batch", "train_step"]
 
@@ -33,8 +34,18 @@ def _run_direct(task: Task, args: list[Any]) -> Any:
     raw = RawMessage(task.name, task_id, "application/json", "utf-8", None, orjson.dumps([args, {}, {}]))
     ((_, state, result, _, _),) = run_messages([raw])
     if state != "SUCCESS":
-        raise InvalidEventError(result) if isinstance(result, str) else ItrainError(str(result))
+        raise _error(result)
     return result
+
+
+def _error(text: Any) -> ItrainError:
+    """The error a failed message's summary names (``GuardTrippedError`` for a paused model,
+    ``InvalidEventError`` for an invalid event...), with its text."""
+    name = text.exc_type if isinstance(text, ErrorText) else "ItrainError"
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ItrainError)):
+        cls = ItrainError
+    return cls(str(text))
 
 
 @app.task(name=TASK_TRAIN_STEP, base=TrainingTask, bind=True, buffered=True)

@@ -1,0 +1,94 @@
+"""What a failed publish means, for both clients: retry, or which of our errors to raise.
+
+A client retries while Redis is unreachable, for at most ``ITRAIN_PUBLISH_TIMEOUT`` seconds in
+all (``Backoff``), then raises ``PublishError``. A permission the Redis user lacks is
+``PermissionDeniedError`` at once, and an out-of-memory refusal ``BrokerFullError`` at once
+(retrying cannot help, or would only hold the caller). The sleeping between tries is the
+client's own (``time.sleep`` or ``asyncio.sleep``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from kombu.exceptions import OperationalError
+
+from producer.errors import BrokerFullError, PermissionDeniedError, PublishError, QueueFullError
+from producer.redis_conn import redact_url
+from producer.settings import Settings
+
+__all__ = ["UNREACHABLE", "Backoff", "denied", "queue_full", "refused", "unreachable"]
+
+#: Errors that say Redis could not be reached (redis-py's, sync or asyncio, kombu's, the socket's).
+UNREACHABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class Backoff:
+    """Delays between publish tries: 50 ms doubling up to 0.5 s, within ``ITRAIN_PUBLISH_TIMEOUT``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._deadline = time.monotonic() + settings.publish_timeout
+        self._delay = 0.05
+
+    def next_delay(self, exc: BaseException) -> float:
+        """How long to wait before the next try after ``exc`` (Redis unreachable); raises
+        ``PermissionDeniedError`` or, once the time is spent, ``PublishError``."""
+        error = denied(exc, self._settings)  # kombu wraps a NOPERM in its OperationalError
+        if error is not None:
+            raise error from exc
+        delay = self._delay
+        if self._deadline - time.monotonic() <= delay:
+            raise PublishError(
+                f"cannot publish to {redact_url(self._settings.broker)} within "
+                f"ITRAIN_PUBLISH_TIMEOUT={self._settings.publish_timeout:g} s: {exc}"
+            ) from exc
+        self._delay = min(delay * 2, 0.5)
+        return delay
+
+
+def refused(exc: redis.ResponseError, settings: Settings) -> BaseException:
+    """The error to raise for a command Redis refused: ``PermissionDeniedError``,
+    ``BrokerFullError`` (out of memory under ``noeviction``), or ``exc`` itself."""
+    error = denied(exc, settings)
+    if error is not None:
+        return error
+    # OutOfMemoryError for a command; "OOM" in an EXECABORT for a MULTI/EXEC.
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc):
+        # noeviction Redis at maxmemory: back-pressure, not an outage. Retrying would only hold
+        # the caller; it should slow down (or Redis needs more memory).
+        return BrokerFullError(
+            f"{redact_url(settings.broker)} is out of memory (maxmemory reached, "
+            f"noeviction): nothing was enqueued; slow down and retry, or give Redis more memory"
+        )
+    return exc
+
+
+def denied(exc: BaseException, settings: Settings) -> PermissionDeniedError | None:
+    """``PermissionDeniedError`` when ``exc`` is, or was raised from, a ``NOPERM`` reply."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, redis.exceptions.NoPermissionError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    return PermissionDeniedError(
+        f"the Redis user of {redact_url(settings.broker)} lacks a permission: {cause}; "
+        "nothing was enqueued (`itrain acl --role producer` prints what a producer needs)"
+    )
+
+
+def unreachable(url: str, exc: BaseException) -> PublishError:
+    """``PublishError`` for a read that could not reach ``url``."""
+    return PublishError(f"cannot reach {redact_url(url)}: {exc}")
+
+
+def queue_full(length: int, settings: Settings) -> QueueFullError | None:
+    """``QueueFullError`` when a queue of ``length`` messages is at ``ITRAIN_MAX_QUEUE_LENGTH``."""
+    limit = settings.max_queue_length
+    if limit and length >= limit:
+        return QueueFullError(
+            f"queue {settings.queue!r} holds {length} messages, "
+            f"ITRAIN_MAX_QUEUE_LENGTH is {limit}; nothing was enqueued"
+        )
+    return None
