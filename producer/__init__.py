@@ -21,6 +21,7 @@ from producer.errors import (
     QueueFullError,
     ResultIgnoredError,
     ResultTimeoutError,
+    ServerVersionError,
     TargetError,
 )
 from producer.events import InteractionData, event_json_schema
@@ -47,6 +48,7 @@ __all__ = [
     "ItrainError",
     "ConfigurationError",
     "PermissionDeniedError",
+    "ServerVersionError",
     "PublishError",
     "BrokerFullError",
     "QueueFullError",
