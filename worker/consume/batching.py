@@ -20,12 +20,13 @@ which would cost a third more events for a state that lasts milliseconds), late
 acknowledgement (a message is acked only after its results are written), and no message lost
 when the pool process running it dies.
 
-When a pool job does not finish:
+When a pool job does not finish, ``redelivery.after_job_failure`` decides (``redelivery`` owns
+the requeue / delivery-limit / dead-letter policy):
 
 * Redis failed under it (``is_redis_fault``): not the messages' fault. They go back to the queue
-  after a backoff that grows with consecutive faults (``REQUEUE_FIRST_SECONDS`` doubling up to
-  ``REQUEUE_MAX_SECONDS``), never at once: an instant requeue would loop as fast as Redis fails.
-  Nothing is dead-lettered.
+  after a back-off that grows with consecutive faults (``redelivery.Backoff``, up to
+  ``ITRAIN_REQUEUE_BACKOFF_MAX``), never at once: an instant requeue would loop as fast as Redis
+  fails. The give-back does not count as a delivery. Nothing is dead-lettered.
 * The pool process died (billiard's ``WorkerLostError``: a segfault, the OOM killer, a SIGKILL)
   or the job raised: each of its messages runs again alone, as its own pool job, so one
   message that kills its process cannot take its neighbours down with it. A message whose
@@ -61,38 +62,15 @@ from worker.consume.messages import (
     split_batch,
     validate_event,
 )
+from worker.consume.redelivery import Backoff, JobAction, after_job_failure, delivery_count, first_taken
 from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
 from worker.consume.task_events import TaskEvents, task_events
 from worker.engine.trainer import dead_letter_entry
 from worker.store.results import Outcome, failure_payload, write_results
 
-__all__ = [
-    "REQUEUE_FIRST_SECONDS",
-    "REQUEUE_MAX_SECONDS",
-    "dead_letter_culprit",
-    "delivery_count",
-    "raw_message",
-    "training_strategy",
-]
+__all__ = ["dead_letter_culprit", "raw_message", "training_strategy"]
 
 logger = logging.getLogger("itrain.batching")
-
-#: Wait before the first requeue after a Redis fault; doubles with each consecutive fault.
-REQUEUE_FIRST_SECONDS = 0.5
-REQUEUE_MAX_SECONDS = 30.0
-
-
-def delivery_count(delivery_info: Mapping[str, Any]) -> int:
-    """How many times the broker has handed out the message, this time included.
-
-    Our transport counts deliveries in Redis (``deliveries``); any other transport only says
-    whether the message was delivered before (``redelivered``). A value that is not a positive
-    integer (a hostile envelope) counts as absent.
-    """
-    count = delivery_info.get("deliveries")
-    if type(count) is int and count >= 1:  # not bool, not a float, not a string
-        return count
-    return 2 if delivery_info.get("redelivered") else 1
 
 
 def raw_message(task_name: str, message: Any) -> RawMessage:
@@ -100,7 +78,7 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
     headers = message.headers if isinstance(message.headers, dict) else {}
     properties = message.properties if isinstance(message.properties, dict) else {}
     task_id = headers.get("id") or properties.get("correlation_id") or ""
-    info = message.delivery_info
+    info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
     body = message.body
     return RawMessage(
         task=task_name,
@@ -120,9 +98,10 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
             if isinstance(body, str)
             else b""
         ),
-        deliveries=delivery_count(info if isinstance(info, Mapping) else {}),
+        deliveries=delivery_count(info),
         # Only a JSON true counts: a hostile "false" string must not silence a result.
         ignore_result=headers.get("ignore_result") is True,
+        first_taken=first_taken(info),
     )
 
 
@@ -156,8 +135,8 @@ class _Buffer:
         self.items: list[_Pending] = []
         self.size = 0  # events counted in ``items``
         self.tref: Any = None
-        #: Consecutive pool jobs that Redis failed; sets the requeue backoff.
-        self.faults = 0
+        #: Consecutive pool jobs that Redis failed set the wait before their messages go back.
+        self.backoff = Backoff(settings.requeue_ceiling)
         # The timer runs in its own thread for pools without an event loop (solo, threads).
         self.mutex = threading.Lock()
 
@@ -192,7 +171,7 @@ class _Buffer:
         )
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
-        self.faults = 0
+        self.backoff.reset()
         for p, (task_id, state, result, runtime, shown) in zip(items, summaries, strict=True):
             if self.events:
                 if state == "SUCCESS":
@@ -204,9 +183,10 @@ class _Buffer:
 
     def _on_error(self, items: list[_Pending], alone: bool, error: Any) -> None:
         exc = _unwrap(error)
-        if is_redis_fault(exc):
+        action = after_job_failure(exc, alone=alone)
+        if action is JobAction.REQUEUE:
             self._requeue_later(items, exc)
-        elif not alone:
+        elif action is JobAction.SPLIT:
             logger.error(
                 "batch of %d message(s) not finished (%s); running each alone to find the cause",
                 len(items),
@@ -218,14 +198,16 @@ class _Buffer:
             self._dead_letter(items[0], exc)
 
     def _requeue_later(self, items: list[_Pending], exc: BaseException) -> None:
-        self.faults += 1
-        delay = min(REQUEUE_FIRST_SECONDS * 2 ** (self.faults - 1), REQUEUE_MAX_SECONDS)
+        delay = self.backoff.next_delay()
         cause = "Redis failed" if is_redis_fault(exc) else "not dead-lettered"
         reason = f"{cause} ({_describe(exc)})"
         logger.warning("%s under %d message(s); requeued in %.1f s", reason, len(items), delay)
         self.timer.call_after(delay, partial(self._requeue, items, f"requeued: {reason}"))
 
     def _requeue(self, items: list[_Pending], reason: str) -> None:
+        # reject(requeue=True): our transport gives the message back and takes its delivery
+        # count back in one script (``redelivery``); a message too old to train by then is
+        # answered as expired on its next delivery, never trained.
         for p in items:
             if self.events:
                 self.events.retried(p.raw.task_id, reason)

@@ -43,6 +43,7 @@ from worker.consume.messages import (
     validate_event,
     validate_many,
 )
+from worker.consume.redelivery import answer_refused, refusal
 from worker.engine.trainer import Job, Trainer, dead_letter_entry
 from worker.store.model_store import Store
 from worker.store.results import ChunkResult, Outcome, write_results
@@ -89,9 +90,11 @@ class _Plan:
 
     jobs: list[Job] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)  # message index of each job
-    #: Jobs of messages delivered more often than ITRAIN_MAX_DELIVERIES: answered, not trained.
+    #: Jobs of messages refused by ``redelivery.refusal`` (delivered too often, or too old to
+    #: train within the de-duplication window): answered, not trained; and each message's error.
     late: list[Job] = field(default_factory=list)
     late_owner: list[int] = field(default_factory=list)
+    late_error: dict[int, DeliveryLimitError] = field(default_factory=dict)
     #: Results of items that ended before training, and the message each belongs to.
     failures: list[Outcome] = field(default_factory=list)
     failure_owner: list[int] = field(default_factory=list)
@@ -127,8 +130,13 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
         outcomes.extend(_train_isolated(rt.trainer, [plan.jobs[i] for i in idxs], plan))
         owners.extend(plan.owner[i] for i in idxs)
     if plan.late:
-        deliveries = [messages[m].deliveries for m in plan.late_owner]
-        outcomes.extend(_answer_late(rt.store, plan, deliveries, rt.settings.max_deliveries))
+        errors = [plan.late_error[m] for m in plan.late_owner]
+        answered, dead = answer_refused(rt.store, plan.late, errors)
+        for model, entry in dead:
+            plan.dead_letter(model, entry)
+        for m, error in plan.late_error.items():
+            logger.warning("task %s: %s", printable(messages[m].task_id), error)
+        outcomes.extend(answered)
         owners.extend(plan.late_owner)
 
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
@@ -173,7 +181,10 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
     except InvalidEventError as exc:
         _refuse(plan, m, msg, exc, settings)
         return
-    late = msg.deliveries > settings.max_deliveries
+    refused = refusal(msg.deliveries, msg.first_taken, settings)
+    late = refused is not None
+    if refused is not None:
+        plan.late_error[m] = refused
     if msg.task == TASK_TRAIN_BATCH:
         # A chunk whose every event is valid (the common case) is read in one call.
         events = read_chunk(msg, settings.max_message_bytes)
@@ -323,36 +334,6 @@ def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan) -> list[Outc
             ),
         )
         return [Outcome.failure(job.task_id, error, event_id=ev.event_id)]
-
-
-def _answer_late(store: Store, plan: _Plan, deliveries: list[int], max_deliveries: int) -> list[Outcome]:
-    """Jobs of a message delivered more than ``max_deliveries`` times: not trained. An event already
-    in the weights answers ``duplicate``; the others end as FAILURE with a dead letter each."""
-    jobs = plan.late
-    outcomes: list[Outcome | None] = [None] * len(jobs)
-    by_model: dict[str, list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_model.setdefault(job.event.model, []).append(i)
-    for model, idxs in by_model.items():
-        done = store.read(model, None, [jobs[i].event.event_id for i in idxs]).done
-        for i, trained in zip(idxs, done, strict=True):
-            job, ev = jobs[i], jobs[i].event
-            if trained:
-                outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
-                continue
-            error = DeliveryLimitError(
-                f"message delivered {deliveries[i]} times, more than ITRAIN_MAX_DELIVERIES="
-                f"{max_deliveries}: its event was not trained"
-            )
-            outcomes[i] = Outcome.failure(job.task_id, error, event_id=ev.event_id)
-            plan.dead_letter(
-                model,
-                dead_letter_entry(
-                    job.task_id, error, model=model, event_id=ev.event_id, action_type=ev.action_type
-                ),
-            )
-            logger.warning("task %s: %s", job.task_id, error)
-    return [o for o in outcomes if o is not None]
 
 
 # -- summaries -----------------------------------------------------------------------------------
