@@ -340,3 +340,34 @@ def test_a_give_back_of_a_message_already_swept_pushes_nothing(
     finally:
         conn2.release()
         conn.release()
+
+
+def test_a_fetch_whose_reply_was_lost_goes_back_without_counting(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given a fetch that Redis ran (three messages recorded as unacknowledged) ...
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(3)])
+    conn = Connection(transport_url(redis_url))
+    channel = conn.channel()
+    channel.basic_consume(queue, False, lambda m: None, "t")
+    conn.transport.cycle.on_poll_start()
+    assert channel._pending[0] == "FETCH"
+    wait = time.monotonic() + 5
+    while redis_client.hlen(UNACKED) < 3 and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert redis_client.hlen(UNACKED) == 3
+    # ... whose reply is lost with its connection before it is read
+    channel.client.connection.disconnect()
+    assert channel._pending is None
+    conn.release()
+    assert redis_client.hlen(UNACKED) == 3
+    # When the worker connects again
+    conn2, _, got = _consume(redis_url, queue)
+    try:
+        _drain(conn2, got, 3)
+        # Then the three come back at once (their order is lost with the reply), each still on
+        # its first counted delivery
+        assert sorted(orjson.loads(m.body)[0][0]["event_id"] for m in got.messages) == ["e0", "e1", "e2"]
+        assert [m.delivery_info["deliveries"] for m in got.messages] == [1, 1, 1]
+    finally:
+        conn2.release()

@@ -28,6 +28,9 @@ taken:
   ``max_envelope_bytes``) before parsing it in Python: it is logged, recorded in a bounded list
   (``itrain:{_transport}:rejected``, sizes and reasons only) and dropped; it has no id to answer
   under and would otherwise stop the worker.
+- **Lose no give-back to a lost connection**: a fetch whose reply was lost with its connection,
+  or held messages whose give-back failed, are given back by the next channel once Redis answers
+  (``_Orphans``), instead of returning after the visibility timeout as counted deliveries.
 - **Batch the acks**: acknowledged tags are removed in one ``MULTI`` on a short one-shot timer or
   when many are waiting, and before anything is restored.
 - **Reuse one Redis client** per channel for acks, restores and event publishing.
@@ -86,6 +89,34 @@ def as_redis_url(url: str) -> str:
         if url.startswith(ours + "://"):
             return theirs + url[len(ours) :]
     return url
+
+
+class _Orphans:
+    """Fetches this process took and could not give back itself: a fetch whose reply was lost
+    with its connection, or held messages whose give-back failed (Redis unreachable). Each is
+    named by its score (the time sent with the fetch, shared by every message it took), so a
+    later channel, once Redis answers again, gives them back without counting a delivery
+    (``QoS.give_back_fetch``). Without this they would return after the visibility timeout as
+    deliveries that counted, as if their worker had died."""
+
+    def __init__(self) -> None:
+        self._scores: set[float] = set()
+        self._lock = threading.Lock()
+
+    def add(self, scores: Iterator[float] | list[float] | set[float]) -> None:
+        with self._lock:
+            self._scores.update(score for score in scores if score > 0)
+
+    def take(self) -> set[float]:
+        with self._lock:
+            scores, self._scores = self._scores, set()
+        return scores
+
+    def __bool__(self) -> bool:
+        return bool(self._scores)
+
+
+ORPHANS = _Orphans()
 
 
 class _Script:
@@ -171,6 +202,17 @@ class QoS(kombu_redis.QoS):
                 ).hdel(self.channel.first_taken_key, delivery_tag).execute()
         virtual.QoS.ack(self, delivery_tag)
         self.taken_at.pop(delivery_tag, None)
+
+    def give_back_fetches(self, scores: set[float], client: Any) -> int:
+        """Give back every message still recorded with one of ``scores`` (``_Orphans``)."""
+        rows: list[tuple[Any, float]] = []
+        for score in scores:
+            tags = client.zrange(self.unacked_index_key, score, score, byscore=True)
+            rows += [(tag, score) for tag in tags]
+        back = 0
+        for i in range(0, len(rows), 500):
+            back += self._restore_rows(client, rows[i : i + 500], undo=True, leftmost=False)
+        return back
 
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
         """Give one held message back (``reject(requeue=True)``: a Redis fault under its job).
@@ -280,9 +322,11 @@ class QoS(kombu_redis.QoS):
                 self.give_back(held[::-1], conn)
                 self.taken_at.clear()
         except Exception as exc:
+            # Given back by a later channel once Redis answers (or after the visibility timeout).
+            ORPHANS.add({self.taken_at[tag] for tag in self._delivered if tag in self.taken_at})
             logger.warning(
                 "could not give %d unacknowledged message(s) back to the broker (%r); "
-                "they return after the visibility timeout",
+                "they go back once Redis answers again",
                 len(self._delivered),
                 exc,
             )
@@ -377,6 +421,8 @@ class Channel(kombu_redis.Channel):
         # Called on every loop tick: it must do nothing while a reply is pending.
         if self._in_poll or monotonic() < self._quiet_until:
             return
+        if ORPHANS:
+            self._give_back_orphans()
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -409,6 +455,19 @@ class Channel(kombu_redis.Channel):
         ]
         args = [want, now, int(self.max_envelope_bytes), int(self.rejected_max), *names]
         self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
+
+    def _give_back_orphans(self) -> None:
+        scores = ORPHANS.take()
+        try:
+            with self.conn_or_acquire() as client:
+                back = self.qos.give_back_fetches(scores, client)
+        except Exception as exc:
+            ORPHANS.add(scores)
+            self._quiet_until = monotonic() + self.refused_backoff
+            logger.debug("could not give back lost fetches yet (%r)", exc)
+            return
+        if back:
+            logger.warning("gave back %d message(s) of fetches lost with a connection", back)
 
     def _send(self, kind: str, keys: list[str], *command: Any) -> None:
         connection = self.client.connection
@@ -448,7 +507,8 @@ class Channel(kombu_redis.Channel):
             return self.client.parse_response(self.client.connection, "EVALSHA", **options)
         except self.connection_errors:
             # Disconnect so that the next loop tick reconnects. A fetch whose reply is lost here
-            # left its messages recorded: they come back after the visibility timeout.
+            # may have left its messages recorded: they are given back once Redis answers.
+            self._lost_fetch()
             self.client.connection.disconnect()
             raise
         except redis.exceptions.NoScriptError:
@@ -534,8 +594,13 @@ class Channel(kombu_redis.Channel):
             keys = [self.unacked_index_key, self.unacked_key, self.deliveries_key, *lists]
             return int(client.eval(GIVEBACK.text, len(keys), *keys, *args))
 
+    def _lost_fetch(self) -> None:
+        if self._pending is not None and self._pending[0] == "FETCH":
+            ORPHANS.add([self._fetch_at])
+
     def _on_connection_disconnect(self, connection: Any) -> None:
         if self._in_poll is connection:
+            self._lost_fetch()
             self._pending = None
             self._fetch_next = True
         super()._on_connection_disconnect(connection)
@@ -545,10 +610,12 @@ class Channel(kombu_redis.Channel):
         # back to their queue instead (first in line again), a wait's reply is only read.
         if self._in_poll and self._pending is not None:
             kind, lists = self._pending
-            with suppress(Exception):
+            try:
                 reply = self._read_reply()
                 if kind == "FETCH" and reply and reply is not _REFUSED:
                     self._give_back(reply, lists)
+            except Exception:
+                self._lost_fetch()
             self._in_poll = None  # type: ignore[assignment]
             self._pending = None
         with suppress(Exception):
