@@ -50,18 +50,9 @@ from celery import Celery, Task
 from producer.errors import InvalidEventError, ItrainError
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
+from worker.consume.admission import admit
 from worker.consume.faults import is_redis_fault
-from worker.consume.messages import (
-    TASK_ID_MAX,
-    RawMessage,
-    check_task_id,
-    decode_args,
-    is_chunk,
-    model_hint,
-    printable,
-    split_batch,
-    validate_event,
-)
+from worker.consume.messages import TASK_ID_MAX, RawMessage, check_task_id, model_hint, printable
 from worker.consume.redelivery import Backoff, JobAction, after_job_failure, delivery_count, first_taken
 from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
 from worker.consume.task_events import TaskEvents, task_events
@@ -265,30 +256,44 @@ def _printable(value: str) -> str:
     return printable(value, TASK_ID_MAX)
 
 
+#: (result ids, model, event id, args to show, the dead letter's extra fields)
+_Description = tuple[list[str], str, str | None, str, dict[str, Any] | None]
+
+
+def _describe_culprit(raw: RawMessage, max_bytes: int) -> _Description:
+    """The culprit as admission reads it (the same one pass a pool process makes): the result ids
+    that get its FAILURE, the model whose list gets its dead letter, its event id, the args to
+    show and the dead letter's extra fields. A message that does not read is described by its
+    task id alone."""
+    try:
+        admitted = admit(raw, max_bytes)
+    except Exception as exc:  # a hostile body must not stop the main process
+        logger.debug("dead-lettered message %s does not read: %r", _printable(raw.task_id), exc)
+        return [raw.task_id], "default", None, "", None
+    first = admitted.jobs[0].event if admitted.jobs else None
+    model = (
+        first.model if first else model_hint(admitted.refused[0].payload) if admitted.refused else "default"
+    )
+    batch = raw.task == TASK_TRAIN_BATCH
+    if first is None and (admitted.error is not None or not batch):  # it failed whole
+        return [raw.task_id], model, None, "", None
+    if not batch and first is not None:
+        return [raw.task_id], first.model, first.event_id, shown_args(first), None
+    # A chunk's one result is the message's (every event of it reads that FAILURE); an
+    # [ids, events] batch answers under each id that can name a result.
+    ids = [j.task_id for j in admitted.jobs] + [r.task_id for r in admitted.refused if r.answer]
+    if admitted.chunk is not None or not ids:
+        ids = [raw.task_id]
+    return ids, model, None, f"[{admitted.events} events]", {"events": admitted.events}
+
+
 def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     """End a message that failed its job even when run alone: one dead-letter entry, then a
     FAILURE result for each of its results that has none yet. Returns (error text, args to
     show). Runs in the worker's main process; a Redis fault propagates."""
     rt = get_runtime()
     error = _culprit_error(raw, exc)
-    ids, model, event_id, shown, extra = [raw.task_id], "default", None, "", None
-    # Describe the message as far as it decodes: its model routes the dead letter, its result
-    # ids get the FAILURE. A message that does not decode is described by its task id alone.
-    try:
-        args = decode_args(raw, rt.settings.max_message_bytes)
-        if raw.task == TASK_TRAIN_BATCH:
-            pairs = split_batch(args, raw.task_id)
-            # A chunk's one result is the message's (every event of it reads that FAILURE).
-            ids = ids if is_chunk(args) else [task_id for task_id, _ in pairs if _result_id(task_id)] or ids
-            model = model_hint(pairs[0][1]) if pairs else model
-            shown, extra = f"[{len(pairs)} events]", {"events": len(pairs)}
-        else:
-            payload: Any = args[0] if len(args) == 1 else None
-            model = model_hint(payload)
-            event = validate_event(payload)
-            model, event_id, shown = event.model, event.event_id, shown_args(event)
-    except Exception as described:  # a hostile body must not stop the main process
-        logger.debug("dead-lettered message %s does not decode: %r", _printable(raw.task_id), described)
+    ids, model, event_id, shown, extra = _describe_culprit(raw, rt.settings.max_message_bytes)
     ids = [task_id for task_id in ids if _result_id(task_id)]
     entry = dead_letter_entry(_printable(raw.task_id), error, model=model, event_id=event_id, extra=extra)
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
