@@ -296,7 +296,12 @@ class QoS(kombu_redis.QoS):
         (``lua/restore.lua``); ``undo`` takes their delivery count back."""
         channel = self.channel
         records = client.hmget(self.unacked_key, [tag for tag, _ in rows])
-        keys: list[str] = [self.unacked_index_key, self.unacked_key, channel.deliveries_key]
+        keys: list[str] = [
+            self.unacked_index_key,
+            self.unacked_key,
+            channel.deliveries_key,
+            channel.first_taken_key,
+        ]
         args: list[Any] = ["1" if undo else "0", "L" if leftmost else "R"]
         for (tag, score), record in zip(rows, records, strict=True):
             lists = _restore_lists(channel, record)

@@ -10,8 +10,9 @@
 -- KEYS[3]  deliveries     hash: delivery tag -> deliveries that counted, kept until the message is
 --                         acked (a give-back by a live worker takes its count back: restore.lua,
 --                         giveback.lua)
--- KEYS[4]  first_taken    hash: delivery tag -> when it was first taken (ARGV[2]), kept until it is
---                         acked: how old a message is, however often it was given back
+-- KEYS[4]  first_taken    hash: delivery tag -> when it was first taken, for a message taken before
+--                         (written when it is given back or swept back, kept until it is acked):
+--                         how old a message is, however often it came back
 -- KEYS[5]  rejected       list: a short record of each item that is not a message envelope
 -- KEYS[6..] the queue lists to take from, in priority order
 -- ARGV[1]  n              how many messages at most
@@ -75,11 +76,9 @@ for k = 6, #KEYS do
         redis.call('ZADD', KEYS[1], now, tag)
         redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
         local count = redis.call('HINCRBY', KEYS[3], tag, 1)
-        local first = redis.call('HGET', KEYS[4], tag)
-        if not first then
-          first = now
-          redis.call('HSET', KEYS[4], tag, now)
-        end
+        -- Written only when a message is given back (restore.lua, giveback.lua): until then its
+        -- first take is this one.
+        local first = redis.call('HGET', KEYS[4], tag) or now
         out[#out + 1] = k - 5
         out[#out + 1] = tag
         out[#out + 1] = count

@@ -12,12 +12,12 @@
 --   shutdown, a lost connection): not a delivery after all, so its count is taken back here, in
 --   the same step, and cannot be left behind by a crash between two commands.
 --
--- KEYS[1]  unacked_index, KEYS[2] unacked, KEYS[3] deliveries (see fetch.lua)
--- KEYS[4..] the queue lists the messages go back to
+-- KEYS[1]  unacked_index, KEYS[2] unacked, KEYS[3] deliveries, KEYS[4] first_taken (see fetch.lua)
+-- KEYS[5..] the queue lists the messages go back to
 -- ARGV[1]  '1': a give-back, the delivery count goes down by one; '0': a sweep, it stays
 -- ARGV[2]  'R': push at the consuming end (first in line); 'L': at the far end (last in line)
 -- ARGV[3..] per message: delivery tag, its score as read, the message text to push, the number
---          of lists k, then k indexes into KEYS (4 = KEYS[4]); k = 0 only forgets a record
+--          of lists k, then k indexes into KEYS (5 = KEYS[5]); k = 0 only forgets a record
 --          without a message (an index entry left alone)
 -- Returns how many messages went back.
 local undo = ARGV[1] == '1'
@@ -30,6 +30,8 @@ while i <= #ARGV do
   if now and tonumber(now) == tonumber(score) then
     redis.call('ZREM', KEYS[1], tag)
     redis.call('HDEL', KEYS[2], tag)
+    -- Its age keeps running from its first take (an earlier one, if it came back before).
+    if k > 0 then redis.call('HSETNX', KEYS[4], tag, now) end
     if undo and redis.call('HINCRBY', KEYS[3], tag, -1) <= 0 then redis.call('HDEL', KEYS[3], tag) end
     for j = 1, k do
       redis.call(push, KEYS[tonumber(ARGV[i + 3 + j])], text)
