@@ -25,6 +25,7 @@ from kombu.asynchronous import Hub
 from producer.keys import TRANSPORT_REJECTED
 from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id
 from worker.consume.transport import Channel, Transport, as_redis_url, transport_url
+from worker.devtools.embedded_redis import RedisServer
 
 # Kombu's unacked layout, and our delivery counts.
 UNACKED, INDEX, DELIVERIES, FIRST = "unacked", "unacked_index", "unacked_deliveries", "unacked_first_taken"
@@ -371,3 +372,32 @@ def test_a_fetch_whose_reply_was_lost_goes_back_without_counting(
         assert [m.delivery_info["deliveries"] for m in got.messages] == [1, 1, 1]
     finally:
         conn2.release()
+
+
+def test_held_messages_whose_give_back_failed_go_back_once_redis_answers(tmp_path: Any) -> None:
+    # Given a consumer holding two messages on a Redis of its own (every write kept on disk)
+    server = RedisServer(data_dir=tmp_path, appendonly=True, appendfsync="always").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        queue = f"tq-{uuid.uuid4().hex[:8]}"
+        client.lpush(queue, _envelope(queue, 0), _envelope(queue, 1))
+        conn, _, got = _consume(server.url, queue)
+        _drain(conn, got, 2)
+        # When Redis dies under it, so that the give-back at close fails ...
+        server.kill()
+        conn.release()
+        # ... and comes back (the messages recorded as unacknowledged, not on the queue)
+        server = RedisServer(server.port, data_dir=tmp_path, appendonly=True, appendfsync="always").start()
+        client = redis.Redis.from_url(server.url)
+        assert (client.hlen(UNACKED), client.llen(queue)) == (2, 0)
+        # Then the next consumer gives them back at once, not after the visibility timeout, and
+        # their delivery count is still the first
+        conn2, _, got2 = _consume(server.url, queue)
+        try:
+            _drain(conn2, got2, 2)
+            assert sorted(orjson.loads(m.body)[0][0]["event_id"] for m in got2.messages) == ["e0", "e1"]
+            assert [m.delivery_info["deliveries"] for m in got2.messages] == [1, 1]
+        finally:
+            conn2.release()
+    finally:
+        server.close()
