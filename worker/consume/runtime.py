@@ -1,9 +1,11 @@
 """Per-process state and the function a pool process runs for a group of training messages.
 
-``run_messages`` is the whole job of a pool process: decode every message, validate every event,
-train the valid ones in one critical section per model, then write every event's result and
-every dead letter. It returns a small summary per message for the main process, which acks the
-messages and sends their task events (Flower).
+``run_messages`` is the whole job of a pool process: read every message once (``admission.admit``:
+its valid events as jobs, its refused items with their errors), set aside the jobs of deliveries
+``redelivery.refusal`` refuses (too many, or too old for the de-duplication window), train the
+rest in one critical section per model, then write every event's result and every dead letter.
+It returns a small summary per message for the main process, which acks the messages and sends
+their task events (Flower).
 
 Poison isolation: an error that belongs to an item (it cannot be decoded, it is invalid, it has no
 target, its update is non-finite, or our code raises anything else for it) ends that item as
