@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from ssl import CERT_REQUIRED
 from time import monotonic, time
@@ -103,7 +103,7 @@ class _Orphans:
         self._scores: set[float] = set()
         self._lock = threading.Lock()
 
-    def add(self, scores: Iterator[float] | list[float] | set[float]) -> None:
+    def add(self, scores: Iterable[float]) -> None:
         with self._lock:
             self._scores.update(score for score in scores if score > 0)
 
