@@ -12,6 +12,7 @@ __all__ = [
     "BrokerFullError",
     "CheckpointError",
     "ConfigurationError",
+    "DeliveryExpiredError",
     "DeliveryLimitError",
     "EventProcessingError",
     "GuardTrippedError",
@@ -176,6 +177,14 @@ class EventProcessingError(ItrainError):
 class DeliveryLimitError(ItrainError):
     """A message was delivered more often than ``ITRAIN_MAX_DELIVERIES``; its events that were not
     yet trained were dead-lettered instead of tried again."""
+
+
+class DeliveryExpiredError(DeliveryLimitError):
+    """A message was still coming back (given back after Redis faults or restarts) when it was
+    older than its events' de-duplication markers are sure to live (``ITRAIN_DEDUPE_TTL`` minus
+    ``ITRAIN_VISIBILITY_TIMEOUT``, from when it was first taken): its events that were not yet
+    trained were dead-lettered rather than trained where a marker could no longer stop a second
+    training."""
 
 
 class LockTimeoutError(ItrainError):

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     #: already in the weights answer ``duplicate``): a message that keeps killing or stalling its
     #: worker stops coming back.
     max_deliveries: int = Field(5, ge=1)
+    #: Ceiling of the back-off before a message that met a Redis fault goes back to the queue
+    #: (0.5 s, doubling with each consecutive fault). The effective ceiling is at most half of
+    #: ``visibility_timeout`` (``requeue_ceiling``): a message held longer would be taken for lost.
+    requeue_backoff_max: float = Field(30.0, gt=0)
 
     # Publishing.
     publish_timeout: float = Field(5.0, gt=0)
@@ -127,6 +131,18 @@ class Settings(BaseSettings):
             return b""
         secret = self.hash_key.get_secret_value().encode()
         return blake2b(secret, digest_size=32, person=b"itrain-hashkey").digest()
+
+    @property
+    def requeue_ceiling(self) -> float:
+        """The longest back-off, seconds, before a message that met a Redis fault is given back."""
+        return min(self.requeue_backoff_max, self.visibility_timeout / 2)
+
+    @property
+    def expire_after(self) -> float:
+        """Seconds after a message was first taken from the queue beyond which it is no longer
+        trained: a delivery may run up to ``visibility_timeout`` before it commits, and its event
+        markers must still be there for the commit to see them (they live ``dedupe_ttl``)."""
+        return float(self.dedupe_ttl - self.visibility_timeout)
 
     @property
     def broker(self) -> str:

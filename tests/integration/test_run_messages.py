@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from producer.celery_config import make_celery
-from producer.errors import DeliveryLimitError, EventProcessingError, InvalidEventError
+from producer.errors import DeliveryExpiredError, DeliveryLimitError, EventProcessingError, InvalidEventError
 from producer.keys import UNROUTED_DEAD, ModelKeys
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, result_key
 from producer.settings import Settings
@@ -374,6 +374,36 @@ def test_message_at_the_delivery_limit_still_trains(own_runtime, make_model, red
     # Then it trains
     assert summary[2]["status"] == "trained"
     assert step(redis_client, model) == 1
+
+
+def test_message_older_than_the_marker_window_is_answered_expired(
+    redis_url, make_model, redis_client, app, monkeypatch
+) -> None:
+    # Given markers kept 40 s and deliveries that may run 10 s: a message is trained until 30 s
+    # after it was first taken
+    rt = Runtime(Settings(redis_url=redis_url, dedupe_ttl=40, visibility_timeout=10, max_deliveries=3))
+    monkeypatch.setattr(runtime, "_runtime", (os.getpid(), rt))
+    model = make_model()
+    run_messages([step_message(new_id(), raw_event(model, "trained-before"))])
+    now = time.time()
+    # When a chunk first taken 31 s ago comes back (on its first counted delivery), with one
+    # event in the weights and one not, beside a message taken 29 s ago
+    ids = [new_id(), new_id()]
+    old = batch_message(ids, [raw_event(model, "trained-before"), raw_event(model, "too-late")])
+    fresh_id = new_id()
+    fresh = step_message(fresh_id, raw_event(model, "just-in-time"))
+    summaries = run_messages([replace(old, first_taken=now - 31), replace(fresh, first_taken=now - 29)])
+    # Then the old one trains nothing: duplicate for the trained event, FAILURE naming its age
+    # and the window for the other, with its dead letter; the younger one trains
+    assert summaries[0][2] == {"events": 2, "duplicate": 1, "failed": 1}
+    assert summaries[1][2]["status"] == "trained"
+    assert step(redis_client, model) == 2
+    assert app.AsyncResult(ids[0]).get(timeout=5)["status"] == "duplicate"
+    with pytest.raises(DeliveryExpiredError, match=r"first taken 3\d s ago.*40 - 10 = 30 s"):
+        app.AsyncResult(ids[1]).get(timeout=5)
+    assert [(d["event_id"], d["error"]) for d in dead_letters(redis_client, model)] == [
+        ("too-late", "DeliveryExpiredError")
+    ]
 
 
 # -- results nobody can steal ----------------------------------------------------------------------

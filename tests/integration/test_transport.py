@@ -25,16 +25,17 @@ from kombu.asynchronous import Hub
 from producer.keys import TRANSPORT_REJECTED
 from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id
 from worker.consume.transport import Channel, Transport, as_redis_url, transport_url
+from worker.devtools.embedded_redis import RedisServer
 
 # Kombu's unacked layout, and our delivery counts.
-UNACKED, INDEX, DELIVERIES = "unacked", "unacked_index", "unacked_deliveries"
+UNACKED, INDEX, DELIVERIES, FIRST = "unacked", "unacked_index", "unacked_deliveries", "unacked_first_taken"
 
 
 @pytest.fixture
 def queue(redis_client: redis.Redis) -> Iterator[str]:
     name = f"tq-{uuid.uuid4().hex[:8]}"
     yield name
-    redis_client.delete(name, UNACKED, INDEX, DELIVERIES, TRANSPORT_REJECTED)
+    redis_client.delete(name, UNACKED, INDEX, DELIVERIES, FIRST, TRANSPORT_REJECTED)
 
 
 def _envelope(queue: str, n: int = 0) -> bytes:
@@ -269,20 +270,134 @@ def test_close_gives_a_pending_fetch_back_in_order(
     assert ids[::-1] == [f"e{i}" for i in range(5)]
 
 
-def test_reject_with_requeue_keeps_counting_deliveries(
+def test_reject_with_requeue_gives_back_without_counting_a_delivery(
     redis_url: str, redis_client: redis.Redis, queue: str
 ) -> None:
+    # Given a message taken once
     redis_client.lpush(queue, _envelope(queue))
     conn, _, got = _consume(redis_url, queue)
     try:
-        for round_ in range(1, 4):
+        _drain(conn, got, 1)
+        taken = got.messages[0].delivery_info["first_taken"]
+        assert abs(taken - time.time()) < 60
+        # When its job meets a Redis fault and gives it back five times over
+        for round_ in range(2, 7):
+            got.messages[-1].reject(requeue=True)
             _drain(conn, got, round_)
-            message = got.messages[-1]
-            assert message.delivery_info["deliveries"] == round_
-            if round_ < 3:
-                message.reject(requeue=True)
-        message.ack()
-        assert redis_client.hlen(DELIVERIES) == 0
+            # Then every delivery is still its first, and its age runs from the first take
+            assert got.messages[-1].delivery_info["deliveries"] == 1
+            assert got.messages[-1].delivery_info["first_taken"] == taken
+        got.messages[-1].ack()
+        _drain(conn, got, 7, timeout=0.5)
+        assert len(got.messages) == 6
+        # ... and the ack forgets it everywhere
+        assert [redis_client.hlen(k) for k in (UNACKED, DELIVERIES, FIRST)] == [0, 0, 0]
+        assert redis_client.zcard(INDEX) == 0
         assert redis_client.llen(queue) == 0
     finally:
         conn.release()
+
+
+def test_warm_shutdown_gives_back_in_order_without_counting(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given three messages taken by a consumer that then stops (a warm shutdown, or its channel
+    # closed after a lost connection) without acking them
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(3)])
+    conn, _, got = _consume(redis_url, queue)
+    _drain(conn, got, 3)
+    conn.release()
+    # Then they are back on the queue, first in line in their order, and none counted
+    assert redis_client.hlen(UNACKED) == 0
+    assert redis_client.llen(queue) == 3
+    conn2, _, got2 = _consume(redis_url, queue)
+    try:
+        _drain(conn2, got2, 3)
+        assert [orjson.loads(m.body)[0][0]["event_id"] for m in got2.messages] == ["e0", "e1", "e2"]
+        assert [m.delivery_info["deliveries"] for m in got2.messages] == [1, 1, 1]
+        assert all(m.headers.get("redelivered") is True for m in got2.messages)
+    finally:
+        conn2.release()
+
+
+def test_a_give_back_of_a_message_already_swept_pushes_nothing(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given a message held past the visibility timeout, swept back and taken by another consumer
+    redis_client.lpush(queue, _envelope(queue))
+    conn, consumer, got = _consume(redis_url, queue, visibility_timeout=1)
+    _drain(conn, got, 1)
+    time.sleep(1.2)
+    consumer.channel.qos.restore_visible(num=10, interval=1)
+    conn2, _, got2 = _consume(redis_url, queue)
+    try:
+        _drain(conn2, got2, 1)
+        assert got2.messages[0].delivery_info["deliveries"] == 2  # the sweep counted
+        # When the first holder gives it back late
+        got.messages[0].reject(requeue=True)
+        # Then nothing is pushed (no second copy) and the new holder's count stands
+        assert redis_client.llen(queue) == 0
+        assert int(redis_client.hget(DELIVERIES, got2.messages[0].delivery_tag)) == 2
+    finally:
+        conn2.release()
+        conn.release()
+
+
+def test_a_fetch_whose_reply_was_lost_goes_back_without_counting(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given a fetch that Redis ran (three messages recorded as unacknowledged) ...
+    redis_client.lpush(queue, *[_envelope(queue, i) for i in range(3)])
+    conn = Connection(transport_url(redis_url))
+    channel = conn.channel()
+    channel.basic_consume(queue, False, lambda m: None, "t")
+    conn.transport.cycle.on_poll_start()
+    assert channel._pending[0] == "FETCH"
+    wait = time.monotonic() + 5
+    while redis_client.hlen(UNACKED) < 3 and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert redis_client.hlen(UNACKED) == 3
+    # ... whose reply is lost with its connection before it is read
+    channel.client.connection.disconnect()
+    assert channel._pending is None
+    conn.release()
+    assert redis_client.hlen(UNACKED) == 3
+    # When the worker connects again
+    conn2, _, got = _consume(redis_url, queue)
+    try:
+        _drain(conn2, got, 3)
+        # Then the three come back at once (their order is lost with the reply), each still on
+        # its first counted delivery
+        assert sorted(orjson.loads(m.body)[0][0]["event_id"] for m in got.messages) == ["e0", "e1", "e2"]
+        assert [m.delivery_info["deliveries"] for m in got.messages] == [1, 1, 1]
+    finally:
+        conn2.release()
+
+
+def test_held_messages_whose_give_back_failed_go_back_once_redis_answers(tmp_path: Any) -> None:
+    # Given a consumer holding two messages on a Redis of its own (every write kept on disk)
+    server = RedisServer(data_dir=tmp_path, appendonly=True, appendfsync="always").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        queue = f"tq-{uuid.uuid4().hex[:8]}"
+        client.lpush(queue, _envelope(queue, 0), _envelope(queue, 1))
+        conn, _, got = _consume(server.url, queue)
+        _drain(conn, got, 2)
+        # When Redis dies under it, so that the give-back at close fails ...
+        server.kill()
+        conn.release()
+        # ... and comes back (the messages recorded as unacknowledged, not on the queue)
+        server = RedisServer(server.port, data_dir=tmp_path, appendonly=True, appendfsync="always").start()
+        client = redis.Redis.from_url(server.url)
+        assert (client.hlen(UNACKED), client.llen(queue)) == (2, 0)
+        # Then the next consumer gives them back at once, not after the visibility timeout, and
+        # their delivery count is still the first
+        conn2, _, got2 = _consume(server.url, queue)
+        try:
+            _drain(conn2, got2, 2)
+            assert sorted(orjson.loads(m.body)[0][0]["event_id"] for m in got2.messages) == ["e0", "e1"]
+            assert [m.delivery_info["deliveries"] for m in got2.messages] == [1, 1]
+        finally:
+            conn2.release()
+    finally:
+        server.close()

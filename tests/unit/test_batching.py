@@ -11,7 +11,8 @@ from kombu.message import Message
 
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP
 from producer.settings import get_settings
-from worker.consume.batching import delivery_count, raw_message, training_strategy
+from worker.consume.batching import raw_message, training_strategy
+from worker.consume.redelivery import delivery_count
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ SCRIPTS = sorted(p for top in ("worker", "producer") for p in (ROOT / top).rglob
 #: Which arguments of a command are keys.
 FIRST = {
     "EXPIREAT", "GET", "HDEL", "HEXISTS", "HGET", "HGETALL", "HINCRBY", "HLEN", "HMGET", "HSET",
-    "LLEN", "LPUSH", "LRANGE", "LTRIM", "RPOP", "RPUSH", "SADD", "SET", "SETRANGE", "SISMEMBER",
+    "HSETNX", "LLEN", "LPUSH", "LRANGE", "LTRIM", "RPOP", "RPUSH", "SADD", "SET", "SETRANGE", "SISMEMBER",
     "ZADD", "ZREM", "ZSCORE",
 }  # fmt: skip
 ALL = {"DEL", "EXISTS"}

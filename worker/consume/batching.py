@@ -20,12 +20,13 @@ which would cost a third more events for a state that lasts milliseconds), late
 acknowledgement (a message is acked only after its results are written), and no message lost
 when the pool process running it dies.
 
-When a pool job does not finish:
+When a pool job does not finish, ``redelivery.after_job_failure`` decides (``redelivery`` owns
+the requeue / delivery-limit / dead-letter policy):
 
 * Redis failed under it (``is_redis_fault``): not the messages' fault. They go back to the queue
-  after a backoff that grows with consecutive faults (``REQUEUE_FIRST_SECONDS`` doubling up to
-  ``REQUEUE_MAX_SECONDS``), never at once: an instant requeue would loop as fast as Redis fails.
-  Nothing is dead-lettered.
+  after a back-off that grows with consecutive faults (``redelivery.Backoff``, up to
+  ``ITRAIN_REQUEUE_BACKOFF_MAX``), never at once: an instant requeue would loop as fast as Redis
+  fails. The give-back does not count as a delivery. Nothing is dead-lettered.
 * The pool process died (billiard's ``WorkerLostError``: a segfault, the OOM killer, a SIGKILL)
   or the job raised: each of its messages runs again alone, as its own pool job, so one
   message that kills its process cannot take its neighbours down with it. A message whose
@@ -49,50 +50,18 @@ from celery import Celery, Task
 from producer.errors import InvalidEventError, ItrainError
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
+from worker.consume.admission import admit
 from worker.consume.faults import is_redis_fault
-from worker.consume.messages import (
-    TASK_ID_MAX,
-    RawMessage,
-    check_task_id,
-    decode_args,
-    is_chunk,
-    model_hint,
-    printable,
-    split_batch,
-    validate_event,
-)
+from worker.consume.messages import TASK_ID_MAX, RawMessage, check_task_id, model_hint, printable
+from worker.consume.redelivery import Backoff, JobAction, after_job_failure, delivery_count, first_taken
 from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
 from worker.consume.task_events import TaskEvents, task_events
 from worker.outcome import dead_letter_entry
 from worker.store.results import Outcome, failure_payload, write_results
 
-__all__ = [
-    "REQUEUE_FIRST_SECONDS",
-    "REQUEUE_MAX_SECONDS",
-    "dead_letter_culprit",
-    "delivery_count",
-    "raw_message",
-    "training_strategy",
-]
+__all__ = ["dead_letter_culprit", "raw_message", "training_strategy"]
 
 logger = logging.getLogger("itrain.batching")
-
-#: Wait before the first requeue after a Redis fault; doubles with each consecutive fault.
-REQUEUE_FIRST_SECONDS = 0.5
-REQUEUE_MAX_SECONDS = 30.0
-
-
-def delivery_count(delivery_info: Mapping[str, Any]) -> int:
-    """How many times the broker has handed out the message, this time included.
-
-    Our transport counts deliveries in Redis (``deliveries``); any other transport only says
-    whether the message was delivered before (``redelivered``). A value that is not a positive
-    integer (a hostile envelope) counts as absent.
-    """
-    count = delivery_info.get("deliveries")
-    if type(count) is int and count >= 1:  # not bool, not a float, not a string
-        return count
-    return 2 if delivery_info.get("redelivered") else 1
 
 
 def raw_message(task_name: str, message: Any) -> RawMessage:
@@ -100,7 +69,7 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
     headers = message.headers if isinstance(message.headers, dict) else {}
     properties = message.properties if isinstance(message.properties, dict) else {}
     task_id = headers.get("id") or properties.get("correlation_id") or ""
-    info = message.delivery_info
+    info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
     body = message.body
     return RawMessage(
         task=task_name,
@@ -120,9 +89,10 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
             if isinstance(body, str)
             else b""
         ),
-        deliveries=delivery_count(info if isinstance(info, Mapping) else {}),
+        deliveries=delivery_count(info),
         # Only a JSON true counts: a hostile "false" string must not silence a result.
         ignore_result=headers.get("ignore_result") is True,
+        first_taken=first_taken(info),
     )
 
 
@@ -156,8 +126,8 @@ class _Buffer:
         self.items: list[_Pending] = []
         self.size = 0  # events counted in ``items``
         self.tref: Any = None
-        #: Consecutive pool jobs that Redis failed; sets the requeue backoff.
-        self.faults = 0
+        #: Consecutive pool jobs that Redis failed set the wait before their messages go back.
+        self.backoff = Backoff(settings.requeue_ceiling)
         # The timer runs in its own thread for pools without an event loop (solo, threads).
         self.mutex = threading.Lock()
 
@@ -192,7 +162,7 @@ class _Buffer:
         )
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
-        self.faults = 0
+        self.backoff.reset()
         for p, (task_id, state, result, runtime, shown) in zip(items, summaries, strict=True):
             if self.events:
                 if state == "SUCCESS":
@@ -204,9 +174,10 @@ class _Buffer:
 
     def _on_error(self, items: list[_Pending], alone: bool, error: Any) -> None:
         exc = _unwrap(error)
-        if is_redis_fault(exc):
+        action = after_job_failure(exc, alone=alone)
+        if action is JobAction.REQUEUE:
             self._requeue_later(items, exc)
-        elif not alone:
+        elif action is JobAction.SPLIT:
             logger.error(
                 "batch of %d message(s) not finished (%s); running each alone to find the cause",
                 len(items),
@@ -218,14 +189,16 @@ class _Buffer:
             self._dead_letter(items[0], exc)
 
     def _requeue_later(self, items: list[_Pending], exc: BaseException) -> None:
-        self.faults += 1
-        delay = min(REQUEUE_FIRST_SECONDS * 2 ** (self.faults - 1), REQUEUE_MAX_SECONDS)
+        delay = self.backoff.next_delay()
         cause = "Redis failed" if is_redis_fault(exc) else "not dead-lettered"
         reason = f"{cause} ({_describe(exc)})"
         logger.warning("%s under %d message(s); requeued in %.1f s", reason, len(items), delay)
         self.timer.call_after(delay, partial(self._requeue, items, f"requeued: {reason}"))
 
     def _requeue(self, items: list[_Pending], reason: str) -> None:
+        # reject(requeue=True): our transport gives the message back and takes its delivery
+        # count back in one script (``redelivery``); a message too old to train by then is
+        # answered as expired on its next delivery, never trained.
         for p in items:
             if self.events:
                 self.events.retried(p.raw.task_id, reason)
@@ -283,30 +256,44 @@ def _printable(value: str) -> str:
     return printable(value, TASK_ID_MAX)
 
 
+#: (result ids, model, event id, args to show, the dead letter's extra fields)
+_Description = tuple[list[str], str, str | None, str, dict[str, Any] | None]
+
+
+def _describe_culprit(raw: RawMessage, max_bytes: int) -> _Description:
+    """The culprit as admission reads it (the same one pass a pool process makes): the result ids
+    that get its FAILURE, the model whose list gets its dead letter, its event id, the args to
+    show and the dead letter's extra fields. A message that does not read is described by its
+    task id alone."""
+    try:
+        admitted = admit(raw, max_bytes)
+    except Exception as exc:  # a hostile body must not stop the main process
+        logger.debug("dead-lettered message %s does not read: %r", _printable(raw.task_id), exc)
+        return [raw.task_id], "default", None, "", None
+    first = admitted.jobs[0].event if admitted.jobs else None
+    model = (
+        first.model if first else model_hint(admitted.refused[0].payload) if admitted.refused else "default"
+    )
+    batch = raw.task == TASK_TRAIN_BATCH
+    if first is None and (admitted.error is not None or not batch):  # it failed whole
+        return [raw.task_id], model, None, "", None
+    if not batch and first is not None:
+        return [raw.task_id], first.model, first.event_id, shown_args(first), None
+    # A chunk's one result is the message's (every event of it reads that FAILURE); an
+    # [ids, events] batch answers under each id that can name a result.
+    ids = [j.task_id for j in admitted.jobs] + [r.task_id for r in admitted.refused if r.answer]
+    if admitted.chunk is not None or not ids:
+        ids = [raw.task_id]
+    return ids, model, None, f"[{admitted.events} events]", {"events": admitted.events}
+
+
 def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     """End a message that failed its job even when run alone: one dead-letter entry, then a
     FAILURE result for each of its results that has none yet. Returns (error text, args to
     show). Runs in the worker's main process; a Redis fault propagates."""
     rt = get_runtime()
     error = _culprit_error(raw, exc)
-    ids, model, event_id, shown, extra = [raw.task_id], "default", None, "", None
-    # Describe the message as far as it decodes: its model routes the dead letter, its result
-    # ids get the FAILURE. A message that does not decode is described by its task id alone.
-    try:
-        args = decode_args(raw, rt.settings.max_message_bytes)
-        if raw.task == TASK_TRAIN_BATCH:
-            pairs = split_batch(args, raw.task_id)
-            # A chunk's one result is the message's (every event of it reads that FAILURE).
-            ids = ids if is_chunk(args) else [task_id for task_id, _ in pairs if _result_id(task_id)] or ids
-            model = model_hint(pairs[0][1]) if pairs else model
-            shown, extra = f"[{len(pairs)} events]", {"events": len(pairs)}
-        else:
-            payload: Any = args[0] if len(args) == 1 else None
-            model = model_hint(payload)
-            event = validate_event(payload)
-            model, event_id, shown = event.model, event.event_id, shown_args(event)
-    except Exception as described:  # a hostile body must not stop the main process
-        logger.debug("dead-lettered message %s does not decode: %r", _printable(raw.task_id), described)
+    ids, model, event_id, shown, extra = _describe_culprit(raw, rt.settings.max_message_bytes)
     ids = [task_id for task_id in ids if _result_id(task_id)]
     entry = dead_letter_entry(_printable(raw.task_id), error, model=model, event_id=event_id, extra=extra)
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result

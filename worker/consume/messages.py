@@ -56,12 +56,17 @@ class RawMessage:
     content_encoding: str | None
     compression: str | None
     body: bytes
-    #: How many times the broker has handed this message out, this time included (1 = first
-    #: delivery). Our transport counts it in Redis (``delivery_info["deliveries"]``).
+    #: How many deliveries of this message counted, this one included (1 = first delivery): a
+    #: give-back by a live worker does not count (``redelivery``). Our transport counts them in
+    #: Redis (``delivery_info["deliveries"]``).
     deliveries: int = 1
     #: Celery's ``ignore_result`` header (fire-and-forget): train, dead-letter failures, but
     #: write no result for any of the message's events.
     ignore_result: bool = False
+    #: When the transport first took the message off the queue (unix seconds), however often it
+    #: was given back since; None when the transport does not say. Sets its age
+    #: (``redelivery.refusal``).
+    first_taken: float | None = None
 
 
 def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:

@@ -1,9 +1,11 @@
 """Per-process state and the function a pool process runs for a group of training messages.
 
-``run_messages`` is the whole job of a pool process: decode every message, validate every event,
-train the valid ones in one critical section per model, then write every event's result and
-every dead letter. It returns a small summary per message for the main process, which acks the
-messages and sends their task events (Flower).
+``run_messages`` is the whole job of a pool process: read every message once (``admission.admit``:
+its valid events as jobs, its refused items with their errors), set aside the jobs of deliveries
+``redelivery.refusal`` refuses (too many, or too old for the de-duplication window), train the
+rest in one critical section per model, then write every event's result and every dead letter.
+It returns a small summary per message for the main process, which acks the messages and sends
+their task events (Flower).
 
 Poison isolation: an error that belongs to an item (it cannot be decoded, it is invalid, it has no
 target, its update is non-finite, or our code raises anything else for it) ends that item as
@@ -22,27 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.chunks import handle_ids
-from producer.errors import DeliveryLimitError, EventProcessingError, InvalidEventError
+from producer.errors import DeliveryLimitError, EventProcessingError
 from producer.events import InteractionData
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
+from worker.consume.admission import admit
 from worker.consume.faults import is_redis_fault
-from worker.consume.messages import (
-    RawMessage,
-    check_task_id,
-    decode_args,
-    is_chunk,
-    model_hint,
-    plain_chunk,
-    plain_ids,
-    printable,
-    read_chunk,
-    split_batch,
-    validate_event,
-    validate_many,
-)
+from worker.consume.messages import RawMessage, model_hint, printable
+from worker.consume.redelivery import answer_refused, refusal
 from worker.engine.batch import Job
 from worker.outcome import dead_letter_entry
 from worker.store.model_store import Store
@@ -107,9 +97,11 @@ class _Plan:
 
     jobs: list[Job] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)  # message index of each job
-    #: Jobs of messages delivered more often than ITRAIN_MAX_DELIVERIES: answered, not trained.
+    #: Jobs of messages refused by ``redelivery.refusal`` (delivered too often, or too old to
+    #: train within the de-duplication window): answered, not trained; and each message's error.
     late: list[Job] = field(default_factory=list)
     late_owner: list[int] = field(default_factory=list)
+    late_error: dict[int, DeliveryLimitError] = field(default_factory=dict)
     #: Results of items that ended before training, and the message each belongs to.
     failures: list[Outcome] = field(default_factory=list)
     failure_owner: list[int] = field(default_factory=list)
@@ -145,8 +137,13 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
         outcomes.extend(_train_isolated(rt.trainer, [plan.jobs[i] for i in idxs], plan))
         owners.extend(plan.owner[i] for i in idxs)
     if plan.late:
-        deliveries = [messages[m].deliveries for m in plan.late_owner]
-        outcomes.extend(_answer_late(rt.store, plan, deliveries, rt.settings.max_deliveries))
+        errors = [plan.late_error[m] for m in plan.late_owner]
+        answered, dead = answer_refused(rt.store, plan.late, errors)
+        for model, entry in dead:
+            plan.dead_letter(model, entry)
+        for m, error in plan.late_error.items():
+            logger.warning("task %s: %s", printable(messages[m].task_id), error)
+        outcomes.extend(answered)
         owners.extend(plan.late_owner)
 
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
@@ -181,121 +178,36 @@ def _wanted(
     return wanted
 
 
-# -- admission: decode, check ids, validate ------------------------------------------------------
+# -- routing what admission read ------------------------------------------------------------------
 
 
 def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
-    """Decode one message and validate its items: each becomes a job or a failure."""
-    try:
-        check_task_id(msg.task_id)
-    except InvalidEventError as exc:
-        _refuse(plan, m, msg, exc, settings)
-        return
-    late = msg.deliveries > settings.max_deliveries
-    if msg.task == TASK_TRAIN_BATCH:
-        # A chunk whose every event is valid (the common case) is read in one call.
-        events = read_chunk(msg, settings.max_message_bytes)
-        if events is not None and plain_chunk(msg.task_id, len(events)):
-            plan.chunks[m] = len(events)
-            ids = handle_ids(msg.task_id, len(events))
-            _add(plan, m, list(map(Job._make, zip(ids, events, strict=True))), late)
-            return
-    try:
-        args = decode_args(msg, settings.max_message_bytes)
-        items = split_batch(args, msg.task_id) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
-    except Exception as exc:
-        error = _item_error(exc)
-        plan.message_error[m] = _fail(plan, m, msg.task_id, error, getattr(error, "payload_hint", None))
-        return
-    if msg.task == TASK_TRAIN_BATCH and is_chunk(args):
-        plan.chunks[m] = len(items)
-
-    batch = msg.task == TASK_TRAIN_BATCH
-    try:
-        valid = validate_many([payload for _, payload in items])
-    except Exception as exc:  # validate_many falls back on its own; this is a bug's safety net
-        _item_error(exc)
-        valid = [None] * len(items)
-    ids = [task_id for task_id, _ in items]
-    if not any(event is None for event in valid) and (not batch or plain_ids(ids)):
-        # Every item valid: all become jobs, in order, without a check each.
-        jobs = [Job(task_id, event) for task_id, event in zip(ids, valid, strict=True) if event is not None]
-        _add(plan, m, jobs, late)
-        return
-    for (task_id, payload), event in zip(items, valid, strict=True):
-        try:
-            if batch:
-                check_task_id(task_id, "itrain.train_batch id")
-        except InvalidEventError as exc:
-            plan.invalid[m] = plan.invalid.get(m, 0) + 1
-            plan.dead_letter(model_hint(payload), _entry(task_id, exc, payload))
-            logger.warning("event of task %s refused: %s", printable(task_id), exc)
-            continue
-        try:
-            job = Job(task_id, event if event is not None else validate_event(payload))
-        except Exception as exc:
-            error = _item_error(exc)
-            plan.invalid[m] = plan.invalid.get(m, 0) + 1
-            text = _fail(plan, m, task_id, error, payload)
-            if not batch:
-                plan.message_error[m] = text
-            continue
-        (plan.late if late else plan.jobs).append(job)
-        (plan.late_owner if late else plan.owner).append(m)
-
-
-def _add(plan: _Plan, m: int, jobs: list[Job], late: bool) -> None:
-    """Jobs of message ``m``, to train, or to answer without training when it came too often."""
-    (plan.late if late else plan.jobs).extend(jobs)
-    (plan.late_owner if late else plan.owner).extend([m] * len(jobs))
-
-
-def _refuse(plan: _Plan, m: int, msg: RawMessage, exc: InvalidEventError, settings: Settings) -> None:
-    """A message whose task id is not valid text: there is no id to answer under, so no result at
-    all. Nothing of it is trained; a dead letter for each event that can be read (in its model's
-    list), or one for the message, and a log line say what came."""
-    plan.message_error[m] = str(exc)
-    logger.warning("message of task %s refused: %s", printable(msg.task_id), exc)
-    try:
-        args = decode_args(msg, settings.max_message_bytes)
-        pairs = split_batch(args, msg.task_id) if msg.task == TASK_TRAIN_BATCH else _single(msg, args)
-        payloads = [p for _, p in pairs]
-    except Exception as unreadable:
-        if is_redis_fault(unreadable):
-            raise
-        payloads = [None]
-    for payload in payloads:
-        plan.dead_letter(model_hint(payload), _entry(msg.task_id, exc, payload))
-
-
-def _single(msg: RawMessage, args: list[Any]) -> list[tuple[Any, Any]]:
-    if len(args) != 1:
-        raise InvalidEventError(f"{msg.task} takes exactly one argument, the event; got {len(args)}")
-    return [(msg.task_id, args[0])]
-
-
-def _item_error(exc: Exception) -> InvalidEventError:
-    """``exc`` as the item's error; re-raises it when it is Redis's."""
-    if is_redis_fault(exc):
-        raise exc
-    if isinstance(exc, InvalidEventError):
-        return exc
-    # Decoding and validation touch no shared state: whatever else they raise is this input's.
-    logger.exception("unexpected error while reading an event")
-    error = InvalidEventError(f"event could not be read: {type(exc).__name__}: {exc}")
-    error.payload_hint = getattr(exc, "payload_hint", None)
-    return error
-
-
-def _fail(plan: _Plan, m: int, task_id: str, exc: Exception, payload: Any) -> str:
-    """A FAILURE result under ``task_id`` and a dead letter, for an item of message ``m`` that
-    never became a job."""
-    event_id = _event_id_hint(payload)
-    plan.failures.append(Outcome.failure(task_id, exc, event_id=event_id))
-    plan.failure_owner.append(m)
-    plan.dead_letter(model_hint(payload), _entry(task_id, exc, payload))
-    logger.warning("task %s failed: %s", task_id, exc)
-    return str(exc)
+    """Route what ``admit`` read of message ``m``: its jobs to train (or, when ``redelivery``
+    refuses this delivery, to answer untrained), its refused items to FAILURE results and dead
+    letters."""
+    admitted = admit(msg, settings.max_message_bytes)
+    if admitted.chunk is not None:
+        plan.chunks[m] = admitted.chunk
+    if admitted.error is not None:
+        plan.message_error[m] = admitted.error
+    if admitted.jobs:
+        refused = refusal(msg.deliveries, msg.first_taken, settings)
+        if refused is None:
+            plan.jobs.extend(admitted.jobs)
+            plan.owner.extend([m] * len(admitted.jobs))
+        else:
+            plan.late_error[m] = refused
+            plan.late.extend(admitted.jobs)
+            plan.late_owner.extend([m] * len(admitted.jobs))
+    if admitted.refused:
+        plan.invalid[m] = len(admitted.refused)
+        for item in admitted.refused:
+            plan.dead_letter(model_hint(item.payload), _entry(item.task_id, item.error, item.payload))
+            if item.answer:
+                event_id = _event_id_hint(item.payload)
+                plan.failures.append(Outcome.failure(item.task_id, item.error, event_id=event_id))
+                plan.failure_owner.append(m)
+                logger.warning("task %s failed: %s", printable(item.task_id), item.error)
 
 
 def _entry(task_id: Any, exc: BaseException, payload: Any) -> bytes:
@@ -341,36 +253,6 @@ def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan) -> list[Outc
             ),
         )
         return [Outcome.failure(job.task_id, error, event_id=ev.event_id)]
-
-
-def _answer_late(store: Store, plan: _Plan, deliveries: list[int], max_deliveries: int) -> list[Outcome]:
-    """Jobs of a message delivered more than ``max_deliveries`` times: not trained. An event already
-    in the weights answers ``duplicate``; the others end as FAILURE with a dead letter each."""
-    jobs = plan.late
-    outcomes: list[Outcome | None] = [None] * len(jobs)
-    by_model: dict[str, list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_model.setdefault(job.event.model, []).append(i)
-    for model, idxs in by_model.items():
-        done = store.read(model, None, [jobs[i].event.event_id for i in idxs]).done
-        for i, trained in zip(idxs, done, strict=True):
-            job, ev = jobs[i], jobs[i].event
-            if trained:
-                outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
-                continue
-            error = DeliveryLimitError(
-                f"message delivered {deliveries[i]} times, more than ITRAIN_MAX_DELIVERIES="
-                f"{max_deliveries}: its event was not trained"
-            )
-            outcomes[i] = Outcome.failure(job.task_id, error, event_id=ev.event_id)
-            plan.dead_letter(
-                model,
-                dead_letter_entry(
-                    job.task_id, error, model=model, event_id=ev.event_id, action_type=ev.action_type
-                ),
-            )
-            logger.warning("task %s: %s", job.task_id, error)
-    return [o for o in outcomes if o is not None]
 
 
 # -- summaries -----------------------------------------------------------------------------------

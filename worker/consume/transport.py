@@ -18,12 +18,19 @@ taken:
   and each is recorded as unacknowledged in the same atomic call, from its original text. There is
   no instant at which a message is neither on the queue nor recorded. While messages keep coming
   (a full fetch) the next fetch is sent straight away: one round trip per batch, no wait.
-- **Count deliveries.** The script counts how many times each message was handed out; the count
-  reaches the task strategy as ``message.delivery_info["deliveries"]`` (``ITRAIN_MAX_DELIVERIES``).
+- **Count deliveries.** The script counts how many times each message was handed out and keeps
+  when it was first taken; both reach the task strategy in ``message.delivery_info``
+  (``deliveries``, ``first_taken``). A live worker that gives a message back (a Redis fault under
+  its job, a warm shutdown, a lost connection, a fetch it never read) takes the count back in the
+  script that pushes the message back: only a delivery whose worker went away counts
+  (``worker/consume/redelivery.py`` owns that policy; ``ITRAIN_MAX_DELIVERIES``).
 - **Refuse what is not an envelope** (not JSON, no delivery tag, larger than
   ``max_envelope_bytes``) before parsing it in Python: it is logged, recorded in a bounded list
   (``itrain:{_transport}:rejected``, sizes and reasons only) and dropped; it has no id to answer
   under and would otherwise stop the worker.
+- **Lose no give-back to a lost connection**: a fetch whose reply was lost with its connection,
+  or held messages whose give-back failed, are given back by the next channel once Redis answers
+  (``_Orphans``), instead of returning after the visibility timeout as counted deliveries.
 - **Batch the acks**: acknowledged tags are removed in one ``MULTI`` on a short one-shot timer or
   when many are waiting, and before anything is restored.
 - **Reuse one Redis client** per channel for acks, restores and event publishing.
@@ -41,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from ssl import CERT_REQUIRED
 from time import monotonic, time
@@ -82,6 +89,34 @@ def as_redis_url(url: str) -> str:
         if url.startswith(ours + "://"):
             return theirs + url[len(ours) :]
     return url
+
+
+class _Orphans:
+    """Fetches this process took and could not give back itself: a fetch whose reply was lost
+    with its connection, or held messages whose give-back failed (Redis unreachable). Each is
+    named by its score (the time sent with the fetch, shared by every message it took), so a
+    later channel, once Redis answers again, gives them back without counting a delivery
+    (``QoS.give_back_fetch``). Without this they would return after the visibility timeout as
+    deliveries that counted, as if their worker had died."""
+
+    def __init__(self) -> None:
+        self._scores: set[float] = set()
+        self._lock = threading.Lock()
+
+    def add(self, scores: Iterable[float]) -> None:
+        with self._lock:
+            self._scores.update(score for score in scores if score > 0)
+
+    def take(self) -> set[float]:
+        with self._lock:
+            scores, self._scores = self._scores, set()
+        return scores
+
+    def __bool__(self) -> bool:
+        return bool(self._scores)
+
+
+ORPHANS = _Orphans()
 
 
 class _Script:
@@ -128,6 +163,9 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)
         #: Tags whose unacked record the fetch script already wrote.
         self.recorded: set[str] = set()
+        #: When this worker took each message it holds (the score of its unacked record): a
+        #: give-back pushes a message only while the record is still this delivery's.
+        self.taken_at: dict[str, float] = {}
         self._acks: list[str] = []
         self._ack_lock = threading.Lock()
         self._ack_tref: Any = None
@@ -141,6 +179,7 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         virtual.QoS.ack(self, delivery_tag)  # frees the prefetch slot now
+        self.taken_at.pop(delivery_tag, None)
         with self._ack_lock:
             self._acks.append(delivery_tag)
             waiting = len(self._acks)
@@ -160,8 +199,47 @@ class QoS(kombu_redis.QoS):
             with self.channel.conn_or_acquire() as client:
                 self._remove_from_indices(delivery_tag, client.pipeline()).hdel(
                     self.channel.deliveries_key, delivery_tag
-                ).execute()
+                ).hdel(self.channel.first_taken_key, delivery_tag).execute()
         virtual.QoS.ack(self, delivery_tag)
+        self.taken_at.pop(delivery_tag, None)
+
+    def give_back_fetches(self, scores: set[float], client: Any) -> int:
+        """Give back every message still recorded with one of ``scores`` (``_Orphans``)."""
+        rows: list[tuple[Any, float]] = []
+        for score in scores:
+            tags = client.zrange(self.unacked_index_key, score, score, byscore=True)
+            rows += [(tag, score) for tag in tags]
+        back = 0
+        for i in range(0, len(rows), 500):
+            back += self._restore_rows(client, rows[i : i + 500], undo=True, leftmost=False)
+        return back
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        """Give one held message back (``reject(requeue=True)``: a Redis fault under its job).
+        Its delivery count is taken back in the same script: see ``give_back``."""
+        with self.channel.conn_or_acquire(client) as conn:
+            self.give_back([tag], conn, leftmost=leftmost)
+
+    def give_back(self, tags: list[str], client: Any, *, leftmost: bool = False) -> int:
+        """Give messages this worker holds back to their queues, at the consuming end (first in
+        line) or, with ``leftmost``, at the far end. A give-back by a live worker is not a
+        delivery: the script that pushes the message back also takes its delivery count back
+        (``lua/restore.lua``), so Redis faults, warm shutdowns and lost connections never bring a
+        valid message nearer ``ITRAIN_MAX_DELIVERIES`` (``worker/consume/redelivery.py``)."""
+        back = 0
+        for i in range(0, len(tags), 500):  # bounded scripts, however many are held
+            part = tags[i : i + 500]
+            # This delivery's score: a record swept back after the visibility timeout and taken
+            # again by another worker has a newer one, and is left to that worker.
+            scores: list[float | None] = [self.taken_at.get(tag) for tag in part]
+            unknown = [tag for tag, score in zip(part, scores, strict=True) if score is None]
+            if unknown:  # a message kombu recorded itself (basic_get): read its score
+                read = iter(client.zmscore(self.unacked_index_key, unknown))
+                scores = [next(read) if score is None else score for score in scores]
+            rows = [(tag, score) for tag, score in zip(part, scores, strict=True) if score is not None]
+            if rows:
+                back += self._restore_rows(client, rows, undo=True, leftmost=leftmost)
+        return back
 
     def flush_acks(self) -> None:
         """Remove every acknowledged tag's records in one ``MULTI``. On a connection error they
@@ -181,6 +259,7 @@ class QoS(kombu_redis.QoS):
                 pipe.zrem(self.unacked_index_key, *tags)
                 pipe.hdel(self.unacked_key, *tags)
                 pipe.hdel(channel.deliveries_key, *tags)
+                pipe.hdel(channel.first_taken_key, *tags)
                 pipe.execute()
         except channel.connection_errors as exc:
             logger.warning("could not flush %d ack(s) (%r); retried with the next ones", len(tags), exc)
@@ -205,22 +284,30 @@ class QoS(kombu_redis.QoS):
                 return
             back = 0
             for i in range(0, len(rows), 500):  # bounded scripts, however large the backlog
-                back += self._restore_rows(client, rows[i : i + 500])
+                # Their worker went away without a verdict: that delivery counts.
+                back += self._restore_rows(client, rows[i : i + 500], undo=False, leftmost=False)
         if back:
             logger.warning(
                 "restored %d message(s) not acknowledged within %g s", back, self.visibility_timeout
             )
 
-    def _restore_rows(self, client: Any, rows: list[tuple[bytes, float]]) -> int:
+    def _restore_rows(self, client: Any, rows: list[tuple[Any, float]], *, undo: bool, leftmost: bool) -> int:
+        """Push back the messages of ``rows`` (tag, score as read) still recorded with that score
+        (``lua/restore.lua``); ``undo`` takes their delivery count back."""
         channel = self.channel
         records = client.hmget(self.unacked_key, [tag for tag, _ in rows])
-        keys: list[str] = [self.unacked_index_key, self.unacked_key]
-        args: list[Any] = []
+        keys: list[str] = [
+            self.unacked_index_key,
+            self.unacked_key,
+            channel.deliveries_key,
+            channel.first_taken_key,
+        ]
+        args: list[Any] = ["1" if undo else "0", "L" if leftmost else "R"]
         for (tag, score), record in zip(rows, records, strict=True):
             lists = _restore_lists(channel, record)
             text = b"" if lists is None else lists[1]
             targets = [] if lists is None else lists[0]
-            args += [tag, repr(score), text, len(targets)]
+            args += [tag, repr(float(score)), text, len(targets)]
             for key in targets:
                 if key not in keys:
                     keys.append(key)
@@ -235,13 +322,16 @@ class QoS(kombu_redis.QoS):
         try:
             self.flush_acks()
             with self.channel.conn_or_acquire(client) as conn:
-                for tag in list(self._delivered):
-                    if tag not in self._dirty:
-                        self.restore_by_tag(tag, client=conn)
+                # Pushed at the consuming end in reverse: the first delivered is first in line.
+                held = [tag for tag in self._delivered if tag not in self._dirty]
+                self.give_back(held[::-1], conn)
+                self.taken_at.clear()
         except Exception as exc:
+            # Given back by a later channel once Redis answers (or after the visibility timeout).
+            ORPHANS.add({self.taken_at[tag] for tag in self._delivered if tag in self.taken_at})
             logger.warning(
                 "could not give %d unacknowledged message(s) back to the broker (%r); "
-                "they return after the visibility timeout",
+                "they go back once Redis answers again",
                 len(self._delivered),
                 exc,
             )
@@ -263,6 +353,7 @@ class Channel(kombu_redis.Channel):
     #: An envelope larger than this is refused before it is parsed (headers included).
     max_envelope_bytes = 2 * 1024 * 1024
     deliveries_key = "unacked_deliveries"
+    first_taken_key = "unacked_first_taken"
     rejected_key = TRANSPORT_REJECTED
     rejected_max = 1000
     #: Seconds without fetching after Redis refused a fetch (OOM, READONLY, LOADING, BUSY).
@@ -273,6 +364,7 @@ class Channel(kombu_redis.Channel):
         "fetch_max",
         "max_envelope_bytes",
         "deliveries_key",
+        "first_taken_key",
         "rejected_key",
         "rejected_max",
     )
@@ -285,6 +377,8 @@ class Channel(kombu_redis.Channel):
         self._fetch_next = True
         self._quiet_until = 0.0
         self._script_loaded = False
+        #: The time sent with the last fetch: the score of what it took.
+        self._fetch_at = 0.0
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("the itrain transport does not support global_keyprefix")
@@ -332,6 +426,8 @@ class Channel(kombu_redis.Channel):
         # Called on every loop tick: it must do nothing while a reply is pending.
         if self._in_poll or monotonic() < self._quiet_until:
             return
+        if ORPHANS:
+            self._give_back_orphans()
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -348,14 +444,35 @@ class Channel(kombu_redis.Channel):
         want = self._fetch_size()
         if want <= 0:
             return
+        self._fetch_at = now = time()
         if not self._script_loaded:
             self.client.script_load(FETCH.text)
             self._script_loaded = True
         lists = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
         names = [q for _ in self.priority_steps for q in queues]
-        keys = [self.unacked_index_key, self.unacked_key, self.deliveries_key, self.rejected_key, *lists]
-        args = [want, time(), int(self.max_envelope_bytes), int(self.rejected_max), *names]
+        keys = [
+            self.unacked_index_key,
+            self.unacked_key,
+            self.deliveries_key,
+            self.first_taken_key,
+            self.rejected_key,
+            *lists,
+        ]
+        args = [want, now, int(self.max_envelope_bytes), int(self.rejected_max), *names]
         self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
+
+    def _give_back_orphans(self) -> None:
+        scores = ORPHANS.take()
+        try:
+            with self.conn_or_acquire() as client:
+                back = self.qos.give_back_fetches(scores, client)
+        except Exception as exc:
+            ORPHANS.add(scores)
+            self._quiet_until = monotonic() + self.refused_backoff
+            logger.debug("could not give back lost fetches yet (%r)", exc)
+            return
+        if back:
+            logger.warning("gave back %d message(s) of fetches lost with a connection", back)
 
     def _send(self, kind: str, keys: list[str], *command: Any) -> None:
         connection = self.client.connection
@@ -385,7 +502,7 @@ class Channel(kombu_redis.Channel):
         if reply is _REFUSED or not reply:
             self._fetch_next = False
             raise virtual.Empty()
-        taken = len(reply) // 4
+        taken = len(reply) // 5
         self._fetch_next = taken >= self.fetch_max
         self._deliver_fetched(reply, keys)
         return True
@@ -395,7 +512,8 @@ class Channel(kombu_redis.Channel):
             return self.client.parse_response(self.client.connection, "EVALSHA", **options)
         except self.connection_errors:
             # Disconnect so that the next loop tick reconnects. A fetch whose reply is lost here
-            # left its messages recorded: they come back after the visibility timeout.
+            # may have left its messages recorded: they are given back once Redis answers.
+            self._lost_fetch()
             self.client.connection.disconnect()
             raise
         except redis.exceptions.NoScriptError:
@@ -415,10 +533,11 @@ class Channel(kombu_redis.Channel):
     def _deliver_fetched(self, reply: list[Any], lists: list[str]) -> None:
         deliver = self.connection._deliver
         recorded = self.qos.recorded
+        taken_at = self.qos.taken_at
         queue = ""
         n = len(reply)
-        for i in range(0, n, 4):
-            key, tag, count, text = lists[int(reply[i]) - 1], reply[i + 1], int(reply[i + 2]), reply[i + 3]
+        for i in range(0, n, 5):
+            key, tag, count, text = lists[int(reply[i]) - 1], reply[i + 1], int(reply[i + 2]), reply[i + 4]
             if not tag:
                 logger.error(
                     "dropped a queue item of %s that is not a message envelope: %s",
@@ -437,12 +556,15 @@ class Channel(kombu_redis.Channel):
             if not isinstance(props.get("delivery_info"), dict):
                 props["delivery_info"] = {"exchange": "", "routing_key": queue}
             props["delivery_info"]["deliveries"] = count
+            props["delivery_info"]["first_taken"] = float(reply[i + 3])
             recorded.add(tag)
+            taken_at[tag] = self._fetch_at
             try:
                 deliver(payload, queue)
             except UnreadableEnvelope as exc:
                 # Raised while the message object is built, before it is handed to the worker.
                 recorded.discard(tag)
+                taken_at.pop(tag, None)
                 logger.error("dropped a queue item of %s that is not a message envelope: %s", key, exc)
                 self._forget(tag)
                 continue
@@ -450,7 +572,8 @@ class Channel(kombu_redis.Channel):
                 # Never handed over: put the rest back where they were instead of leaving them to
                 # the visibility timeout.
                 recorded.discard(tag)
-                self._give_back(reply[i + 4 :], lists)
+                taken_at.pop(tag, None)
+                self._give_back(reply[i + 5 :], lists)
                 raise
         if queue:
             self._queue_cycle.rotate(queue)
@@ -461,22 +584,28 @@ class Channel(kombu_redis.Channel):
             pipe.zrem(self.unacked_index_key, tag)
             pipe.hdel(self.unacked_key, tag)
             pipe.hdel(self.deliveries_key, tag)
+            pipe.hdel(self.first_taken_key, tag)
             pipe.execute()
 
     def _give_back(self, reply: list[Any], lists: list[str]) -> int:
         """Put fetched, undelivered messages back at the consuming end (``lua/giveback.lua``)."""
         args: list[Any] = []
-        for i in range(0, len(reply), 4):
+        for i in range(0, len(reply), 5):
             if reply[i + 1]:
-                args.extend((reply[i], reply[i + 1], reply[i + 3]))
+                args.extend((reply[i], reply[i + 1], reply[i + 4]))
         if not args:
             return 0
         with self.conn_or_acquire() as client:
             keys = [self.unacked_index_key, self.unacked_key, self.deliveries_key, *lists]
             return int(client.eval(GIVEBACK.text, len(keys), *keys, *args))
 
+    def _lost_fetch(self) -> None:
+        if self._pending is not None and self._pending[0] == "FETCH":
+            ORPHANS.add([self._fetch_at])
+
     def _on_connection_disconnect(self, connection: Any) -> None:
         if self._in_poll is connection:
+            self._lost_fetch()
             self._pending = None
             self._fetch_next = True
         super()._on_connection_disconnect(connection)
@@ -486,10 +615,12 @@ class Channel(kombu_redis.Channel):
         # back to their queue instead (first in line again), a wait's reply is only read.
         if self._in_poll and self._pending is not None:
             kind, lists = self._pending
-            with suppress(Exception):
+            try:
                 reply = self._read_reply()
                 if kind == "FETCH" and reply and reply is not _REFUSED:
                     self._give_back(reply, lists)
+            except Exception:
+                self._lost_fetch()
             self._in_poll = None  # type: ignore[assignment]
             self._pending = None
         with suppress(Exception):

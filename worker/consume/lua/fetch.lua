@@ -7,18 +7,23 @@
 --
 -- KEYS[1]  unacked_index  zset: delivery tag -> time taken (kombu's layout)
 -- KEYS[2]  unacked        hash: delivery tag -> [message, exchange, routing key] (kombu's layout)
--- KEYS[3]  deliveries     hash: delivery tag -> times handed out, kept until the message is acked
--- KEYS[4]  rejected       list: a short record of each item that is not a message envelope
--- KEYS[5..] the queue lists to take from, in priority order
+-- KEYS[3]  deliveries     hash: delivery tag -> deliveries that counted, kept until the message is
+--                         acked (a give-back by a live worker takes its count back: restore.lua,
+--                         giveback.lua)
+-- KEYS[4]  first_taken    hash: delivery tag -> when it was first taken, for a message taken before
+--                         (written when it is given back or swept back, kept until it is acked):
+--                         how old a message is, however often it came back
+-- KEYS[5]  rejected       list: a short record of each item that is not a message envelope
+-- KEYS[6..] the queue lists to take from, in priority order
 -- ARGV[1]  n              how many messages at most
 -- ARGV[2]  now            unix time, seconds (the score kombu's visibility timeout compares)
 -- ARGV[3]  max_bytes      an item longer than this is refused before it is parsed
 -- ARGV[4]  rejected_max   the rejected list keeps this many records
--- ARGV[5..] the queue name of each list in KEYS[5..] (the routing key when a message has none)
+-- ARGV[5..] the queue name of each list in KEYS[6..] (the routing key when a message has none)
 --
--- Returns a flat array, four values per item taken: the index of its list (1 = KEYS[5]), its
--- delivery tag ('' when refused), its delivery count (0 when refused), then the message text as it
--- was on the queue, or the reason it was refused.
+-- Returns a flat array, five values per item taken: the index of its list (1 = KEYS[6]), its
+-- delivery tag ('' when refused), its delivery count (0 when refused), when it was first taken
+-- (0 when refused), then the message text as it was on the queue, or the reason it was refused.
 local n = tonumber(ARGV[1])
 local now = ARGV[2]
 local max_bytes = tonumber(ARGV[3])
@@ -26,8 +31,8 @@ local out = {}
 local taken = 0
 
 local function refuse(reason, size)
-  redis.call('LPUSH', KEYS[4], cjson.encode({reason = reason, bytes = size, at = tonumber(now)}))
-  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+  redis.call('LPUSH', KEYS[5], cjson.encode({reason = reason, bytes = size, at = tonumber(now)}))
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[4]) - 1)
   return reason
 end
 
@@ -59,25 +64,30 @@ local function parse(raw, queue)
   return tag, ex, rk
 end
 
-for k = 5, #KEYS do
+for k = 6, #KEYS do
   if taken >= n then break end
   local items = redis.call('RPOP', KEYS[k], n - taken)
   if items then
     for _, raw in ipairs(items) do
       taken = taken + 1
-      local tag, ex, rk = parse(raw, ARGV[k])
+      local tag, ex, rk = parse(raw, ARGV[k - 1])
       if tag then
         -- Built from the original text: the message is stored exactly as it arrived.
         redis.call('ZADD', KEYS[1], now, tag)
         redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
         local count = redis.call('HINCRBY', KEYS[3], tag, 1)
-        out[#out + 1] = k - 4
+        -- Written only when a message is given back (restore.lua, giveback.lua): until then its
+        -- first take is this one.
+        local first = redis.call('HGET', KEYS[4], tag) or now
+        out[#out + 1] = k - 5
         out[#out + 1] = tag
         out[#out + 1] = count
+        out[#out + 1] = first
         out[#out + 1] = raw
       else
-        out[#out + 1] = k - 4
+        out[#out + 1] = k - 5
         out[#out + 1] = ''
+        out[#out + 1] = 0
         out[#out + 1] = 0
         out[#out + 1] = refuse(ex, #raw)
       end

@@ -2,6 +2,8 @@
 -- Puts fetched messages that were never handed to the worker back at the consuming end of their
 -- queue, first-fetched last so that it is consumed first again, and forgets their unacknowledged
 -- records. Only messages still recorded go back: one already restored elsewhere is not doubled.
+-- Their delivery count is taken back in the same step (they were never handed to the worker);
+-- their first-taken time stays, so a message's age runs from when it was first taken.
 --
 -- KEYS[1]  unacked_index, KEYS[2] unacked, KEYS[3] deliveries (see fetch.lua)
 -- KEYS[4..] the queue lists
