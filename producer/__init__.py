@@ -12,6 +12,7 @@ from producer.errors import (
     InvalidEventError,
     ItrainError,
     LockTimeoutError,
+    MessageFormatError,
     ModelError,
     ModelExistsError,
     ModelNotInitialisedError,
@@ -22,6 +23,7 @@ from producer.errors import (
     ResultIgnoredError,
     ResultTimeoutError,
     ServerVersionError,
+    StoreLayoutError,
     TargetError,
 )
 from producer.events import InteractionData, event_json_schema
@@ -49,6 +51,7 @@ __all__ = [
     "ConfigurationError",
     "PermissionDeniedError",
     "ServerVersionError",
+    "StoreLayoutError",
     "PublishError",
     "BrokerFullError",
     "QueueFullError",
@@ -63,6 +66,7 @@ __all__ = [
     "EventProcessingError",
     "DeliveryLimitError",
     "LockTimeoutError",
+    "MessageFormatError",
     "ResultIgnoredError",
     "ResultTimeoutError",
 ]

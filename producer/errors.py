@@ -18,6 +18,7 @@ __all__ = [
     "InvalidEventError",
     "ItrainError",
     "LockTimeoutError",
+    "MessageFormatError",
     "ModelError",
     "ModelExistsError",
     "ModelNotInitialisedError",
@@ -28,6 +29,7 @@ __all__ = [
     "ResultIgnoredError",
     "ResultTimeoutError",
     "ServerVersionError",
+    "StoreLayoutError",
     "TargetError",
 ]
 
@@ -47,6 +49,11 @@ class PermissionDeniedError(ConfigurationError):
 
 class ServerVersionError(ConfigurationError):
     """The Redis server is older than the project needs (Redis 7.0, or Valkey 7.2)."""
+
+
+class StoreLayoutError(ConfigurationError):
+    """The store's layout (``itrain:layout``) is newer than this release reads, or unreadable:
+    upgrade interaction-trainer (a worker refuses to start on it)."""
 
 
 class PublishError(ItrainError):
@@ -176,6 +183,12 @@ class EventProcessingError(ItrainError):
 class DeliveryLimitError(ItrainError):
     """A message was delivered more often than ``ITRAIN_MAX_DELIVERIES``; its events that were not
     yet trained were dead-lettered instead of tried again."""
+
+
+class MessageFormatError(ItrainError):
+    """A task message's format (its ``itrain_format`` header) is newer than the worker reads, or
+    unreadable: the message was refused whole, with a dead letter, and nothing of it trained.
+    Roll the workers to the new release first; the message may then be sent again."""
 
 
 class LockTimeoutError(ItrainError):

@@ -47,6 +47,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
 from producer.errors import InvalidEventError, ItrainError
+from producer.formats import header_format
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
 from worker.consume.faults import is_redis_fault
@@ -123,6 +124,7 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
         deliveries=delivery_count(info if isinstance(info, Mapping) else {}),
         # Only a JSON true counts: a hostile "false" string must not silence a result.
         ignore_result=headers.get("ignore_result") is True,
+        message_format=header_format(headers),
     )
 
 

@@ -62,6 +62,8 @@ class RawMessage:
     #: Celery's ``ignore_result`` header (fire-and-forget): train, dead-letter failures, but
     #: write no result for any of the message's events.
     ignore_result: bool = False
+    #: The message's format version, from its ``itrain_format`` header (``producer.formats``).
+    message_format: int = 1
 
 
 def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:

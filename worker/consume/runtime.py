@@ -29,6 +29,7 @@ from producer.protocol import TASK_TRAIN_BATCH
 from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
 from worker.consume.faults import is_redis_fault
+from worker.consume.message_format import refused_format
 from worker.consume.messages import (
     RawMessage,
     check_task_id,
@@ -190,6 +191,10 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
         check_task_id(msg.task_id)
     except InvalidEventError as exc:
         _refuse(plan, m, msg, exc, settings)
+        return
+    refused = refused_format(msg, settings.max_message_bytes)
+    if refused is not None:  # a format newer than this worker reads: answered, not trained
+        plan.message_error[m] = _fail(plan, m, msg.task_id, *refused)
         return
     late = msg.deliveries > settings.max_deliveries
     if msg.task == TASK_TRAIN_BATCH:
