@@ -13,6 +13,7 @@ from producer.errors import (
     InvalidEventError,
     ItrainError,
     LockTimeoutError,
+    MessageFormatError,
     ModelError,
     ModelExistsError,
     ModelNotInitialisedError,
@@ -23,6 +24,7 @@ from producer.errors import (
     ResultIgnoredError,
     ResultTimeoutError,
     ServerVersionError,
+    StoreLayoutError,
     TargetError,
 )
 from producer.events import InteractionData, event_json_schema
@@ -50,6 +52,7 @@ __all__ = [
     "ConfigurationError",
     "PermissionDeniedError",
     "ServerVersionError",
+    "StoreLayoutError",
     "PublishError",
     "BrokerFullError",
     "QueueFullError",
@@ -65,6 +68,7 @@ __all__ = [
     "DeliveryLimitError",
     "DeliveryExpiredError",
     "LockTimeoutError",
+    "MessageFormatError",
     "ResultIgnoredError",
     "ResultTimeoutError",
 ]

@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 
 from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
+from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 from producer.handles import JobHandle, handle_for
 from producer.linger import Linger
 from producer.outgoing import EventLike, Outgoing, argsrepr, event_json, validate_one
@@ -143,6 +144,7 @@ class TrainingClient:
                 args=[payload],
                 queue=self.settings.queue,
                 argsrepr=argsrepr(payload),
+                headers={FORMAT_HEADER: MESSAGE_FORMAT},
                 retry=False,
             )
 

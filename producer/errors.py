@@ -19,6 +19,7 @@ __all__ = [
     "InvalidEventError",
     "ItrainError",
     "LockTimeoutError",
+    "MessageFormatError",
     "ModelError",
     "ModelExistsError",
     "ModelNotInitialisedError",
@@ -29,6 +30,7 @@ __all__ = [
     "ResultIgnoredError",
     "ResultTimeoutError",
     "ServerVersionError",
+    "StoreLayoutError",
     "TargetError",
 ]
 
@@ -48,6 +50,11 @@ class PermissionDeniedError(ConfigurationError):
 
 class ServerVersionError(ConfigurationError):
     """The Redis server is older than the project needs (Redis 7.0, or Valkey 7.2)."""
+
+
+class StoreLayoutError(ConfigurationError):
+    """The store's layout (``itrain:layout``) is newer than this release reads, or unreadable:
+    upgrade interaction-trainer (a worker refuses to start on it)."""
 
 
 class PublishError(ItrainError):
@@ -185,6 +192,12 @@ class DeliveryExpiredError(DeliveryLimitError):
     ``ITRAIN_VISIBILITY_TIMEOUT``, from when it was first taken): its events that were not yet
     trained were dead-lettered rather than trained where a marker could no longer stop a second
     training."""
+
+
+class MessageFormatError(ItrainError):
+    """A task message's format (its ``itrain_format`` header) is newer than the worker reads, or
+    unreadable: the message was refused whole, with a dead letter, and nothing of it trained.
+    Roll the workers to the new release first; the message may then be sent again."""
 
 
 class LockTimeoutError(ItrainError):

@@ -8,6 +8,7 @@ touches in KEYS.
 
 | key | type | what |
 |---|---|---|
+| ``itrain:layout`` | string | the store's layout version (``producer.formats``); absent: layout 1 |
 | ``itrain:models`` | set | names of initialised models |
 | ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta``, |
 | | | ``config``, ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at``; the online |
@@ -39,6 +40,7 @@ import hashlib
 from dataclasses import dataclass
 
 __all__ = [
+    "LAYOUT",
     "LOCK_BUCKETS",
     "MODELS",
     "TRANSPORT_REJECTED",
@@ -49,6 +51,8 @@ __all__ = [
     "slot_seconds",
 ]
 
+#: The store's layout version (``producer.formats``); a store without it is layout 1.
+LAYOUT = "itrain:layout"
 MODELS = "itrain:models"
 #: Upper bounds (seconds) of the lock wait and hold histogram buckets; the last bucket is +Inf.
 LOCK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

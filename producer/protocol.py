@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from producer.errors import InvalidEventError
+from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 
 __all__ = [
     "RESULT_KEY_PREFIX",
@@ -98,7 +99,8 @@ def encode_envelope(
     argsrepr: str | None = None,
     ignore_result: bool = False,
 ) -> bytes:
-    """A Celery protocol 2 message as kombu's Redis transport stores it in the queue list.
+    """A Celery protocol 2 message as kombu's Redis transport stores it in the queue list, with
+    the ``itrain_format`` header naming its format (``producer.formats``).
 
     ``ignore_result``: Celery's header of the same name; the worker then writes no result for
     the message's events (fire-and-forget), and still trains them and dead-letters failures."""
@@ -121,6 +123,8 @@ def encode_envelope(
             "kwargsrepr": None,
             "origin": "itrain-producer",
             "ignore_result": ignore_result,
+            # The message format (producer.formats): a worker refuses one newer than it reads.
+            FORMAT_HEADER: MESSAGE_FORMAT,
         },
         "properties": {
             "correlation_id": task_id,

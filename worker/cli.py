@@ -37,6 +37,7 @@ from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.guard import Guard
 from worker.output import Output
 from worker.store.guard import resume, set_guard
+from worker.store.layout import check_store_layout, stamp_new_store
 from worker.store.model_store import Store
 
 __all__ = ["main", "build_parser"]
@@ -53,6 +54,9 @@ EXIT_USAGE = 2
 #: check the one they use themselves (``up``, ``demo`` and ``bench`` may start their own). Every
 #: other command first checks the version of each configured Redis (``producer.server_version``).
 _NO_VERSION_CHECK = frozenset({"schema", "acl", "up", "demo", "bench"})
+#: Commands that do not read the store, or read its layout themselves (``migrate``). Every other
+#: command first checks that this release reads the store's layout (``producer.formats``).
+_NO_LAYOUT_CHECK = _NO_VERSION_CHECK | {"migrate", "produce", "predict"}
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -66,6 +70,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     )
     guard = _guard_args(args.guard_window, args.guard_ratio)
     store = Store(connect(settings.store, settings.publish_timeout), settings)
+    stamp_new_store(store.client)  # a new store starts at this release's layout
     if args.exist_ok and not args.force and args.model in store.models():
         note = " (its guard too: `itrain guard` changes one)" if guard else ""
         out.print(f"model [bold]{args.model}[/] exists; left unchanged{note}")
@@ -331,6 +336,32 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.store.layout import migrate, plan_migration
+
+    client = connect(settings.store, settings.publish_timeout)
+    where = f"store Redis {redact_url(settings.store)}"
+    plan = plan_migration(client, where)
+    if not plan.steps:
+        out.print(f"{where} is at layout {plan.found}, the newest this release knows: nothing to do")
+        return 0
+    verb = "would migrate" if args.dry_run else "migrating"
+    out.print(f"{verb} {where} from layout {plan.found} to {plan.target}:")
+    for step in plan.steps:
+        when = (
+            f"safe while workers of layout {step.source} run"
+            if step.online
+            else "stop-the-world: stop every worker first"
+        )
+        out.print(f"  layout {step.source} -> {step.source + 1}: {step.what} ({when})")
+    if args.dry_run:
+        out.print("nothing written (--dry-run)")
+        return 0
+    done = migrate(client, where)
+    out.print(f"{where} is at layout {done.target}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(event_json_schema(), indent=2, sort_keys=True))
     return 0
@@ -444,6 +475,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         _print_stack(stack)
         s = stack_settings(settings, stack)
         store = Store(connect(s.store, s.publish_timeout), s)
+        stamp_new_store(store.client)
         if args.model not in store.models():
             store.create(args.model, Checkpoint.initial(ModelConfig()), force=False)
             out.print(f"model [bold]{args.model}[/] initialised")
@@ -620,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="confirm: the weights and history are lost")
     p.set_defaults(func=cmd_delete)
 
+    p = sub.add_parser("migrate", help="bring the store's layout up to this release's (idempotent)")
+    p.add_argument("--dry-run", action="store_true", help="print the steps; write nothing")
+    p.set_defaults(func=cmd_migrate)
+
     p = sub.add_parser("schema", help="print the event's JSON Schema")
     p.set_defaults(func=cmd_schema)
 
@@ -679,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command not in _NO_VERSION_CHECK:
             check_server_versions(settings)
+        if args.command not in _NO_LAYOUT_CHECK:
+            check_store_layout(settings)
         code: int = args.func(args, settings)
         return code
     except ValidationError as exc:

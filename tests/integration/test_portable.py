@@ -84,6 +84,7 @@ def _rewrite(src: Path, dst: Path, **changes) -> None:
         ("short-weights", "needs 97 little-endian float64"),
         ("nan-weights", "non-finite"),
         ("bad-header", "header is not valid: config.lr"),
+        ("newer-format", r"export format 2 is newer than this release reads \(format 1\)"),
         ("extra-array", "not an export's params and header"),
     ],
 )
@@ -109,6 +110,8 @@ def test_damaged_file_is_refused_and_the_model_untouched(
         _rewrite(good, bad, params=params[:-1])
     elif damage == "nan-weights":
         _rewrite(good, bad, params=np.where(np.arange(params.size) == 3, np.nan, params))
+    elif damage == "newer-format":
+        _rewrite(good, bad, header={"format_version": 2})
     elif damage == "bad-header":
         _rewrite(good, bad, header={"config": {"lr": -1}})
     else:

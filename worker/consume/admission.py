@@ -31,6 +31,7 @@ from producer.chunks import handle_ids
 from producer.errors import InvalidEventError
 from producer.protocol import TASK_TRAIN_BATCH
 from worker.consume.faults import is_redis_fault
+from worker.consume.message_format import refused_format
 from worker.consume.messages import (
     RawMessage,
     check_task_id,
@@ -84,6 +85,10 @@ def admit(msg: RawMessage, max_bytes: int) -> Admission:
         check_task_id(msg.task_id)
     except InvalidEventError as exc:
         return _refuse_whole(msg, exc, max_bytes)
+    refused = refused_format(msg, max_bytes)
+    if refused is not None:  # a format newer than this worker reads: answered, not trained
+        too_new, payload = refused
+        return Admission(refused=[Refused(msg.task_id, too_new, payload)], error=str(too_new), events=1)
     batch = msg.task == TASK_TRAIN_BATCH
     if batch:
         # A chunk whose every event is valid (the common case) is read in one call.

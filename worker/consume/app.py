@@ -22,6 +22,7 @@ from producer.server_version import check_server_versions
 from producer.settings import get_settings
 from worker.consume.transport import AMQP_CLASS, transport_url
 from worker.store.eviction import check_eviction_policies
+from worker.store.layout import check_store_layout
 
 __all__ = ["app"]
 
@@ -47,12 +48,15 @@ if settings.worker_concurrency:
 
 def _refuse_unusable_redis(sender: Any = None, **_: Any) -> None:
     """``celery -A worker worker`` stops here, in its main process, unless every Redis it uses
-    is Redis 7.0 or later (else every fetch fails and the consumer reconnects for ever) and
-    runs ``maxmemory-policy noeviction`` (Flower and producers never send ``worker_init``)."""
+    is Redis 7.0 or later (else every fetch fails and the consumer reconnects for ever), runs
+    ``maxmemory-policy noeviction``, and the store's layout is one this release reads (a newer
+    one could mean anything: refused before a message is taken). Flower and producers never
+    send ``worker_init``."""
     if getattr(sender, "app", None) is not app:
         return
     try:
         check_server_versions(settings)
+        check_store_layout(settings)
         check_eviction_policies(settings)
     except ConfigurationError as exc:
         # Celery logs and swallows an Exception raised by a signal handler; SystemExit is not one,

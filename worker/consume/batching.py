@@ -48,6 +48,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
 from producer.errors import InvalidEventError, ItrainError
+from producer.formats import header_format
 from producer.protocol import TASK_TRAIN_BATCH
 from producer.settings import get_settings
 from worker.consume.admission import admit
@@ -93,6 +94,7 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
         # Only a JSON true counts: a hostile "false" string must not silence a result.
         ignore_result=headers.get("ignore_result") is True,
         first_taken=first_taken(info),
+        message_format=header_format(headers),
     )
 
 

@@ -67,6 +67,8 @@ class RawMessage:
     #: was given back since; None when the transport does not say. Sets its age
     #: (``redelivery.refusal``).
     first_taken: float | None = None
+    #: The message's format version, from its ``itrain_format`` header (``producer.formats``).
+    message_format: int = 1
 
 
 def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:

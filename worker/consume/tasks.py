@@ -11,6 +11,7 @@ from celery import Task
 
 from producer import errors
 from producer.errors import ItrainError
+from producer.formats import check_message_format, header_format
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP, new_task_id
 from worker.consume.app import app
 from worker.consume.messages import RawMessage, validate_event
@@ -62,7 +63,12 @@ def train_batch(self: Task, ids: list[str], events: list[dict[str, Any]]) -> dic
     return result
 
 
-@app.task(name=TASK_PREDICT, acks_late=True, Request="worker.consume.task_events:HiddenArgsRequest")
-def predict(event: dict[str, Any]) -> dict[str, Any]:
-    """``{model, version, prediction}`` for an event, from the current weights."""
+@app.task(
+    name=TASK_PREDICT, bind=True, acks_late=True, Request="worker.consume.task_events:HiddenArgsRequest"
+)
+def predict(self: Task, event: dict[str, Any]) -> dict[str, Any]:
+    """``{model, version, prediction}`` for an event, from the current weights. A message of a
+    newer format fails with ``MessageFormatError`` (a prediction changes nothing: no dead letter)."""
+    # Celery puts a message's own headers on the request.
+    check_message_format(header_format(vars(self.request)))
     return get_runtime().trainer.predict(validate_event(event))

@@ -6,8 +6,12 @@
   the producer's rights, and read (never write) every model's keys.
 - ``monitor``, for ``itrain exporter``: read every model's keys, the queue's length, the
   unacknowledged messages, ``INFO``.
-- ``worker``, for ``celery -A worker worker`` and ``itrain init``: every key and channel, no
-  administrative command.
+- ``worker``, for ``celery -A worker worker``, ``itrain init`` and ``itrain migrate``: every key
+  and channel, no administrative command.
+
+Every role that reads the store (reader, monitor, worker) may read its layout, ``itrain:layout``
+(``producer.formats``: the worker and the ``itrain`` commands check it when they start); writing
+it (``itrain init``, ``itrain migrate``) is the worker's.
 
 Read-only access uses Redis 7's ``%R~`` key permission: the producer and the reader can never
 write a checkpoint (``HSET``, ``DEL`` or a script on ``itrain:{m}:ckpt`` answer ``NOPERM``). Each

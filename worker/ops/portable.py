@@ -101,6 +101,17 @@ def export_model(store: Store, model: str, out: Path, targets: dict[str, float])
     return header
 
 
+def _check_format_version(path: Path, fields: Any) -> None:
+    """A file of a newer format is refused naming both versions (its other fields may mean
+    something this release does not know, so they are not read)."""
+    found = fields.get("format_version") if isinstance(fields, dict) else None
+    if type(found) is int and found > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: export format {found} is newer than this release reads (format {FORMAT_VERSION}): "
+            "upgrade interaction-trainer"
+        )
+
+
 def read_export(path: Path) -> tuple[Header, np.ndarray]:
     """The header and weights of an export, fully checked; ``CheckpointError`` names what is wrong."""
     try:
@@ -115,7 +126,9 @@ def read_export(path: Path) -> tuple[Header, np.ndarray]:
     if raw_header.shape != () or raw_header.dtype.kind != "U":
         raise CheckpointError(f"{path}: the header is not one JSON text")
     try:
-        header = Header.model_validate(orjson.loads(str(raw_header)))
+        fields = orjson.loads(str(raw_header))
+        _check_format_version(path, fields)
+        header = Header.model_validate(fields)
     except (orjson.JSONDecodeError, ValidationError) as exc:
         first = exc.errors(include_url=False)[0] if isinstance(exc, ValidationError) else None
         where = ".".join(str(p) for p in first["loc"]) + f": {first['msg']}" if first else str(exc)
