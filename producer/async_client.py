@@ -228,7 +228,11 @@ class AsyncTrainingClient:
             pipe = self._broker.pipeline(transaction=False)
             pipe.lpush(self.settings.queue, *envelopes)
             pipe.execute_command(*replicas.command)
-            _, acked = await pipe.execute()
+            pushed, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(pushed, redis.ResponseError):
+                raise pushed  # nothing was enqueued (WAIT then waits for nothing)
+            if isinstance(acked, redis.ResponseError):
+                raise replicas.refused(acked, event_ids) from acked
             return int(acked)
 
         acked = await self._publish(push)

@@ -260,7 +260,13 @@ class TrainingClient:
                 self._sender.execute("LPUSH", queue, *envelopes)
                 return 0
             # Sent together: WAIT counts the writes of its own connection only.
-            _, acked = self._sender.execute_all(("LPUSH", queue, *envelopes), replicas.command)
+            pushed, acked = self._sender.execute_all(
+                ("LPUSH", queue, *envelopes), replicas.command, raise_on_error=False
+            )
+            if isinstance(pushed, redis.ResponseError):
+                raise pushed  # nothing was enqueued (WAIT then waits for nothing)
+            if isinstance(acked, redis.ResponseError):
+                raise replicas.refused(acked, event_ids) from acked
             return int(acked)
 
         acked = self._publish(push)

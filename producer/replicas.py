@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from producer.errors import ReplicationError
+import redis
+
+from producer.errors import ItrainError, PermissionDeniedError, ReplicationError
 from producer.redis_conn import redact_url
 from producer.settings import Settings
 
@@ -54,5 +56,24 @@ class ReplicaWait:
             "now could lose them (sending them again is safe: their event ids de-duplicate)",
             wanted=self.replicas,
             got=acked,
+            event_ids=event_ids,
+        )
+
+    def refused(self, exc: redis.ResponseError, event_ids: Sequence[str]) -> ItrainError:
+        """The error for a ``WAIT`` Redis refused after the push it follows landed: a user without
+        the right (``NOPERM``) is ``PermissionDeniedError``, anything else ``ReplicationError``;
+        either says that the events were enqueued."""
+        where = redact_url(self.url)
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            return PermissionDeniedError(
+                f"the Redis user of {where} lacks a permission: {exc}; the {len(event_ids)} event(s) "
+                "were enqueued, but their replicas cannot be waited for (`itrain acl --role producer` "
+                "prints what a producer needs)"
+            )
+        return ReplicationError(
+            f"{where} refused WAIT ({exc}) after enqueueing {len(event_ids)} event(s): their replicas "
+            "are unknown (sending them again is safe: their event ids de-duplicate)",
+            wanted=self.replicas,
+            got=0,
             event_ids=event_ids,
         )

@@ -53,10 +53,11 @@ class Sender:
         self._idle.append(conn)
         return reply
 
-    def execute_all(self, *commands: tuple[Any, ...]) -> list[Any]:
+    def execute_all(self, *commands: tuple[Any, ...], raise_on_error: bool = True) -> list[Any]:
         """The replies to several commands sent together on one connection (one write, one
         round trip): ``WAIT`` after a push counts that connection's writes only. A command Redis
-        refuses raises its error once every reply is read; connection errors as ``execute``."""
+        refuses raises its error once every reply is read (or, without ``raise_on_error``, is
+        its reply); connection errors as ``execute``."""
         conn: Any
         try:
             conn = self._idle.pop()
@@ -77,7 +78,7 @@ class Sender:
             self._idle.append(conn)
             raise
         self._idle.append(conn)  # every reply was read in full: the connection is in step
-        if refused is not None:
+        if refused is not None and raise_on_error:
             raise refused
         return replies
 

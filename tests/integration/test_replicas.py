@@ -2,7 +2,7 @@
 push returns once the replicas hold it (one ``WAIT`` per call, on the pushing connection), a
 replica that does not acknowledge makes the call raise ``ReplicationError`` naming the events
 (with linger: ``flush()``, ``close()`` and ``wait_all``, the handles staying live), and at 0
-nothing waits. Both clients."""
+nothing waits. Both clients; and the worker's barrier (``worker.store.replicas``)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,19 @@ import orjson
 import pytest
 import redis
 
-from producer import AsyncTrainingClient, PublishError, ReplicationError, TrainingClient
+from producer import (
+    AsyncTrainingClient,
+    PermissionDeniedError,
+    PublishError,
+    ReplicationError,
+    TrainingClient,
+)
 from producer.linger import LingerHandle
 from producer.settings import Settings
 from tests.helpers import make_event, make_events
+from worker.consume.faults import is_redis_fault
 from worker.devtools.embedded_redis import ReplicaSet
+from worker.store.replicas import ReplicaBarrier
 
 #: Generous on a shared, busy machine: a healthy replica acknowledges in well under a millisecond.
 HEALTHY_MS = 4000
@@ -47,14 +55,14 @@ def paused(replicas: ReplicaSet) -> Iterator[ReplicaSet]:
 
 def settings_for(rs: ReplicaSet, min_replicas: int, timeout_ms: int = HEALTHY_MS, **more: Any) -> Settings:
     # A queue of its own per test: no worker runs here, messages stay where they were pushed.
-    return Settings(
-        redis_url=rs.url,
-        queue=f"q-{uuid.uuid4().hex[:8]}",
-        min_replicas=min_replicas,
-        replica_timeout_ms=timeout_ms,
-        publish_timeout=10,
-        **more,
-    )
+    fields: dict[str, Any] = {
+        "redis_url": rs.url,
+        "queue": f"q-{uuid.uuid4().hex[:8]}",
+        "min_replicas": min_replicas,
+        "replica_timeout_ms": timeout_ms,
+        "publish_timeout": 10,
+    }
+    return Settings(**{**fields, **more})
 
 
 def wait_calls(rs: ReplicaSet) -> int:
@@ -240,3 +248,61 @@ def test_async_client_waits_and_raises_the_same(replicas: ReplicaSet) -> None:
     ]
     assert {(e.wanted, e.got) for e in errors} == {(2, 1)}
     assert {h.state for h in handles} == {"PENDING"}  # live
+
+
+def test_a_user_without_wait_is_told_the_events_were_enqueued(replicas: ReplicaSet) -> None:
+    # Given a user who may push but not WAIT (an ACL older than ITRAIN_MIN_REPLICAS)
+    admin = redis.Redis.from_url(replicas.url)
+    admin.execute_command("ACL", "SETUSER", "nowait", "reset", "on", ">pw", "~*", "&*", "+@all", "-wait")
+    s = settings_for(replicas, 1, redis_url=replicas.url.replace("redis://", "redis://nowait:pw@"))
+    try:
+        # When an event is pushed, by either client
+        with TrainingClient(settings=s) as client, pytest.raises(PermissionDeniedError) as sync:
+            client.train_step(make_event("m", 0, "nw"))
+
+        async def push() -> None:
+            async with AsyncTrainingClient(settings=s) as client:
+                await client.train_step(make_event("m", 1, "nw"))
+
+        with pytest.raises(PermissionDeniedError) as asynchronous:
+            asyncio.run(push())
+    finally:
+        admin.execute_command("ACL", "DELUSER", "nowait")
+    # Then the error says what is true: the events were enqueued, their replicas are unknown
+    for error in (sync.value, asynchronous.value):
+        assert "were enqueued, but their replicas cannot be waited for" in str(error)
+    assert queued_event_ids(replicas, s.queue) == ["nw-0", "nw-1"]
+    admin.close()
+
+
+# -- the worker's barrier -------------------------------------------------------------------------
+
+
+def test_worker_barrier_only_where_the_broker_is_not(replicas: ReplicaSet) -> None:
+    client = redis.Redis.from_url(replicas.url)
+    s = Settings(redis_url=replicas.url, min_replicas=1)
+    # The broker's own Redis: its acks follow the writes there, nothing waits
+    assert ReplicaBarrier.of(client, s, s.store) is None
+    # Nothing wanted: nothing waits
+    other = s.model_copy(update={"store_url": replicas.url.replace("/0", "/1")})
+    assert ReplicaBarrier.of(client, other.model_copy(update={"min_replicas": 0}), other.store) is None
+    assert ReplicaBarrier.of(client, other, other.store) is not None
+    client.close()
+
+
+def test_worker_barrier_covers_writes_of_other_connections(paused: ReplicaSet) -> None:
+    # Given a write made on another connection while a replica acknowledges nothing
+    s = Settings(redis_url="redis://broker.invalid:6379/0", store_url=paused.url, min_replicas=2)
+    writer, waiter = redis.Redis.from_url(paused.url), redis.Redis.from_url(paused.url)
+    waiter.ping()  # (a connection of its own, opened before the write)
+    writer.set("itrain:test:barrier", "1")
+    barrier = ReplicaBarrier.of(waiter, s.model_copy(update={"replica_timeout_ms": SHORT_MS}), s.store)
+    assert barrier is not None
+    # When the worker crosses the barrier on its own connection
+    with pytest.raises(ReplicationError) as short:
+        barrier.cross(["e1"], "commit")
+    # Then it waited for that write too, and fell short
+    assert (short.value.wanted, short.value.got, short.value.event_ids) == (2, 1, ["e1"])
+    assert is_redis_fault(short.value)  # the worker puts its messages back
+    writer.close()
+    waiter.close()
