@@ -88,3 +88,41 @@ def test_worker_acks_only_once_the_store_replica_holds_the_commit(
         wait_until(lambda: not any(chunk in m for m in broker.hvals("unacked")), 60, "the ack")
     store.close()
     broker.close()
+
+
+def test_worker_acks_only_once_the_backend_replica_holds_the_results(
+    redis_url: str, store_set: ReplicaSet, workers: Workers
+) -> None:
+    # Given results on a Redis of their own with one replica (broker and store: the session's)
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, result_backend=store_set.url, queue=queue)
+    broker = redis.Redis.from_url(redis_url)
+    model = create_model(broker, settings)
+    env = {
+        "ITRAIN_RESULT_BACKEND": store_set.url,
+        "ITRAIN_QUEUE": queue,
+        "ITRAIN_MIN_REPLICAS": "1",
+        "ITRAIN_REPLICA_TIMEOUT_MS": "300",
+    }
+    workers.start(1, redis_url=redis_url, env=env)
+    with TrainingClient(settings=settings) as client:
+        # When the replica stops acknowledging and events come
+        store_set.pause(0)
+        try:
+            handles = client.train_many(make_events(model, 10, "rb"))
+            chunk = handles[0].id.partition(":")[0].encode()
+            # Then the worker trains them and writes the results, but does not acknowledge
+            wait_until(
+                lambda: "ReplicationError" in "".join(p.read_text() for p in workers.logs.values()),
+                90,
+                "a requeue for want of a replica",
+            )
+            held = [*broker.hvals("unacked"), *broker.lrange(queue, 0, -1)]
+            assert any(chunk in m for m in held), "the message was acknowledged"
+        finally:
+            store_set.resume(0)
+        # And once the replica is back the message is acknowledged; each event trained once
+        assert statuses(wait_results(client, handles, 120, workers)) == {"trained": 10}
+        wait_until(lambda: not any(chunk in m for m in broker.hvals("unacked")), 60, "the ack")
+        assert model_state(broker, model)["step"] == 10
+    broker.close()
