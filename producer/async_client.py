@@ -27,6 +27,7 @@ from producer.linger import LingerBuffers
 from producer.outgoing import EventLike, Outgoing, event_json
 from producer.protocol import new_task_id
 from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, unreachable
+from producer.replicas import ReplicaWait
 from producer.settings import Settings
 from producer.stats import queue_stats, stats_from_replies
 from producer.waiting import Collector, check_not_ignored
@@ -67,6 +68,7 @@ class AsyncTrainingClient:
         self._broker = self._connect(base.broker)
         self._store = self._connect(base.store)
         self._results = self._connect(base.backend)
+        self._replicas = ReplicaWait.of(base, base.broker)
         self._linger = (
             AsyncLinger(
                 self._push_one,
@@ -85,12 +87,13 @@ class AsyncTrainingClient:
     # -- publishing ---------------------------------------------------------------------------
 
     async def train_step(self, event: EventLike, *, result: bool = True) -> AsyncResult:
-        """Enqueue one training step, as ``TrainingClient.train_step``; returns its handle."""
+        """Enqueue one training step, as ``TrainingClient.train_step`` (``ReplicationError`` with
+        ``ITRAIN_MIN_REPLICAS`` likewise); returns its handle."""
         data, shown = event_json(event)
         task_id = new_task_id()
         if self._linger is not None:
-            return await self._linger.add(task_id, data, ignored=not result)
-        await self._push([self._outgoing.step(task_id, data, shown, result=result)])
+            return await self._linger.add(task_id, data, shown["event_id"], ignored=not result)
+        await self._push([self._outgoing.step(task_id, data, shown, result=result)], [shown["event_id"]])
         return JobHandle(task_id, self.app, ignored=not result)
 
     async def train_many(
@@ -98,16 +101,16 @@ class AsyncTrainingClient:
     ) -> list[AsyncResult]:
         """Enqueue many events in one ``LPUSH``, as ``TrainingClient.train_many``; one handle
         each, in order (``results=`` is the deprecated spelling of ``result=``)."""
-        envelopes, handles = self._outgoing.many(events, result=result_flag(result, results))
+        envelopes, handles, event_ids = self._outgoing.many(events, result=result_flag(result, results))
         if envelopes:
-            await self._push(envelopes)
+            await self._push(envelopes, event_ids)
         return handles
 
     async def predict(self, event: EventLike, *, timeout: float = 30.0) -> dict[str, Any]:
         """The model's prediction for an event: ``{model, version, prediction}``, from a worker
         (an ``itrain.predict`` task). ``ResultTimeoutError`` after ``timeout`` seconds."""
         task_id, envelope = self._outgoing.predict(event)
-        await self._push([envelope], check_queue=False)
+        await self._push([envelope], [], check_queue=False, replicated=False)
         prediction: dict[str, Any] = await self.wait(JobHandle(task_id, self.app), timeout=timeout)
         return prediction
 
@@ -200,21 +203,44 @@ class AsyncTrainingClient:
             )
         return self._redis[url]
 
-    async def _push(self, envelopes: list[bytes], *, check_queue: bool = True) -> None:
+    async def _push(
+        self,
+        envelopes: list[bytes],
+        event_ids: list[str],
+        *,
+        check_queue: bool = True,
+        replicated: bool = True,
+    ) -> None:
         """LPUSH task messages onto the queue list in one command (all or none), as the sync
-        client does; ``QueueFullError`` first when the queue is at ``ITRAIN_MAX_QUEUE_LENGTH``."""
+        client does; ``QueueFullError`` first when the queue is at ``ITRAIN_MAX_QUEUE_LENGTH``;
+        with ``ITRAIN_MIN_REPLICAS`` (and ``replicated``), ``WAIT`` in the same pipeline."""
+        replicas = self._replicas if replicated else None
 
-        async def push() -> None:
+        async def push() -> int:
             if check_queue and self.settings.max_queue_length:
                 full = queue_full(await self.queue_length(), self.settings)
                 if full is not None:
                     raise full
-            await self._broker.lpush(self.settings.queue, *envelopes)
+            if replicas is None:
+                await self._broker.lpush(self.settings.queue, *envelopes)
+                return 0
+            # One pipeline is one connection: WAIT counts the writes of its own connection only.
+            pipe = self._broker.pipeline(transaction=False)
+            pipe.lpush(self.settings.queue, *envelopes)
+            pipe.execute_command(*replicas.command)
+            pushed, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(pushed, redis.ResponseError):
+                raise pushed  # nothing was enqueued (WAIT then waits for nothing)
+            if isinstance(acked, redis.ResponseError):
+                raise replicas.refused(acked, event_ids) from acked
+            return int(acked)
 
-        await self._publish(push)
+        acked = await self._publish(push)
+        if replicas is not None:
+            replicas.check(acked, event_ids)
 
-    async def _push_one(self, envelope: bytes) -> None:
-        await self._push([envelope])
+    async def _push_one(self, envelope: bytes, event_ids: list[str]) -> None:
+        await self._push([envelope], event_ids)
 
     async def _publish(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """``attempt``, retried while Redis is unreachable for at most ``ITRAIN_PUBLISH_TIMEOUT``

@@ -5,6 +5,8 @@ A batch is sent when its oldest event has waited ``linger_ms`` (a timer of the l
 when it is full (by the ``await client.train_step(...)`` that filled it, which so feels the
 back-pressure), and on ``flush()``/``aclose()``. There is no exit hook: a loop that ends cannot
 send anything, so the client must be closed (``async with``, or ``await client.aclose()``).
+A ``ReplicationError`` (too few replicas acknowledged a batch) comes from ``flush()``,
+``aclose()`` and ``wait_all``, as with the sync client; the handles stay live.
 """
 
 from __future__ import annotations
@@ -23,19 +25,21 @@ __all__ = ["AsyncLinger"]
 class AsyncLinger:
     """The buffers of one asyncio client; used from its event loop only."""
 
-    def __init__(self, publish: Callable[[bytes], Awaitable[None]], buffers: LingerBuffers) -> None:
+    def __init__(
+        self, publish: Callable[[bytes, list[str]], Awaitable[None]], buffers: LingerBuffers
+    ) -> None:
         self._publish = publish
         self._buffers = buffers
         self._timer: asyncio.TimerHandle | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def add(self, task_id: str, data: bytes, *, ignored: bool) -> LingerHandle:
-        """Buffer one validated event (its JSON) under result id ``task_id``."""
+    async def add(self, task_id: str, data: bytes, event_id: str, *, ignored: bool) -> LingerHandle:
+        """Buffer one validated event (its JSON and id) under result id ``task_id``."""
         weight = self._buffers.weigh(data)
         if self._closed:
             raise PublishError("the client is closed: nothing was enqueued")
-        handle, full, opened = self._buffers.put(task_id, data, weight, ignored=ignored)
+        handle, full, opened = self._buffers.put(task_id, data, event_id, weight, ignored=ignored)
         if opened:
             self._arm()
         if full:
@@ -43,31 +47,48 @@ class AsyncLinger:
         return handle
 
     async def flush(self) -> None:
-        """Send every buffered event now and wait for sends under way; errors go to the handles
-        (and to ``aclose()``), they are not raised here."""
+        """Send every buffered event now and wait for sends under way. Raises the replication
+        shortfalls not reported yet (one ``ReplicationError``); a failed send's error goes to its
+        handles (and to ``aclose()``), it is not raised here."""
+        await self._flush()
+        short = self._buffers.shortfall()
+        if short is not None:
+            raise short
+
+    async def _flush(self) -> None:
         for batch in self._buffers.take_all():
             self._start(batch)
         while self._sends:
             await asyncio.gather(*list(self._sends))
 
     async def settle(self, handles: Sequence[Any]) -> None:
-        """Flush, then raise the send error of the first of ``handles`` whose batch failed."""
+        """Flush, then raise the send error of the first of ``handles`` whose batch failed, or
+        the replication shortfall of their batches."""
         if any(isinstance(h, LingerHandle) for h in handles):
-            await self.flush()
+            await self._flush()
             error = send_error(handles)
             if error is not None:
                 raise error
+            short = self._buffers.shortfall(handles)
+            if short is not None:
+                raise short
 
     async def aclose(self) -> None:
-        """Flush and stop; raises the first error of a send that failed since the last close."""
+        """Flush and stop; raises the first error of a send that failed since the last close,
+        else the replication shortfalls not reported yet."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        await self.flush()
+        await self._flush()
         error = self._buffers.first_error()
+        short = self._buffers.shortfall()
         if error is not None:
+            if short is not None:
+                error.add_note(f"and: {short}")
             raise error
+        if short is not None:
+            raise short
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -97,7 +118,7 @@ class AsyncLinger:
     async def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            await self._publish(self._buffers.message(batch))
+            await self._publish(self._buffers.message(batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:

@@ -19,6 +19,7 @@ from producer.outgoing import EventLike, Outgoing, argsrepr, event_json, validat
 from producer.protocol import TASK_PREDICT, new_task_id
 from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, unreachable
 from producer.redis_conn import check_tls_url, connect
+from producer.replicas import ReplicaWait
 from producer.sender import Sender
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
@@ -82,6 +83,7 @@ class TrainingClient:
         self._store = connect(base.store, base.publish_timeout)
         self._results = connect(base.backend, base.publish_timeout)
         self._sender = Sender(self._broker)
+        self._replicas = ReplicaWait.of(base, base.broker)
         self._outgoing = Outgoing(base, self.app)
         self._linger = (
             Linger(
@@ -106,15 +108,19 @@ class TrainingClient:
         is written: the handle's ``get()`` returns ``None`` at once, its ``state`` stays
         ``PENDING``, and ``wait_all`` on it raises ``ResultIgnoredError``.
 
+        ``ITRAIN_MIN_REPLICAS`` above 0: returns once that many replicas hold the message, else
+        raises ``ReplicationError`` (the message is on the master; sending the event again is safe).
+
         With ``linger_ms`` the event is buffered and the handle returned before it is sent; a
         send that fails makes the handle's ``get()`` raise the error (``PublishError``,
-        ``QueueFullError``) instead of this call.
+        ``QueueFullError``) instead of this call, and a ``ReplicationError`` comes from
+        ``flush()``, ``close()`` and ``wait_all`` (the handle stays live).
         """
         data, shown = event_json(event)
         task_id = new_task_id()
         if self._linger is not None:
-            return self._linger.add(task_id, data, ignored=not result)
-        self._push([self._outgoing.step(task_id, data, shown, result=result)])
+            return self._linger.add(task_id, data, shown["event_id"], ignored=not result)
+        self._push([self._outgoing.step(task_id, data, shown, result=result)], [shown["event_id"]])
         return JobHandle(task_id, self.app, ignored=not result)
 
     def train_many(
@@ -127,11 +133,12 @@ class TrainingClient:
         event's handle (id ``<chunk id>:<index>``) reads its entry of it (``producer.chunks``).
         All or nothing: an invalid event or a full queue raises before anything is sent.
         ``result=False``: fire-and-forget, as ``train_step(..., result=False)``, for every event
-        (``results=`` is its deprecated spelling).
+        (``results=`` is its deprecated spelling). ``ITRAIN_MIN_REPLICAS``: one ``WAIT`` after the
+        push, as for ``train_step``; ``ReplicationError.event_ids`` names every event.
         """
-        envelopes, handles = self._outgoing.many(events, result=result_flag(result, results))
+        envelopes, handles, event_ids = self._outgoing.many(events, result=result_flag(result, results))
         if envelopes:
-            self._push(envelopes)
+            self._push(envelopes, event_ids)
         return handles
 
     def predict(self, event: EventLike) -> AsyncResult:
@@ -185,7 +192,8 @@ class TrainingClient:
         still pending after ``timeout`` seconds; ``ResultIgnoredError`` at once, before any
         waiting, when a handle was sent with ``result=False`` (it will never have a result).
         With ``linger_ms``, buffered events are sent first, and the error of a send that failed
-        (``PublishError``, ``QueueFullError``) is raised.
+        (``PublishError``, ``QueueFullError``) is raised, or a ``ReplicationError`` naming the
+        events of these handles that too few replicas acknowledged.
         """
         check_not_ignored(handles)
         if self._linger is not None:
@@ -204,13 +212,16 @@ class TrainingClient:
             time.sleep(poll)
 
     def flush(self) -> None:
-        """Send the events ``linger_ms`` holds back now (nothing to do without linger)."""
+        """Send the events ``linger_ms`` holds back now (nothing to do without linger).
+        ``ReplicationError`` naming every event sent since the last report whose push too few
+        replicas acknowledged (a failed send is raised by its handles and ``close()``)."""
         if self._linger is not None:
             self._linger.flush()
 
     def close(self) -> None:
         """Send what linger holds back, then close the connections. Raises the error of a
-        linger batch that could not be sent (its handles raise it too)."""
+        linger batch that could not be sent (its handles raise it too), else a
+        ``ReplicationError`` not reported by ``flush()`` yet."""
         try:
             if self._linger is not None:
                 self._linger.close()
@@ -229,16 +240,17 @@ class TrainingClient:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _push(self, envelopes: list[bytes]) -> None:
-        """LPUSH task messages onto the queue list, as kombu's Redis transport would.
+    def _push(self, envelopes: list[bytes], event_ids: list[str]) -> None:
+        """LPUSH task messages onto the queue list, as kombu's Redis transport would; with
+        ``ITRAIN_MIN_REPLICAS``, then ``WAIT`` on the same connection (``producer.replicas``).
 
         Training messages skip kombu's publishing path: it builds a new Redis client object and
         sends a ``task-sent`` event per message, several times the cost of the push itself.
         Flower shows these tasks from ``received`` on (the worker sends their events).
         """
-        queue = self.settings.queue
+        queue, replicas = self.settings.queue, self._replicas
 
-        def push() -> None:
+        def push() -> int:
             if self.settings.max_queue_length:
                 full = queue_full(self.queue_length(), self.settings)
                 if full is not None:
@@ -246,12 +258,25 @@ class TrainingClient:
             # One LPUSH for all: every message or none (a retry after an error cannot send one
             # twice), and one command for Redis to run. LPUSH of several values pushes them in
             # turn, and kombu's Redis transport consumes with BRPOP: arrival order is kept.
-            self._sender.execute("LPUSH", queue, *envelopes)
+            if replicas is None:
+                self._sender.execute("LPUSH", queue, *envelopes)
+                return 0
+            # Sent together: WAIT counts the writes of its own connection only.
+            pushed, acked = self._sender.execute_all(
+                ("LPUSH", queue, *envelopes), replicas.command, raise_on_error=False
+            )
+            if isinstance(pushed, redis.ResponseError):
+                raise pushed  # nothing was enqueued (WAIT then waits for nothing)
+            if isinstance(acked, redis.ResponseError):
+                raise replicas.refused(acked, event_ids) from acked
+            return int(acked)
 
-        self._publish(push)
+        acked = self._publish(push)
+        if replicas is not None:
+            replicas.check(acked, event_ids)
 
-    def _push_one(self, envelope: bytes) -> None:
-        self._push([envelope])
+    def _push_one(self, envelope: bytes, event_ids: list[str]) -> None:
+        self._push([envelope], event_ids)
 
     def _publish(self, attempt: Callable[[], _T]) -> _T:
         """Run ``attempt``, retried with backoff while Redis is unreachable, for at most

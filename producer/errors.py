@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -27,6 +28,7 @@ __all__ = [
     "PermissionDeniedError",
     "PublishError",
     "QueueFullError",
+    "ReplicationError",
     "ResultIgnoredError",
     "ResultTimeoutError",
     "ServerVersionError",
@@ -68,6 +70,23 @@ class QueueFullError(PublishError):
 class BrokerFullError(QueueFullError):
     """Redis refused the message because it is out of memory (``OOM`` under ``noeviction``);
     nothing was enqueued. Slow down and retry, or give Redis more memory."""
+
+
+class ReplicationError(PublishError):
+    """Fewer replicas than ``ITRAIN_MIN_REPLICAS`` acknowledged a push within
+    ``ITRAIN_REPLICA_TIMEOUT_MS``. The messages are on the master, and are likely to train; a
+    failover now could lose them. ``event_ids`` names the events concerned: sending them again is
+    safe (an event already trained answers ``duplicate``)."""
+
+    def __init__(self, message: str, *, wanted: int = 0, got: int = 0, event_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.wanted = wanted
+        self.got = got
+        self.event_ids: list[str] = list(event_ids)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields: rebuilt from the message, then the attributes.
+        return (type(self), (str(self),), self.__dict__)
 
 
 class ModelError(ItrainError):

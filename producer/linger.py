@@ -15,7 +15,10 @@ for all its events or for none.
 
 A send that fails (``PublishError`` after ``ITRAIN_PUBLISH_TIMEOUT``, ``QueueFullError``) is
 not lost silently: every handle of the batch raises that error from ``get()`` (and
-``wait_all``), and ``close()`` raises it too. Events still in the buffer when the process dies
+``wait_all``), and ``close()`` raises it too. A batch pushed but acknowledged by fewer replicas
+than ``ITRAIN_MIN_REPLICAS`` is in Redis and its handles stay live: the ``ReplicationError``
+(naming every such event) comes from the next ``flush()`` or ``close()``, and from ``wait_all``
+on its handles. Events still in the buffer when the process dies
 (``kill -9``, a crash, ``os._exit``) are lost: at most ``linger_ms`` worth of calls.
 
 A forked child starts with empty buffers (the parent sends what it had buffered) and a sending
@@ -35,11 +38,11 @@ from typing import Any
 import orjson
 from celery import Celery, states
 
-from producer.errors import PublishError
+from producer.errors import PublishError, ReplicationError
 from producer.handles import JobHandle, timed_out
 from producer.protocol import TASK_TRAIN_BATCH, EnvelopeTemplate, batch_budget, event_weight, new_task_id
 
-__all__ = ["Linger", "LingerBuffers", "LingerHandle", "send_error"]
+__all__ = ["Linger", "LingerBuffers", "LingerHandle", "merge_shortfalls", "send_error"]
 
 #: How long the sending thread stays without work before it ends (a new call starts another).
 _IDLE_SECONDS = 1.0
@@ -48,16 +51,19 @@ _IDLE_SECONDS = 1.0
 class _Batch:
     """Events waiting to leave in one message, and what became of the message."""
 
-    __slots__ = ("deadline", "error", "events", "ids", "ignored", "sent", "size")
+    __slots__ = ("deadline", "error", "event_ids", "events", "ids", "ignored", "sent", "short", "size")
 
     def __init__(self, deadline: float, ignored: bool) -> None:
         self.deadline = deadline
         self.ignored = ignored  # sent with ignore_result (no results written)
         self.ids: list[str] = []
         self.events: list[bytes] = []
+        self.event_ids: list[str] = []  # for a ReplicationError (the caller may not know them)
         self.size = 0
         self.sent = threading.Event()  # set once the message is in Redis or failed for good
         self.error: BaseException | None = None
+        #: Pushed, but too few replicas acknowledged it (the handles stay live).
+        self.short: ReplicationError | None = None
 
 
 class LingerHandle(JobHandle):
@@ -124,13 +130,14 @@ class LingerBuffers:
         self.open: dict[bool, _Batch] = {}  # by ignore_result
         self.sending: set[_Batch] = set()
         self._errors: list[BaseException] = []  # failed sends not reported by a close yet
+        self._short: list[_Batch] = []  # replication shortfalls not reported yet
 
     def weigh(self, data: bytes) -> int:
         """What an event's JSON weighs in a message; ``InvalidEventError`` when it cannot fit."""
         return event_weight(data, self._max_message_bytes)
 
     def put(
-        self, task_id: str, data: bytes, weight: int, *, ignored: bool
+        self, task_id: str, data: bytes, event_id: str, weight: int, *, ignored: bool
     ) -> tuple[LingerHandle, list[_Batch], bool]:
         """Buffer one event: its handle, the batches now full (taken, to be sent by the caller at
         once), and whether a new batch was opened (its deadline is new)."""
@@ -144,6 +151,7 @@ class LingerBuffers:
             batch = self.open[ignored] = _Batch(time.monotonic() + self.delay, ignored)
         batch.ids.append(task_id)
         batch.events.append(data)
+        batch.event_ids.append(event_id)
         batch.size += weight
         if len(batch.ids) >= self._max_events:
             full.append(self.take(ignored))
@@ -174,12 +182,29 @@ class LingerBuffers:
         return envelope
 
     def finished(self, batch: _Batch, error: BaseException | None) -> None:
-        """The batch's send is over: in Redis (``error`` None) or failed for good."""
+        """The batch's send is over: in Redis (``error`` None, or a ``ReplicationError``: in Redis
+        on too few replicas, its handles live) or failed for good."""
+        if isinstance(error, ReplicationError):
+            batch.short, error = error, None
+            self._short.append(batch)
         batch.error = error
+        batch.event_ids = []
         if error is not None:
             self._errors.append(error)
         self.sending.discard(batch)
         batch.sent.set()
+
+    def shortfall(self, handles: Sequence[Any] | None = None) -> ReplicationError | None:
+        """The replication shortfalls not reported yet (of the batches of ``handles``, or all) as
+        one ``ReplicationError`` naming all their events; they count as reported now."""
+        if handles is None:
+            taken, self._short = self._short, []
+        else:
+            of = {id(h._batch) for h in handles if isinstance(h, LingerHandle)}
+            taken = [b for b in self._short if id(b) in of]
+            self._short = [b for b in self._short if id(b) not in of]
+        errors = [b.short for b in taken if b.short is not None]
+        return merge_shortfalls(errors) if errors else None
 
     def first_error(self) -> BaseException | None:
         """The first send that failed since the last call (a note counts the others)."""
@@ -190,6 +215,20 @@ class LingerBuffers:
         if len(errors) > 1:
             first.add_note(f"{len(errors) - 1} more linger batch(es) of this client failed too")
         return first
+
+
+def merge_shortfalls(errors: Sequence[ReplicationError]) -> ReplicationError:
+    """One ``ReplicationError`` for several pushes: every event id, the fewest replicas seen."""
+    if len(errors) == 1:
+        return errors[0]
+    ids = [event_id for e in errors for event_id in e.event_ids]
+    return ReplicationError(
+        f"{len(errors)} pushes of {len(ids)} event(s) were acknowledged by too few replicas; "
+        f"the first: {errors[0]}",
+        wanted=max(e.wanted for e in errors),
+        got=min(e.got for e in errors),
+        event_ids=ids,
+    )
 
 
 def send_error(handles: Sequence[Any]) -> BaseException | None:
@@ -211,7 +250,7 @@ class Linger:
 
     def __init__(
         self,
-        publish: Callable[[bytes], None],
+        publish: Callable[[bytes, list[str]], None],
         app: Celery,
         *,
         queue: str,
@@ -232,18 +271,18 @@ class Linger:
         def flush_at_exit() -> None:
             linger = ref()
             if linger is not None:
-                linger.flush()
+                linger._flush()  # (nothing to raise to at exit)
 
         self._at_exit = flush_at_exit
         atexit.register(flush_at_exit)
 
-    def add(self, task_id: str, data: bytes, *, ignored: bool) -> LingerHandle:
-        """Buffer one validated event (its JSON) under result id ``task_id``."""
+    def add(self, task_id: str, data: bytes, event_id: str, *, ignored: bool) -> LingerHandle:
+        """Buffer one validated event (its JSON and id) under result id ``task_id``."""
         weight = self._buffers.weigh(data)
         with self._lock:
             if self._closed:
                 raise PublishError("the client is closed: nothing was enqueued")
-            handle, full, opened = self._buffers.put(task_id, data, weight, ignored=ignored)
+            handle, full, opened = self._buffers.put(task_id, data, event_id, weight, ignored=ignored)
             if opened:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="itrain-linger", daemon=True)
@@ -255,8 +294,16 @@ class Linger:
         return handle
 
     def flush(self) -> None:
-        """Send every buffered event now and wait for sends under way; errors go to the handles
-        (and to ``close()``), they are not raised here."""
+        """Send every buffered event now and wait for sends under way. Raises the replication
+        shortfalls not reported yet (one ``ReplicationError``); a failed send's error goes to its
+        handles (and to ``close()``), it is not raised here."""
+        self._flush()
+        with self._lock:
+            short = self._buffers.shortfall()
+        if short is not None:
+            raise short
+
+    def _flush(self) -> None:
         with self._lock:
             taken = self._buffers.take_all()
             waiting = list(self._buffers.sending)
@@ -266,21 +313,26 @@ class Linger:
             batch.sent.wait()
 
     def settle(self, handles: Sequence[Any]) -> None:
-        """Flush, then raise the send error of the first of ``handles`` whose batch failed."""
-        self.flush()
+        """Flush, then raise the send error of the first of ``handles`` whose batch failed, or
+        the replication shortfall of their batches."""
+        self._flush()
         for handle in handles:
             if isinstance(handle, LingerHandle):
                 handle._batch.sent.wait()
         error = send_error(handles)
         if error is not None:
             raise error
+        with self._lock:
+            short = self._buffers.shortfall(handles)
+        if short is not None:
+            raise short
 
     def close(self) -> None:
         """Flush and stop; raises the first error of a send that failed since the last close()
-        (a note counts the others)."""
+        (a note counts the others), else the replication shortfalls not reported yet."""
         with self._lock:
             self._closed = True
-        self.flush()
+        self._flush()
         atexit.unregister(self._at_exit)
         with self._lock:
             self._wake.notify()  # nothing left and closed: the sending thread ends
@@ -289,8 +341,13 @@ class Linger:
             thread.join(timeout=5.0)
         with self._lock:
             error = self._buffers.first_error()
+            short = self._buffers.shortfall()
         if error is not None:
+            if short is not None:
+                error.add_note(f"and: {short}")
             raise error
+        if short is not None:
+            raise short
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -304,7 +361,7 @@ class Linger:
     def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            self._publish(self._buffers.message(batch))
+            self._publish(self._buffers.message(batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:

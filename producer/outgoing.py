@@ -60,14 +60,17 @@ class Outgoing:
             task_id, b"[" + data + b"]", argsrepr(shown)
         )
 
-    def many(self, events: Iterable[EventLike], *, result: bool) -> tuple[list[bytes], list[AsyncResult]]:
-        """``train_many``'s messages, ``ITRAIN_CHUNK_SIZE`` events each, and one handle per event
-        in order. Each chunk has one result, which each event's handle (id ``<chunk id>:<index>``)
-        reads its entry of (``producer.chunks``). All or nothing: an invalid event raises here."""
+    def many(
+        self, events: Iterable[EventLike], *, result: bool
+    ) -> tuple[list[bytes], list[AsyncResult], list[str]]:
+        """``train_many``'s messages, ``ITRAIN_CHUNK_SIZE`` events each, one handle per event in
+        order, and the events' ids (generated ones included). Each chunk has one result, which
+        each event's handle (id ``<chunk id>:<index>``) reads its entry of (``producer.chunks``).
+        All or nothing: an invalid event raises here."""
         items = list(events)
         if not items:
-            return [], []
-        _, encoded = payloads(items)
+            return [], [], []
+        sent, encoded = payloads(items)
         app, ignored = self.app, not result
         template = self._templates[TASK_TRAIN_BATCH, ignored]
         envelopes: list[bytes] = []
@@ -79,7 +82,7 @@ class Outgoing:
             args = b"[[" + b",".join(encoded[a:b]) + b"]]"
             envelopes.append(template.fill(chunk.id, args, f"[{b - a} events]"))
             handles.extend(ChunkHandle(chunk, i, ignored=ignored) for i in range(b - a))
-        return envelopes, handles
+        return envelopes, handles, [p["event_id"] for p in sent]
 
     def chunks(self, encoded: list[bytes]) -> list[tuple[int, int]]:
         """(start, end) of each message, from the events' JSON: at most ``ITRAIN_CHUNK_SIZE``

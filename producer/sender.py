@@ -53,6 +53,35 @@ class Sender:
         self._idle.append(conn)
         return reply
 
+    def execute_all(self, *commands: tuple[Any, ...], raise_on_error: bool = True) -> list[Any]:
+        """The replies to several commands sent together on one connection (one write, one
+        round trip): ``WAIT`` after a push counts that connection's writes only. A command Redis
+        refuses raises its error once every reply is read (or, without ``raise_on_error``, is
+        its reply); connection errors as ``execute``."""
+        conn: Any
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        replies: list[Any] = []
+        refused: redis.ResponseError | None = None
+        try:
+            conn.send_packed_command([b"".join(_pack(args) for args in commands)])
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    refused = refused or exc
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()
+            self._idle.append(conn)
+            raise
+        self._idle.append(conn)  # every reply was read in full: the connection is in step
+        if refused is not None and raise_on_error:
+            raise refused
+        return replies
+
     def close(self) -> None:
         while self._idle:
             self._idle.pop().disconnect()

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     publish_timeout: float = Field(5.0, gt=0)
     max_queue_length: int = Field(0, ge=0)
     chunk_size: int = Field(256, ge=1, le=10_000)
+    # Replicas that must hold a push (WAIT) before a publishing call returns, and a worker's
+    # commit and results on a Redis other than the broker before it acks (0: nobody waits).
+    min_replicas: int = Field(0, ge=0)
+    replica_timeout_ms: int = Field(1000, ge=1)
 
     # Worker-side micro-batching.
     #: Events per pool job (one lock): a train_step message is one, a train_batch one chunk_size.
@@ -119,6 +123,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"ITRAIN_DEDUPE_TTL={self.dedupe_ttl} must be at least (ITRAIN_MAX_DELIVERIES + 1) x "
                 f"ITRAIN_VISIBILITY_TIMEOUT = {floor} s, or a redelivered event could be trained twice"
+            )
+        if self.min_replicas and self.replica_timeout_ms >= self.publish_timeout * 1000:
+            # WAIT answers only after its timeout when replicas are missing: the socket, timed by
+            # ITRAIN_PUBLISH_TIMEOUT, would give up first and the push would be sent again.
+            raise ValueError(
+                f"ITRAIN_REPLICA_TIMEOUT_MS={self.replica_timeout_ms} must be shorter than "
+                f"ITRAIN_PUBLISH_TIMEOUT={self.publish_timeout:g} s"
             )
         if self.lock_timeout <= self.lock_poll:
             raise ValueError("ITRAIN_LOCK_TIMEOUT must be longer than ITRAIN_LOCK_POLL")

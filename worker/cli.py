@@ -697,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEYS",
         help="comma-separated scenario keys to run (e.g. c2,d); no message-path comparison",
     )
+    p.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="a master with N replicas; each scenario also runs with ITRAIN_MIN_REPLICAS=1",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

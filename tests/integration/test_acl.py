@@ -18,14 +18,16 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from producer.client import TrainingClient
-from producer.errors import PermissionDeniedError
+from producer.errors import PermissionDeniedError, ReplicationError
 from producer.keys import ModelKeys
 from producer.model_reader import ModelReader
+from producer.settings import Settings
 from tests.helpers import make_event
 from worker.devtools.embedded_redis import RedisServer
 from worker.devtools.stack import start_worker, stop_process, wait_for_workers
 from worker.ops.acl import ROLES, acl_lines, unknown_commands
 from worker.ops.exporter import ItrainCollector
+from worker.store.replicas import ReplicaBarrier
 
 QUEUE = "itrain"
 MODEL = "acl-model"
@@ -92,6 +94,25 @@ def test_producer_paths_need_nothing_more(acl: Acl) -> None:
         client.train_step(make_event(MODEL, 1, "acl-pf"), result=False)
         assert client.queue_length() >= 0
         assert client.predict(make_event(MODEL, 2, "acl-pp")).get(timeout=60)["model"] == MODEL
+    assert acl.denials() == []
+
+
+def test_producer_and_worker_may_wait_for_replicas(acl: Acl) -> None:
+    # Given clients that want a replica (this Redis has none, so each wait falls short)
+    wanted = {"min_replicas": 1, "replica_timeout_ms": 10}
+    # Then the producer's push and WAIT are allowed: too few replicas, not a missing right
+    with (
+        TrainingClient(settings=Settings(redis_url=acl.urls["producer"], **wanted)) as client,
+        pytest.raises(ReplicationError),
+    ):
+        client.train_step(make_event(MODEL, 3, "acl-wait"))
+    # And so is a worker's wait on a store that is not the broker's (a PUBLISH, then WAIT)
+    worker = redis.Redis.from_url(acl.urls["worker"])
+    s = Settings(redis_url=acl.server.url, store_url=acl.urls["worker"], **wanted)
+    barrier = ReplicaBarrier.of(worker, s, s.store)
+    assert barrier is not None
+    with pytest.raises(ReplicationError):
+        barrier.cross([], "commit")
     assert acl.denials() == []
 
 

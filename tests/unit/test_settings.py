@@ -191,6 +191,10 @@ def test_target_outside_unit_interval_rejected(clean_env, value) -> None:
         ("ITRAIN_MAX_QUEUE_LENGTH", "-1"),
         ("ITRAIN_QUEUE", ""),
         ("ITRAIN_LOCK_POLL", "10"),
+        ("ITRAIN_MIN_REPLICAS", "-1"),
+        ("ITRAIN_MIN_REPLICAS", "one"),
+        ("ITRAIN_REPLICA_TIMEOUT_MS", "0"),
+        ("ITRAIN_REPLICA_TIMEOUT_MS", "-5"),
     ],
 )
 def test_invalid_values_rejected(clean_env, var, value) -> None:
@@ -203,6 +207,29 @@ def test_invalid_values_rejected(clean_env, var, value) -> None:
     # Then the error is about that setting
     name = var.removeprefix("ITRAIN_")
     assert name.lower() in str(info.value).lower()
+
+
+def test_replica_settings_default_to_no_waiting(clean_env) -> None:
+    """Out of the box nothing waits for replicas; the wait is bounded by one second."""
+    assert (Settings().min_replicas, Settings().replica_timeout_ms) == (0, 1000)
+
+
+def test_replica_timeout_must_end_before_the_socket_gives_up(clean_env) -> None:
+    """A WAIT that outlasts the socket timeout (ITRAIN_PUBLISH_TIMEOUT) would make the client
+    push again: refused, naming both settings."""
+    # Given replicas to wait for, longer than the publish timeout
+    clean_env.setenv("ITRAIN_MIN_REPLICAS", "1")
+    clean_env.setenv("ITRAIN_PUBLISH_TIMEOUT", "2")
+    clean_env.setenv("ITRAIN_REPLICA_TIMEOUT_MS", "2000")
+    # When settings are read
+    with pytest.raises(pydantic.ValidationError) as info:
+        Settings()
+    # Then both are named
+    assert "ITRAIN_REPLICA_TIMEOUT_MS=2000" in str(info.value)
+    assert "ITRAIN_PUBLISH_TIMEOUT=2 s" in str(info.value)
+    # and a shorter wait is accepted
+    clean_env.setenv("ITRAIN_REPLICA_TIMEOUT_MS", "1999")
+    assert Settings().min_replicas == 1
 
 
 # -- redact_url -----------------------------------------------------------------------------------

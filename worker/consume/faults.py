@@ -14,7 +14,7 @@ import builtins
 
 import redis.exceptions as rex
 
-from producer.errors import ItrainError
+from producer.errors import ItrainError, ReplicationError
 
 __all__ = ["REDIS_FAULT_PREFIXES", "is_redis_fault"]
 
@@ -45,6 +45,8 @@ _FAULT_CLASSES: tuple[type[BaseException], ...] = (
     rex.TryAgainError,
     # The socket below redis-py, when an error escapes unwrapped (a TLS handshake, a reset).
     builtins.ConnectionError,
+    # Too few replicas acknowledged a commit or results (ITRAIN_MIN_REPLICAS): not acked.
+    ReplicationError,
 )
 
 

@@ -13,6 +13,11 @@ FAILURE with a dead letter, and the rest of its message still trains; the messag
 never requeued, because it would fail the same way on every delivery. An error that belongs to
 Redis (``faults.is_redis_fault``) propagates out of ``run_messages``: the main process puts the
 messages back on the queue, and nothing is answered or dead-lettered for them.
+
+With ``ITRAIN_MIN_REPLICAS``, a store or result backend that is not the broker's Redis is waited
+on before the summaries go back (``worker.store.replicas``): the store's replicas before the
+results are written (a caller never reads "trained" of a commit a failover could still lose), the
+backend's after. Too few replicas in time is a Redis fault: the messages go back to the queue.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from worker.consume.redelivery import answer_refused, refusal
 from worker.engine.batch import Job
 from worker.outcome import dead_letter_entry
 from worker.store.model_store import Store
+from worker.store.replicas import ReplicaBarrier
 from worker.store.results import ChunkResult, Outcome, write_results
 from worker.training.trainer import Trainer
 
@@ -78,6 +84,9 @@ class Runtime:
         )
         self.store = Store(self.store_client, settings)
         self.trainer = Trainer(self.store, settings)
+        # None where nothing waits (no replicas wanted, or the broker's own Redis).
+        self.store_barrier = ReplicaBarrier.of(self.store_client, settings, settings.store)
+        self.results_barrier = ReplicaBarrier.of(self.result_client, settings, settings.backend)
 
 
 _runtime: tuple[int, Runtime] | None = None
@@ -149,7 +158,11 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
     for model, entries in plan.dead.items():
         rt.store.dead_letter(model, entries)
+    if rt.store_barrier is not None:
+        rt.store_barrier.cross([j.event.event_id for j in plan.jobs], "commit")
     write_results(rt.result_client, _wanted(messages, plan, outcomes, owners), rt.settings.result_expires)
+    if rt.results_barrier is not None:
+        rt.results_barrier.cross([j.event.event_id for j in plan.jobs], "results")
     return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
 
 

@@ -5,6 +5,10 @@ Self-contained: it starts its own ``redis-server`` on a free port and its own wo
 one pool process each), so the figures of one run compare like
 with like. Per scenario: events/s from the first enqueue to the last result written, per-event
 latency (enqueue to result), lock wait and lock hold per critical section.
+
+``--replicas N`` runs everything against a master with N replicas, and each scenario twice, side
+by side: as usual, then with ``ITRAIN_MIN_REPLICAS=1`` (key ``<scenario>+wait1``): the price of
+waiting for a replica to hold every push.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from producer.keys import ModelKeys
 from producer.server_version import read_server_version
 from producer.settings import Settings
 from worker.devtools import naive, stock_transport
-from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.embedded_redis import RedisServer, ReplicaSet
 from worker.devtools.memory_figure import MemoryFigure, expiring_keys, memory_figure
 from worker.devtools.message_path import MessagePathResult, child_pids, cpu_seconds, drain
 from worker.devtools.naive import TASK_NAIVE, naive_init
@@ -337,7 +341,8 @@ def run_bench(
         scenarios = [s for s in scenarios if s.key in wanted]
     results: list[ScenarioResult] = []
     memory: list[MemoryFigure] = []
-    with RedisServer() as server:
+    replicas = int(getattr(args, "replicas", 0) or 0)
+    with _redis(replicas) as server:
         env = {"ITRAIN_REDIS_URL": server.url, "ITRAIN_RECORD_TIMINGS": "1"}
         settings = Settings(redis_url=server.url)
         raw = redis.Redis.from_url(server.url)
@@ -346,6 +351,10 @@ def run_bench(
         redis_version = str(read_server_version(raw))
         logs = Path(args.logs) if getattr(args, "logs", None) else Path(".itrain/logs")
         logs.mkdir(parents=True, exist_ok=True)
+        # The same events again with a client that waits for one replica (--replicas).
+        waiting = (
+            TrainingClient(settings=settings.model_copy(update={"min_replicas": 1})) if replicas else None
+        )
         with TrainingClient(settings=settings) as client:
             for count in sorted({s.workers for s in scenarios}, key=lambda w: (w != 2, w)):
                 with _workers(count, env, client, logs) as procs:
@@ -356,9 +365,17 @@ def run_bench(
                             f"scenario {sc.key}: {sc.description}, {sc.workers} worker(s), {sc.events} events"
                         )
                         results.append(run_scenario(sc, client, store, raw, cpu))
+                        if waiting is not None:
+                            say(f"scenario {sc.key} again, ITRAIN_MIN_REPLICAS=1 ({replicas} replicas)")
+                            again = run_scenario(sc, waiting, store, raw, cpu)
+                            again.key = f"{sc.key}+wait1"
+                            again.description += f", ITRAIN_MIN_REPLICAS=1 of {replicas} replicas"
+                            results.append(again)
                     if count == 2 and not only:
                         memory = _memory(args.quick, client, store, raw, say)
             paths = [] if only else _message_path(args.quick, env, client, store, raw, logs, say)
+        if waiting is not None:
+            waiting.close()
     report: dict[str, Any] = {
         "machine": {**machine(), "redis": redis_version},
         "scenarios": [asdict(r) for r in results],
@@ -372,6 +389,11 @@ def run_bench(
             "c2/a": round(order["c2"].events_per_s / order["a"].events_per_s, 2),
             "d/a": round(order["d"].events_per_s / order["a"].events_per_s, 2),
         }
+    for r in results:
+        if r.key.endswith("+wait1") and r.key[: -len("+wait1")] in order:
+            base = order[r.key[: -len("+wait1")]]
+            ratio = round(r.events_per_s / base.events_per_s, 2)
+            report["ratios"] = {**report.get("ratios", {}), f"{r.key}/{base.key}": ratio}
     if len(paths) == 2:
         stock, ours = paths
         report["ratios"] = {
@@ -391,6 +413,17 @@ def run_bench(
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     return 0
+
+
+@contextmanager
+def _redis(replicas: int) -> Iterator[RedisServer]:
+    """The bench's Redis: a server of its own, or the master of a set with ``replicas`` replicas."""
+    if not replicas:
+        with RedisServer() as server:
+            yield server
+        return
+    with ReplicaSet(replicas) as rs:
+        yield rs.master
 
 
 def _message_path(

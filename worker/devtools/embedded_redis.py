@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
@@ -26,6 +27,7 @@ from producer.server_version import MINIMUM_TEXT, check_server_version, meets_mi
 
 __all__ = [
     "RedisServer",
+    "ReplicaSet",
     "binary_version",
     "embedded_server_binary",
     "find_redis_server",
@@ -227,6 +229,99 @@ class RedisServer:
             self._tmp.cleanup()
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReplicaSet:
+    """A master and ``replicas`` replicas of it (``redis-server --replicaof``), each a
+    ``RedisServer`` of this process on 127.0.0.1; ``start`` returns once every replica is in sync.
+
+    ``pause(i)``/``resume(i)`` stop and continue replica ``i`` (SIGSTOP/SIGCONT of its pid): the
+    master still counts it as connected, but it acknowledges nothing, as a hung or partitioned
+    replica. ``extra`` goes to every server (the master's ``min-replicas-to-write``, say).
+    """
+
+    def __init__(
+        self, replicas: int = 2, *, extra: list[str] | None = None, binary: str | None = None
+    ) -> None:
+        binary = binary or find_redis_server()
+        # No delay before a full sync (5 s by default): a replica is in sync in milliseconds.
+        self.master = RedisServer(extra=["--repl-diskless-sync-delay", "0", *(extra or [])], binary=binary)
+        self.replicas = [
+            RedisServer(
+                extra=["--replicaof", "127.0.0.1", str(self.master.port), *(extra or [])], binary=binary
+            )
+            for _ in range(replicas)
+        ]
+        self._paused: set[int] = set()
+
+    @property
+    def url(self) -> str:
+        return self.master.url
+
+    def start(self, timeout: float = 30.0) -> ReplicaSet:
+        try:
+            self.master.start(timeout)
+            for replica in self.replicas:
+                replica.start(timeout)
+            self.wait_synced(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_synced(self, timeout: float = 30.0) -> None:
+        """Until every replica's link to the master is up and the master sees them all online;
+        ``ConfigurationError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        master = redis.Redis.from_url(self.master.url, socket_timeout=5)
+        clients = [redis.Redis.from_url(r.url, socket_timeout=5) for r in self.replicas]
+        try:
+            while True:
+                links = [c.info("replication").get("master_link_status") for c in clients]
+                info = master.info("replication")
+                online = sum(
+                    1
+                    for k, v in info.items()
+                    if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+                )
+                if all(link == "up" for link in links) and online == len(self.replicas):
+                    return
+                if time.monotonic() > deadline:
+                    raise ConfigurationError(
+                        f"replicas of {self.master.url} not in sync within {timeout} s "
+                        f"(links {links}, {online} online)"
+                    )
+                time.sleep(0.05)
+        finally:
+            master.close()
+            for c in clients:
+                c.close()
+
+    def pause(self, index: int) -> None:
+        """SIGSTOP replica ``index``: it stays connected and acknowledges nothing."""
+        proc = self.replicas[index].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+        self._paused.add(index)
+
+    def resume(self, index: int) -> None:
+        proc = self.replicas[index].proc
+        if proc is not None and index in self._paused:
+            os.kill(proc.pid, signal.SIGCONT)
+        self._paused.discard(index)
+
+    def close(self) -> None:
+        for index in list(self._paused):
+            self.resume(index)  # a stopped process cannot act on SIGTERM
+        for replica in self.replicas:
+            replica.close()
+        self.master.close()
+
+    def __enter__(self) -> ReplicaSet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,7 +1,7 @@
 """``itrain acl``: least-privilege Redis users, one per role, as ``ACL SETUSER`` lines.
 
 - ``producer``, for services that publish events and wait for results: push to and measure the
-  queue, read and subscribe to job results.
+  queue (and ``WAIT`` for replicas, ``ITRAIN_MIN_REPLICAS``), read and subscribe to job results.
 - ``reader``, for services that also read a model (``client.stats()``, in-process prediction):
   the producer's rights, and read (never write) every model's keys.
 - ``monitor``, for ``itrain exporter``: read every model's keys, the queue's length, the
@@ -49,6 +49,8 @@ _PRODUCER = Role(
         # train_step / train_many (all chunks in one MULTI) and queue_length
         "+lpush",
         "+llen",
+        # ITRAIN_MIN_REPLICAS: WAIT after the push, on the same connection
+        "+wait",
         "+multi",
         "+exec",
         "+discard",
