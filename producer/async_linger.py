@@ -81,14 +81,9 @@ class AsyncLinger:
             self._timer.cancel()
             self._timer = None
         await self._flush()
-        error = self._buffers.first_error()
-        short = self._buffers.shortfall()
-        if error is not None:
-            if short is not None:
-                error.add_note(f"and: {short}")
-            raise error
-        if short is not None:
-            raise short
+        failure = self._buffers.failure()
+        if failure is not None:
+            raise failure
 
     # -- internals -------------------------------------------------------------------------------
 

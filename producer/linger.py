@@ -216,6 +216,15 @@ class LingerBuffers:
             first.add_note(f"{len(errors) - 1} more linger batch(es) of this client failed too")
         return first
 
+    def failure(self) -> BaseException | None:
+        """What ``flush()`` and ``close()`` raise: the first failed send (a note names any
+        replication shortfall beside it), else the shortfalls not reported yet, else None."""
+        error = self.first_error()
+        short = self.shortfall()
+        if error is not None and short is not None:
+            error.add_note(f"and: {short}")
+        return error if error is not None else short
+
 
 def merge_shortfalls(errors: Sequence[ReplicationError]) -> ReplicationError:
     """One ``ReplicationError`` for several pushes: every event id, the fewest replicas seen."""
@@ -340,14 +349,9 @@ class Linger:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
         with self._lock:
-            error = self._buffers.first_error()
-            short = self._buffers.shortfall()
-        if error is not None:
-            if short is not None:
-                error.add_note(f"and: {short}")
-            raise error
-        if short is not None:
-            raise short
+            failure = self._buffers.failure()
+        if failure is not None:
+            raise failure
 
     # -- internals -------------------------------------------------------------------------------
 
