@@ -40,6 +40,11 @@ class Sender:
         except IndexError:
             conn = self._pool.connection_class(**self._pool.connection_kwargs)
         try:
+            if conn._sock is None:
+                # Connect as the pool would: a sentinel-managed connection asks the sentinels for
+                # the master here (sending on an unconnected one would go to its last address, or
+                # to localhost:6379 the first time).
+                conn.connect()
             conn.send_packed_command([_pack(args)])
             reply = conn.read_response()
         except redis.ResponseError:

@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 
 from producer.errors import ConfigurationError, ServerVersionError
-from producer.redis_conn import redact_url
+from producer.redis_conn import connect, redact_url
 from producer.server_version import MINIMUM_TEXT, check_server_version, meets_minimum
 
 __all__ = [
@@ -109,8 +109,9 @@ def free_port() -> int:
 
 
 def is_reachable(url: str, timeout: float = 0.5) -> bool:
+    """Whether the Redis of ``url`` (the master of a sentinel URL) answers ``PING``."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = connect(url, timeout)
         ok = bool(client.ping())
         client.close()
         return ok

@@ -1,0 +1,159 @@
+"""Every component on a sentinel URL: a master, two replicas and three sentinels of our own
+(``worker.devtools.sentinel_set``), a real worker, both clients, the result backend and ``itrain``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.async_client import AsyncTrainingClient
+from producer.client import TrainingClient
+from producer.redis_conn import connect
+from producer.settings import Settings
+from tests.helpers import Workers, check_each_event_once, create_model, make_event, statuses
+from worker.devtools.sentinel_set import SentinelSet
+from worker.devtools.stack import ROOT
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    with SentinelSet(data_dir=tmp_path_factory.mktemp("sentinels")) as group:
+        yield group
+
+
+def _settings(url: str) -> Settings:
+    return Settings(redis_url=url, history_max=10_000)
+
+
+def _send_both(url: str, model: str, tag: str, count: int) -> tuple[list[Any], list[str]]:
+    """``count`` events from each client (half ``train_many``, half ``train_step``): handles, ids."""
+    events = [make_event(model, i, f"{tag}-sync") for i in range(count)]
+    with TrainingClient(url) as client:
+        handles = client.train_many(events[: count // 2])
+        handles += [client.train_step(e) for e in events[count // 2 :]]
+        # One handle through Celery's result backend (our SentinelBackend), the rest in bulk.
+        first = handles[count // 2].get(timeout=120)
+        assert first["status"] == "trained"
+        results = client.wait_all(handles, timeout=120)
+
+    async def send_async() -> list[Any]:
+        async with AsyncTrainingClient(url) as aclient:
+            more = [make_event(model, i, f"{tag}-async") for i in range(count)]
+            hs = await aclient.train_many(more[: count // 2])
+            hs += [await aclient.train_step(e) for e in more[count // 2 :]]
+            events.extend(more)
+            return await aclient.wait_all(hs, timeout=120)
+
+    results += asyncio.run(send_async())
+    return results, [e["event_id"] for e in events]
+
+
+def _itrain(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_worker_trains_what_both_clients_send_through_the_sentinels(
+    sentinels: SentinelSet, workers: Workers
+) -> None:
+    # Given a worker and clients that know only the sentinels' addresses
+    url = sentinels.url(master_name=True)
+    settings = _settings(url)
+    model = create_model(connect(settings.store, 5), settings)
+    workers.start(1, redis_url=url, env={"ITRAIN_HISTORY_MAX": "10000"})
+    # When each client sends events
+    results, ids = _send_both(url, model, "a", 20)
+    # Then every one trained once, on the master the sentinels name
+    assert statuses(results) == {"trained": 40}
+    master = sentinels.server_client(sentinels.master_port())
+    assert check_each_event_once(master, model, ids)["step"] == 40
+
+
+def test_itrain_on_a_sentinel_url(sentinels: SentinelSet) -> None:
+    # Given the master's name in ITRAIN_SENTINEL_MASTER, not in the URL
+    env = {"ITRAIN_REDIS_URL": sentinels.url(), "ITRAIN_SENTINEL_MASTER": sentinels.name}
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    # When a model is made and read with itrain
+    made = _itrain(env, "init", "--model", model)
+    stats = _itrain(env, "stats", "--model", model, "--json")
+    # Then both work on the master
+    assert made.returncode == 0, made.stderr
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["initialized"] is True
+    assert sentinels.server_client(sentinels.master_port()).exists(f"itrain:{{{model}}}:ckpt")
+    # And without the master's name: one line that names the setting
+    missing = _itrain({"ITRAIN_REDIS_URL": sentinels.url(), "ITRAIN_SENTINEL_MASTER": ""}, "stats")
+    assert missing.returncode != 0
+    assert "ITRAIN_SENTINEL_MASTER" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_every_sentinel_of_the_url_is_asked(sentinels: SentinelSet, workers: Workers) -> None:
+    # Given the first sentinel of the URL down
+    sentinels.stop_sentinel(0)
+    try:
+        url = sentinels.url(master_name=True)
+        settings = _settings(url)
+        model = create_model(connect(settings.store, 5), settings)
+        # When a worker starts and clients send (kombu's own channel would ask the first only)
+        (proc,) = workers.start(1, redis_url=url, env={"ITRAIN_HISTORY_MAX": "10000"})
+        results, ids = _send_both(url, model, "b", 10)
+        # Then the others named the master to all of them, the worker's consumer at once (not
+        # after failing over to the URL's next part)
+        assert statuses(results) == {"trained": 20}
+        assert "Cannot connect" not in workers.log(proc), workers.tail(proc)
+        assert (
+            check_each_event_once(sentinels.server_client(sentinels.master_port()), model, ids)["step"] == 20
+        )
+    finally:
+        sentinels.start_sentinel(0)
+        sentinels.wait_ready()
+
+
+def test_the_worker_and_the_clients_carry_on_after_a_failover(tmp_path: Path, workers: Workers) -> None:
+    with SentinelSet(data_dir=tmp_path / "sentinels") as group:
+        # Given a worker and clients on the sentinels, and events trained on the first master
+        url = group.url(master_name=True)
+        settings = _settings(url)
+        model = create_model(connect(settings.store, 5), settings)
+        (proc,) = workers.start(1, redis_url=url, env={"ITRAIN_HISTORY_MAX": "10000"})
+        pool = set(workers.pool(proc))
+        first = group.master_port()
+        sync = TrainingClient(url)
+        try:
+            before = [make_event(model, i, "before") for i in range(30)]
+            assert statuses(sync.wait_all(sync.train_many(before), timeout=120)) == {"trained": 30}
+            # When the sentinels fail the master over (and the old one is a replica again)
+            second = group.failover()
+            assert second != first
+            # Then the same worker and the same client train what is sent next
+            after = [make_event(model, i, "after") for i in range(30)]
+            handles = sync.train_many(after[:15]) + [sync.train_step(e) for e in after[15:]]
+            assert handles[-1].get(timeout=120)["status"] == "trained"
+            assert statuses(sync.wait_all(handles, timeout=120)) == {"trained": 30}
+        finally:
+            sync.close()
+        ids = [e["event_id"] for e in before + after]
+        evidence = check_each_event_once(group.server_client(second), model, ids)
+        assert evidence["step"] == 60
+        assert evidence["marked"] == 60
+        workers.assert_alive([proc])
+        assert set(workers.pool(proc)) == pool, "the worker's pool was restarted"
