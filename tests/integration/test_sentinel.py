@@ -22,6 +22,7 @@ from producer.settings import Settings
 from tests.helpers import Workers, check_each_event_once, create_model, make_event, statuses
 from worker.devtools.sentinel_set import SentinelSet
 from worker.devtools.stack import ROOT
+from worker.ops.acl import acl_lines, unknown_commands
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -126,6 +127,36 @@ def test_every_sentinel_of_the_url_is_asked(sentinels: SentinelSet, workers: Wor
     finally:
         sentinels.start_sentinel(0)
         sentinels.wait_ready()
+
+
+def test_the_sentinel_acl_role_is_all_that_every_component_needs(
+    sentinels: SentinelSet, workers: Workers
+) -> None:
+    # Given the sentinel role's user on every sentinel, and no other way in
+    unknown = unknown_commands(sentinels.server_client(sentinels.master_port()))
+    setuser = acl_lines("sentinel", "itrain-sentinel", "itrain", "sentinel-pw", unknown)[1].split()
+    clients = [sentinels.sentinel_client(i) for i in range(len(sentinels.sentinel_ports))]
+    for client in clients:
+        client.execute_command(*setuser)
+        client.execute_command("ACL", "LOG", "RESET")
+        client.execute_command("ACL", "SETUSER", "default", "off")
+    try:
+        login = "sentinel_username=itrain-sentinel&sentinel_password=sentinel-pw"
+        url = sentinels.url(master_name=True).replace("?", f"?{login}&")
+        settings = _settings(url)
+        model = create_model(connect(settings.store, 5), settings)
+        # When a worker, both clients and itrain ask the sentinels as that user
+        workers.start(1, redis_url=url, env={"ITRAIN_HISTORY_MAX": "10000"})
+        results, _ = _send_both(url, model, "acl", 6)
+        stats = _itrain({"ITRAIN_REDIS_URL": url}, "stats", "--model", model, "--json")
+        # Then they all found the master, and no sentinel refused anything
+        assert statuses(results) == {"trained": 12}
+        assert stats.returncode == 0, stats.stderr
+    finally:
+        for client in clients:
+            client.execute_command("ACL", "SETUSER", "default", "on")
+    for client in clients:
+        assert client.execute_command("ACL", "LOG") == [], "a sentinel refused a command"
 
 
 def test_the_worker_and_the_clients_carry_on_after_a_failover(tmp_path: Path, workers: Workers) -> None:
