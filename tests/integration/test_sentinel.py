@@ -19,9 +19,18 @@ from producer.async_client import AsyncTrainingClient
 from producer.client import TrainingClient
 from producer.redis_conn import connect
 from producer.settings import Settings
-from tests.helpers import Workers, check_each_event_once, create_model, make_event, statuses
+from tests.helpers import (
+    Workers,
+    check_each_event_once,
+    create_model,
+    http_get,
+    make_event,
+    statuses,
+    wait_until,
+)
+from worker.devtools.embedded_redis import free_port
 from worker.devtools.sentinel_set import SentinelSet
-from worker.devtools.stack import ROOT
+from worker.devtools.stack import ROOT, flower_command, start_process, stop_process
 from worker.ops.acl import acl_lines, unknown_commands
 
 pytestmark = pytest.mark.timeout(600)
@@ -127,6 +136,37 @@ def test_every_sentinel_of_the_url_is_asked(sentinels: SentinelSet, workers: Wor
     finally:
         sentinels.start_sentinel(0)
         sentinels.wait_ready()
+
+
+def test_flower_broker_pages_on_a_sentinel_url(sentinels: SentinelSet, tmp_path: Path) -> None:
+    # Given Flower on the sentinel URL (the master's name from the environment) and a queued item
+    master = sentinels.server_client(sentinels.master_port())
+    master.delete("itrain")
+    master.rpush("itrain", b"{}")
+    port = free_port()
+    log = tmp_path / "flower.log"
+    env = {"ITRAIN_REDIS_URL": sentinels.url(), "ITRAIN_SENTINEL_MASTER": sentinels.name}
+    proc = start_process([*flower_command(port), "--basic-auth=ops:flower-pw"], env, log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                return http_get(f"{base}/healthcheck")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(answers, 60, "Flower to answer")
+        # When its broker pages are read, then they answer with the master's queue
+        status, body = http_get(f"{base}/api/queues/length", ("ops", "flower-pw"))
+        assert status == 200, log.read_text()[-2000:]
+        assert {"name": "itrain", "messages": 1} in json.loads(body)["active_queues"]
+        status, _ = http_get(f"{base}/broker", ("ops", "flower-pw"))
+        assert status == 200, log.read_text()[-2000:]
+    finally:
+        stop_process(proc)
+        master.delete("itrain")
 
 
 def test_the_sentinel_acl_role_is_all_that_every_component_needs(
