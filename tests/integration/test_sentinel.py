@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from producer.async_client import AsyncTrainingClient
 from producer.client import TrainingClient
+from producer.errors import ConfigurationError
 from producer.redis_conn import connect
 from producer.settings import Settings
 from tests.helpers import (
@@ -24,6 +27,7 @@ from tests.helpers import (
     check_each_event_once,
     create_model,
     http_get,
+    make_certificates,
     make_event,
     statuses,
     wait_until,
@@ -228,3 +232,41 @@ def test_the_worker_and_the_clients_carry_on_after_a_failover(tmp_path: Path, wo
         assert evidence["marked"] == 60
         workers.assert_alive([proc])
         assert set(workers.pool(proc)) == pool, "the worker's pool was restarted"
+
+
+def test_tls_options_of_a_sentinel_url_reach_the_master_and_the_sentinels(
+    tmp_path: Path, workers: Workers
+) -> None:
+    # Given servers and sentinels that speak TLS only, with a CA of the test's own
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test's certificates")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certificates(certs)
+    group = SentinelSet(replicas=1, data_dir=tmp_path / "sentinels", tls_dir=certs)
+    try:
+        try:
+            group.start()
+        except ConfigurationError:
+            log = tmp_path / "sentinels" / "redis0" / "redis.log"
+            if log.exists() and "Failed finding TLS support" in log.read_text(errors="replace"):
+                pytest.skip(f"{group.binary} is built without TLS")
+            raise
+        url = group.url(master_name=True)
+        assert "ssl_cert_reqs=required" in url
+        settings = _settings(url)
+        model = create_model(connect(settings.store, 5), settings)
+        # When a worker and a client use its sentinel URL
+        workers.start(1, redis_url=url, env={"ITRAIN_HISTORY_MAX": "10000"})
+        with TrainingClient(url) as client:
+            handles = client.train_many([make_event(model, i, "tls") for i in range(10)])
+            results = client.wait_all(handles, timeout=120)
+            # Then the events train, the handle's own get() too (the result backend over TLS)
+            assert handles[0].get(timeout=60)["status"] == "trained"
+        assert statuses(results) == {"trained": 10}
+        # And without the CA the certificate check refuses the sentinels
+        untrusted = url.replace(f"ssl_ca_certs={certs / 'ca.crt'}", f"ssl_ca_certs={certs / 'server.crt'}")
+        with pytest.raises(redis.ConnectionError):
+            connect(untrusted, 5).ping()
+    finally:
+        group.close()

@@ -124,6 +124,8 @@ class RedisServer:
     on 127.0.0.1, its version checked, stopped by its pid.
 
     ``appendonly`` with ``appendfsync always`` makes every acknowledged write survive a kill -9.
+    ``tls_dir``: a folder with ``ca.crt``, ``server.crt`` and ``server.key``; the server then
+    speaks TLS only (its ``url`` is ``rediss://``, verified against that CA).
     """
 
     def __init__(
@@ -136,8 +138,10 @@ class RedisServer:
         password: str | None = None,
         extra: list[str] | None = None,
         binary: str | None = None,
+        tls_dir: str | Path | None = None,
     ) -> None:
         self.binary = binary
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir else None
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="itrain-redis-")
         self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -153,7 +157,21 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls_dir is not None:
+            ca = self.tls_dir / "ca.crt"
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def tls_args(self) -> list[str]:
+        """The server's TLS options (TLS only, on ``port``; replication over TLS too)."""
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        return [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(d / "server.crt"),
+            "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.crt"),
+            "--tls-auth-clients", "no", "--tls-replication", "yes",
+        ]  # fmt: skip
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.binary = self.binary or find_redis_server()
@@ -178,6 +196,7 @@ class RedisServer:
             # What the worker requires (it refuses to start otherwise); ``extra`` may override it.
             "--maxmemory-policy",
             "noeviction",
+            *self.tls_args(),
             *self.extra,
         ]
         if self.password:
@@ -196,7 +215,7 @@ class RedisServer:
 
     def _check_version(self) -> None:
         """What answered is what we need (the binary said so, but a server is what it answers)."""
-        client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+        client = connect(self.url, 5)
         try:
             where = f"server {self.binary} at {redact_url(self.url)}"
             self.version = str(check_server_version(client, where))

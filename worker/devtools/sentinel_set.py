@@ -41,6 +41,8 @@ class SentinelSet:
 
     ``password``: every data server's (``requirepass``, and ``masterauth`` so replicas follow);
     ``sentinel_password``: the sentinels' own (``requirepass`` in their configuration).
+    ``tls_dir``: ``ca.crt``, ``server.crt`` and ``server.key`` for 127.0.0.1: every server and
+    sentinel then speaks TLS only (replication and the sentinels' own links included).
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class SentinelSet:
         sentinel_password: str | None = None,
         data_dir: str | Path | None = None,
         binary: str | None = None,
+        tls_dir: str | Path | None = None,
     ) -> None:
         self.name = name
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir else None
         self.quorum = quorum
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
@@ -67,10 +71,9 @@ class SentinelSet:
         self.dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.binary = binary
         auth = ["--masterauth", password] if password else []
-        self.servers = [RedisServer(password=password, extra=auth, data_dir=self.dir / "redis0")]
-        self.servers += [
-            RedisServer(password=password, extra=auth, data_dir=self.dir / f"redis{i + 1}")
-            for i in range(replicas)
+        self.servers = [
+            RedisServer(password=password, extra=auth, data_dir=self.dir / f"redis{i}", tls_dir=self.tls_dir)
+            for i in range(replicas + 1)
         ]
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.sentinel_procs: list[subprocess.Popen[bytes] | None] = [None] * sentinels
@@ -81,8 +84,16 @@ class SentinelSet:
         """``sentinel://127.0.0.1:p1;sentinel://127.0.0.1:p2;.../db`` (with the data servers'
         password, and ``?master_name=`` when asked)."""
         auth = f":{self.password}@" if self.password else ""
-        query = f"?master_name={self.name}" if master_name else ""
+        options = [f"master_name={self.name}"] if master_name else []
+        if self.tls_dir is not None:
+            options += ["ssl_cert_reqs=required", f"ssl_ca_certs={self.tls_dir / 'ca.crt'}"]
+        query = f"?{'&'.join(options)}" if options else ""
         return ";".join(f"sentinel://{auth}127.0.0.1:{port}/{db}{query}" for port in self.sentinel_ports)
+
+    def _tls(self) -> dict[str, Any]:
+        if self.tls_dir is None:
+            return {}
+        return {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": str(self.tls_dir / "ca.crt")}
 
     def sentinel_client(self, i: int) -> redis.Redis:
         return redis.Redis(
@@ -92,11 +103,17 @@ class SentinelSet:
             socket_timeout=5,
             socket_connect_timeout=5,
             decode_responses=True,
+            **self._tls(),
         )
 
     def server_client(self, port: int) -> redis.Redis:
         return redis.Redis(
-            "127.0.0.1", port, password=self.password, socket_timeout=5, socket_connect_timeout=5
+            "127.0.0.1",
+            port,
+            password=self.password,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            **self._tls(),
         )
 
     def master_port(self, sentinel: int | None = None) -> int:
@@ -136,8 +153,20 @@ class SentinelSet:
         folder.mkdir(parents=True, exist_ok=True)
         conf = folder / "sentinel.conf"
         if not conf.exists():
+            port = [f"port {self.sentinel_ports[i]}"]
+            if self.tls_dir is not None:
+                d = self.tls_dir
+                port = [
+                    "port 0",
+                    f"tls-port {self.sentinel_ports[i]}",
+                    f"tls-cert-file {d / 'server.crt'}",
+                    f"tls-key-file {d / 'server.key'}",
+                    f"tls-ca-cert-file {d / 'ca.crt'}",
+                    "tls-auth-clients no",
+                    "tls-replication yes",
+                ]
             lines = [
-                f"port {self.sentinel_ports[i]}",
+                *port,
                 "bind 127.0.0.1",
                 f"dir {folder}",
                 f"logfile {folder / 'sentinel.log'}",
