@@ -185,14 +185,20 @@ def test_the_sentinel_acl_role_is_all_that_every_component_needs(
         client.execute_command("ACL", "LOG", "RESET")
         client.execute_command("ACL", "SETUSER", "default", "off")
     try:
+        # (the clients here take the login from the URL; the worker and itrain from the settings)
         login = "sentinel_username=itrain-sentinel&sentinel_password=sentinel-pw"
         url = sentinels.url(master_name=True).replace("?", f"?{login}&")
+        env = {
+            "ITRAIN_REDIS_URL": sentinels.url(master_name=True),
+            "ITRAIN_SENTINEL_USERNAME": "itrain-sentinel",
+            "ITRAIN_SENTINEL_PASSWORD": "sentinel-pw",
+        }
         settings = _settings(url)
         model = create_model(connect(settings.store, 5), settings)
         # When a worker, both clients and itrain ask the sentinels as that user
-        workers.start(1, redis_url=url, env={"ITRAIN_HISTORY_MAX": "10000"})
+        workers.start(1, redis_url=url, env={**env, "ITRAIN_HISTORY_MAX": "10000"})
         results, _ = _send_both(url, model, "acl", 6)
-        stats = _itrain({"ITRAIN_REDIS_URL": url}, "stats", "--model", model, "--json")
+        stats = _itrain(env, "stats", "--model", model, "--json")
         # Then they all found the master, and no sentinel refused anything
         assert statuses(results) == {"trained": 12}
         assert stats.returncode == 0, stats.stderr
