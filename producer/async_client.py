@@ -27,6 +27,7 @@ from producer.linger import LingerBuffers
 from producer.outgoing import EventLike, Outgoing, event_json
 from producer.protocol import new_task_id
 from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, unreachable
+from producer.redis_conn import connection_class
 from producer.sentinel import async_master_client, is_sentinel_url
 from producer.settings import Settings
 from producer.stats import queue_stats, stats_from_replies
@@ -200,7 +201,11 @@ class AsyncTrainingClient:
                 async_master_client(url, timeout)
                 if is_sentinel_url(url)
                 else aioredis.Redis.from_url(
-                    url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+                    url,
+                    socket_timeout=timeout,
+                    socket_connect_timeout=timeout,
+                    health_check_interval=30,
+                    **connection_class(url, asynchronous=True),
                 )
             )
         return self._redis[url]

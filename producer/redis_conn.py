@@ -3,17 +3,36 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from producer.demotion import (
+    AsyncDemotionAwareConnection,
+    AsyncDemotionAwareSSLConnection,
+    DemotionAwareConnection,
+    DemotionAwareSSLConnection,
+)
 from producer.sentinel import is_sentinel_url, master_client
 from producer.tls import CERT_REQS, check_tls_url, ssl_options
 
-__all__ = ["CERT_REQS", "check_tls_url", "connect", "redact_url", "ssl_options"]
+__all__ = ["CERT_REQS", "check_tls_url", "connect", "connection_class", "redact_url", "ssl_options"]
 
 #: Query arguments whose value is a secret.
 _SECRETS = ("password", "sentinel_password")
+
+
+def connection_class(url: str, *, asynchronous: bool = False) -> dict[str, Any]:
+    """``connection_class=`` for a ``redis://`` or ``rediss://`` URL: connections that reconnect
+    when their server turns out to be a demoted master (``producer.demotion``); nothing for
+    other URLs (a Unix socket has no failover)."""
+    classes: dict[str, tuple[type, type]] = {
+        "redis": (DemotionAwareConnection, AsyncDemotionAwareConnection),
+        "rediss": (DemotionAwareSSLConnection, AsyncDemotionAwareSSLConnection),
+    }
+    pair = classes.get(urlsplit(url).scheme)
+    return {} if pair is None else {"connection_class": pair[asynchronous]}
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -28,6 +47,7 @@ def connect(url: str, timeout: float) -> redis.Redis:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=30,
+        **connection_class(url),
     )
 
 

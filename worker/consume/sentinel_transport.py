@@ -52,6 +52,9 @@ def as_redis_url(url: str) -> str:
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    # kombu's sentinel-managed connections (before ours in the method order they would not be).
+    connection_class = kombu_redis.SentinelChannel.connection_class  # type: ignore[assignment]
+    connection_class_ssl = kombu_redis.SentinelChannel.connection_class_ssl  # type: ignore[assignment]
     # Ours comes first in the method order: without kombu's Sentinel options here, ``master_name``
     # would be dropped from the transport options.
     from_transport_options = (  # type: ignore[assignment]
