@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from producer.async_client import AsyncTrainingClient
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from producer.redis_conn import connect
+from producer.sentinel import MASTER_CHECK_INTERVAL
 from producer.settings import Settings
 from tests.helpers import (
     Workers,
@@ -33,7 +35,7 @@ from tests.helpers import (
     wait_until,
 )
 from worker.devtools.embedded_redis import free_port
-from worker.devtools.sentinel_set import SentinelSet
+from worker.devtools.sentinel_set import SentinelSet, sentinel_fields
 from worker.devtools.stack import ROOT, flower_command, start_process, stop_process
 from worker.ops.acl import acl_lines, unknown_commands
 
@@ -276,3 +278,44 @@ def test_tls_options_of_a_sentinel_url_reach_the_master_and_the_sentinels(
             connect(untrusted, 5).ping()
     finally:
         group.close()
+
+
+def test_clients_leave_a_replaced_master_before_it_is_demoted(tmp_path: Path) -> None:
+    with SentinelSet(data_dir=tmp_path / "sentinels") as group:
+        # Given a client's pushes on the master, through held connections and the pool
+        url = group.url(master_name=True)
+        client = TrainingClient(url)
+        try:
+            client.train_many([make_event("m", 0, "before")])
+            old = group.master_port()
+            pushed_at = time.monotonic()
+            # When the sentinels fail over and all report the new master, the old one still a master
+            with group.sentinel_client(0) as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", group.name)
+
+            def reported() -> bool:
+                ports = set()
+                for i in range(len(group.sentinel_ports)):
+                    with group.sentinel_client(i) as sentinel:
+                        state = sentinel.execute_command("SENTINEL", "MASTER", group.name)
+                        ports.add(int(sentinel_fields(state)["port"]))
+                return ports != {old} and len(ports) == 1
+
+            wait_until(reported, 60, "every sentinel to report the new master")
+            wait_until(lambda: time.monotonic() - pushed_at > MASTER_CHECK_INTERVAL, 10, "a check to be due")
+            if group.server_client(old).info("replication")["role"] != "master":
+                pytest.skip("the old master was demoted already: nothing to leave")
+            client.train_many([make_event("m", 1, "after")])
+
+            async def push_async() -> None:
+                async with AsyncTrainingClient(url) as aclient:
+                    await aclient.train_many([make_event("m", 2, "after")])
+
+            asyncio.run(push_async())
+            # Then both pushes went to the new master (the old one's writes are wiped when it
+            # turns replica)
+            still = group.server_client(old).info("replication")["role"] == "master"
+            assert group.server_client(group.master_port()).llen("itrain") == 3
+            assert still, "the old master was demoted during the pushes: the test proved nothing"
+        finally:
+            client.close()

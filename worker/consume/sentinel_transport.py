@@ -26,6 +26,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.url import _parse_url
 
 from producer.sentinel import SCHEME as SENTINEL
+from producer.sentinel import CheckedPool
 from worker.consume import transport
 from worker.consume.transport import Channel, Transport
 
@@ -91,7 +92,10 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
         if master_name is None:
             raise ValueError("'master_name' transport option must be specified.")
         credentials = {k: params[k] for k in ("username", "password") if k in params}
-        return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
+        client = manager.master_for(
+            master_name, redis.Redis, connection_pool_class=CheckedPool, **credentials
+        )
+        return client.connection_pool
 
 
 class SentinelTransport(Transport, kombu_redis.SentinelTransport):

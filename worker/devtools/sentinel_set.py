@@ -21,7 +21,7 @@ import redis
 from producer.errors import ConfigurationError
 from worker.devtools.embedded_redis import RedisServer, find_redis_server, free_port
 
-__all__ = ["SentinelSet"]
+__all__ = ["SentinelSet", "sentinel_fields"]
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -219,7 +219,7 @@ class SentinelSet:
                         return False
             for i in running:
                 with self.sentinel_client(i) as client:
-                    fields = _fields(client.execute_command("SENTINEL", "MASTER", self.name))
+                    fields = sentinel_fields(client.execute_command("SENTINEL", "MASTER", self.name))
                     if int(fields["port"]) != port or "s_down" in str(fields.get("flags", "")):
                         return False
                     if int(fields["num-slaves"]) < len(live) - 1:
@@ -227,7 +227,7 @@ class SentinelSet:
                     if int(fields["num-other-sentinels"]) < len(running) - 1:
                         return False
                     replicas = client.execute_command("SENTINEL", "REPLICAS", self.name)
-                    up = [r for r in replicas if "s_down" not in str(_fields(r).get("flags", ""))]
+                    up = [r for r in replicas if "s_down" not in str(sentinel_fields(r).get("flags", ""))]
                     if len(up) < len(live) - 1:
                         return False
             return True
@@ -290,7 +290,8 @@ class SentinelSet:
         self.close()
 
 
-def _fields(reply: object) -> dict[str, Any]:
+def sentinel_fields(reply: object) -> dict[str, Any]:
+    """A sentinel's reply about one instance as a dict (RESP2 gives a flat list)."""
     if isinstance(reply, dict):
         return reply
     if isinstance(reply, list):
