@@ -27,7 +27,9 @@ from producer.linger import LingerBuffers
 from producer.outgoing import EventLike, Outgoing, event_json
 from producer.protocol import new_task_id
 from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, unreachable
+from producer.redis_conn import connection_class
 from producer.replicas import ReplicaWait
+from producer.sentinel import async_master_client, is_sentinel_url
 from producer.settings import Settings
 from producer.stats import queue_stats, stats_from_replies
 from producer.waiting import Collector, check_not_ignored
@@ -198,8 +200,16 @@ class AsyncTrainingClient:
         # One client (and pool) per distinct URL: the roles usually share one Redis.
         if url not in self._redis:
             timeout = self.settings.publish_timeout
-            self._redis[url] = aioredis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+            self._redis[url] = (
+                async_master_client(url, timeout)
+                if is_sentinel_url(url)
+                else aioredis.Redis.from_url(
+                    url,
+                    socket_timeout=timeout,
+                    socket_connect_timeout=timeout,
+                    health_check_interval=30,
+                    **connection_class(url, asynchronous=True),
+                )
             )
         return self._redis[url]
 

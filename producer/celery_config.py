@@ -10,7 +10,8 @@ from kombu.utils.objects import cached_property
 
 from producer.backend import backend_url
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
-from producer.redis_conn import ssl_options
+from producer.redis_conn import CERT_REQS, ssl_options
+from producer.sentinel import SentinelURL, is_sentinel_url, parse_sentinel_url
 from producer.settings import Settings
 
 __all__ = ["celery_config", "make_celery"]
@@ -36,18 +37,44 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _sentinel_options(parsed: SentinelURL, settings: Settings) -> dict[str, Any]:
+    """kombu's (and Flower's) transport options for a sentinel broker: the master's name and the
+    sentinels' login, TLS and timeouts (without one, a hung sentinel holds a publish for ever)."""
+    return {
+        "master_name": parsed.required_master(),
+        "sentinel_kwargs": parsed.sentinel_kwargs(settings.publish_timeout),
+    }
+
+
+def _broker_tls(parsed: SentinelURL) -> dict[str, Any] | None:
+    if not parsed.ssl:
+        return None
+    options = {k: v for k, v in parsed.ssl_kwargs().items() if k != "ssl"}
+    options["ssl_cert_reqs"] = CERT_REQS[options["ssl_cert_reqs"]]
+    return options
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings for both sides. JSON only: a pickle message is refused, never executed."""
     transport = _transport_options(settings)
+    broker = settings.broker
     tls: dict[str, Any] = {}
-    if (use_ssl := ssl_options(settings.broker)) is not None:
+    use_ssl = ssl_options(broker)
+    if is_sentinel_url(broker):
+        # kombu refuses options it does not know in a URL: the master's name and the sentinels'
+        # login go to the transport options.
+        parsed = parse_sentinel_url(broker, "ITRAIN_BROKER_URL")
+        broker = parsed.url(own_options=False)
+        transport.update(_sentinel_options(parsed, settings))
+        use_ssl = _broker_tls(parsed)
+    if use_ssl is not None:
         # The URL's TLS options again, as Celery's setting: Flower's broker pages (/broker,
         # /api/queues/length) connect with these, not with the URL's.
         tls["broker_use_ssl"] = use_ssl
     return {
         **tls,
-        "broker_url": settings.broker,
-        "result_backend": settings.backend,
+        "broker_url": broker,
+        "result_backend": backend_url(settings.backend, producer=False),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -61,7 +88,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_extended": False,
         "broker_transport_options": transport,
         "result_backend_transport_options": {
-            **transport,
+            **_transport_options(settings),
             # The backend's own default is 20 retries a second apart: a producer would hang for
             # minutes on a dead Redis. Bounded like publishing instead.
             "retry_policy": {

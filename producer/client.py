@@ -38,6 +38,7 @@ def client_settings(redis_url: str | None, settings: Settings | None, linger_ms:
     base = settings or get_settings()
     if redis_url is None:
         return base
+    base.complete(redis_url, "redis_url")  # a sentinel URL names its master
     return base.model_copy(
         update={
             # (model_copy skips the settings' validators: the URL is checked here)

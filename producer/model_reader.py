@@ -77,7 +77,11 @@ class ModelReader:
         refresh_ms: float = 1000.0,
     ) -> None:
         base = settings or get_settings()
-        url = check_tls_url(redis_url, "redis_url") if redis_url is not None else base.store
+        url = (
+            base.complete(check_tls_url(redis_url, "redis_url"), "redis_url")
+            if redis_url is not None
+            else base.store
+        )
         self.model = model
         self.refresh_s = refresh_ms / 1000.0
         self._client = connect(url, base.publish_timeout)

@@ -1,98 +1,68 @@
-"""Redis connections from URLs (passwords, ACL users and ``rediss://`` TLS come with the URL)."""
+"""Redis connections from URLs (passwords, ACL users, ``rediss://`` TLS and the sentinels of a
+``sentinel://`` URL come with the URL): every component gets its clients here."""
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from producer.errors import ConfigurationError
+from producer.demotion import (
+    AsyncDemotionAwareConnection,
+    AsyncDemotionAwareSSLConnection,
+    DemotionAwareConnection,
+    DemotionAwareSSLConnection,
+)
+from producer.sentinel import is_sentinel_url, master_client
+from producer.tls import CERT_REQS, check_tls_url, ssl_options
 
-__all__ = ["CERT_REQS", "check_tls_url", "connect", "redact_url", "ssl_options"]
+__all__ = ["CERT_REQS", "check_tls_url", "connect", "connection_class", "redact_url", "ssl_options"]
 
-#: The values of ``ssl_cert_reqs`` accepted in a ``rediss://`` URL (any case), and what each means.
-#: redis-py itself takes only the lower-case names; Celery's own error message suggests the
-#: ``CERT_*`` ones: both are accepted here and handed on as redis-py's.
-CERT_REQS = {
-    "required": ssl.CERT_REQUIRED,
-    "cert_required": ssl.CERT_REQUIRED,
-    "optional": ssl.CERT_OPTIONAL,
-    "cert_optional": ssl.CERT_OPTIONAL,
-    "none": ssl.CERT_NONE,
-    "cert_none": ssl.CERT_NONE,
-}
-_NAMES = {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL: "optional", ssl.CERT_NONE: "none"}
-_SSL_ARGS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+#: Query arguments whose value is a secret.
+_SECRETS = ("password", "sentinel_password")
 
 
-def check_tls_url(url: str, name: str = "the Redis URL") -> str:
-    """``url``, with its certificate requirement in redis-py's spelling when it is ``rediss://``.
-
-    A ``rediss://`` URL must say whether the server's certificate is checked
-    (``ssl_cert_reqs=required``, with ``ssl_ca_certs=/path/ca.crt`` for a private CA). Without
-    it, Celery's result backend raises *after* a message was sent, so a caller that retries
-    would train an event twice: refused here, when the client or worker starts, before
-    anything is sent. ``ConfigurationError`` names the setting (``name``) and the fix.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("rediss", "itrains"):
-        return url
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = [v for k, v in query if k == "ssl_cert_reqs"]
-    if not given:
-        raise ConfigurationError(
-            f"{name} is a rediss:// URL without ssl_cert_reqs: add ssl_cert_reqs=required (and "
-            "ssl_ca_certs=/path/to/ca.crt for a private CA), or ssl_cert_reqs=none to skip "
-            "verifying the server (not recommended)"
-        )
-    mode = CERT_REQS.get(given[-1].lower())
-    if mode is None:
-        raise ConfigurationError(
-            f"{name}: ssl_cert_reqs={given[-1]} is not one of required, optional, none "
-            "(or CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE)"
-        )
-    query = [(k, _NAMES[mode] if k == "ssl_cert_reqs" else v) for k, v in query]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="/:")))
-
-
-def ssl_options(url: str) -> dict[str, Any] | None:
-    """The TLS options of a ``rediss://`` URL as Celery's ``broker_use_ssl`` (which Flower's
-    broker pages read: they do not take them from the URL); None for a plain URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("rediss", "itrains"):
-        return None
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "ssl_cert_reqs":
-            options[key] = CERT_REQS.get(value.lower(), ssl.CERT_REQUIRED)
-        elif key == "ssl_check_hostname":
-            options[key] = value.lower() in ("1", "true", "yes")
-        elif key in _SSL_ARGS:
-            options[key] = value
-    return options
+def connection_class(url: str, *, asynchronous: bool = False) -> dict[str, Any]:
+    """``connection_class=`` for a ``redis://`` or ``rediss://`` URL: connections that reconnect
+    when their server turns out to be a demoted master (``producer.demotion``); nothing for
+    other URLs (a Unix socket has no failover)."""
+    classes: dict[str, tuple[type, type]] = {
+        "redis": (DemotionAwareConnection, AsyncDemotionAwareConnection),
+        "rediss": (DemotionAwareSSLConnection, AsyncDemotionAwareSSLConnection),
+    }
+    pair = classes.get(urlsplit(url).scheme)
+    return {} if pair is None else {"connection_class": pair[asynchronous]}
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
-    """A client whose every call fails within ``timeout`` seconds when Redis is unreachable."""
+    """A client whose every call fails within ``timeout`` seconds when Redis is unreachable.
+
+    For a ``sentinel://`` URL (naming its master: ``producer.sentinel.complete_url``, which the
+    settings apply), a client of the current master that follows a failover."""
+    if is_sentinel_url(url):
+        return master_client(url, timeout)
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=30,
+        **connection_class(url),
     )
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (in the user info or a ``password=`` argument) as ``***``."""
+    """The URL with its passwords (in the user info, a ``password=`` or ``sentinel_password=``
+    argument) as ``***``; in each ``;``-separated part of a sentinel URL."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
         userinfo, _, hostport = netloc.rpartition("@")
         netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
     query = "&".join(
-        f"{p.partition('=')[0]}=***" if p.partition("=")[0].lower() == "password" else p
+        f"{p.partition('=')[0]}=***" if p.partition("=")[0].lower() in _SECRETS else p
         for p in parts.query.split("&")
     )
     return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))

@@ -27,6 +27,8 @@ class Sender:
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
+        #: A sentinel URL's pool tells when a connection's server is no longer the master.
+        self._stale = getattr(self._pool, "stale", None)
         # redis-py's Connection methods carry no type hints.
         self._idle: list[Any] = []
         _live.add(self)
@@ -40,6 +42,13 @@ class Sender:
         except IndexError:
             conn = self._pool.connection_class(**self._pool.connection_kwargs)
         try:
+            if self._stale is not None and self._stale(conn):
+                conn.disconnect()
+            if conn._sock is None:
+                # Connect as the pool would: a sentinel-managed connection asks the sentinels for
+                # the master here (sending on an unconnected one would go to its last address, or
+                # to localhost:6379 the first time).
+                conn.connect()
             conn.send_packed_command([_pack(args)])
             reply = conn.read_response()
         except redis.ResponseError:

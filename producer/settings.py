@@ -9,7 +9,8 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigurationError
-from producer.redis_conn import check_tls_url
+from producer.sentinel import complete_url
+from producer.tls import check_tls_url
 
 __all__ = ["DEFAULT_TARGETS", "Settings", "get_settings"]
 
@@ -37,6 +38,10 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     store_url: str | None = None
     queue: str = Field("itrain", min_length=1, max_length=200)
+    # A sentinel:// URL's master group (unless the URL says ?master_name=) and the sentinels' login.
+    sentinel_master: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: SecretStr | None = None
 
     # The lock and the delivery guarantees (seconds).
     lock_timeout: float = Field(5.0, gt=0)
@@ -113,6 +118,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        for field in ("redis_url", "broker_url", "result_backend", "store_url"):
+            url = getattr(self, field)
+            if url is not None:
+                try:
+                    self.complete(url, f"ITRAIN_{field.upper()}")
+                except ConfigurationError as exc:
+                    raise ValueError(str(exc)) from None
         for action, value in self.targets.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ITRAIN_TARGETS[{action!r}] = {value} is outside [0, 1]")
@@ -143,6 +155,15 @@ class Settings(BaseSettings):
         secret = self.hash_key.get_secret_value().encode()
         return blake2b(secret, digest_size=32, person=b"itrain-hashkey").digest()
 
+    def complete(self, url: str, name: str) -> str:
+        """``url`` as the settings make it (``producer.sentinel.complete_url``): a sentinel URL
+        names its master and the sentinels' login; ``ConfigurationError`` when it cannot."""
+        password = self.sentinel_password.get_secret_value() if self.sentinel_password else None
+        return _complete_url(url, name, self.sentinel_master, self.sentinel_username, password or None)
+
+    # Each role's URL; a sentinel URL carries its master's name and the sentinels' login, so
+    # that every component connects from the URL alone (``producer.redis_conn.connect``).
+
     @property
     def requeue_ceiling(self) -> float:
         """The longest back-off, seconds, before a message that met a Redis fault is given back."""
@@ -157,15 +178,19 @@ class Settings(BaseSettings):
 
     @property
     def broker(self) -> str:
-        return self.broker_url or self.redis_url
+        return self.complete(self.broker_url or self.redis_url, "ITRAIN_BROKER_URL")
 
     @property
     def backend(self) -> str:
-        return self.result_backend or self.redis_url
+        return self.complete(self.result_backend or self.redis_url, "ITRAIN_RESULT_BACKEND")
 
     @property
     def store(self) -> str:
-        return self.store_url or self.redis_url
+        return self.complete(self.store_url or self.redis_url, "ITRAIN_STORE_URL")
+
+
+#: Read on every use of a role's URL: parsed once per distinct URL and settings.
+_complete_url = lru_cache(maxsize=64)(complete_url)
 
 
 @lru_cache(maxsize=1)

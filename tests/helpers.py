@@ -431,3 +431,35 @@ def problem(
     X = rng.uniform(-1.0, 1.0, (batch, inputs))
     T = rng.uniform(0.0, 1.0, (batch, outputs))
     return shape, theta, X, T
+
+
+# -- TLS ----------------------------------------------------------------------------------------------
+
+
+def make_certificates(directory: Path) -> None:
+    """A private CA and a server certificate for 127.0.0.1 and localhost (openssl)."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=itrain-test-ca",
+    )  # fmt: skip
+    (directory / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    run(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "ext",
+    )  # fmt: skip

@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_exporter)
 
     p = sub.add_parser("acl", help="print the ACL SETUSER lines of a least-privilege Redis user")
-    p.add_argument("--role", choices=["producer", "reader", "monitor", "worker"], required=True)
+    p.add_argument("--role", choices=["producer", "reader", "monitor", "worker", "sentinel"], required=True)
     p.add_argument("--user", default=None, help="the user name (default itrain-<role>)")
     p.add_argument("--password", default=None, help="default: a random one, printed in the line")
     p.set_defaults(func=cmd_acl)

@@ -16,40 +16,11 @@ import redis
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from producer.settings import Settings
-from tests.helpers import Workers, create_model, http_get, make_event, wait_until
+from tests.helpers import Workers, create_model, http_get, make_certificates, make_event, wait_until
 from worker.devtools.embedded_redis import find_redis_server, free_port
 from worker.devtools.stack import flower_command, start_process, stop_process
 
 # -- TLS ----------------------------------------------------------------------------------------------
-
-
-def _certificates(directory: Path) -> None:
-    """A private CA and a server certificate for 127.0.0.1 and localhost (openssl)."""
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    run(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "2", "-subj", "/CN=itrain-test-ca",
-    )  # fmt: skip
-    (directory / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    )
-    run(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "ext",
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -59,7 +30,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         pytest.skip("openssl is needed to make the test's certificates")
     certs = tmp_path / "certs"
     certs.mkdir()
-    _certificates(certs)
+    make_certificates(certs)
     port = free_port()
     binary, log = find_redis_server(), tmp_path / "tls-server.log"
     proc = subprocess.Popen(

@@ -21,6 +21,9 @@ NOT_FOLLOWED = {
     # The one settings object (the engine reads the user-id hash key from it) checks Redis URLs
     # with ``producer.redis_conn.check_tls_url``, a parse of the URL that opens no connection.
     "producer.redis_conn": "URL checks for producer.settings",
+    # Likewise ``producer.sentinel.complete_url``: settings read a sentinel URL; clients of its
+    # master are made only by ``connect()``.
+    "producer.sentinel": "sentinel URL checks for producer.settings",
 }
 #: Imports of an I/O library that bring no I/O, each with its reason.
 HARMLESS = {

@@ -20,17 +20,18 @@ from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
 from producer.server_version import check_server_versions
 from producer.settings import get_settings
-from worker.consume.transport import AMQP_CLASS, transport_url
+from worker.consume.sentinel_transport import AMQP_CLASS, transport_url
 from worker.store.eviction import check_eviction_policies
 from worker.store.layout import check_store_layout
 
 __all__ = ["app"]
 
 settings = get_settings()
-# Our transport (worker.consume.transport), chosen here only: by URL scheme, so that a failover
-# switch keeps it, and with a Connection that shows Flower the Redis URL it stands for.
+# Our transport (worker.consume.transport; on sentinels, worker.consume.sentinel_transport),
+# chosen here only: by URL scheme, so that a failover switch keeps it, and with a Connection that
+# shows Flower the Redis or sentinel URL it stands for.
 app = make_celery(settings, main="worker", amqp=AMQP_CLASS)
-app.conf.broker_url = transport_url(settings.broker)
+app.conf.broker_url = transport_url(app.conf.broker_url)
 app.conf.broker_transport_options = {
     **app.conf.broker_transport_options,
     "fetch_max": settings.fetch_max,

@@ -62,6 +62,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps, loads
 
+from producer.demotion import DemotionAwareConnection, DemotionAwareSSLConnection
 from producer.keys import TRANSPORT_REJECTED
 from worker.lua import load_lua
 
@@ -346,6 +347,9 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     Message = Message
+    # A master demoted behind a stable address answers READONLY or -UNBLOCKED: reconnect.
+    connection_class = DemotionAwareConnection
+    connection_class_ssl = DemotionAwareSSLConnection
 
     #: Messages taken in one fetch at most (the measured sweet spot is 25-50: larger fetches hold
     #: Redis longer for little gain).

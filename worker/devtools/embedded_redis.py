@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from producer.errors import ConfigurationError, ServerVersionError
-from producer.redis_conn import redact_url
+from producer.redis_conn import connect, redact_url
 from producer.server_version import MINIMUM_TEXT, check_server_version, meets_minimum
 
 __all__ = [
@@ -111,8 +111,9 @@ def free_port() -> int:
 
 
 def is_reachable(url: str, timeout: float = 0.5) -> bool:
+    """Whether the Redis of ``url`` (the master of a sentinel URL) answers ``PING``."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = connect(url, timeout)
         ok = bool(client.ping())
         client.close()
         return ok
@@ -125,6 +126,8 @@ class RedisServer:
     on 127.0.0.1, its version checked, stopped by its pid.
 
     ``appendonly`` with ``appendfsync always`` makes every acknowledged write survive a kill -9.
+    ``tls_dir``: a folder with ``ca.crt``, ``server.crt`` and ``server.key``; the server then
+    speaks TLS only (its ``url`` is ``rediss://``, verified against that CA).
     """
 
     def __init__(
@@ -137,8 +140,10 @@ class RedisServer:
         password: str | None = None,
         extra: list[str] | None = None,
         binary: str | None = None,
+        tls_dir: str | Path | None = None,
     ) -> None:
         self.binary = binary
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir else None
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="itrain-redis-")
         self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -154,7 +159,21 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls_dir is not None:
+            ca = self.tls_dir / "ca.crt"
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def tls_args(self) -> list[str]:
+        """The server's TLS options (TLS only, on ``port``; replication over TLS too)."""
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        return [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(d / "server.crt"),
+            "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.crt"),
+            "--tls-auth-clients", "no", "--tls-replication", "yes",
+        ]  # fmt: skip
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.binary = self.binary or find_redis_server()
@@ -179,6 +198,7 @@ class RedisServer:
             # What the worker requires (it refuses to start otherwise); ``extra`` may override it.
             "--maxmemory-policy",
             "noeviction",
+            *self.tls_args(),
             *self.extra,
         ]
         if self.password:
@@ -197,7 +217,7 @@ class RedisServer:
 
     def _check_version(self) -> None:
         """What answered is what we need (the binary said so, but a server is what it answers)."""
-        client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+        client = connect(self.url, 5)
         try:
             where = f"server {self.binary} at {redact_url(self.url)}"
             self.version = str(check_server_version(client, where))

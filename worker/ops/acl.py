@@ -8,6 +8,8 @@
   unacknowledged messages, ``INFO``.
 - ``worker``, for ``celery -A worker worker``, ``itrain init`` and ``itrain migrate``: every key
   and channel, no administrative command.
+- ``sentinel``, run on every sentinel of a ``sentinel://`` URL, for every component
+  (``ITRAIN_SENTINEL_USERNAME``): ask where the master is, nothing else (no key, no channel).
 
 Every role that reads the store (reader, monitor, worker) may read its layout, ``itrain:layout``
 (``producer.formats``: the worker and the ``itrain`` commands check it when they start); writing
@@ -40,6 +42,8 @@ class Role:
     #: Key patterns, ``{queue}`` standing for ``ITRAIN_QUEUE``.
     keys: tuple[str, ...]
     channels: tuple[str, ...] = ()
+    #: How a component logs in as such a user (the comment line's end).
+    login: str = "connect as redis://{user}:<password>@<host>:6379/0"
 
 
 _PRODUCER = Role(
@@ -90,6 +94,28 @@ _READ_MODELS = (
     "+get",
 )
 
+#: What redis-py, kombu, Celery and Flower send to a sentinel: the connection's setup, the
+#: master's address (``SENTINEL MASTERS``, and the named ones for other clients), the replicas.
+_SENTINEL = Role(
+    "ask the sentinels where the master is (run it on every sentinel)",
+    (
+        "+ping",
+        "+auth",
+        "+hello",
+        "+client|setinfo",
+        "+client|setname",
+        "+client|id",
+        "+sentinel|masters",
+        "+sentinel|master",
+        "+sentinel|get-master-addr-by-name",
+        "+sentinel|sentinels",
+        "+sentinel|replicas",
+        "+sentinel|slaves",
+    ),
+    (),
+    login="set ITRAIN_SENTINEL_USERNAME={user} and ITRAIN_SENTINEL_PASSWORD=<password>",
+)
+
 ROLES: dict[str, Role] = {
     "producer": _PRODUCER,
     "reader": Role(
@@ -109,6 +135,7 @@ ROLES: dict[str, Role] = {
         ("~*",),
         ("&*",),
     ),
+    "sentinel": _SENTINEL,
 }
 
 
@@ -136,6 +163,6 @@ def acl_lines(
     commands = [c for c in dict.fromkeys(spec.commands) if c[1:] not in unknown]
     parts = ["ACL", "SETUSER", user, "reset", "on", f">{secret}", *keys, *spec.channels, *commands]
     return [
-        f"# {role}: {spec.description}; connect as redis://{user}:<password>@<host>:6379/0",
+        f"# {role}: {spec.description}; {spec.login.format(user=user)}",
         " ".join(parts),
     ]
