@@ -53,9 +53,9 @@ EXIT_USAGE = 2
 #: Commands that use no configured Redis (``schema``; ``acl`` prints lines for any server) or
 #: check the one they use themselves (``up``, ``demo`` and ``bench`` may start their own). Every
 #: other command first checks the version of each configured Redis (``producer.server_version``).
-_NO_VERSION_CHECK = frozenset({"schema", "acl", "up", "demo", "bench"})
+_NO_VERSION_CHECK = frozenset({"schema", "acl", "up", "demo", "bench", "failover"})
 #: Commands that do not read the store, or read its layout themselves (``migrate``). Every other
-#: command first checks that this release reads the store's layout (``producer.formats``).
+#: command first checks that this release reads the store's layout (``worker.store.layout``).
 _NO_LAYOUT_CHECK = _NO_VERSION_CHECK | {"migrate", "produce", "predict"}
 
 
@@ -485,6 +485,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_failover(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.failover import planned_failover
+
+    url = settings.complete(settings.redis_url, "ITRAIN_REDIS_URL")
+    result = planned_failover(
+        url,
+        pause_ms=args.pause_ms,
+        timeout=args.timeout,
+        say=lambda line: out.print(line, markup=False, highlight=False),
+    )
+    out.print(f"new master: {result.new[0]}:{result.new[1]}", markup=False, highlight=False)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from worker.devtools.bench import run_bench
 
@@ -684,6 +698,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--model", default="default")
             p.add_argument("--events", type=_positive_int, default=20_000)
+
+    p = sub.add_parser("failover", help="a planned failover under Sentinel that loses no acknowledged write")
+    p.add_argument(
+        "--pause-ms", type=_positive_int, default=5000, help="the write pause, renewed until it is done"
+    )
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="bound of each wait, seconds")
+    p.set_defaults(func=cmd_failover)
 
     p = sub.add_parser("bench", help="the throughput benchmark (starts its own Redis and workers)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
