@@ -123,7 +123,8 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
-    stats = read_stats(connect(settings.store, settings.publish_timeout), args.model)
+    client = connect(settings.store, settings.publish_timeout)
+    stats = read_stats(client, args.model)
     if not stats["initialized"]:
         # A misspelt name must not look like a model with no events (zeros and exit 0).
         raise ModelNotInitialisedError(
@@ -133,7 +134,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(stats))
         return 0
-    print_stats(stats)
+    from worker.ops.master import describe_master
+
+    print_stats(stats, master=describe_master(settings.store, client, settings.publish_timeout))
     return 0
 
 
@@ -141,10 +144,14 @@ def _mib(size: int) -> str:
     return f"{size / 1_048_576:.1f} MiB"
 
 
-def print_stats(stats: dict[str, Any]) -> None:
+def print_stats(stats: dict[str, Any], master: str | None = None) -> None:
+    """``stats`` as a table; ``master``: which server is the master now (a row of the table only:
+    the JSON keys are the contract's)."""
     table = Table(title=f"model {stats['model']}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
+    if master is not None:
+        table.add_row("master", Text(master))
     for key, value in stats.items():
         if key == "interactions_by_action":
             # Action names come from events (any text): shown escaped, never as terminal codes.

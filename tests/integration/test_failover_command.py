@@ -4,6 +4,7 @@ worker is not restarted and the master changes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,33 @@ def test_itrain_failover_loses_no_accepted_event(tmp_path: Path, workers: Worker
         assert int(old["master_port"]) == second
         workers.assert_alive([proc])
         assert set(workers.pool(proc)) == pool, "the worker's pool was restarted"
+
+
+def _master_row(env: dict[str, str], model: str) -> str:
+    done = _itrain(env, "stats", "--model", model)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| master ")]
+    assert len(rows) == 1, done.stdout
+    return rows[0]
+
+
+def test_the_stats_table_names_the_master_before_and_after_a_failover(tmp_path: Path) -> None:
+    with SentinelSet(data_dir=tmp_path / "sentinels") as group:
+        # Given a model on a master under the sentinels
+        env = {"ITRAIN_REDIS_URL": group.url(), "ITRAIN_SENTINEL_MASTER": group.name}
+        settings = Settings(redis_url=group.url(master_name=True))
+        model = create_model(connect(settings.store, 5), settings)
+        first = group.master_port()
+        # When the stats table is printed before and after a failover
+        before = _master_row(env, model)
+        second = group.failover()
+        after = _master_row(env, model)
+        # Then it names the master of the moment; the JSON keeps the contract's keys only
+        assert f"127.0.0.1:{first} (named by the sentinels of {group.name})" in before
+        assert f"127.0.0.1:{second} (named by the sentinels of {group.name})" in after
+        assert second != first
+        as_json = _itrain(env, "stats", "--model", model, "--json")
+        assert "master" not in json.loads(as_json.stdout)
 
 
 def test_itrain_failover_refuses_a_url_without_sentinels() -> None:
