@@ -463,6 +463,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         flower_port=args.flower_port,
         exporter_port=None if args.no_exporter else args.exporter_port,
         embedded=args.embedded_redis,
+        replicas=args.replicas,
     ) as stack:
         _print_stack(stack)
         out.print("Ctrl-C stops everything.")
@@ -527,8 +528,19 @@ def _progress() -> Progress:
 
 
 def _print_stack(stack: Any) -> None:
-    kind = f"embedded {stack.server or 'server'}" if stack.embedded else "Redis"
-    out.print(f"{kind} at {redact_url(stack.redis_url)}", markup=False, highlight=False, soft_wrap=True)
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    if stack.master_name:
+        out.print(
+            f"{stack.server}: master {stack.master_name} on 127.0.0.1:{stack.master_port}, "
+            f"{stack.replicas} replica(s), {stack.sentinels} sentinels; to use it:",
+            **plain,
+        )
+        # As shell lines to paste: the URL's `;` needs the quotes.
+        out.print(f"export ITRAIN_REDIS_URL='{redact_url(stack.redis_url)}'", **plain)
+        out.print(f"export ITRAIN_SENTINEL_MASTER={stack.master_name}", **plain)
+    else:
+        kind = f"embedded {stack.server or 'server'}" if stack.embedded else "Redis"
+        out.print(f"{kind} at {redact_url(stack.redis_url)}", **plain)
     out.print(f"workers: {', '.join(stack.workers)} (logs in {stack.logs})")
     if stack.flower_url:
         out.print(f"Flower: {stack.flower_url}")
@@ -702,6 +714,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--flower-port", type=_positive_int, default=5555)
             p.add_argument("--no-exporter", action="store_true")
             p.add_argument("--exporter-port", type=_positive_int, default=9810)
+            p.add_argument(
+                "--replicas",
+                type=int,
+                choices=range(6),
+                default=0,
+                metavar="N",
+                help="a master with N replicas under three sentinels of its own (0: one Redis)",
+            )
         else:
             p.add_argument("--model", default="default")
             p.add_argument("--events", type=_positive_int, default=20_000)
