@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -167,3 +168,28 @@ def test_itrain_failover_refuses_a_url_without_sentinels() -> None:
         "itrain: failover needs a sentinel URL in ITRAIN_REDIS_URL "
         "(sentinel://host:port;sentinel://host:port, with ITRAIN_SENTINEL_MASTER)"
     ]
+
+
+def test_itrain_failover_unpauses_the_master_when_a_replica_does_not_catch_up(tmp_path: Path) -> None:
+    with SentinelSet(data_dir=tmp_path / "sentinels") as group:
+        # Given a replica stopped (SIGSTOP) behind a write it never receives
+        first = group.master_port()
+        lagging = next(s for s in group.servers if s.port != first)
+        assert lagging.proc is not None
+        lagging.proc.send_signal(signal.SIGSTOP)
+        try:
+            master = group.server_client(first)
+            master.set("after-the-stop", "1")
+            # When `itrain failover` runs with a pause far longer than a client's timeout
+            env = {"ITRAIN_REDIS_URL": group.url(), "ITRAIN_SENTINEL_MASTER": group.name}
+            done = _itrain(env, "failover", "--pause-ms", "120000", "--timeout", "3")
+            # Then it gives up in one line, and the master takes writes again at once: unpaused
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert done.stderr.strip().splitlines() == [
+                "itrain: timed out after 3 s waiting for the replicas to catch up"
+            ]
+            assert done.stdout.splitlines()[-1] == f"writes resumed on 127.0.0.1:{first} (still the master)"
+            assert master.set("after-the-failure", "1")  # a paused master would outlast the 5 s timeout
+            assert group.master_port() == first
+        finally:
+            lagging.proc.send_signal(signal.SIGCONT)
