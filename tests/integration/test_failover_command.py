@@ -171,7 +171,9 @@ def test_itrain_failover_refuses_a_url_without_sentinels() -> None:
 
 
 def test_itrain_failover_unpauses_the_master_when_a_replica_does_not_catch_up(tmp_path: Path) -> None:
-    with SentinelSet(data_dir=tmp_path / "sentinels") as group:
+    # (sentinels slower to judge than the command's timeout: under a write pause they would
+    # otherwise fail the master over on their own, their hello PUBLISH paused with the writes)
+    with SentinelSet(data_dir=tmp_path / "sentinels", down_after_ms=60_000) as group:
         # Given a replica stopped (SIGSTOP) behind a write it never receives
         first = group.master_port()
         lagging = next(s for s in group.servers if s.port != first)

@@ -14,7 +14,9 @@ under a write pause is never (the sentinel's own ``PUBLISH`` waits behind the pa
    ``CLIENT UNPAUSE``: the writers that waited are answered ``READONLY`` by a replica and
    reconnect through the sentinels to the new master.
 
-When anything fails before step 3 the old master is unpaused: it is still the master.
+When anything fails before step 3 the old master is unpaused: it is still the master (unless the
+sentinels, their ``down-after-milliseconds`` passed under the pause, failed it over themselves:
+then it is first made a replica of theirs). Keep ``timeout`` below ``down-after-milliseconds``.
 """
 
 from __future__ import annotations
@@ -150,8 +152,7 @@ def planned_failover(
         asked = _ask_failover(group)
         say(f"sentinel {_show(asked)} accepted SENTINEL FAILOVER {group.name}")
     except BaseException:
-        master.client_unpause()
-        say(f"writes resumed on {_show(old)} (still the master)")
+        _give_up(group, master, old, say)
         raise
 
     def promoted() -> Address | None:
@@ -178,6 +179,22 @@ def planned_failover(
     return FailoverResult(group.name, old, new, offset)
 
 
+def _give_up(group: _Group, master: redis.Redis, old: Address, say: Callable[[str], None]) -> None:
+    """Undo the pause after a failure before the failover was asked. A pause longer than the
+    sentinels' ``down-after-milliseconds`` makes them fail the master over on their own (their
+    hello ``PUBLISH`` waits behind it, and their pings behind that): then the old master is made
+    a replica of theirs before it takes writes again, as after a failover of ours."""
+    named = {n for n in group.views().values() if n is not None}
+    if len(named) == 1 and old not in named:
+        new = named.pop()
+        master.replicaof(new[0], str(new[1]))
+        master.client_unpause()
+        say(f"the sentinels failed over on their own: {_show(old)} is a replica of {_show(new)}")
+        return
+    master.client_unpause()
+    say(f"writes resumed on {_show(old)} (still the master)")
+
+
 def _caught_up(master: redis.Redis, replicas: int) -> int | None:
     """The master's offset once ``replicas`` replicas hold all of it, else ``None``."""
     info = master.info("replication")
@@ -194,6 +211,12 @@ def _ask_failover(group: _Group) -> Address:
             with group.sentinel(addr) as client:
                 client.execute_command("SENTINEL", "FAILOVER", group.name)
             return addr
+        except redis.ResponseError as exc:
+            if "INPROG" in str(exc):
+                return (
+                    addr  # the sentinels began one themselves (the pause outlasted down-after): wait for it
+                )
+            last = exc
         except redis.RedisError as exc:
             last = exc
     raise ItrainError(f"no sentinel accepted SENTINEL FAILOVER {group.name}: {last}")
