@@ -53,9 +53,9 @@ EXIT_USAGE = 2
 #: Commands that use no configured Redis (``schema``; ``acl`` prints lines for any server) or
 #: check the one they use themselves (``up``, ``demo`` and ``bench`` may start their own). Every
 #: other command first checks the version of each configured Redis (``producer.server_version``).
-_NO_VERSION_CHECK = frozenset({"schema", "acl", "up", "demo", "bench"})
+_NO_VERSION_CHECK = frozenset({"schema", "acl", "up", "demo", "bench", "failover"})
 #: Commands that do not read the store, or read its layout themselves (``migrate``). Every other
-#: command first checks that this release reads the store's layout (``producer.formats``).
+#: command first checks that this release reads the store's layout (``worker.store.layout``).
 _NO_LAYOUT_CHECK = _NO_VERSION_CHECK | {"migrate", "produce", "predict"}
 
 
@@ -123,7 +123,8 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
-    stats = read_stats(connect(settings.store, settings.publish_timeout), args.model)
+    client = connect(settings.store, settings.publish_timeout)
+    stats = read_stats(client, args.model)
     if not stats["initialized"]:
         # A misspelt name must not look like a model with no events (zeros and exit 0).
         raise ModelNotInitialisedError(
@@ -133,7 +134,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(stats))
         return 0
-    print_stats(stats)
+    from worker.ops.master import describe_master
+
+    print_stats(stats, master=describe_master(settings.store, client, settings.publish_timeout))
     return 0
 
 
@@ -141,10 +144,14 @@ def _mib(size: int) -> str:
     return f"{size / 1_048_576:.1f} MiB"
 
 
-def print_stats(stats: dict[str, Any]) -> None:
+def print_stats(stats: dict[str, Any], master: str | None = None) -> None:
+    """``stats`` as a table; ``master``: which server is the master now (a row of the table only:
+    the JSON keys are the contract's)."""
     table = Table(title=f"model {stats['model']}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
+    if master is not None:
+        table.add_row("master", Text(master))
     for key, value in stats.items():
         if key == "interactions_by_action":
             # Action names come from events (any text): shown escaped, never as terminal codes.
@@ -456,6 +463,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         flower_port=args.flower_port,
         exporter_port=None if args.no_exporter else args.exporter_port,
         embedded=args.embedded_redis,
+        replicas=args.replicas,
     ) as stack:
         _print_stack(stack)
         out.print("Ctrl-C stops everything.")
@@ -485,6 +493,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_failover(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.failover import planned_failover
+
+    url = settings.complete(settings.redis_url, "ITRAIN_REDIS_URL")
+    result = planned_failover(
+        url,
+        pause_ms=args.pause_ms,
+        timeout=args.timeout,
+        say=lambda line: out.print(line, markup=False, highlight=False),
+    )
+    out.print(f"new master: {result.new[0]}:{result.new[1]}", markup=False, highlight=False)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from worker.devtools.bench import run_bench
 
@@ -506,8 +528,19 @@ def _progress() -> Progress:
 
 
 def _print_stack(stack: Any) -> None:
-    kind = f"embedded {stack.server or 'server'}" if stack.embedded else "Redis"
-    out.print(f"{kind} at {redact_url(stack.redis_url)}", markup=False, highlight=False, soft_wrap=True)
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    if stack.master_name:
+        out.print(
+            f"{stack.server}: master {stack.master_name} on 127.0.0.1:{stack.master_port}, "
+            f"{stack.replicas} replica(s), {stack.sentinels} sentinels; to use it:",
+            **plain,
+        )
+        # As shell lines to paste: the URL's `;` needs the quotes.
+        out.print(f"export ITRAIN_REDIS_URL='{redact_url(stack.redis_url)}'", **plain)
+        out.print(f"export ITRAIN_SENTINEL_MASTER={stack.master_name}", **plain)
+    else:
+        kind = f"embedded {stack.server or 'server'}" if stack.embedded else "Redis"
+        out.print(f"{kind} at {redact_url(stack.redis_url)}", **plain)
     out.print(f"workers: {', '.join(stack.workers)} (logs in {stack.logs})")
     if stack.flower_url:
         out.print(f"Flower: {stack.flower_url}")
@@ -681,9 +714,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--flower-port", type=_positive_int, default=5555)
             p.add_argument("--no-exporter", action="store_true")
             p.add_argument("--exporter-port", type=_positive_int, default=9810)
+            p.add_argument(
+                "--replicas",
+                type=int,
+                choices=range(6),
+                default=0,
+                metavar="N",
+                help="a master with N replicas under three sentinels of its own (0: one Redis)",
+            )
         else:
             p.add_argument("--model", default="default")
             p.add_argument("--events", type=_positive_int, default=20_000)
+
+    p = sub.add_parser("failover", help="a planned failover under Sentinel that loses no acknowledged write")
+    p.add_argument(
+        "--pause-ms", type=_positive_int, default=5000, help="the write pause, renewed until it is done"
+    )
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="bound of each wait, seconds")
+    p.set_defaults(func=cmd_failover)
 
     p = sub.add_parser("bench", help="the throughput benchmark (starts its own Redis and workers)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")

@@ -261,6 +261,23 @@ def test_stats_without_json_prints_a_table(cli, capsys, model_name) -> None:
     assert len(out.splitlines()) > len(CONTRACT_KEYS)
 
 
+def test_stats_table_names_this_server_as_the_master(cli, capsys, redis_server, model_name) -> None:
+    """On a plain URL the table's `master` row is the server itself; `--json` has no such key."""
+    # Given a model on the tests' own (master) server
+    assert cli(["init", "--model", model_name]) == 0
+    capsys.readouterr()
+    # When its stats are printed as a table and as JSON
+    assert cli(["stats", "--model", model_name]) == 0
+    table = capsys.readouterr().out
+    assert cli(["stats", "--model", model_name, "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    # Then the table names the server the store reaches as the master, the JSON does not
+    rows = [line for line in table.splitlines() if line.startswith("| master ")]
+    assert len(rows) == 1, table
+    assert f"127.0.0.1:{redis_server.port} (this server)" in rows[0]
+    assert "master" not in as_json
+
+
 def test_stats_show_redis_memory_used(make_client, cli, capsys, model_name) -> None:
     """`stats` (JSON, table and client.stats) report the store's INFO memory used_memory, in bytes."""
     # Given a Redis of this test alone and an initialised model in it

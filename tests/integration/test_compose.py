@@ -395,3 +395,179 @@ def test_redis_requires_the_password_every_service_connects_with(
 def test_long_running_services_have_healthchecks(services: dict[str, Any]) -> None:
     for name in ("redis", "worker", "flower", "exporter"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+# -- the ha profile ---------------------------------------------------------------------------
+# No engine runs here and the service names do not resolve, so the profile is checked by reading it,
+# and its sentinel command is run locally: once to make its configuration (in a directory standing
+# for its volume), then that configuration, with the master's service name mapped to 127.0.0.1,
+# read by a real sentinel monitoring the primary's own command run as a local process.
+
+HA_DATA = ("redis-primary", "redis-replica-1", "redis-replica-2")
+HA_SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+HA_APPS = ("init-ha", "worker-ha", "flower-ha", "exporter-ha")
+
+
+def _option(cmd: list[str], option: str) -> list[str]:
+    """The values after each ``option`` in ``cmd`` (``--replicaof h p`` gives ``[h, p]``)."""
+    i = cmd.index(option)
+    values = []
+    for part in cmd[i + 1 :]:
+        if part.startswith("--"):
+            break
+        values.append(part)
+    return values
+
+
+def _sentinel_conf(services: dict[str, Any], name: str, folder: Path) -> list[str]:
+    """Run the sentinel service's script locally with its volume at ``folder`` and the server
+    started by ``exec`` left out: the configuration lines it leaves there."""
+    cmd = command_of(services[name])
+    assert cmd[:2] == ["sh", "-c"], f"{name}: expected a shell script that makes the configuration"
+    script = interpolate(cmd[2], COMPOSE_VARS).replace("/data", str(folder))
+    script = script.replace("exec redis-server", ": redis-server")  # make the file, start nothing
+    subprocess.run(["sh", "-c", script], check=True, timeout=30)
+    return (folder / "sentinel.conf").read_text().splitlines()
+
+
+def _volume_target(service: Mapping[str, Any]) -> dict[str, str]:
+    """Mount target -> source of each volume, read-only ones left out."""
+    found = {}
+    for volume in service.get("volumes") or []:
+        source, target, *mode = str(volume).split(":")
+        if mode != ["ro"]:
+            found[target] = source
+    return found
+
+
+def test_ha_services_are_behind_their_profile(services: dict[str, Any]) -> None:
+    for name in (*HA_DATA, *HA_SENTINELS, *HA_APPS):
+        assert services[name].get("profiles") == ["ha"], name
+
+
+def test_ha_data_servers_replicate_the_primary_and_announce_their_names(services: dict[str, Any]) -> None:
+    for name in HA_DATA:
+        cmd = [interpolate(part, COMPOSE_VARS) for part in command_of(services[name])]
+        assert cmd[0] == "redis-server", name
+        password = COMPOSE_VARS["REDIS_PASSWORD"]
+        # any of them may be the master (requirepass) or follow one (masterauth) after a failover
+        assert _option(cmd, "--requirepass") == [password], name
+        assert _option(cmd, "--masterauth") == [password], name
+        assert _option(cmd, "--maxmemory-policy") == ["noeviction"], name
+        assert _option(cmd, "--replica-announce-ip") == [name], f"{name} must announce its service name"
+        assert "/data" in _volume_target(services[name]), f"{name} keeps no data"
+        if name == "redis-primary":
+            assert "--replicaof" not in cmd
+        else:
+            assert _option(cmd, "--replicaof") == ["redis-primary", "6379"], name
+
+
+def test_ha_sentinels_make_a_writable_config_with_hostnames(services: dict[str, Any], tmp_path: Path) -> None:
+    for name in HA_SENTINELS:
+        # Given the sentinel's configuration file, made by its own command in its volume
+        assert "/data" in _volume_target(services[name]), f"{name}: its config dir is not a writable volume"
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = _sentinel_conf(services, name, folder)
+        # Then it resolves and announces hostnames (before the monitor line, which names a host)
+        assert "sentinel resolve-hostnames yes" in lines, name
+        assert "sentinel announce-hostnames yes" in lines, name
+        monitor = next(i for i, line in enumerate(lines) if line.startswith("sentinel monitor "))
+        assert lines.index("sentinel resolve-hostnames yes") < monitor, name
+        _, _, group, host, port, quorum = lines[monitor].split()
+        assert (group, host, port) == ("itrain", "redis-primary", "6379"), name
+        assert 1 < int(quorum) <= len(HA_SENTINELS), name
+        assert f"sentinel auth-pass itrain {COMPOSE_VARS['REDIS_PASSWORD']}" in lines, name
+        assert "dir /data".replace("/data", str(folder)) in lines, name
+        # And a second start keeps the file the sentinel rewrote (it knows the master of now)
+        (folder / "sentinel.conf").write_text("rewritten\n")
+        assert _sentinel_conf(services, name, folder) == ["rewritten"], name
+
+
+def test_ha_sentinel_config_runs_on_a_real_sentinel(services: dict[str, Any], tmp_path: Path) -> None:
+    # Given the primary's own command and a sentinel's generated configuration, run locally with the
+    # primary's service name mapped to 127.0.0.1
+    port, sentinel_port = free_port(), free_port()
+    cmd = [interpolate(part, COMPOSE_VARS) for part in command_of(services["redis-primary"])]
+    primary = subprocess.Popen(
+        [find_redis_server(), *cmd[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = tmp_path / "sentinel"
+    folder.mkdir()
+    lines = _sentinel_conf(services, "sentinel-1", folder)
+    local = [
+        line.replace("redis-primary 6379", f"127.0.0.1 {port}").replace("port 26379", f"port {sentinel_port}")
+        for line in lines
+    ]
+    (folder / "sentinel.conf").write_text("\n".join([*local, "bind 127.0.0.1"]) + "\n")
+    sentinel = subprocess.Popen(
+        [find_redis_server(), str(folder / "sentinel.conf"), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # When the sentinel has read it
+        client = redis.Redis(port=sentinel_port, socket_timeout=5, decode_responses=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                master = client.execute_command("SENTINEL", "MASTER", "itrain")
+                break
+            except redis.ConnectionError:
+                assert sentinel.poll() is None, "the sentinel refused its configuration"
+                assert time.monotonic() < deadline, "the sentinel did not start"
+                time.sleep(0.1)
+        # Then it monitors the primary, logged in with the password, and kept its hostname settings
+        fields = master if isinstance(master, dict) else dict(zip(master[::2], master[1::2], strict=False))
+        assert int(fields["port"]) == port
+        # (a sentinel names its links to the master with CLIENT SETNAME, refused before AUTH)
+        server = redis.Redis(port=port, password=COMPOSE_VARS["REDIS_PASSWORD"], socket_timeout=5)
+
+        def logged_in() -> bool:
+            return any(str(c.get("name", "")).startswith("sentinel-") for c in server.client_list())
+
+        deadline = time.monotonic() + 30
+        while not logged_in():
+            assert time.monotonic() < deadline, "the sentinel cannot log in to the primary"
+            time.sleep(0.1)
+        server.close()
+        assert client.execute_command("SENTINEL", "CONFIG", "GET", "resolve-hostnames") == {
+            "resolve-hostnames": "yes"
+        }
+        assert client.execute_command("SENTINEL", "CONFIG", "GET", "announce-hostnames") == {
+            "announce-hostnames": "yes"
+        }
+    finally:
+        for proc in (sentinel, primary):
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("name", HA_APPS)
+def test_ha_apps_use_the_sentinel_url_and_the_master_name(services: dict[str, Any], name: str) -> None:
+    from producer.sentinel import parse_sentinel_url
+
+    env = env_of(services[name])
+    url = parse_sentinel_url(interpolate(env["ITRAIN_REDIS_URL"], COMPOSE_VARS))
+    # every sentinel service, with the data servers' password
+    assert set(url.sentinels) == {(s, 26379) for s in HA_SENTINELS}, name
+    assert url.password == COMPOSE_VARS["REDIS_PASSWORD"], name
+    # the master's name is the one the sentinels monitor
+    with_group = [
+        line for line in command_of(services["sentinel-1"])[2].splitlines() if "sentinel monitor" in line
+    ]
+    assert env["ITRAIN_SENTINEL_MASTER"] in with_group[0].split(), name
+    for var in ("ITRAIN_BROKER_URL", "ITRAIN_RESULT_BACKEND", "ITRAIN_STORE_URL"):
+        assert var not in env, f"{name}: {var} would point a role elsewhere"
+    assert set(HA_SENTINELS) <= set(services[name].get("depends_on") or []), name
+    plain = name.removesuffix("-ha")
+    assert command_of(services[name]) == command_of(services[plain]), f"{name} runs other than {plain}"
+
+
+def test_ha_flower_publishes_another_host_port(services: dict[str, Any]) -> None:
+    ports = [str(p) for p in services["flower-ha"].get("ports") or []]
+    assert ports, "flower-ha publishes no port"
+    assert all(p.startswith("127.0.0.1:") for p in ports), "Flower is published on the loopback only"
+    assert not set(ports) & {str(p) for p in services["flower"].get("ports") or []}

@@ -1,9 +1,11 @@
-"""A local stack for ``itrain up`` and the quickstart: Redis (embedded when none is reachable),
-worker processes and Flower, all on 127.0.0.1, all stopped together."""
+"""A local stack for ``itrain up`` and the quickstart: Redis (embedded when none is reachable, or
+a master with replicas under three sentinels), worker processes and Flower, all on 127.0.0.1, all
+stopped together."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from producer.redis_conn import redact_url
 from producer.server_version import check_server_versions
 from producer.settings import Settings
 from worker.devtools.embedded_redis import RedisServer, free_port, is_reachable
+from worker.devtools.sentinel_set import SentinelSet
 from worker.devtools.stack import (
     node_name,
     start_exporter,
@@ -40,6 +43,11 @@ class Stack:
     flower_url: str | None = None
     exporter_url: str | None = None
     logs: Path | None = None
+    #: Under Sentinel (``replicas`` > 0): the master group's name, the master's port, replicas, sentinels.
+    master_name: str | None = None
+    master_port: int | None = None
+    replicas: int = 0
+    sentinels: int = 0
 
 
 @contextmanager
@@ -54,6 +62,8 @@ def local_stack(
     state_dir: Path = Path(".itrain"),
     loglevel: str = "info",
     embedded: bool = False,
+    replicas: int = 0,
+    sentinel_down_after_ms: int = 5000,
 ) -> Iterator[Stack]:
     """Bring the stack up; on exit (Ctrl-C included) stop every process it started, by pid.
     ``exporter_port``: also run ``itrain exporter`` there (127.0.0.1).
@@ -64,25 +74,46 @@ def local_stack(
     a private one on a free port, whatever is configured. A Redis older than the workers need
     is refused before any worker starts (``ServerVersionError``, one line); when a worker does
     not start, the error ends with the last lines of its log.
+
+    ``replicas`` > 0: whatever is configured, a master, that many replicas and three sentinels of
+    our own (``SentinelSet``, in ``state_dir/ha``, made afresh each time: the ports are new), and
+    every process on their sentinel URL; a sentinel fails the master over after
+    ``sentinel_down_after_ms`` without answers (5 s: a busy laptop is not a dead master).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
     server: RedisServer | None = None
+    group: SentinelSet | None = None
     procs: list[subprocess.Popen[bytes]] = []
     url = settings.redis_url
     configured = any(os.environ.get(v) for v in _URL_VARS)
     try:
-        if embedded or not is_reachable(settings.broker):
+        if replicas:
+            shutil.rmtree(state_dir / "ha", ignore_errors=True)
+            group = SentinelSet(
+                replicas=replicas,
+                sentinels=3,
+                down_after_ms=sentinel_down_after_ms,
+                data_dir=state_dir / "ha",
+            )
+            group.start()
+            url = group.url()
+        elif embedded or not is_reachable(settings.broker):
             if configured and not embedded:
                 raise ConfigurationError(f"Redis at {redact_url(settings.broker)} is not reachable")
             port = 6379 if _port_free(6379) and not embedded else free_port()
             server = RedisServer(port, data_dir=state_dir / "redis", appendonly=True).start()
             url = server.url
-        env = {"ITRAIN_REDIS_URL": url} if server else {}
-        stack = Stack(redis_url=url, embedded=server is not None, logs=logs)
+        env = {"ITRAIN_REDIS_URL": url} if server or group else {}
+        stack = Stack(redis_url=url, embedded=server is not None or group is not None, logs=logs)
         if server is not None:
             stack.server = f"{server.version} ({server.binary})"
+        elif group is not None:
+            env["ITRAIN_SENTINEL_MASTER"] = group.name
+            stack.server = f"{group.servers[0].version} ({group.binary})"
+            stack.master_name, stack.master_port = group.name, group.master_port()
+            stack.replicas, stack.sentinels = replicas, len(group.sentinel_ports)
         else:
             _check_versions(settings, configured)
         names, worker_logs = [], []
@@ -117,6 +148,8 @@ def local_stack(
             stop_process(proc)
         if server is not None:
             server.stop()
+        if group is not None:
+            group.close()
 
 
 def _check_versions(settings: Settings, configured: bool) -> None:
@@ -133,9 +166,10 @@ def stack_settings(settings: Settings, stack: Stack) -> Settings:
     """The settings that talk to this stack's Redis."""
     if not stack.embedded:
         return settings
-    return settings.model_copy(
-        update={"redis_url": stack.redis_url, "broker_url": None, "result_backend": None, "store_url": None}
-    )
+    update = {"redis_url": stack.redis_url, "broker_url": None, "result_backend": None, "store_url": None}
+    if stack.master_name:
+        update["sentinel_master"] = stack.master_name
+    return settings.model_copy(update=update)
 
 
 def _port_free(port: int) -> bool:
