@@ -20,7 +20,7 @@ from producer.client import TrainingClient
 from producer.errors import PublishError
 from producer.redis_conn import connect
 from producer.settings import Settings
-from tests.helpers import make_event, make_events, wait_until
+from tests.helpers import Workers, create_model, make_event, make_events, wait_until
 from worker.devtools.embedded_redis import ReplicaSet
 from worker.devtools.sentinel_set import SentinelSet
 
@@ -153,3 +153,30 @@ def test_sentinel_client_reconnects_on_noreplicas(tmp_path: Path) -> None:
         finally:
             client.close()
             master.close()
+
+
+def test_worker_on_an_isolated_master_reconnects_and_trains_once_it_can_write(
+    isolated: ReplicaSet, workers: Workers
+) -> None:
+    # Given a model and a worker on a master with min-replicas-to-write 1
+    settings = Settings(redis_url=isolated.url)
+    with connect(isolated.url, 5.0) as admin:
+        model = create_model(admin, settings)
+    (worker,) = workers.start(1, redis_url=isolated.url)
+    # When the master's only replica stops: the worker's next fetch (a write) meets NOREPLICAS
+    cut_off(isolated)
+    # (as a lost connection, which kombu reconnects, not as a refusal retried on the same one:
+    # "Redis refused to hand out messages (NOREPLICAS ...)")
+    wait_until(
+        lambda: "Connection to broker lost" in workers.log(worker),
+        120,
+        "the worker to meet NOREPLICAS as a lost connection",
+    )
+    assert "Redis refused to hand out messages (NOREPLICAS" not in workers.log(worker)
+    # Then, once the replica is back, it trains on its own (reconnected; no restart)
+    rejoin(isolated)
+    with TrainingClient(settings=settings) as client:
+        result = client.train_step(make_event(model, 0, "wnr")).get(timeout=120)
+    assert result["status"] == "trained", result
+    assert result["step"] == 1, result
+    workers.assert_alive([worker])
