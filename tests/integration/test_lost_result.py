@@ -17,11 +17,15 @@ from producer.chunks import parse_handle_id
 from producer.client import TrainingClient
 from producer.keys import ModelKeys, marker_field, slot_seconds
 from producer.protocol import result_key
-from tests.helpers import Workers, make_events, model_state, wait_results, wait_until
+from tests.helpers import Workers, make_events, model_state, raw_event, wait_results, wait_until
+from tests.integration.test_run_messages import meta, own_runtime, step_message
+from worker.consume.runtime import Runtime, run_messages
 from worker.store.markers import own_trained, parse_mark
 from worker.store.model_store import Store
 
 TIMEOUT = 90.0
+
+__all__ = ["own_runtime"]  # the fixture, imported for the tests below
 
 
 def test_redelivered_message_whose_result_was_lost_answers_trained(
@@ -139,3 +143,25 @@ def test_marker_names_the_result_that_trained_it_and_old_markers_still_read(
     assert own_trained(read.marks[3], "task-1", model, "old", 9) is None  # older marker: as before
     # And a batch where nothing is marked gets the short reply (no values)
     assert store.read(model, None, ["never"]).marks == {}
+
+
+def test_message_past_the_delivery_limit_whose_result_was_lost_answers_trained(
+    own_runtime: Runtime, make_model: Any, redis_client: redis.Redis
+) -> None:
+    # Given an event trained by a message whose result was then lost
+    model = make_model()
+    event = raw_event(model, "limit")
+    run_messages([step_message("limit-task", event)])
+    redis_client.delete(result_key("limit-task"))
+    # When that message comes back once too often (refused: answered without training), and the
+    # event is also sent under another id that is refused the same way
+    too_many = own_runtime.settings.max_deliveries + 1
+    run_messages([step_message("limit-task", event, too_many), step_message("other-task", event, too_many)])
+    # Then the message that trained it says so with its step; the other one is a duplicate
+    own, other = meta(redis_client, "limit-task"), meta(redis_client, "other-task")
+    assert own is not None
+    assert own["result"]["status"] == "trained", own
+    assert own["result"]["step"] == 1, own
+    assert other is not None
+    assert other["result"]["status"] == "duplicate", other
+    assert model_state(redis_client, model)["step"] == 1
