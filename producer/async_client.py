@@ -26,7 +26,7 @@ from producer.handles import JobHandle, handle_for
 from producer.linger import LingerBuffers
 from producer.outgoing import EventLike, Outgoing, event_json
 from producer.protocol import new_task_id
-from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, unreachable
+from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, refuses_writes, unreachable
 from producer.redis_conn import connection_class
 from producer.replicas import ReplicaWait
 from producer.sentinel import async_master_client, is_sentinel_url
@@ -260,6 +260,11 @@ class AsyncTrainingClient:
             try:
                 return await attempt()
             except redis.ResponseError as exc:
+                if refuses_writes(exc):
+                    # Not a master that can take writes now (our connections turn these replies
+                    # into a lost connection; any other that lets one through): retry as unreachable.
+                    await asyncio.sleep(backoff.next_delay(exc))
+                    continue
                 error = refused(exc, self.settings)
                 if error is exc:
                     raise

@@ -17,7 +17,7 @@ from producer.handles import JobHandle, handle_for
 from producer.linger import Linger
 from producer.outgoing import EventLike, Outgoing, argsrepr, event_json, validate_one
 from producer.protocol import TASK_PREDICT, new_task_id
-from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, unreachable
+from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, refuses_writes, unreachable
 from producer.redis_conn import check_tls_url, connect
 from producer.replicas import ReplicaWait
 from producer.sender import Sender
@@ -287,6 +287,11 @@ class TrainingClient:
             try:
                 return attempt()
             except redis.ResponseError as exc:
+                if refuses_writes(exc):
+                    # Not a master that can take writes now (our connections turn these replies
+                    # into a lost connection; any other that lets one through): retry as unreachable.
+                    time.sleep(backoff.next_delay(exc))
+                    continue
                 error = refused(exc, self.settings)
                 if error is exc:
                     raise

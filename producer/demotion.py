@@ -7,8 +7,16 @@ blocked command ``-UNBLOCKED``, while ``PING`` still answers. redis-py keeps suc
 forever. These connections disconnect on either reply and raise ``ConnectionError`` instead: the
 caller's usual handling of a lost connection (the clients' retries within
 ``ITRAIN_PUBLISH_TIMEOUT``, redis-py's retry, the worker's reconnect) then connects again, to
-whatever server the address now leads to. redis-py's sentinel-managed connections do the same
-(and ask the sentinels again): these are for plain ``redis://`` and ``rediss://`` URLs.
+whatever server the address now leads to.
+
+A master that refuses writes under ``min-replicas-to-write`` (``NOREPLICAS``: its replicas are
+gone or lag beyond ``min-replicas-max-lag``, as when the master alone is cut off from the others)
+is treated the same way: it cannot take writes now, and the master that can may be elsewhere (the
+sentinels may have promoted a replica on the other side). redis-py's sentinel-managed connections
+handle ``READONLY`` and ``-UNBLOCKED`` but let ``NOREPLICAS`` through as a reply, which would keep a
+caller on the isolated master: the ``WriteAwareSentinel*`` connections add it (disconnected, their
+next connect asks the sentinels again). ``DemotionAware*`` are for plain ``redis://`` and
+``rediss://`` URLs.
 """
 
 from __future__ import annotations
@@ -17,14 +25,21 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel
 
 __all__ = [
     "AsyncDemotionAwareConnection",
     "AsyncDemotionAwareSSLConnection",
     "DemotionAwareConnection",
     "DemotionAwareSSLConnection",
+    "WriteAwareSentinelConnection",
+    "WriteAwareSentinelSSLConnection",
+    "AsyncWriteAwareSentinelConnection",
+    "AsyncWriteAwareSentinelSSLConnection",
     "demoted",
     "demotion_error",
+    "refuses_writes",
 ]
 
 #: The reply a demoted master gives a client blocked in BLMOVE, BRPOP... (then it disconnects it).
@@ -38,8 +53,19 @@ def demoted(exc: BaseException) -> bool:
     )
 
 
+#: The reply of a master that has fewer good replicas than its ``min-replicas-to-write``.
+NOREPLICAS = "NOREPLICAS"
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` says this server cannot take writes now: demoted, or short of replicas."""
+    return demoted(exc) or (isinstance(exc, redis.ResponseError) and str(exc).startswith(NOREPLICAS))
+
+
 def demotion_error(exc: BaseException) -> redis.ConnectionError:
-    return redis.ConnectionError(f"the server is no longer the master ({exc}); reconnecting")
+    if demoted(exc):
+        return redis.ConnectionError(f"the server is no longer the master ({exc}); reconnecting")
+    return redis.ConnectionError(f"the server cannot take writes now ({exc}); reconnecting")
 
 
 class DemotionAwareConnection(redis.Connection):
@@ -47,7 +73,7 @@ class DemotionAwareConnection(redis.Connection):
         try:
             return super().read_response(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not demoted(exc):
+            if not refuses_writes(exc):
                 raise
             self.disconnect()  # type: ignore[no-untyped-call]
             raise demotion_error(exc) from exc
@@ -58,7 +84,7 @@ class DemotionAwareSSLConnection(redis.SSLConnection):
         try:
             return super().read_response(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not demoted(exc):
+            if not refuses_writes(exc):
                 raise
             self.disconnect()  # type: ignore[no-untyped-call]
             raise demotion_error(exc) from exc
@@ -69,7 +95,7 @@ class AsyncDemotionAwareConnection(aioredis.Connection):
         try:
             return await super().read_response(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not demoted(exc):
+            if not refuses_writes(exc):
                 raise
             await self.disconnect()
             raise demotion_error(exc) from exc
@@ -80,7 +106,51 @@ class AsyncDemotionAwareSSLConnection(aioredis.SSLConnection):
         try:
             return await super().read_response(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not demoted(exc):
+            if not refuses_writes(exc):
+                raise
+            await self.disconnect()
+            raise demotion_error(exc) from exc
+
+
+class WriteAwareSentinelConnection(redis.sentinel.SentinelManagedConnection):
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not refuses_writes(exc):
+                raise
+            self.disconnect()  # type: ignore[no-untyped-call]
+            raise demotion_error(exc) from exc
+
+
+class WriteAwareSentinelSSLConnection(redis.sentinel.SentinelManagedSSLConnection):
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not refuses_writes(exc):
+                raise
+            self.disconnect()  # type: ignore[no-untyped-call]
+            raise demotion_error(exc) from exc
+
+
+class AsyncWriteAwareSentinelConnection(aiosentinel.SentinelManagedConnection):
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not refuses_writes(exc):
+                raise
+            await self.disconnect()
+            raise demotion_error(exc) from exc
+
+
+class AsyncWriteAwareSentinelSSLConnection(aiosentinel.SentinelManagedSSLConnection):
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not refuses_writes(exc):
                 raise
             await self.disconnect()
             raise demotion_error(exc) from exc

@@ -1,7 +1,10 @@
 """What a failed publish means, for both clients: retry, or which of our errors to raise.
 
-A client retries while Redis is unreachable, for at most ``ITRAIN_PUBLISH_TIMEOUT`` seconds in
-all (``Backoff``), then raises ``PublishError``. A permission the Redis user lacks is
+A client retries while Redis is unreachable, or reachable but unable to take writes now (a demoted
+master's ``READONLY`` or ``-UNBLOCKED``, a master short of replicas' ``NOREPLICAS``:
+``producer.demotion``, whose connections reconnect on them), for at most
+``ITRAIN_PUBLISH_TIMEOUT`` seconds in all (``Backoff``), then raises ``PublishError`` naming the
+last cause. A permission the Redis user lacks is
 ``PermissionDeniedError`` at once, and an out-of-memory refusal ``BrokerFullError`` at once
 (retrying cannot help, or would only hold the caller). The sleeping between tries is the
 client's own (``time.sleep`` or ``asyncio.sleep``).
@@ -14,11 +17,12 @@ import time
 import redis
 from kombu.exceptions import OperationalError
 
+from producer.demotion import refuses_writes
 from producer.errors import BrokerFullError, PermissionDeniedError, PublishError, QueueFullError
 from producer.redis_conn import redact_url
 from producer.settings import Settings
 
-__all__ = ["UNREACHABLE", "Backoff", "denied", "queue_full", "refused", "unreachable"]
+__all__ = ["UNREACHABLE", "Backoff", "denied", "queue_full", "refused", "refuses_writes", "unreachable"]
 
 #: Errors that say Redis could not be reached (redis-py's, sync or asyncio, kombu's, the socket's).
 UNREACHABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)

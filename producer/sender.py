@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 
+from producer.demotion import refuses_writes
+
 __all__ = ["Sender"]
 
 
@@ -51,7 +53,11 @@ class Sender:
                 conn.connect()
             conn.send_packed_command([_pack(args)])
             reply = conn.read_response()
-        except redis.ResponseError:
+        except redis.ResponseError as exc:
+            if refuses_writes(exc):
+                # A server that cannot take writes now (when the connection class let the reply
+                # through): connect afresh next time, maybe to another master.
+                conn.disconnect()
             self._idle.append(conn)  # a reply was read in full: the connection is in step
             raise
         except BaseException:
@@ -86,6 +92,8 @@ class Sender:
             conn.disconnect()
             self._idle.append(conn)
             raise
+        if refused is not None and refuses_writes(refused):
+            conn.disconnect()
         self._idle.append(conn)  # every reply was read in full: the connection is in step
         if refused is not None and raise_on_error:
             raise refused

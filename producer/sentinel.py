@@ -42,6 +42,12 @@ import redis.asyncio as aioredis
 import redis.asyncio.sentinel as aiosentinel
 import redis.sentinel
 
+from producer.demotion import (
+    AsyncWriteAwareSentinelConnection,
+    AsyncWriteAwareSentinelSSLConnection,
+    WriteAwareSentinelConnection,
+    WriteAwareSentinelSSLConnection,
+)
 from producer.errors import ConfigurationError
 from producer.tls import SSL_ARGS, cert_reqs
 
@@ -253,6 +259,14 @@ class CheckedPool(redis.sentinel.SentinelConnectionPool):
 
     _checked_at = 0.0
 
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        # Connections that also drop a master refusing writes (NOREPLICAS): producer.demotion.
+        ssl = kwargs.get("ssl", False)
+        kwargs.setdefault(
+            "connection_class", WriteAwareSentinelSSLConnection if ssl else WriteAwareSentinelConnection
+        )
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         self.check_master()
         connection = super().get_connection(*args, **kwargs)
@@ -285,6 +299,14 @@ class AsyncCheckedPool(aiosentinel.SentinelConnectionPool):
     """``CheckedPool`` for asyncio."""
 
     _checked_at = 0.0
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        ssl = kwargs.get("ssl", False)
+        kwargs.setdefault(
+            "connection_class",
+            AsyncWriteAwareSentinelSSLConnection if ssl else AsyncWriteAwareSentinelConnection,
+        )
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         now = time.monotonic()

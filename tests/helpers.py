@@ -339,7 +339,8 @@ def check_each_event_once(client: redis.Redis, model: str, event_ids: Sequence[s
     for key in client.scan_iter(match=keys.done_prefix(gen) + "*", count=1000):
         for field, value in client.hgetall(key).items():
             if field in wanted:
-                pairs.append((wanted[field], int(value)))
+                # "step" or "step:<digest of the result id>" (worker.store.markers)
+                pairs.append((wanted[field], int(value.partition(b":")[0])))
     markers = dict(pairs)
     marked_steps = sorted(step for _, step in pairs)
     assert marked_steps == list(range(1, step + 1)), (

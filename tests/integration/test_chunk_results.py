@@ -114,10 +114,11 @@ def test_redelivered_chunk_keeps_trained_entries(own_runtime, make_model, redis_
     msg = chunk_message([raw_event(model, "r1"), raw_event(model, "r2")])
     run_messages([msg])
     first = redis_client.get(result_key(msg.task_id))
-    # When it is delivered again (its events now answer duplicate)
+    # When it is delivered again (its events' markers name this very chunk: they answer trained,
+    # with their steps, as after a failover that lost the result; worker.store.markers)
     (summary,) = run_messages([msg])
-    # Then its stored result is unchanged: duplicate never replaces trained
-    assert summary[2] == {"events": 2, "duplicate": 2}
+    # Then its stored result is unchanged: nothing replaces trained
+    assert summary[2] == {"events": 2, "trained": 2}
     assert redis_client.get(result_key(msg.task_id)) == first
     assert step(redis_client, model) == 2
 

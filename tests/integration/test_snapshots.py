@@ -51,7 +51,9 @@ def test_rollback_restores_predictions_as_a_new_version(own_runtime, make_model,
     ckpt = own_runtime.store.load(model)
     assert (ckpt.version, ckpt.step) == (version, 40)  # step keeps counting the events trained
     # And an undone event re-sent answers duplicate; a new one trains as step 41
-    assert [s[2]["status"] for s in train(model, "b", 1)] == ["duplicate"]
+    # (under a new task id: the same message again would answer the trained result it lost)
+    resent = run_messages([step_message(f"{model}-resent", raw_event(model, "b0"))])
+    assert [s[2]["status"] for s in resent] == ["duplicate"]
     assert [s[2]["step"] for s in train(model, "c", 1)] == [41]
 
 

@@ -41,6 +41,7 @@ from producer.settings import Settings
 from worker.consume.faults import is_redis_fault
 from worker.engine.batch import Job
 from worker.outcome import dead_letter_entry
+from worker.store.markers import own_trained
 from worker.store.model_store import Store
 from worker.store.results import Outcome
 
@@ -116,11 +117,14 @@ def answer_refused(
     for i, job in enumerate(jobs):
         by_model.setdefault(job.event.model, []).append(i)
     for model, idxs in by_model.items():
-        done = store.read(model, None, [jobs[i].event.event_id for i in idxs]).done
-        for i, trained in zip(idxs, done, strict=True):
+        read = store.read(model, None, [jobs[i].event.event_id for i in idxs])
+        version = read.checkpoint.version if read.checkpoint is not None else 0
+        for k, (i, trained) in enumerate(zip(idxs, read.done, strict=True)):
             job, ev, error = jobs[i], jobs[i].event, errors[i]
             if trained:
-                outcomes[i] = Outcome.duplicate(job.task_id, model, ev.event_id)
+                # Trained by an earlier delivery of this message whose result was lost: say so.
+                own = own_trained(read.marks[k], job.task_id, model, ev.event_id, version)
+                outcomes[i] = own or Outcome.duplicate(job.task_id, model, ev.event_id)
                 continue
             outcomes[i] = Outcome.failure(job.task_id, error, event_id=ev.event_id)
             entry = dead_letter_entry(

@@ -25,6 +25,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.utils.url import _parse_url
 
+from producer.demotion import WriteAwareSentinelConnection, WriteAwareSentinelSSLConnection
 from producer.sentinel import SCHEME as SENTINEL
 from producer.sentinel import CheckedPool
 from worker.consume import transport
@@ -53,9 +54,11 @@ def as_redis_url(url: str) -> str:
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
-    # kombu's sentinel-managed connections (before ours in the method order they would not be).
-    connection_class = kombu_redis.SentinelChannel.connection_class  # type: ignore[assignment]
-    connection_class_ssl = kombu_redis.SentinelChannel.connection_class_ssl  # type: ignore[assignment]
+    # Sentinel-managed connections (before ours in the method order they would not be) that also
+    # drop a master refusing writes (NOREPLICAS), so the worker reconnects through the sentinels
+    # instead of retrying on an isolated master (producer.demotion).
+    connection_class = WriteAwareSentinelConnection  # type: ignore[assignment]
+    connection_class_ssl = WriteAwareSentinelSSLConnection  # type: ignore[assignment]
     # Ours comes first in the method order: without kombu's Sentinel options here, ``master_name``
     # would be dropped from the transport options.
     from_transport_options = (  # type: ignore[assignment]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
@@ -24,6 +24,7 @@ from worker.engine.checkpoint import Checkpoint, decode, encode
 from worker.engine.evaluation import EvalUpdate, decode_state
 from worker.engine.guard import Reference, parse_guard, parse_reference
 from worker.lua import load_lua
+from worker.store.markers import result_digest
 
 __all__ = ["CommitResult", "ReadResult", "Restored", "Store"]
 
@@ -38,6 +39,8 @@ class ReadResult:
     done: list[bool]
     #: The guard's reference (the best recent snapshot), read every time: snapshots set it.
     guard_ref: Reference | None = None
+    #: The value of each found marker, by the event's index (``worker.store.markers``).
+    marks: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,12 @@ class Store:
             found = replies[1]
         else:
             found = self._done(keys=[keys.done(gen, slot) for slot in slots], args=fields)
-        return ReadResult(state, ckpt, [flag == 49 for flag in found], ref)  # b"1"
+        if isinstance(found, bytes):  # no event marked: the common reply, the flags alone
+            return ReadResult(state, ckpt, [flag == 49 for flag in found], ref)  # b"1"
+        flags, *values = found
+        done = [flag == 49 for flag in flags]
+        marks = dict(zip([i for i, d in enumerate(done) if d], values, strict=True))
+        return ReadResult(state, ckpt, done, ref, marks)
 
     def load(self, model: str) -> Checkpoint | None:
         """The current checkpoint, read without the lock (one atomic script)."""
@@ -135,6 +143,7 @@ class Store:
         expected: Checkpoint,
         params: bytes,
         event_ids: Sequence[str],
+        result_ids: Sequence[str] = (),
         loss_last: float,
         loss_ema: float,
         actions: dict[str, int],
@@ -145,7 +154,9 @@ class Store:
     ) -> CommitResult:
         """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on.
         ``evaluation`` is written with the weights (it is needed whenever events trained).
-        ``now`` (this host's clock by default) picks the event markers' slots to declare."""
+        ``now`` (this host's clock by default) picks the event markers' slots to declare.
+        ``result_ids``, one per event (or none), are the ids of the results that answer them: each
+        marker keeps a digest of its own (``worker.store.markers``)."""
         keys = ModelKeys(model)
         s = self.settings
         cid = new_cid()
@@ -177,6 +188,10 @@ class Store:
         else:
             args.extend(("", 0, 0, "", 0))
         args.extend(marker_field(e) for e in event_ids)
+        if result_ids:
+            args.extend(result_digest(r) for r in result_ids)
+        else:
+            args.extend([""] * len(event_ids))
         for name, count in actions.items():
             args.extend((name, count))
         args.extend(history)

@@ -29,7 +29,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from producer.errors import GuardTrippedError, ItrainError, LockTimeoutError, ModelNotInitialisedError
@@ -55,6 +55,7 @@ from worker.engine.guard import Reference, Window, tripped
 from worker.engine.mlp import forward, sigmoid
 from worker.outcome import Outcome, failure_payload
 from worker.store.lock import ModelLock
+from worker.store.markers import own_trained
 from worker.store.model_store import CommitResult, Store
 from worker.store.snapshots import due, take_snapshot
 
@@ -70,6 +71,8 @@ class Committed:
     batch: BatchPlan
     result: CommitResult
     ema: float | None
+    #: The value of each marker the read found, by job index (``worker.store.markers``).
+    marks: dict[int, bytes] = field(default_factory=dict)
 
 
 class Trainer:
@@ -156,6 +159,8 @@ class Trainer:
         committed = self._commit(batch, update)
         if committed is None:
             return None
+        if read.marks:
+            committed = replace(committed, marks=read.marks)
         # Under the lock (once per ITRAIN_SNAPSHOT_EVERY steps): a guard's trip, which reads the
         # reference snapshot under the lock too, never races a snapshot that replaces it.
         self._maybe_snapshot(batch)
@@ -172,6 +177,9 @@ class Trainer:
             expected=base,
             params=batch.theta.tobytes() if trained else b"",
             event_ids=prep.event_ids if every else [prep.event_ids[i] for i, _ in trained],
+            result_ids=[j.task_id for j in prep.jobs]
+            if every
+            else [prep.jobs[i].task_id for i, _ in trained],
             loss_last=trained[-1][1] if trained else 0.0,
             loss_ema=ema if ema is not None else 0.0,
             actions=dict(Counter(prep.actions if every else [prep.actions[i] for i, _ in trained])),
@@ -232,7 +240,29 @@ class Trainer:
                     loss,
                     committed.ema,
                 )
+        if committed.marks:
+            self._answer_own_marks(committed)
         return batch.results()
+
+    def _answer_own_marks(self, committed: Committed) -> None:
+        """A job whose event's marker names its own result id was trained by an earlier delivery
+        of this very message, whose result was lost (a failover kept the commit, not the result
+        written after it): it answers ``trained`` with the marker's step, not ``duplicate``. Its
+        ``version`` is the checkpoint version this batch left (it contains the event); its
+        ``loss`` is null (the loss of that update is not kept). Write-once keeps the first
+        result when it is still there. A re-send under another id still answers ``duplicate``."""
+        batch = committed.batch
+        jobs, event_ids = batch.jobs, batch.prep.event_ids
+        for i, value in committed.marks.items():
+            found = own_trained(value, jobs[i].task_id, batch.model, event_ids[i], committed.result.version)
+            if found is not None:
+                batch.outcomes[i] = found
+                logger.info(
+                    "model=%s event %r came back after its commit (step %d): answered trained",
+                    batch.model,
+                    event_ids[i],
+                    found.result["step"],
+                )
 
     # -- the guard ----------------------------------------------------------------------------
 

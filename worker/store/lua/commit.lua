@@ -11,7 +11,8 @@
 -- ARGV[7]  history_max      ARGV[8]  the de-duplication window, seconds (ITRAIN_DEDUPE_TTL)
 -- ARGV[9]  s0, the slot of KEYS[7]
 --          Markers are compact: one hash per slot of time (a quarter of the window, as
---          producer.keys.slot_seconds), marker field -> step, expiring a window after its slot
+--          producer.keys.slot_seconds), marker field -> 'step:digest' (worker.store.markers),
+--          expiring a window after its slot
 --          ends; a reader looks in every slot of the last window (producer.keys.marker_slots).
 --          The slot is taken from Redis's clock, the one that expires the key: every marker
 --          lives at least the window, whatever the worker's clock says. The caller names the
@@ -22,7 +23,9 @@
 -- ARGV[15] the online evaluation's JSON (producer.evaluation)    ARGV[16] eval_wn
 -- ARGV[17] eval_cap         ARGV[18] guard_loss ('loss W:E', '' when none)
 -- ARGV[19] n_segments, the ring's changed runs
--- ARGV[20...] then n marker fields (producer.keys.marker_field of each event id), n_actions
+-- ARGV[20...] then n marker fields (producer.keys.marker_field of each event id), n digests of
+--          the result ids that trained them (worker.store.markers.result_digest; '' when none:
+--          the marker holds the step alone), n_actions
 --          (name, count) pairs, n_history entries (newest last), n_dead entries and n_segments
 --          (byte offset, bytes) pairs of evaluation records.
 --
@@ -63,12 +66,14 @@ if n > 0 then
   for s = 1, n, 1000 do
     local pairs = {}
     for j = s, math.min(s + 999, n) do
+      local digest = ARGV[i + n]
       pairs[#pairs + 1] = ARGV[i]
-      pairs[#pairs + 1] = step0 + j
+      pairs[#pairs + 1] = digest == '' and (step0 + j) or ((step0 + j) .. ':' .. digest)
       i = i + 1
     end
     redis.call('HSET', marker, unpack(pairs))
   end
+  i = i + n
   redis.call('EXPIREAT', marker, (slot + 1) * width + window)
   redis.call('HINCRBY', KEYS[2], 'interactions', n)
 end
