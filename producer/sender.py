@@ -38,19 +38,9 @@ class Sender:
     def execute(self, *args: Any) -> Any:
         """The reply to one command; Redis errors (``OutOfMemoryError``...) and connection errors
         are raised as redis-py raises them."""
-        conn: Any
+        conn = self._take()
         try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = self._pool.connection_class(**self._pool.connection_kwargs)
-        try:
-            if self._stale is not None and self._stale(conn):
-                conn.disconnect()
-            if conn._sock is None:
-                # Connect as the pool would: a sentinel-managed connection asks the sentinels for
-                # the master here (sending on an unconnected one would go to its last address, or
-                # to localhost:6379 the first time).
-                conn.connect()
+            self._connect(conn)
             conn.send_packed_command([_pack(args)])
             reply = conn.read_response()
         except redis.ResponseError as exc:
@@ -73,14 +63,11 @@ class Sender:
         round trip): ``WAIT`` after a push counts that connection's writes only. A command Redis
         refuses raises its error once every reply is read (or, without ``raise_on_error``, is
         its reply); connection errors as ``execute``."""
-        conn: Any
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        conn = self._take()
         replies: list[Any] = []
         refused: redis.ResponseError | None = None
         try:
+            self._connect(conn)
             conn.send_packed_command([b"".join(_pack(args) for args in commands)])
             for _ in commands:
                 try:
@@ -98,6 +85,22 @@ class Sender:
         if refused is not None and raise_on_error:
             raise refused
         return replies
+
+    def _take(self) -> Any:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._pool.connection_class(**self._pool.connection_kwargs)
+
+    def _connect(self, conn: Any) -> None:
+        """Connect ``conn`` as the pool would, before anything is sent on it: a sentinel-managed
+        connection asks the sentinels for the master here (sending on an unconnected one would go
+        to its last address, or to localhost:6379 the first time), and one whose server the
+        sentinels no longer name is dropped first."""
+        if self._stale is not None and self._stale(conn):
+            conn.disconnect()
+        if conn._sock is None:
+            conn.connect()
 
     def close(self) -> None:
         while self._idle:

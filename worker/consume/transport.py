@@ -695,12 +695,29 @@ class Transport(kombu_redis.Transport):
         super().register_with_event_loop(connection, loop)
 
 
+#: The consumer's reconnect steps, seconds (``interval_start``, ``interval_step``,
+#: ``interval_max``). Celery reconnects its consumer with ``Connection.ensure_connection`` and
+#: kombu's defaults, 2 s more after each round (2, 4, 6 ... 30 s), and has no setting for them.
+#: After a ``kill -9`` of the master the sentinels name another within 2-3 s: a worker that has
+#: just slept 2 s and then 4 s fetched again at +6.1 s, with these steps at +3.0 s. A round tries
+#: every part of the URL (each sentinel), so a dead Redis costs a few connection attempts a second.
+RECONNECT_STEPS = (0.1, 0.25, 1.0)
+
+
 class _Connection(Connection):
     """A kombu ``Connection`` that shows its URL with the Redis scheme it stands for: Flower's
-    broker pages (``/broker``, ``/api/queues/length``) pick their Redis client by that scheme."""
+    broker pages (``/broker``, ``/api/queues/length``) pick their Redis client by that scheme;
+    and that reconnects in ``RECONNECT_STEPS`` unless told other steps."""
 
     def as_uri(self, *args: Any, **kwargs: Any) -> str:
         return as_redis_url(super().as_uri(*args, **kwargs))
+
+    def ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
+        for name, seconds in zip(
+            ("interval_start", "interval_step", "interval_max"), RECONNECT_STEPS, strict=True
+        ):
+            kwargs.setdefault(name, seconds)
+        return super().ensure_connection(*args, **kwargs)
 
 
 class _AMQP(AMQP):  # type: ignore[misc]
