@@ -25,6 +25,50 @@ from worker.store.model_store import Store
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The machine's own Redis (redis-py's default address). The tests never use it; a connection
+#: that is sent on before it was pointed at a server of ours (a sentinel-managed connection made
+#: outside its pool) falls back to this address, and ``machine_redis_untouched`` catches that.
+MACHINE_REDIS = ("127.0.0.1", 6379)
+#: The keys our workers and producers would write there: the queue and its records, the models.
+OUR_KEYS = ("itrain", "unacked", "unacked_index", "itrain:models", "itrain:layout")
+
+
+def _our_keys_on_the_machine_redis() -> dict[str, int] | None:
+    """Each of ``OUR_KEYS`` with its length (0: absent), or None when nothing answers there."""
+    host, port = MACHINE_REDIS
+    client = redis.Redis(host=host, port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        return {key: int(client.exists(key)) and _length(client, key) for key in OUR_KEYS}
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+
+
+def _length(client: redis.Redis, key: str) -> int:
+    kind = client.type(key)
+    if kind == b"list":
+        return int(client.llen(key))
+    if kind == b"hash":
+        return int(client.hlen(key))
+    if kind == b"zset":
+        return int(client.zcard(key))
+    return 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_redis_untouched() -> Iterator[None]:
+    """Fails the run when any test wrote our keys to the machine's own Redis."""
+    before = _our_keys_on_the_machine_redis()
+    yield
+    after = _our_keys_on_the_machine_redis()
+    if before is not None and after is not None and after != before:
+        pytest.fail(
+            f"a test wrote to the machine's Redis on {MACHINE_REDIS[0]}:{MACHINE_REDIS[1]}: "
+            f"our keys went from {before} to {after}"
+        )
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
