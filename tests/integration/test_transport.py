@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import threading
 import time
 import uuid
 import zlib
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from kombu import Connection, Consumer, Queue  # type: ignore[attr-defined]
+from kombu import Connection, Consumer, Exchange, Queue  # type: ignore[attr-defined]
 from kombu.asynchronous import Hub
 
 from producer.keys import TRANSPORT_REJECTED
@@ -401,3 +402,51 @@ def test_held_messages_whose_give_back_failed_go_back_once_redis_answers(tmp_pat
             conn2.release()
     finally:
         server.close()
+
+
+def test_a_broadcast_consumer_subscribes_again_when_its_connection_is_reopened(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given a consumer of a fanout exchange (as Celery's pidbox broadcast) on the worker's event
+    # loop, with the worker's one retry of a failed read (retry_on_timeout), subscribed
+    name = f"tb-{uuid.uuid4().hex[:8]}"
+    exchange = Exchange(name, type="fanout")
+    options = {"retry_on_timeout": True, "socket_timeout": 5}
+    conn = Connection(transport_url(redis_url), transport_options=options)
+    got = _Collect()
+    queues = [Queue(name, exchange, exclusive=True)]
+    Consumer(conn.channel(), queues, callbacks=[got], accept=["json"]).consume()
+    hub = Hub()
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    loop = hub.create_loop()
+    try:
+        _spin(loop, 1.0)
+        assert _pubsub_patterns(redis_client) == [1]
+        # When Redis closes the pub/sub connection, so that the read fails and redis-py's retry
+        # opens another one under the reader (after a failover: to the new master)
+        redis_client.client_kill_filter(_type="pubsub")
+        reader = threading.Thread(target=_spin, args=(loop, 2.0), daemon=True)
+        reader.start()
+        reader.join(20)
+        # Then the loop does not wait for good on a connection subscribed to nothing: the new
+        # connection subscribed again, and a broadcast reaches the consumer
+        assert not reader.is_alive(), "the event loop hangs reading an unsubscribed connection"
+        assert _pubsub_patterns(redis_client) == [1]
+        with Connection(transport_url(redis_url)) as publisher:
+            publisher.Producer().publish({"n": 1}, exchange=exchange, declare=[exchange], serializer="json")
+        _spin(loop, 2.0, until=lambda: bool(got.messages))
+        assert [m.payload for m in got.messages] == [{"n": 1}]
+    finally:
+        hub.close()
+        conn.release()
+
+
+def _pubsub_patterns(client: redis.Redis) -> list[int]:
+    return [int(c["psub"]) for c in client.client_list(_type="pubsub")]
+
+
+def _spin(loop: Iterator[Any], seconds: float, until: Any = None) -> None:
+    """Run the event loop for ``seconds`` (or until ``until()``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and until()):
+        next(loop)

@@ -288,12 +288,6 @@ def test_a_push_on_a_sentinel_url_waits_for_the_masters_replicas(tmp_path: Path)
     not os.environ.get("ITRAIN_FULL_FAILOVER"),
     reason="a master stopped for a minute: set ITRAIN_FULL_FAILOVER=1",
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker whose master stays stopped ~50 s (kombu's BRPOP health check fires) hangs for good "
-    "after the old master turns replica: its main loop blocks in kombu's pub/sub _receive_one, reading "
-    "a connection that redis-py's retry reopened to the new master and sent nothing on",
-)
 def test_workers_carry_on_after_their_master_was_stopped_for_a_minute(
     tmp_path: Path, workers: Workers
 ) -> None:

@@ -34,6 +34,8 @@ taken:
 - **Batch the acks**: acknowledged tags are removed in one ``MULTI`` on a short one-shot timer or
   when many are waiting, and before anything is restored.
 - **Reuse one Redis client** per channel for acks, restores and event publishing.
+- **Subscribe again when the pub/sub connection is reopened** (``_PubSub``): kombu's subclient
+  did not, and a worker whose connection redis-py reopened after a failover waited on it forever.
 - **Leave compressed bodies compressed**: kombu would inflate them before any of our code runs (a
   zlib bomb in the worker's memory); the worker refuses them by their header instead.
 
@@ -61,6 +63,7 @@ from kombu import Connection  # type: ignore[attr-defined]
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps, loads
+from kombu.utils.objects import cached_property
 
 from producer.demotion import DemotionAwareConnection, DemotionAwareSSLConnection
 from producer.keys import TRANSPORT_REJECTED
@@ -344,6 +347,34 @@ class QoS(kombu_redis.QoS):
         return super().restore_unacked_once(stderr)
 
 
+class _PubSub(redis.client.PubSub):
+    """redis-py's ``PubSub`` that re-subscribes whenever its connection is (re)connected, however
+    that connection was given to it.
+
+    redis-py registers ``on_connect`` (which re-issues the subscriptions) only when ``PubSub``
+    takes a connection from the pool itself, in ``execute_command``. kombu's poller hands the
+    subclient its connection directly (``MultiChannelPoller._client_registered`` assigns
+    ``client.connection``) before the first ``PSUBSCRIBE``, so the callback was never registered.
+    When a read on the pub/sub connection then failed (a master stopped for a minute, then demoted),
+    redis-py's retry reconnected it, to the new master, without subscribing, and read again with no
+    timeout: the worker's event loop waited forever for a message that could not come."""
+
+    _connection: Any = None
+
+    @property
+    def connection(self) -> Any:
+        return self._connection
+
+    @connection.setter
+    def connection(self, connection: Any) -> None:
+        old = self._connection
+        if old is not None and old is not connection:
+            old.deregister_connect_callback(self.on_connect)
+        self._connection = connection
+        if connection is not None:
+            connection.register_connect_callback(self.on_connect)  # idempotent
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     Message = Message
@@ -397,6 +428,12 @@ class Channel(kombu_redis.Channel):
         if self._shared is None:
             self._shared = self._create_client()
         yield self._shared
+
+    @cached_property
+    def subclient(self) -> Any:
+        """The fanout (``celery.pidbox``) pub/sub client: kombu's, resubscribing on reconnect."""
+        client = self._create_client(asynchronous=True)
+        return _PubSub(client.connection_pool, event_dispatcher=client._event_dispatcher)
 
     def _disconnect_pools(self) -> None:
         self._shared = None  # after a fork or at close: the next use makes a new one
