@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import redis
 
+from producer.client import TrainingClient
 from producer.redis_conn import connect
 from producer.settings import Settings
 from tests.forwarder import Forwarder
@@ -157,5 +158,29 @@ def test_every_accepted_event_trains_once_across_failovers_behind_one_address(
             # When it fails back, the forwarder cutting the connections made before the switch
             run.scenario("cut", second, first, cut=True)
             print(f"both failovers in {time.monotonic() - started:.0f} s")
+        finally:
+            forwarder.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=redis.ReadOnlyError,
+    reason="the producer app's broker connections (kombu's stock Redis transport, plain redis.Connection) "
+    "are not demotion-aware: kombu.pools keeps them per URL, process-wide, so every app on the address "
+    "reuses the one left on the demoted server; a control broadcast raises ReadOnlyError, then publishes "
+    "there, where no worker listens (pings go unanswered)",
+)
+def test_a_control_broadcast_after_a_failover_behind_one_address_reaches_the_promoted_server() -> None:
+    with ReplicaSet(replicas=1) as pair:
+        forwarder = Forwarder(pair.master.port)
+        try:
+            # Given a client that broadcast through the address (its pooled connection on the master)
+            with TrainingClient(forwarder.url) as first:
+                assert first.app.control.ping(timeout=0.3) == []
+                # When the master is demoted behind the address, its connections left open
+                _fail_over(forwarder, pair.master, pair.replicas[0], cut=False)
+                # Then a broadcast, even from a new client, goes to the promoted server
+                with TrainingClient(forwarder.url) as fresh:
+                    assert fresh.app.control.ping(timeout=0.3) == []
         finally:
             forwarder.close()
