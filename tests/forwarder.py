@@ -1,6 +1,7 @@
 """A TCP forwarder: one stable address in front of a Redis that can be replaced, as a managed
 service's DNS name is after a failover. New connections go to the current target; connections
-made before a ``switch`` stay with the server they reached (as they do behind a DNS name)."""
+made before a ``switch`` stay with the server they reached (as they do behind a DNS name), unless
+the switch cuts them (as a proxy or load balancer that resets its connections on failover does)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,19 @@ class Forwarder:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def switch(self, target_port: int) -> None:
-        """Send connections made from now on to ``target_port``."""
+    def switch(self, target_port: int, *, cut: bool = False) -> None:
+        """Send connections made from now on to ``target_port``; with ``cut``, also end every
+        connection made before (both sides see the stream end)."""
         self.target_port = target_port
+        if cut:
+            with self._lock:
+                old, self._sockets = self._sockets, []
+            for s in old:
+                # shutdown, not only close: close does not wake the pump thread blocked in recv
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
 
     def _accept(self) -> None:
         while not self._closed:
