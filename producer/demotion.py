@@ -68,89 +68,61 @@ def demotion_error(exc: BaseException) -> redis.ConnectionError:
     return redis.ConnectionError(f"the server cannot take writes now ({exc}); reconnecting")
 
 
-class DemotionAwareConnection(redis.Connection):
+class _DropOnDemotion:
+    """Mixed in before a redis-py connection class: a reply saying the server cannot take writes
+    now drops the connection and raises ``demotion_error``, so the next command reconnects
+    (through the sentinels, where the pool has them)."""
+
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().read_response(*args, **kwargs)
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except redis.ResponseError as exc:
             if not refuses_writes(exc):
                 raise
-            self.disconnect()  # type: ignore[no-untyped-call]
+            self.disconnect()  # type: ignore[attr-defined]
             raise demotion_error(exc) from exc
 
 
-class DemotionAwareSSLConnection(redis.SSLConnection):
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read_response(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if not refuses_writes(exc):
-                raise
-            self.disconnect()  # type: ignore[no-untyped-call]
-            raise demotion_error(exc) from exc
+class _AsyncDropOnDemotion:
+    """``_DropOnDemotion`` for ``redis.asyncio`` connections."""
 
-
-class AsyncDemotionAwareConnection(aioredis.Connection):
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().read_response(*args, **kwargs)
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except redis.ResponseError as exc:
             if not refuses_writes(exc):
                 raise
-            await self.disconnect()
+            await self.disconnect()  # type: ignore[attr-defined]
             raise demotion_error(exc) from exc
 
 
-class AsyncDemotionAwareSSLConnection(aioredis.SSLConnection):
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if not refuses_writes(exc):
-                raise
-            await self.disconnect()
-            raise demotion_error(exc) from exc
+class DemotionAwareConnection(_DropOnDemotion, redis.Connection):
+    pass
 
 
-class WriteAwareSentinelConnection(redis.sentinel.SentinelManagedConnection):
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read_response(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if not refuses_writes(exc):
-                raise
-            self.disconnect()  # type: ignore[no-untyped-call]
-            raise demotion_error(exc) from exc
+class DemotionAwareSSLConnection(_DropOnDemotion, redis.SSLConnection):
+    pass
 
 
-class WriteAwareSentinelSSLConnection(redis.sentinel.SentinelManagedSSLConnection):
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read_response(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if not refuses_writes(exc):
-                raise
-            self.disconnect()  # type: ignore[no-untyped-call]
-            raise demotion_error(exc) from exc
+class AsyncDemotionAwareConnection(_AsyncDropOnDemotion, aioredis.Connection):
+    pass
 
 
-class AsyncWriteAwareSentinelConnection(aiosentinel.SentinelManagedConnection):
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if not refuses_writes(exc):
-                raise
-            await self.disconnect()
-            raise demotion_error(exc) from exc
+class AsyncDemotionAwareSSLConnection(_AsyncDropOnDemotion, aioredis.SSLConnection):
+    pass
 
 
-class AsyncWriteAwareSentinelSSLConnection(aiosentinel.SentinelManagedSSLConnection):
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if not refuses_writes(exc):
-                raise
-            await self.disconnect()
-            raise demotion_error(exc) from exc
+class WriteAwareSentinelConnection(_DropOnDemotion, redis.sentinel.SentinelManagedConnection):
+    pass
+
+
+class WriteAwareSentinelSSLConnection(_DropOnDemotion, redis.sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+class AsyncWriteAwareSentinelConnection(_AsyncDropOnDemotion, aiosentinel.SentinelManagedConnection):
+    pass
+
+
+class AsyncWriteAwareSentinelSSLConnection(_AsyncDropOnDemotion, aiosentinel.SentinelManagedSSLConnection):
+    pass
