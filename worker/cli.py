@@ -245,12 +245,19 @@ def cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.exporter import DEFAULT_PORT, serve
+    from worker.ops.exporter_http import access_from_settings
 
+    access = access_from_settings(settings)  # a bad password file or key fails before Redis is tried
     client = connect(settings.store, settings.publish_timeout)
     client.ping()  # an unreachable Redis is a one-line error now, not an exporter that reports 0
     port = args.port or DEFAULT_PORT
-    stop = serve(client, [settings.queue], port, args.address)
-    out.print(f"serving Prometheus metrics on http://{args.address}:{port}/metrics (Ctrl-C stops)")
+    stop = serve(client, [settings.queue], port, args.address, access)
+    auth = f", basic auth as user {access.user}" if access.password is not None else ""
+    out.print(
+        f"serving Prometheus metrics on {access.scheme}://{args.address}:{port}/metrics{auth} (Ctrl-C stops)",
+        markup=False,
+        highlight=False,
+    )
     stop.wait()
     return 0
 
