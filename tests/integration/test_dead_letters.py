@@ -89,6 +89,20 @@ def test_lists_failures_newest_first_with_their_deliveries_and_no_user_id(
         assert cells[4] == deliveries
 
 
+def test_a_message_delivered_too_often_is_listed_with_its_count(
+    own_runtime, make_model, redis_url: str
+) -> None:
+    # Given a message handed out more often than ITRAIN_MAX_DELIVERIES (5) allows
+    model = make_model()
+    run_messages([step_message("t-late", raw_event(model, "late", user_id=SECRET), deliveries=6)])
+    # When listed
+    (row,) = listed(redis_url, model)["dead_letters"]
+    # Then its dead letter says how often it came
+    assert row["error"] == "DeliveryLimitError"
+    assert row["deliveries"] == 6
+    assert "delivered 6 times" in row["message"]
+
+
 def test_an_entry_shows_only_the_listed_fields_escaped(make_model, redis_client, redis_url: str) -> None:
     # Given entries written by another tool: one with more fields (a user id among them) and a
     # terminal code in its message, and one that is not JSON

@@ -236,6 +236,22 @@ def itrain_stats(redis_url: str, model: str) -> dict[str, Any]:
     return stats
 
 
+def variable_value(prometheus: Prometheus, variable: dict[str, Any]) -> str:
+    """A dashboard variable's value as Grafana sends it: a ``label_values()`` query set to All is a
+    regex of every value Prometheus lists; any other variable, its current value."""
+    if variable.get("type") != "query":
+        current = variable.get("current", {}).get("value")
+        assert isinstance(current, str), f"dashboard variable {variable['name']}: no current value"
+        return current
+    query = variable.get("query")  # (an object in current dashboards, a string in older ones)
+    query = variable.get("definition") or (query.get("query", "") if isinstance(query, dict) else query)
+    found = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+    assert found, f"dashboard variable {variable['name']}: {query!r} is not a label_values() query"
+    listed = prometheus.label_values(found[2], found[1])
+    assert listed, f"dashboard variable {variable['name']} lists nothing"
+    return "(" + "|".join(promql_regex_escape(v) for v in listed) + ")"
+
+
 # -- the test -------------------------------------------------------------------------------------
 
 
@@ -290,12 +306,7 @@ def test_every_dashboard_expression_returns_data_that_matches_itrain_stats(
     dashboard = json.loads(DASHBOARD.read_text())
     values = dict(GRAFANA_BUILTINS)
     for variable in dashboard.get("templating", {}).get("list", []):
-        # A query variable set to All, as Grafana expands it: a regex of every value it lists.
-        found = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable.get("definition", ""))
-        assert found, f"dashboard variable {variable['name']}: not a label_values() query"
-        listed = prometheus.label_values(found[2], found[1])
-        assert listed, f"dashboard variable {variable['name']} lists nothing"
-        values[variable["name"]] = "(" + "|".join(promql_regex_escape(v) for v in listed) + ")"
+        values[variable["name"]] = variable_value(prometheus, variable)
     expressions = dashboard_expressions(dashboard)
     assert len(expressions) >= 21
     checked = 0
