@@ -234,6 +234,38 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.dead_letters import read_dead_letters
+
+    client = connect(settings.store, settings.publish_timeout)
+    letters, total = read_dead_letters(client, args.model, args.limit)
+    if args.json:
+        shown = [letter.as_json() for letter in letters]
+        print(json.dumps({"model": args.model, "total": total, "dead_letters": shown}))
+        return 0
+    table = Table(
+        "time (UTC)",
+        "event id",
+        "error",
+        "message",
+        "deliveries",
+        title=f"dead letters of {args.model}: newest {len(letters)} of {total}",
+    )
+    for letter in letters:
+        when = "-" if letter.time is None else letter.time.replace("T", " ")[:19]
+        event = letter.event_id or (f"[{letter.events} events]" if letter.events else "-")
+        # Texts come from events and errors (any text): shown escaped, never as terminal codes.
+        table.add_row(
+            when,
+            Text(terminal_safe(event)),
+            Text(terminal_safe(letter.error or "-")),
+            Text(terminal_safe(letter.message or "-")),
+            "-" if letter.deliveries is None else str(letter.deliveries),
+        )
+    out.print(table)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.plot import plot_loss, read_loss_series
 
@@ -245,12 +277,19 @@ def cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.exporter import DEFAULT_PORT, serve
+    from worker.ops.exporter_http import access_from_settings
 
+    access = access_from_settings(settings)  # a bad password file or key fails before Redis is tried
     client = connect(settings.store, settings.publish_timeout)
     client.ping()  # an unreachable Redis is a one-line error now, not an exporter that reports 0
     port = args.port or DEFAULT_PORT
-    stop = serve(client, [settings.queue], port, args.address)
-    out.print(f"serving Prometheus metrics on http://{args.address}:{port}/metrics (Ctrl-C stops)")
+    stop = serve(client, [settings.queue], port, args.address, access)
+    auth = f", basic auth as user {access.user}" if access.password is not None else ""
+    out.print(
+        f"serving Prometheus metrics on {access.scheme}://{args.address}:{port}/metrics{auth} (Ctrl-C stops)",
+        markup=False,
+        highlight=False,
+    )
     stop.wait()
     return 0
 
@@ -614,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="every initialised model")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("dead-letters", help="a model's dead letters, newest first (no user ids)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=_positive_int, default=20, help="the newest this many (default 20)")
+    p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("produce", help="send synthetic events")
     p.add_argument("--model", default="default")

@@ -297,7 +297,9 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     error = _culprit_error(raw, exc)
     ids, model, event_id, shown, extra = _describe_culprit(raw, rt.settings.max_message_bytes)
     ids = [task_id for task_id in ids if _result_id(task_id)]
-    entry = dead_letter_entry(_printable(raw.task_id), error, model=model, event_id=event_id, extra=extra)
+    entry = dead_letter_entry(
+        _printable(raw.task_id), error, model=model, event_id=event_id, extra=extra, deliveries=raw.deliveries
+    )
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
     # already written (an event committed before the process died) is left alone.
     rt.store.dead_letter(model, [entry])

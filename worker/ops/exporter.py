@@ -37,12 +37,13 @@ from typing import Any
 
 import orjson
 import redis
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from producer.evaluation import eval_report
 from producer.keys import LOCK_BUCKETS, MODELS, ModelKeys
+from worker.ops.exporter_http import Access, serve_wsgi
 
 __all__ = ["DEFAULT_PORT", "ItrainCollector", "serve"]
 
@@ -213,10 +214,13 @@ def histogram(fields: dict[bytes, bytes], prefix: str) -> tuple[list[tuple[str, 
     return buckets, float(fields.get(f"{prefix}:sum".encode(), 0.0))
 
 
-def serve(client: redis.Redis, queues: Sequence[str], port: int, address: str) -> threading.Event:
-    """Serve ``/metrics`` on ``address:port`` in a background thread; returns an event that is
+def serve(
+    client: redis.Redis, queues: Sequence[str], port: int, address: str, access: Access | None = None
+) -> threading.Event:
+    """Serve ``/metrics`` on ``address:port`` in a background thread, behind basic auth and over TLS
+    as ``access`` says (``worker.ops.exporter_http``; default: neither); returns an event that is
     never set (wait on it to serve until interrupted)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ItrainCollector(client, queues))
-    start_http_server(port, addr=address, registry=registry)
+    serve_wsgi(make_wsgi_app(registry), address, port, access or Access("prometheus", None, None))
     return threading.Event()
