@@ -68,7 +68,7 @@ class QueueHeads:
                 failing = False
 
 
-class QueueHeadsStep(bootsteps.StartStopStep):
+class QueueHeadsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """A worker step: watch the heads of the queues this worker consumes from a daemon thread
     of its main process, started once the pool is up."""
 
