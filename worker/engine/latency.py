@@ -9,10 +9,14 @@ index of the first bound >= the value, as Prometheus's ``le``; the last index is
 (``<prefix>:sum``). A negative time (a clock ahead of the worker's, an event stamped in the future)
 counts as 0.
 
-One commit adds a few fields whatever its size: the counts are made with numpy in one pass.
+One commit adds a few fields whatever its size. The counts are made under the model's lock, so
+cheaply: by bisection for a commit of a few events (``train_step`` at moderate rates: ~2 µs
+where numpy's fixed cost per call is ~20), with numpy in one pass for a large one.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 import numpy as np
 import numpy.typing as npt
@@ -26,13 +30,27 @@ ENQUEUE_TO_COMMIT = "e"
 FRESHNESS = "f"
 
 _BOUNDS = np.asarray(LATENCY_BUCKETS)
+#: Up to this many values, bisection in Python is cheaper than numpy's per-call cost.
+_SMALL = 64
 
 
 def histogram_fields(prefix: str, seconds: npt.NDArray[np.float64]) -> list[tuple[str, int | float]]:
     """The (field, increment) pairs that add ``seconds`` to histogram ``prefix``: one count per
     bucket met, then the sum. Nothing for no values."""
-    if not len(seconds):
+    n = len(seconds)
+    if not n:
         return []
+    if n <= _SMALL:
+        counts_of: dict[int, int] = {}
+        total = 0.0
+        for value in seconds.tolist():
+            value = value if value > 0.0 else 0.0
+            i = bisect_left(LATENCY_BUCKETS, value)
+            counts_of[i] = counts_of.get(i, 0) + 1
+            total += value
+        small: list[tuple[str, int | float]] = [(f"{prefix}:{i}", counts_of[i]) for i in sorted(counts_of)]
+        small.append((f"{prefix}:sum", total))
+        return small
     values = np.maximum(seconds, 0.0)
     # le semantics: a value equal to a bound falls in that bound's bucket.
     counts = np.bincount(np.searchsorted(_BOUNDS, values, side="left"), minlength=len(_BOUNDS) + 1)
