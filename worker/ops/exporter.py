@@ -4,7 +4,9 @@ A scrape costs two Redis round trips whatever the number of models: the models s
 routes (``itrain:routes``, model -> queue), then one pipeline reading every model's checkpoint
 figures, counters, action counts, dead letters, lock and latency histograms, every queue's length
 and head, and the server's memory and clock. Nothing is cached between scrapes, so any
-number of exporters (or none) may run, and a restarted one reports the same values.
+number of exporters (or none) may run, and a restarted one reports the same values; the one
+exception is the age of a queue head without an enqueue time that no worker has seen yet, which
+the exporter counts from its own first sight (``worker.ops.queue_age``).
 
 | metric | type | labels | what |
 |---|---|---|---|
