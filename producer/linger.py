@@ -51,10 +51,24 @@ _IDLE_SECONDS = 1.0
 class _Batch:
     """Events waiting to leave in one message, and what became of the message."""
 
-    __slots__ = ("deadline", "error", "event_ids", "events", "ids", "ignored", "sent", "short", "size")
+    __slots__ = (
+        "deadline",
+        "error",
+        "event_ids",
+        "events",
+        "ids",
+        "ignored",
+        "opened",
+        "sent",
+        "short",
+        "size",
+    )
 
     def __init__(self, deadline: float, ignored: bool) -> None:
         self.deadline = deadline
+        #: When its first event was accepted (unix seconds): the message's enqueue time, so the
+        #: time to commit counts the linger too.
+        self.opened = time.time()
         self.ignored = ignored  # sent with ignore_result (no results written)
         self.ids: list[str] = []
         self.events: list[bytes] = []
@@ -177,7 +191,9 @@ class LingerBuffers:
         """The batch's ``itrain.train_batch`` message in the ``[ids, events]`` form; handles
         outlive the batch's events, so they are dropped here (handles keep only its outcome)."""
         args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
-        envelope = self._templates[batch.ignored].fill(new_task_id(), args, f"[{len(batch.ids)} events]")
+        envelope = self._templates[batch.ignored].fill(
+            new_task_id(), args, f"[{len(batch.ids)} events]", enqueued_at=batch.opened
+        )
         batch.ids, batch.events = [], []
         return envelope
 

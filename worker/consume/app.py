@@ -20,6 +20,7 @@ from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
 from producer.server_version import check_server_versions
 from producer.settings import get_settings
+from worker.consume.queue_heads import QueueHeadsStep
 from worker.consume.sentinel_transport import AMQP_CLASS, transport_url
 from worker.store.eviction import check_eviction_policies
 from worker.store.layout import check_store_layout
@@ -43,6 +44,8 @@ app.conf.broker_transport_options = {
     "max_envelope_bytes": settings.max_message_bytes * 2 + 65_536,
 }
 app.conf.update(include=["worker.consume.tasks"])
+# First sightings of unstamped head messages, for the queues' ages (itrain exporter).
+app.steps["worker"].add(QueueHeadsStep)
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
 

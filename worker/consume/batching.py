@@ -47,6 +47,7 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
+from producer.enqueue_time import enqueued_at
 from producer.errors import InvalidEventError, ItrainError
 from producer.formats import header_format
 from producer.protocol import TASK_TRAIN_BATCH
@@ -72,6 +73,7 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
     task_id = headers.get("id") or properties.get("correlation_id") or ""
     info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
     body = message.body
+    taken = first_taken(info)
     return RawMessage(
         task=task_name,
         # A task id that is not text is refused by ``run_messages`` (as an empty id), never
@@ -93,8 +95,9 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
         deliveries=delivery_count(info),
         # Only a JSON true counts: a hostile "false" string must not silence a result.
         ignore_result=headers.get("ignore_result") is True,
-        first_taken=first_taken(info),
+        first_taken=taken,
         message_format=header_format(headers),
+        enqueued_at=enqueued_at(headers) or taken or time.time(),
     )
 
 

@@ -125,9 +125,10 @@ ROLES: dict[str, Role] = {
         _PRODUCER.channels,
     ),
     "monitor": Role(
-        "itrain exporter: read every model, the queue's length and INFO",
-        (*_CONNECTION, *_READ_MODELS),
-        ("%R~itrain:*", "%R~{queue}", "%R~unacked"),
+        "itrain exporter: read every model, the queues' lengths and heads, INFO",
+        # LINDEX: a queue's head (its age), HVALS: the routed queues, TIME: Redis's clock
+        (*_CONNECTION, *_READ_MODELS, "+lindex", "+hvals", "+time"),
+        ("%R~itrain:*", "%R~{queue}", "%R~{queue}.*", "%R~unacked"),
     ),
     "worker": Role(
         "train: every key and channel, no administrative command",
