@@ -26,7 +26,7 @@ class AsyncLinger:
     """The buffers of one asyncio client; used from its event loop only."""
 
     def __init__(
-        self, publish: Callable[[bytes, list[str]], Awaitable[None]], buffers: LingerBuffers
+        self, publish: Callable[[str, bytes, list[str]], Awaitable[None]], buffers: LingerBuffers
     ) -> None:
         self._publish = publish
         self._buffers = buffers
@@ -34,12 +34,17 @@ class AsyncLinger:
         self._sends: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def add(self, task_id: str, data: bytes, event_id: str, *, ignored: bool) -> LingerHandle:
-        """Buffer one validated event (its JSON and id) under result id ``task_id``."""
+    async def add(
+        self, task_id: str, data: bytes, event_id: str, *, ignored: bool, queue: str | None = None
+    ) -> LingerHandle:
+        """Buffer one validated event (its JSON and id) under result id ``task_id``, for
+        ``queue`` (default ``ITRAIN_QUEUE``)."""
         weight = self._buffers.weigh(data)
         if self._closed:
             raise PublishError("the client is closed: nothing was enqueued")
-        handle, full, opened = self._buffers.put(task_id, data, event_id, weight, ignored=ignored)
+        handle, full, opened = self._buffers.put(
+            task_id, data, event_id, weight, ignored=ignored, queue=queue
+        )
         if opened:
             self._arm()
         if full:
@@ -113,7 +118,7 @@ class AsyncLinger:
     async def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            await self._publish(self._buffers.message(batch), batch.event_ids)
+            await self._publish(batch.queue, self._buffers.message(batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:

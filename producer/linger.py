@@ -51,11 +51,23 @@ _IDLE_SECONDS = 1.0
 class _Batch:
     """Events waiting to leave in one message, and what became of the message."""
 
-    __slots__ = ("deadline", "error", "event_ids", "events", "ids", "ignored", "sent", "short", "size")
+    __slots__ = (
+        "deadline",
+        "error",
+        "event_ids",
+        "events",
+        "ids",
+        "ignored",
+        "queue",
+        "sent",
+        "short",
+        "size",
+    )
 
-    def __init__(self, deadline: float, ignored: bool) -> None:
+    def __init__(self, deadline: float, ignored: bool, queue: str) -> None:
         self.deadline = deadline
         self.ignored = ignored  # sent with ignore_result (no results written)
+        self.queue = queue  # the route of its events' models
         self.ids: list[str] = []
         self.events: list[bytes] = []
         self.event_ids: list[str] = []  # for a ReplicationError (the caller may not know them)
@@ -113,21 +125,22 @@ class LingerHandle(JobHandle):
 class LingerBuffers:
     """The buffers of one client, without threads or I/O: which batch an event joins, when a
     batch is due, its message, and what became of it. ``Linger`` (threads) and the asyncio
-    client's linger drive it; they keep calls to it one at a time (a lock, or the event loop)."""
+    client's linger drive it; they keep calls to it one at a time (a lock, or the event loop).
+
+    Each queue (a model's route, ``producer.routes``) has its own batches: a message goes to one
+    queue. ``queue`` is the one of events ``put`` without one (``ITRAIN_QUEUE``)."""
 
     def __init__(
         self, app: Celery, *, queue: str, linger_ms: float, max_events: int, max_message_bytes: int
     ) -> None:
         self.app = app
         self.delay = linger_ms / 1000.0
-        self._templates = {
-            ignore: EnvelopeTemplate(TASK_TRAIN_BATCH, queue, ignore_result=ignore)
-            for ignore in (False, True)
-        }
+        self.queue = queue
+        self._templates: dict[tuple[str, bool], EnvelopeTemplate] = {}
         self._max_events = max_events
         self._max_bytes = batch_budget(max_message_bytes)
         self._max_message_bytes = max_message_bytes
-        self.open: dict[bool, _Batch] = {}  # by ignore_result
+        self.open: dict[tuple[str, bool], _Batch] = {}  # by queue and ignore_result
         self.sending: set[_Batch] = set()
         self._errors: list[BaseException] = []  # failed sends not reported by a close yet
         self._short: list[_Batch] = []  # replication shortfalls not reported yet
@@ -137,38 +150,48 @@ class LingerBuffers:
         return event_weight(data, self._max_message_bytes)
 
     def put(
-        self, task_id: str, data: bytes, event_id: str, weight: int, *, ignored: bool
+        self,
+        task_id: str,
+        data: bytes,
+        event_id: str,
+        weight: int,
+        *,
+        ignored: bool,
+        queue: str | None = None,
     ) -> tuple[LingerHandle, list[_Batch], bool]:
-        """Buffer one event: its handle, the batches now full (taken, to be sent by the caller at
-        once), and whether a new batch was opened (its deadline is new)."""
+        """Buffer one event for ``queue`` (default ``self.queue``): its handle, the batches now
+        full (taken, to be sent by the caller at once), and whether a new batch was opened (its
+        deadline is new)."""
         full: list[_Batch] = []
-        batch = self.open.get(ignored)
+        key = (queue or self.queue, ignored)
+        batch = self.open.get(key)
         if batch is not None and batch.size + weight > self._max_bytes:
-            full.append(self.take(ignored))
+            full.append(self.take(key))
             batch = None
         opened = batch is None
         if batch is None:
-            batch = self.open[ignored] = _Batch(time.monotonic() + self.delay, ignored)
+            batch = self.open[key] = _Batch(time.monotonic() + self.delay, ignored, key[0])
         batch.ids.append(task_id)
         batch.events.append(data)
         batch.event_ids.append(event_id)
         batch.size += weight
         if len(batch.ids) >= self._max_events:
-            full.append(self.take(ignored))
+            full.append(self.take(key))
         return LingerHandle(task_id, self.app, batch, ignored=ignored), full, opened
 
-    def take(self, ignored: bool) -> _Batch:
-        """The open batch leaves the buffers and is counted as being sent."""
-        batch = self.open.pop(ignored)
+    def take(self, key: tuple[str, bool]) -> _Batch:
+        """The open batch of ``key`` (queue, ignore_result) leaves the buffers and is counted as
+        being sent."""
+        batch = self.open.pop(key)
         self.sending.add(batch)
         return batch
 
     def take_all(self) -> list[_Batch]:
-        return [self.take(ignored) for ignored in list(self.open)]
+        return [self.take(key) for key in list(self.open)]
 
     def take_due(self, now: float) -> list[_Batch]:
         """The batches whose oldest event has waited ``linger_ms``."""
-        return [self.take(ignored) for ignored, b in list(self.open.items()) if b.deadline <= now]
+        return [self.take(key) for key, b in list(self.open.items()) if b.deadline <= now]
 
     def next_deadline(self) -> float | None:
         return min((b.deadline for b in self.open.values()), default=None)
@@ -177,7 +200,13 @@ class LingerBuffers:
         """The batch's ``itrain.train_batch`` message in the ``[ids, events]`` form; handles
         outlive the batch's events, so they are dropped here (handles keep only its outcome)."""
         args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
-        envelope = self._templates[batch.ignored].fill(new_task_id(), args, f"[{len(batch.ids)} events]")
+        key = (batch.queue, batch.ignored)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = EnvelopeTemplate(
+                TASK_TRAIN_BATCH, batch.queue, ignore_result=batch.ignored
+            )
+        envelope = template.fill(new_task_id(), args, f"[{len(batch.ids)} events]")
         batch.ids, batch.events = [], []
         return envelope
 
@@ -259,7 +288,7 @@ class Linger:
 
     def __init__(
         self,
-        publish: Callable[[bytes, list[str]], None],
+        publish: Callable[[str, bytes, list[str]], None],
         app: Celery,
         *,
         queue: str,
@@ -285,13 +314,18 @@ class Linger:
         self._at_exit = flush_at_exit
         atexit.register(flush_at_exit)
 
-    def add(self, task_id: str, data: bytes, event_id: str, *, ignored: bool) -> LingerHandle:
-        """Buffer one validated event (its JSON and id) under result id ``task_id``."""
+    def add(
+        self, task_id: str, data: bytes, event_id: str, *, ignored: bool, queue: str | None = None
+    ) -> LingerHandle:
+        """Buffer one validated event (its JSON and id) under result id ``task_id``, for
+        ``queue`` (default ``ITRAIN_QUEUE``)."""
         weight = self._buffers.weigh(data)
         with self._lock:
             if self._closed:
                 raise PublishError("the client is closed: nothing was enqueued")
-            handle, full, opened = self._buffers.put(task_id, data, event_id, weight, ignored=ignored)
+            handle, full, opened = self._buffers.put(
+                task_id, data, event_id, weight, ignored=ignored, queue=queue
+            )
             if opened:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="itrain-linger", daemon=True)
@@ -365,7 +399,7 @@ class Linger:
     def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            self._publish(self._buffers.message(batch), batch.event_ids)
+            self._publish(batch.queue, self._buffers.message(batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:
