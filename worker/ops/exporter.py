@@ -1,9 +1,12 @@
 """``itrain exporter``: Prometheus metrics of every model, read from Redis at each scrape.
 
-A scrape costs two Redis round trips whatever the number of models: the models set, then one
-pipeline reading every model's checkpoint figures, counters, action counts, dead letters and lock
-histograms, the queue lengths and the server's memory. Nothing is cached between scrapes, so any
-number of exporters (or none) may run, and a restarted one reports the same values.
+A scrape costs two Redis round trips whatever the number of models: the models set and the routes,
+then one pipeline reading every model's checkpoint figures, counters, action counts, dead letters
+and lock histograms, the queue lengths and the server's memory. The queues measured are
+``ITRAIN_QUEUE``, the exporter's ``ITRAIN_QUEUES`` and every queue ``itrain:routes`` names
+(``producer.routes``), read at each scrape, so a model given a queue of its own shows at the next
+one. Nothing is cached between scrapes, so any number of exporters (or none) may run, and a
+restarted one reports the same values.
 
 | metric | type | labels | what |
 |---|---|---|---|
@@ -23,7 +26,7 @@ number of exporters (or none) may run, and a restarted one reports the same valu
 | ``itrain_eval_events`` | gauge | model, scope | events the evaluation counts |
 | ``itrain_guard_paused`` | gauge | model | 1 while a tripped guard keeps training paused |
 | ``itrain_guard_trips`` | counter | model | times the model's guard tripped |
-| ``itrain_queue_messages`` | gauge | queue | messages waiting in the queue list |
+| ``itrain_queue_messages`` | gauge | queue | messages waiting in each queue list |
 | ``itrain_unacked_messages`` | gauge | | messages taken by workers, not yet acknowledged |
 | ``itrain_redis_memory_used_bytes`` | gauge | | ``INFO memory`` ``used_memory`` of the store's Redis |
 """
@@ -42,7 +45,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from producer.evaluation import eval_report
-from producer.keys import LOCK_BUCKETS, MODELS, ModelKeys
+from producer.keys import LOCK_BUCKETS, MODELS, ROUTES, ModelKeys
+from producer.routes import parse_routes
 
 __all__ = ["DEFAULT_PORT", "ItrainCollector", "serve"]
 
@@ -74,7 +78,12 @@ class ItrainCollector(Collector):
 
     def _read(self) -> list[Metric]:
         self.round_trips = 1
-        models = sorted(m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(MODELS))
+        first = self.client.pipeline(transaction=False)
+        first.smembers(MODELS)
+        first.hgetall(ROUTES)
+        members, routes = first.execute()
+        models = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        queues = self.queues_of(routes)
         pipe = self.client.pipeline(transaction=False)
         for model in models:
             keys = ModelKeys(model)
@@ -84,20 +93,26 @@ class ItrainCollector(Collector):
             pipe.llen(keys.dead)
             pipe.hgetall(keys.lock_stats)
             pipe.get(keys.eval_ring)
-        for queue in self.queues:
+        for queue in queues:
             pipe.llen(queue)
         pipe.hlen("unacked")
         pipe.info("memory")
         replies = pipe.execute()
         self.round_trips = 2
         per_model, rest = replies[: _PER_MODEL * len(models)], replies[_PER_MODEL * len(models) :]
-        return [*_model_metrics(models, per_model), *self._server_metrics(rest)]
+        return [*_model_metrics(models, per_model), *self._server_metrics(queues, rest)]
 
-    def _server_metrics(self, replies: list[Any]) -> list[Metric]:
+    def queues_of(self, routes: dict[bytes, bytes]) -> list[str]:
+        """The queues to measure: the configured ones (the first is ``ITRAIN_QUEUE``), then every
+        queue a route names."""
+        routed = parse_routes(routes, self.queues[0]).values() if self.queues else ()
+        return list(dict.fromkeys([*self.queues, *sorted(routed)]))
+
+    def _server_metrics(self, queues: list[str], replies: list[Any]) -> list[Metric]:
         queue = GaugeMetricFamily("itrain_queue_messages", "Messages waiting in the queue", labels=["queue"])
-        for name, length in zip(self.queues, replies, strict=False):
+        for name, length in zip(queues, replies, strict=False):
             queue.add_metric([name], int(length))
-        unacked, memory = replies[len(self.queues) :]
+        unacked, memory = replies[len(queues) :]
         return [
             queue,
             GaugeMetricFamily(
