@@ -24,7 +24,7 @@ from producer.celery_config import make_celery
 from producer.client import client_settings, result_flag
 from producer.handles import JobHandle, handle_for
 from producer.keys import ROUTES
-from producer.linger import LingerBuffers
+from producer.linger import Build, LingerBuffers
 from producer.outgoing import EventLike, Outgoing, Pushes, event_json
 from producer.protocol import new_task_id
 from producer.publishing import (
@@ -85,7 +85,7 @@ class AsyncTrainingClient:
         self._replicas = ReplicaWait.of(base, base.broker)
         self._linger = (
             AsyncLinger(
-                self._push_one,
+                self._push_lingered,
                 LingerBuffers(
                     self.app,
                     queue=base.queue,
@@ -105,10 +105,12 @@ class AsyncTrainingClient:
         ``ITRAIN_MIN_REPLICAS`` likewise); returns its handle."""
         data, shown = event_json(event)
         task_id = new_task_id()
-        await self._fresh_routes()
         if self._linger is not None:
-            queue = self._routes.queue(shown["model"])
-            return await self._linger.add(task_id, data, shown["event_id"], ignored=not result, queue=queue)
+            # (routed when its batch is sent: no I/O here)
+            return await self._linger.add(
+                task_id, data, shown["event_id"], ignored=not result, model=shown["model"]
+            )
+        await self._fresh_routes()
         queue, message = self._outgoing.step(task_id, data, shown, result=result)
         await self._push([(queue, [message])], [shown["event_id"]])
         return JobHandle(task_id, self.app, ignored=not result)
@@ -287,8 +289,10 @@ class AsyncTrainingClient:
         replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
         return replies
 
-    async def _push_one(self, queue: str, envelope: bytes, event_ids: list[str]) -> None:
-        await self._push([(queue, [envelope])], event_ids)
+    async def _push_lingered(self, build: Build, event_ids: list[str]) -> None:
+        """Send a linger batch: its events routed by the routes as they are now."""
+        await self._fresh_routes()
+        await self._push(build(self._routes.queue), event_ids)
 
     async def _fresh_routes(self) -> None:
         """Read ``itrain:routes`` again when the client's copy is due (``producer.routes``)."""

@@ -15,7 +15,7 @@ from producer.errors import ConfigurationError
 from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 from producer.handles import JobHandle, handle_for
 from producer.keys import ROUTES
-from producer.linger import Linger
+from producer.linger import Build, Linger
 from producer.outgoing import EventLike, Outgoing, Pushes, argsrepr, event_json, validate_one
 from producer.protocol import TASK_PREDICT, new_task_id
 from producer.publishing import (
@@ -100,7 +100,7 @@ class TrainingClient:
         self._outgoing = Outgoing(base, self.app, self._routes)
         self._linger = (
             Linger(
-                self._push_one,
+                self._push_lingered,
                 self.app,
                 queue=base.queue,
                 linger_ms=linger_ms,
@@ -131,10 +131,12 @@ class TrainingClient:
         """
         data, shown = event_json(event)
         task_id = new_task_id()
-        self._fresh_routes()
         if self._linger is not None:
-            queue = self._routes.queue(shown["model"])
-            return self._linger.add(task_id, data, shown["event_id"], ignored=not result, queue=queue)
+            # (routed when its batch is sent: no I/O here)
+            return self._linger.add(
+                task_id, data, shown["event_id"], ignored=not result, model=shown["model"]
+            )
+        self._fresh_routes()
         queue, message = self._outgoing.step(task_id, data, shown, result=result)
         self._push([(queue, [message])], [shown["event_id"]])
         return JobHandle(task_id, self.app, ignored=not result)
@@ -308,8 +310,10 @@ class TrainingClient:
         if replicas is not None:
             replicas.check(acked, event_ids)
 
-    def _push_one(self, queue: str, envelope: bytes, event_ids: list[str]) -> None:
-        self._push([(queue, [envelope])], event_ids)
+    def _push_lingered(self, build: Build, event_ids: list[str]) -> None:
+        """Send a linger batch: its events routed by the routes as they are now."""
+        self._fresh_routes()
+        self._push(build(self._routes.queue), event_ids)
 
     def _fresh_routes(self) -> None:
         """Read ``itrain:routes`` again when the client's copy is due (``producer.routes``)."""

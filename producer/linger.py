@@ -21,6 +21,10 @@ than ``ITRAIN_MIN_REPLICAS`` is in Redis and its handles stay live: the ``Replic
 on its handles. Events still in the buffer when the process dies
 (``kill -9``, a crash, ``os._exit``) are lost: at most ``linger_ms`` worth of calls.
 
+Each event is routed when its batch is sent, not when it is buffered (``producer.routes``): the
+sending side reads the routes when its copy is due, so ``train_step`` does no I/O, and a batch
+whose events go to several queues leaves as one message per queue, all in one push.
+
 A forked child starts with empty buffers (the parent sends what it had buffered) and a sending
 thread of its own.
 """
@@ -28,6 +32,7 @@ thread of its own.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 import time
@@ -41,8 +46,13 @@ from celery import Celery, states
 from producer.errors import PublishError, ReplicationError
 from producer.handles import JobHandle, timed_out
 from producer.protocol import TASK_TRAIN_BATCH, EnvelopeTemplate, batch_budget, event_weight, new_task_id
+from producer.routes import DEFAULT_MODEL, group_by_queue
 
-__all__ = ["Linger", "LingerBuffers", "LingerHandle", "merge_shortfalls", "send_error"]
+__all__ = ["Build", "Linger", "LingerBuffers", "LingerHandle", "merge_shortfalls", "send_error"]
+
+#: What a linger hands its client to send: given the routes (model -> queue), a batch's
+#: messages by queue; the client reads the routes first when its copy is due.
+Build = Callable[[Callable[[str], str]], list[tuple[str, list[bytes]]]]
 
 #: How long the sending thread stays without work before it ends (a new call starts another).
 _IDLE_SECONDS = 1.0
@@ -58,18 +68,18 @@ class _Batch:
         "events",
         "ids",
         "ignored",
-        "queue",
+        "models",
         "sent",
         "short",
         "size",
     )
 
-    def __init__(self, deadline: float, ignored: bool, queue: str) -> None:
+    def __init__(self, deadline: float, ignored: bool) -> None:
         self.deadline = deadline
         self.ignored = ignored  # sent with ignore_result (no results written)
-        self.queue = queue  # the route of its events' models
         self.ids: list[str] = []
         self.events: list[bytes] = []
+        self.models: list[str] = []  # each event's model, routed when the batch is sent
         self.event_ids: list[str] = []  # for a ReplicationError (the caller may not know them)
         self.size = 0
         self.sent = threading.Event()  # set once the message is in Redis or failed for good
@@ -125,10 +135,7 @@ class LingerHandle(JobHandle):
 class LingerBuffers:
     """The buffers of one client, without threads or I/O: which batch an event joins, when a
     batch is due, its message, and what became of it. ``Linger`` (threads) and the asyncio
-    client's linger drive it; they keep calls to it one at a time (a lock, or the event loop).
-
-    Each queue (a model's route, ``producer.routes``) has its own batches: a message goes to one
-    queue. ``queue`` is the one of events ``put`` without one (``ITRAIN_QUEUE``)."""
+    client's linger drive it; they keep calls to it one at a time (a lock, or the event loop)."""
 
     def __init__(
         self, app: Celery, *, queue: str, linger_ms: float, max_events: int, max_message_bytes: int
@@ -140,7 +147,7 @@ class LingerBuffers:
         self._max_events = max_events
         self._max_bytes = batch_budget(max_message_bytes)
         self._max_message_bytes = max_message_bytes
-        self.open: dict[tuple[str, bool], _Batch] = {}  # by queue and ignore_result
+        self.open: dict[bool, _Batch] = {}  # by ignore_result
         self.sending: set[_Batch] = set()
         self._errors: list[BaseException] = []  # failed sends not reported by a close yet
         self._short: list[_Batch] = []  # replication shortfalls not reported yet
@@ -157,58 +164,65 @@ class LingerBuffers:
         weight: int,
         *,
         ignored: bool,
-        queue: str | None = None,
+        model: str = DEFAULT_MODEL,
     ) -> tuple[LingerHandle, list[_Batch], bool]:
-        """Buffer one event for ``queue`` (default ``self.queue``): its handle, the batches now
-        full (taken, to be sent by the caller at once), and whether a new batch was opened (its
-        deadline is new)."""
+        """Buffer one event: its handle, the batches now full (taken, to be sent by the caller at
+        once), and whether a new batch was opened (its deadline is new)."""
         full: list[_Batch] = []
-        key = (queue or self.queue, ignored)
-        batch = self.open.get(key)
+        batch = self.open.get(ignored)
         if batch is not None and batch.size + weight > self._max_bytes:
-            full.append(self.take(key))
+            full.append(self.take(ignored))
             batch = None
         opened = batch is None
         if batch is None:
-            batch = self.open[key] = _Batch(time.monotonic() + self.delay, ignored, key[0])
+            batch = self.open[ignored] = _Batch(time.monotonic() + self.delay, ignored)
         batch.ids.append(task_id)
         batch.events.append(data)
+        batch.models.append(model)
         batch.event_ids.append(event_id)
         batch.size += weight
         if len(batch.ids) >= self._max_events:
-            full.append(self.take(key))
+            full.append(self.take(ignored))
         return LingerHandle(task_id, self.app, batch, ignored=ignored), full, opened
 
-    def take(self, key: tuple[str, bool]) -> _Batch:
-        """The open batch of ``key`` (queue, ignore_result) leaves the buffers and is counted as
-        being sent."""
-        batch = self.open.pop(key)
+    def take(self, ignored: bool) -> _Batch:
+        """The open batch leaves the buffers and is counted as being sent."""
+        batch = self.open.pop(ignored)
         self.sending.add(batch)
         return batch
 
     def take_all(self) -> list[_Batch]:
-        return [self.take(key) for key in list(self.open)]
+        return [self.take(ignored) for ignored in list(self.open)]
 
     def take_due(self, now: float) -> list[_Batch]:
         """The batches whose oldest event has waited ``linger_ms``."""
-        return [self.take(key) for key, b in list(self.open.items()) if b.deadline <= now]
+        return [self.take(ignored) for ignored, b in list(self.open.items()) if b.deadline <= now]
 
     def next_deadline(self) -> float | None:
         return min((b.deadline for b in self.open.values()), default=None)
 
-    def message(self, batch: _Batch) -> bytes:
-        """The batch's ``itrain.train_batch`` message in the ``[ids, events]`` form; handles
-        outlive the batch's events, so they are dropped here (handles keep only its outcome)."""
-        args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
-        key = (batch.queue, batch.ignored)
-        template = self._templates.get(key)
+    def messages(self, batch: _Batch, route: Callable[[str], str]) -> list[tuple[str, list[bytes]]]:
+        """The batch's ``itrain.train_batch`` messages in the ``[ids, events]`` form, one per
+        queue its events' models are routed to (``route``: model -> queue), each queue's events
+        in their order. Handles outlive the batch's events, so they are dropped here (handles keep
+        only its outcome)."""
+        queues = [route(m) for m in batch.models]
+        groups = {queues[0]: range(len(queues))} if len(set(queues)) == 1 else group_by_queue(queues)
+        pushes = []
+        for queue, positions in groups.items():
+            ids = [batch.ids[i] for i in positions]
+            args = b"[" + orjson.dumps(ids) + b",[" + b",".join(batch.events[i] for i in positions) + b"]]"
+            envelope = self._template(queue, batch.ignored).fill(new_task_id(), args, f"[{len(ids)} events]")
+            pushes.append((queue, [envelope]))
+        batch.ids, batch.events, batch.models = [], [], []
+        return pushes
+
+    def _template(self, queue: str, ignored: bool) -> EnvelopeTemplate:
+        template = self._templates.get((queue, ignored))
         if template is None:
-            template = self._templates[key] = EnvelopeTemplate(
-                TASK_TRAIN_BATCH, batch.queue, ignore_result=batch.ignored
-            )
-        envelope = template.fill(new_task_id(), args, f"[{len(batch.ids)} events]")
-        batch.ids, batch.events = [], []
-        return envelope
+            template = EnvelopeTemplate(TASK_TRAIN_BATCH, queue, ignore_result=ignored)
+            self._templates[queue, ignored] = template
+        return template
 
     def finished(self, batch: _Batch, error: BaseException | None) -> None:
         """The batch's send is over: in Redis (``error`` None, or a ``ReplicationError``: in Redis
@@ -288,7 +302,7 @@ class Linger:
 
     def __init__(
         self,
-        publish: Callable[[str, bytes, list[str]], None],
+        publish: Callable[[Build, list[str]], None],
         app: Celery,
         *,
         queue: str,
@@ -315,16 +329,15 @@ class Linger:
         atexit.register(flush_at_exit)
 
     def add(
-        self, task_id: str, data: bytes, event_id: str, *, ignored: bool, queue: str | None = None
+        self, task_id: str, data: bytes, event_id: str, *, ignored: bool, model: str = DEFAULT_MODEL
     ) -> LingerHandle:
-        """Buffer one validated event (its JSON and id) under result id ``task_id``, for
-        ``queue`` (default ``ITRAIN_QUEUE``)."""
+        """Buffer one validated event (its JSON, id and model) under result id ``task_id``."""
         weight = self._buffers.weigh(data)
         with self._lock:
             if self._closed:
                 raise PublishError("the client is closed: nothing was enqueued")
             handle, full, opened = self._buffers.put(
-                task_id, data, event_id, weight, ignored=ignored, queue=queue
+                task_id, data, event_id, weight, ignored=ignored, model=model
             )
             if opened:
                 if self._thread is None:
@@ -399,7 +412,7 @@ class Linger:
     def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            self._publish(batch.queue, self._buffers.message(batch), batch.event_ids)
+            self._publish(functools.partial(self._buffers.messages, batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:

@@ -149,23 +149,29 @@ def test_train_step_and_predict_go_to_the_models_queue(outgoing: Outgoing) -> No
     assert orjson.loads(message)["properties"]["delivery_info"]["routing_key"] == "itrain"
 
 
-def test_linger_buffers_keep_one_batch_per_queue(settings: Settings) -> None:
+def test_linger_batch_is_routed_when_sent_one_message_per_queue(settings: Settings) -> None:
     app = make_celery(settings, main="itrain-test", producer=True)
     buffers = LingerBuffers(app, queue="itrain", linger_ms=5, max_events=10, max_message_bytes=1 << 20)
     try:
-        # Given events for two queues, interleaved
-        for i, queue in enumerate(["itrain.a", None, "itrain.a", None, "itrain.a"]):
+        # Given events of a routed model and of another, interleaved in one batch
+        for i, model in enumerate(["a", "c", "a", "c", "a"]):
             buffers.put(
-                f"id-{i}", orjson.dumps(make_event("m", i)), f"ev-{i}", 100, ignored=False, queue=queue
+                f"id-{i}", orjson.dumps(make_event(model, i)), f"ev-{i}", 100, ignored=False, model=model
             )
-        # Then each queue has its own batch, and its message names that queue
-        batches = {b.queue: b for b in buffers.take_all()}
-        assert sorted(batches) == ["itrain", "itrain.a"]
-        assert batches["itrain.a"].ids == ["id-0", "id-2", "id-4"]
-        assert batches["itrain"].ids == ["id-1", "id-3"]
-        for queue, batch in batches.items():
-            routing = orjson.loads(buffers.message(batch))["properties"]["delivery_info"]["routing_key"]
-            assert routing == queue
+        (batch,) = buffers.take_all()
+        # When it is sent with the routes as they are then
+        routes = Routes("itrain", ttl=5.0)
+        routes.update({"a": "itrain.a"})
+        pushes = buffers.messages(batch, routes.queue)
+        # Then it leaves as one message per queue, each naming its queue, each in the calls' order
+        assert [q for q, _ in pushes] == ["itrain.a", "itrain"]
+        for queue, (message,) in pushes:
+            envelope = orjson.loads(message)
+            assert envelope["properties"]["delivery_info"]["routing_key"] == queue
+            ids, events = orjson.loads(base64.b64decode(envelope["body"]))[0]
+            expected = [0, 2, 4] if queue == "itrain.a" else [1, 3]
+            assert ids == [f"id-{i}" for i in expected]
+            assert [e["event_id"] for e in events] == [f"ev-{i}" for i in expected]
     finally:
         app.close()
 
