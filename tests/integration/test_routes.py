@@ -265,3 +265,38 @@ def test_exporter_and_delete_follow_the_routes(
     assert itrain("route", "--model", model, "--queue", routed)[0] == 0
     assert itrain("delete", "--model", model, "--yes")[0] == 0
     assert redis_client.hget(ROUTES, model) is None
+
+
+def test_routes_are_read_once_per_ttl_not_per_call(
+    itrain: Cli, redis_client: redis.Redis, redis_url: str, queue: str, make_model: Callable[..., str]
+) -> None:
+    model = make_model()
+    assert itrain("route", "--model", model, "--queue", f"{queue}.b")[0] == 0
+
+    def reads() -> int:
+        stats = redis_client.info("commandstats").get("cmdstat_hgetall", {"calls": 0})
+        return int(stats["calls"])
+
+    # Given a client whose copy of the routes lasts an hour
+    before = reads()
+    with TrainingClient(settings=Settings(redis_url=redis_url, queue=queue, routes_ttl=3600)) as client:
+        # When it sends by every path, many times
+        for i in range(50):
+            client.train_step(make_event(model, i, "ttl"), result=False)
+        for k in range(5):
+            client.train_many([make_event(model, i, f"ttl-{k}") for i in range(10)], result=False)
+        client.predict(make_event(model, 0, "ttl-p"))
+        # Then it read the routes once, and every event went to the model's queue
+        assert reads() - before == 1
+    assert redis_client.llen(f"{queue}.b") == 50 + 5 + 1
+    # and `itrain acl --queues` checks the names it is given, for the roles that push
+    code, out, _ = itrain("acl", "--role", "producer", "--queues", f"{queue}.b", "--password", "pw")
+    assert code == 0
+    assert f" ~{queue}.b " in out
+    assert f" ~{queue}.* " not in out
+    code, _, err = itrain("acl", "--role", "producer", "--queues", "elsewhere")
+    assert code != 0
+    assert "is not one a model can be routed to" in err
+    code, _, err = itrain("acl", "--role", "monitor", "--queues", f"{queue}.b")
+    assert code != 0
+    assert "--queues" in err
