@@ -24,7 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from producer.async_client import AsyncTrainingClient
 from producer.client import TrainingClient
-from producer.errors import PermissionDeniedError, QueueFullError
+from producer.errors import PermissionDeniedError, QueueFullError, ReplicationError
 from producer.keys import ROUTES
 from producer.settings import Settings, get_settings
 from tests.helpers import Workers, make_event
@@ -300,3 +300,29 @@ def test_routes_are_read_once_per_ttl_not_per_call(
     code, _, err = itrain("acl", "--role", "monitor", "--queues", f"{queue}.b")
     assert code != 0
     assert "--queues" in err
+
+
+def test_two_queue_push_waits_for_replicas_after_the_transaction(
+    itrain: Cli, redis_client: redis.Redis, redis_url: str, queue: str, make_model: Callable[..., str]
+) -> None:
+    a, b = make_model(), make_model()
+    assert itrain("route", "--model", a, "--queue", f"{queue}.b")[0] == 0
+    # Given clients that want a replica of a Redis that has none (each WAIT falls short)
+    settings = Settings(redis_url=redis_url, queue=queue, min_replicas=1, replica_timeout_ms=10)
+    events = [make_event(m, i, f"rep-{queue}") for i, m in enumerate([a, b, a, b])]
+    # When a train_many spans both queues, from the sync client and the asyncio one
+    with TrainingClient(settings=settings) as client, pytest.raises(ReplicationError) as sync_error:
+        client.train_many(events[:2])
+
+    async def from_asyncio() -> None:
+        async with AsyncTrainingClient(settings=settings) as aclient:
+            await aclient.train_many(events[2:])
+
+    with pytest.raises(ReplicationError) as async_error:
+        asyncio.run(from_asyncio())
+    # Then the WAIT after the transaction reports every event, and every message is in Redis
+    assert sync_error.value.event_ids == [e["event_id"] for e in events[:2]]
+    assert async_error.value.event_ids == [e["event_id"] for e in events[2:]]
+    assert (sync_error.value.wanted, sync_error.value.got) == (1, 0)
+    assert queued_models(redis_client, f"{queue}.b") == [a, a]
+    assert queued_models(redis_client, queue) == [b, b]
