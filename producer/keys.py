@@ -10,6 +10,8 @@ touches in KEYS.
 |---|---|---|
 | ``itrain:layout`` | string | the store's layout version (``producer.formats``); absent: layout 1 |
 | ``itrain:models`` | set | names of initialised models |
+| ``itrain:routes`` | hash | model -> its queue (``producer.routes``), in the broker's Redis; a model |
+| | | not in it uses ``ITRAIN_QUEUE`` |
 | ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta``, |
 | | | ``config``, ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at``; the online |
 | | | evaluation (``eval``, ``eval_wn``, ``eval_cap``: ``producer.evaluation``) and the guard |
@@ -53,6 +55,7 @@ __all__ = [
     "LOCK_BUCKETS",
     "MODELS",
     "QUEUE_HEADS",
+    "ROUTES",
     "TRANSPORT_REJECTED",
     "UNROUTED_DEAD",
     "UNROUTED_DEAD_ERRORS",
@@ -65,6 +68,8 @@ __all__ = [
 #: The store's layout version (``producer.formats``); a store without it is layout 1.
 LAYOUT = "itrain:layout"
 MODELS = "itrain:models"
+#: model -> queue of the models given a queue of their own (``producer.routes``).
+ROUTES = "itrain:routes"
 #: Upper bounds (seconds) of the lock wait and hold histogram buckets; the last bucket is +Inf.
 LOCK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: Upper bounds (seconds) of the enqueue-to-commit and freshness histogram buckets (the last is

@@ -56,7 +56,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from producer.evaluation import eval_report
-from producer.keys import LATENCY_BUCKETS, LOCK_BUCKETS, MODELS, QUEUE_HEADS, UNROUTED_DEAD_ERRORS, ModelKeys
+from producer.keys import (
+    LATENCY_BUCKETS,
+    LOCK_BUCKETS,
+    MODELS,
+    QUEUE_HEADS,
+    ROUTES,
+    UNROUTED_DEAD_ERRORS,
+    ModelKeys,
+)
+from producer.routes import parse_routes
 from worker.engine.latency import ENQUEUE_TO_COMMIT, FRESHNESS
 from worker.ops.exporter_http import Access, serve_wsgi
 from worker.ops.queue_age import HeadAges
@@ -66,8 +75,6 @@ __all__ = ["DEFAULT_PORT", "ItrainCollector", "serve"]
 DEFAULT_PORT = 9810
 logger = logging.getLogger("itrain.exporter")
 
-#: Model -> its own queue, for models given one (the others use ITRAIN_QUEUE).
-_ROUTES = "itrain:routes"
 #: The model label of dead letters that name no initialised model.
 UNROUTED = "_unrouted"
 #: Every error a dead letter can name, exported at 0 until met: a counter that appeared only at
@@ -114,10 +121,10 @@ class ItrainCollector(Collector):
         self.round_trips = 1
         first = self.client.pipeline(transaction=False)
         first.smembers(MODELS)
-        first.hvals(_ROUTES)
-        found, routed = first.execute()
+        first.hgetall(ROUTES)
+        found, routes = first.execute()
         models = sorted(m.decode() if isinstance(m, bytes) else m for m in found)
-        queues = list(dict.fromkeys([*self.queues, *sorted(q.decode(errors="replace") for q in routed)]))
+        queues = self.queues_of(routes)
         pipe = self.client.pipeline(transaction=False)
         for model in models:
             keys = ModelKeys(model)
@@ -142,6 +149,12 @@ class ItrainCollector(Collector):
         per_model, rest = replies[: _PER_MODEL * len(models)], replies[_PER_MODEL * len(models) :]
         unrouted = rest.pop()
         return [*_model_metrics(models, per_model, unrouted), *self._server_metrics(queues, rest)]
+
+    def queues_of(self, routes: dict[bytes, bytes]) -> list[str]:
+        """The queues to measure: the configured ones (the first is ``ITRAIN_QUEUE``), then every
+        queue a route names."""
+        routed = parse_routes(routes, self.queues[0]).values() if self.queues else ()
+        return list(dict.fromkeys([*self.queues, *sorted(routed)]))
 
     def _server_metrics(self, queues: list[str], replies: list[Any]) -> list[Metric]:
         queue = GaugeMetricFamily("itrain_queue_messages", "Messages waiting in the queue", labels=["queue"])
