@@ -69,9 +69,9 @@ def links(server: RedisServer) -> Iterator[tuple[Forwarder, Forwarder]]:
         yield a, b
 
 
-def _env(*, publish_timeout: float | None = None) -> dict[str, str]:
+def _env(*, publish_timeout: float | None = None, visibility: int = VISIBILITY) -> dict[str, str]:
     env = {
-        **evidence_env(VISIBILITY),
+        **evidence_env(visibility),
         "ITRAIN_LOCK_TIMEOUT": str(LOCK_TIMEOUT),
         "ITRAIN_LOG_EVERY": "1",  # a log line per step: the worker's log shows what it trained
     }
@@ -80,104 +80,204 @@ def _env(*, publish_timeout: float | None = None) -> dict[str, str]:
     return env
 
 
-def hold_after_read(server: RedisServer, link: Forwarder, lock_key: str, send: Callable[[], Any]) -> str:
-    """Call ``send()``, then hold ``link`` as soon as the connection that takes ``lock_key`` runs
-    the checkpoint read under it (``MONITOR`` shows each command as Redis runs it); the lock token
-    that connection took. Only commands of the worker behind ``link`` may reach Redis meanwhile:
-    the caller holds every other worker's link."""
+#: One command as ``MONITOR`` shows it: (client address, client port), the command's words.
+Seen = tuple[tuple[str, str], list[str]]
+
+
+def watch(server: RedisServer, send: Callable[[], Any], until: Callable[[Seen], Any]) -> Any:
+    """Call ``send()``, then read each command Redis runs (``MONITOR``) until ``until`` returns
+    something for one of them; that value. Commands run by scripts are skipped."""
     watcher = redis.Redis(port=server.port, socket_timeout=60)
     try:
         with watcher.monitor() as monitor:
             send()
-            holder, token = None, ""
             while True:
                 seen = monitor.next_command()
                 if seen["client_type"] != "tcp":
-                    continue  # a command run by a script
-                words = seen["command"].split(" ")
-                who = (seen["client_address"], seen["client_port"])
-                if holder is None and words[:2] == ["SET", lock_key] and "NX" in words:
-                    holder, token = who, words[2]
-                elif holder == who and words[:2] == ["EVALSHA", READ_SHA]:
-                    link.hold()
-                    return token
+                    continue
+                found = until(((seen["client_address"], seen["client_port"]), seen["command"].split(" ")))
+                if found is not None:
+                    return found
     finally:
         watcher.close()
+
+
+def hold_after_read(server: RedisServer, link: Forwarder, lock_key: str, send: Callable[[], Any]) -> str:
+    """Call ``send()``, then hold ``link`` as soon as the connection that takes ``lock_key`` runs
+    the checkpoint read under it; the lock token that connection took. Only the worker behind
+    ``link`` may take the lock meanwhile: the caller holds every other worker's link."""
+    holder: list[Any] = []
+
+    def at_read(seen: Seen) -> str | None:
+        who, words = seen
+        if not holder and words[:2] == ["SET", lock_key] and "NX" in words:
+            holder[:] = [who, words[2]]
+        elif holder and holder[0] == who and words[:2] == ["EVALSHA", READ_SHA]:
+            link.hold()
+            return str(holder[1])
+        return None
+
+    return str(watch(server, send, at_read))
 
 
 def _ids(events: Sequence[dict[str, Any]]) -> list[str]:
     return [e["event_id"] for e in events]
 
 
+class Run:
+    """A slow model, a client sending straight to Redis, and workers A and B, each behind its own
+    link. A is warmed up on the model (scripts loaded, kernels compiled, ``N_WARM`` events
+    trained) before B starts; B's link is then held, so that A alone takes the next message."""
+
+    def __init__(
+        self,
+        server: RedisServer,
+        links: tuple[Forwarder, Forwarder],
+        workers: Workers,
+        make_client: ClientFactory,
+        envs: tuple[dict[str, str], dict[str, str]],
+    ) -> None:
+        self.link_a, self.link_b = links
+        self.workers = workers
+        self.r = redis.Redis(port=server.port, socket_timeout=10)
+        self.model = create_model(self.r, Settings(redis_url=server.url), **SLOW)
+        self.keys = ModelKeys(self.model)
+        self.client = make_client(server.url, chunk_size=N_HELD)
+        (self.a,) = workers.start(1, redis_url=self.link_a.url, env=envs[0], prefix="a")
+        self.events = make_events(self.model, N_WARM, "warm")
+        self.handles = self.client.train_many(self.events)
+        wait_results(self.client, self.handles, 120, workers)
+        (self.b,) = workers.start(1, redis_url=self.link_b.url, env=envs[1], prefix="b")
+        self.link_b.hold()
+
+    def send(self, events: list[dict[str, Any]], *, one_message: bool = False) -> list[Any]:
+        """``events`` as one ``train_many`` message, or one ``train_step`` message each."""
+        if one_message:
+            handles = list(self.client.train_many(events))
+        else:
+            handles = [self.client.train_step(e) for e in events]
+        self.events += events
+        self.handles += handles
+        return handles
+
+    def step(self) -> int:
+        return model_state(self.r, self.model)["step"]
+
+    def unacked(self) -> list[tuple[bytes, float]]:
+        """Every delivery recorded as unacknowledged: its tag, when it was taken."""
+        return [(tag, float(score)) for tag, score in self.r.zrange("unacked_index", 0, -1, withscores=True)]
+
+    def check_every_event_once(self) -> int:
+        """Every event sent in the weights once (distinct steps 1..N, the model's step N), each
+        handle answered with its event's step, nothing left queued or recorded; N."""
+        total = len(self.events)
+        evidence = check_each_event_once(self.r, self.model, _ids(self.events))
+        assert evidence["marked"] == total
+        assert evidence["step"] == total
+        answered = wait_results(self.client, self.handles, 60, self.workers)
+        steps = sorted(res["step"] for res in answered)
+        assert steps == list(range(1, total + 1)), "a step was answered twice, or an event not at all"
+        for res in answered:
+            assert evidence["markers"][res["event_id"]] == res["step"], res
+        wait_until(lambda: not self.unacked() and self.r.hlen("unacked") == 0, 30, "every ack")
+        assert self.r.llen(self.client.settings.queue) == 0
+        self.workers.assert_alive([self.a, self.b])
+        return total
+
+
 def test_a_worker_cut_off_mid_batch_is_fenced_and_carries_on(
     server: RedisServer, links: tuple[Forwarder, Forwarder], workers: Workers, make_client: ClientFactory
 ) -> None:
-    link_a, link_b = links
-    r = redis.Redis(port=server.port, socket_timeout=10)
-    model = create_model(r, Settings(redis_url=server.url), **SLOW)
-    keys = ModelKeys(model)
-    client = make_client(server.url, chunk_size=N_HELD)
-
-    # Given worker A, warmed up on the model (its scripts loaded, its kernels compiled) ...
-    (a,) = workers.start(1, redis_url=link_a.url, env=_env(publish_timeout=120), prefix="a")
-    warm = make_events(model, N_WARM, "warm")
-    handles = client.train_many(warm)
-    wait_results(client, handles, 120, workers)
-    # ... and worker B, kept off the queue while A takes the next batch
-    (b,) = workers.start(1, redis_url=link_b.url, env=_env(), prefix="b")
-    link_b.hold()
+    # Given worker A, warmed up on the model, and worker B, kept off the queue for a moment
+    run = Run(server, links, workers, make_client, (_env(publish_timeout=120), _env()))
+    r, keys = run.r, run.keys
 
     # When A's link stops passing bytes right after A read the checkpoint under the lock, with a
     # batch of 1,000 events (one message) to train and commit
-    held = make_events(model, N_HELD, "held")
+    held = make_events(run.model, N_HELD, "held")
     h_held: list[Any] = []
-    token = hold_after_read(server, link_a, keys.lock, lambda: h_held.extend(client.train_many(held)))
+    token = hold_after_read(
+        server, run.link_a, keys.lock, lambda: h_held.extend(run.send(held, one_message=True))
+    )
     cut_at = time.monotonic()
-    link_b.resume()
+    run.link_b.resume()
     # (the cut did land before A's commit: nothing of the batch is in the weights)
-    assert model_state(r, model)["step"] == N_WARM, "A committed before its link was cut"
-    ((tag, taken),) = r.zrange("unacked_index", 0, -1, withscores=True)
+    assert run.step() == N_WARM, "A committed before its link was cut"
+    ((tag, taken),) = run.unacked()
 
     # Then the lock A holds expires and B goes on training: events sent now, and, once the
     # visibility timeout has passed, A's batch, swept back and taken again by B
-    during = make_events(model, N_DURING, "during")
-    h_during = [client.train_step(e) for e in during]
+    h_during = run.send(make_events(run.model, N_DURING, "during"))
     wait_until(lambda: r.get(keys.lock) != token.encode(), LOCK_TIMEOUT + 5, "A's lock to expire")
-    results = wait_results(client, h_during + h_held, 120, workers)
+    results = wait_results(run.client, h_during + h_held, 120, workers)
     assert statuses(results) == {"trained": N_DURING + N_HELD}, statuses(results)
     partitioned = time.monotonic() - cut_at
     assert partitioned > max(LOCK_TIMEOUT, VISIBILITY)
-    assert model_state(r, model)["step"] == N_WARM + N_DURING + N_HELD
-    # (A's batch was redelivered under its own delivery tag, and B acked that delivery)
-    wait_until(lambda: r.zcard("unacked_index") == 0, 30, "B's acks")
+    assert run.step() == N_WARM + N_DURING + N_HELD
+    wait_until(lambda: not run.unacked(), 30, "B's acks")
 
     # When A's link comes back (B kept off the queue, so that only A can take what is sent next)
-    link_b.hold()
-    link_a.resume()
-    # Then A's commit of the stale batch is refused by the fence, its events are already in the
-    # weights, and their results stay those B wrote
-    wait_until(lambda: "commit refused" in workers.log(a), 60, "A's commit to be refused by the fence")
+    run.link_b.hold()
+    run.link_a.resume()
+    # Then A's commit of the stale batch is refused by the fence (its events are in the weights
+    # already, and their results stay those B wrote)
+    wait_until(lambda: "commit refused" in workers.log(run.a), 60, "A's commit to be refused by the fence")
     # And A carries on: it trains new events
-    after = make_events(model, N_AFTER, "after")
-    h_after = [client.train_step(e) for e in after]
-    after_results = wait_results(client, h_after, 120, workers)
-    assert statuses(after_results) == {"trained": N_AFTER}
-    link_b.resume()
+    h_after = run.send(make_events(run.model, N_AFTER, "after"))
+    assert statuses(wait_results(run.client, h_after, 120, workers)) == {"trained": N_AFTER}
+    run.link_b.resume()
 
-    # And every event is in the weights exactly once: distinct steps 1..N, the model's step N
-    everything = warm + held + during + after
-    total = len(everything)
-    evidence = check_each_event_once(r, model, _ids(everything))
-    assert evidence["marked"] == total
-    assert evidence["step"] == total
-    answered = wait_results(client, handles + h_held + h_during + h_after, 60, workers)
-    steps = sorted(res["step"] for res in answered)
-    assert steps == list(range(1, total + 1)), "a step was answered twice, or an event not at all"
-    # And nothing is left behind: the queue is empty and no delivery is still recorded
-    wait_until(lambda: r.zcard("unacked_index") == 0 and r.hlen("unacked") == 0, 30, "every ack")
-    assert r.llen(client.settings.queue) == 0
-    workers.assert_alive([a, b])
+    # And every event is in the weights exactly once, and nothing is left behind
+    total = run.check_every_event_once()
     print(
         f"\npartition: cut after A's read, held {partitioned:.1f} s (lock {LOCK_TIMEOUT} s, "
-        f"visibility {VISIBILITY} s); batch tag {tag!r} taken at {taken:.3f}; step {evidence['step']}"
+        f"visibility {VISIBILITY} s); batch {tag!r} first taken at {taken:.3f}; step {total}"
     )
+
+
+def test_a_late_ack_after_a_partition_leaves_the_new_holders_record(
+    server: RedisServer, links: tuple[Forwarder, Forwarder], workers: Workers, make_client: ClientFactory
+) -> None:
+    # Given workers A and B, both with sockets that outlast a partition; A's own visibility
+    # timeout is long, so that what becomes of B's record is A's ack's doing alone (A sweeping a
+    # record of B's older than its timeout would be right too, and is not what is tested here)
+    envs = (_env(publish_timeout=120, visibility=60), _env(publish_timeout=120))
+    run = Run(server, links, workers, make_client, envs)
+    r, keys = run.r, run.keys
+    # ... A cut off right after its read under the lock, holding a batch of 1,000 events
+    held = make_events(run.model, N_HELD, "held")
+    h_held: list[Any] = []
+    hold_after_read(server, run.link_a, keys.lock, lambda: h_held.extend(run.send(held, one_message=True)))
+    ((tag, first_take),) = run.unacked()
+    # ... and B, once A's lock expired and the visibility timeout passed, taking the same message
+    # again (same delivery tag, a newer take) and cut off in turn right after its own read
+    hold_after_read(server, run.link_b, keys.lock, run.link_b.resume)
+    ((again, second_take),) = run.unacked()
+    assert again == tag, "the redelivered message has another delivery tag"
+    assert second_take > first_take + VISIBILITY
+    assert run.step() == N_WARM, "B committed before its link was cut"
+
+    # When A's link comes back: nobody committed meanwhile, so A's commit lands, and A acks the
+    # message late, under the tag B's delivery holds now
+    def acked_by_a(seen: Seen) -> bool | None:
+        return True if tag.decode() in seen[1] and seen[1][0] != "ZRANGE" else None
+
+    watch(server, run.link_a.resume, acked_by_a)
+    # Then B's record of the message stands: its take, its text, its delivery count
+    assert run.unacked() == [(tag, second_take)], "A's late ack removed B's record of the message"
+    assert r.hexists("unacked", tag)
+    assert int(r.hget("unacked_deliveries", tag) or 0) == 2
+    assert statuses(wait_results(run.client, h_held, 60, workers)) == {"trained": N_HELD}
+
+    # When B's link comes back: its commit is refused by the fence, and it acks its own delivery
+    run.link_b.resume()
+    wait_until(lambda: "commit refused" in workers.log(run.b), 60, "B's commit to be refused by the fence")
+    wait_until(lambda: not run.unacked(), 30, "B's ack")
+    # And both workers carry on: each trains new events alone
+    for name, other in (("a", run.link_b), ("b", run.link_a)):
+        other.hold()
+        h_new = run.send(make_events(run.model, N_AFTER, f"after-{name}"))
+        assert statuses(wait_results(run.client, h_new, 120, workers)) == {"trained": N_AFTER}
+        other.resume()
+    # And every event is in the weights exactly once, and nothing is left behind
+    run.check_every_event_once()
