@@ -294,9 +294,8 @@ class QoS(kombu_redis.QoS):
         keys = [self.unacked_index_key, self.unacked_key, channel.deliveries_key, channel.first_taken_key]
         gone = 0
         for i in range(0, len(rows), 500):  # bounded scripts, however many acks waited
-            args: list[Any] = []
-            for tag, score in rows[i : i + 500]:
-                args += [tag, repr(float(score))]
+            part = rows[i : i + 500]
+            args = [tag for tag, _ in part] + [repr(float(score)) for _, score in part]
             try:
                 gone += int(client.evalsha(ACK.sha, len(keys), *keys, *args))
             except redis.exceptions.NoScriptError:  # a restarted Redis forgot it
