@@ -22,11 +22,20 @@ from celery.result import AsyncResult
 from producer.async_linger import AsyncLinger
 from producer.celery_config import make_celery
 from producer.client import client_settings, result_flag
+from producer.errors import PublishError
 from producer.handles import JobHandle, handle_for
 from producer.linger import LingerBuffers
 from producer.outgoing import EventLike, Outgoing, event_json
 from producer.protocol import new_task_id
-from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, refuses_writes, unreachable
+from producer.publishing import (
+    UNREACHABLE,
+    Backoff,
+    predict_refused,
+    queue_full,
+    refused,
+    refuses_writes,
+    unreachable,
+)
 from producer.redis_conn import connection_class
 from producer.replicas import ReplicaWait
 from producer.sentinel import async_master_client, is_sentinel_url
@@ -112,7 +121,13 @@ class AsyncTrainingClient:
         """The model's prediction for an event: ``{model, version, prediction}``, from a worker
         (an ``itrain.predict`` task). ``ResultTimeoutError`` after ``timeout`` seconds."""
         task_id, envelope = self._outgoing.predict(event)
-        await self._push([envelope], [], check_queue=False, replicated=False)
+        try:
+            await self._push([envelope], [], check_queue=False, replicated=False)
+        except PublishError as exc:
+            error = predict_refused(exc)
+            if error is exc:
+                raise
+            raise error from exc
         prediction: dict[str, Any] = await self.wait(JobHandle(task_id, self.app), timeout=timeout)
         return prediction
 

@@ -11,13 +11,21 @@ import redis
 from celery.result import AsyncResult
 
 from producer.celery_config import make_celery
-from producer.errors import ConfigurationError
+from producer.errors import ConfigurationError, PublishError
 from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 from producer.handles import JobHandle, handle_for
 from producer.linger import Linger
 from producer.outgoing import EventLike, Outgoing, argsrepr, event_json, validate_one
 from producer.protocol import TASK_PREDICT, new_task_id
-from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, refuses_writes, unreachable
+from producer.publishing import (
+    UNREACHABLE,
+    Backoff,
+    predict_refused,
+    queue_full,
+    refused,
+    refuses_writes,
+    unreachable,
+)
 from producer.redis_conn import check_tls_url, connect
 from producer.replicas import ReplicaWait
 from producer.sender import Sender
@@ -156,7 +164,13 @@ class TrainingClient:
                 retry=False,
             )
 
-        return self._publish(send)
+        try:
+            return self._publish(send)
+        except PublishError as exc:
+            error = predict_refused(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     # -- reading -------------------------------------------------------------------------------
 
