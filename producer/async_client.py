@@ -22,6 +22,7 @@ from celery.result import AsyncResult
 from producer.async_linger import AsyncLinger
 from producer.celery_config import make_celery
 from producer.client import client_settings, result_flag
+from producer.errors import PublishError
 from producer.handles import JobHandle, handle_for
 from producer.keys import ROUTES
 from producer.linger import Build, LingerBuffers
@@ -31,6 +32,7 @@ from producer.publishing import (
     UNREACHABLE,
     Backoff,
     first_full,
+    predict_refused,
     push_commands,
     push_error,
     refused,
@@ -132,7 +134,13 @@ class AsyncTrainingClient:
         (an ``itrain.predict`` task). ``ResultTimeoutError`` after ``timeout`` seconds."""
         await self._fresh_routes()
         task_id, queue, envelope = self._outgoing.predict(event)
-        await self._push([(queue, [envelope])], [], check_queue=False, replicated=False)
+        try:
+            await self._push([(queue, [envelope])], [], check_queue=False, replicated=False)
+        except PublishError as exc:
+            error = predict_refused(exc)
+            if error is exc:
+                raise
+            raise error from exc
         prediction: dict[str, Any] = await self.wait(JobHandle(task_id, self.app), timeout=timeout)
         return prediction
 

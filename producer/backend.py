@@ -13,21 +13,89 @@ sentinel holds a caller for ever). ``SentinelResultBackend`` makes its connectio
 component does (``producer.sentinel``): every sentinel asked, each within its share of
 ``ITRAIN_PUBLISH_TIMEOUT``, TLS on the master and the sentinels, and after a failover the
 next command goes to the new master.
+
+A ``get()`` subscribed to its result's channel on a master that is then demoted behind the same
+address hears nothing more unless the demoted server still replicates from the promoted one (a
+replica relays its master's ``PUBLISH``): one cut off from it, or retired, would hold the caller
+until its timeout. While it waits, the producer's result consumer asks, at most once a second,
+whether the server of its subscription still takes writes (``WAIT 0 0``, which a replica refuses
+and a master answers at once; the producer's ACL role has it), and moves the subscription when
+not: Celery's own reconnect reads every awaited result, then subscribes again, on the server the
+address now leads to.
 """
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Any
 
-from celery.backends.redis import RedisBackend, SentinelBackend
+import redis
+from celery.backends.redis import RedisBackend, ResultConsumer, SentinelBackend
 
+from producer.demotion import DEMOTIONS, DemotionAwareConnection, DemotionAwareSSLConnection, stale
 from producer.redis_conn import redact_url
 from producer.sentinel import is_sentinel_url, master_client
 
 __all__ = ["ProducerRedisBackend", "ProducerSentinelBackend", "SentinelResultBackend", "backend_url"]
 
 
+#: The most often, in seconds, a waiting ``get()`` asks whether its subscription's server is
+#: still the master: a round trip a second while a caller waits, a demotion noticed within it.
+RECHECK_SECONDS = 1.0
+
+
+def _refused_by_replica(exc: redis.ResponseError) -> bool:
+    # "WAIT cannot be used with replica instances..."
+    return str(exc).startswith("WAIT cannot be used with replica")
+
+
+class _ResultConsumer(ResultConsumer):  # type: ignore[misc]
+    """Celery's Redis result consumer whose subscription follows a demotion (see the module)."""
+
+    _next_check = 0.0
+
+    def drain_events(self, timeout: float | None = None) -> Any:
+        if self.subscribed_to and monotonic() >= self._next_check:
+            self._next_check = monotonic() + RECHECK_SECONDS
+            if self._on_demoted_server():
+                # Celery's reconnect (private, as of Celery 5.7): a fresh pool, every awaited
+                # result read, the channels subscribed again.
+                self._reconnect_pubsub()
+        return super().drain_events(timeout)
+
+    def _on_demoted_server(self) -> bool:
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None and stale(connection):
+            return True  # another connection of this process was told of a demotion since
+        try:
+            self.backend.client.execute_command("WAIT", 0, 0)
+        except redis.ResponseError as exc:
+            if not _refused_by_replica(exc):
+                return False
+            DEMOTIONS.seen()
+            return True
+        except redis.ConnectionError:
+            return False  # Celery's own reconnect handles a lost connection
+        return False
+
+
+_DEMOTION_AWARE: dict[type[Any], type[Any]] = {
+    redis.Connection: DemotionAwareConnection,
+    redis.SSLConnection: DemotionAwareSSLConnection,
+}
+
+
 class ProducerRedisBackend(RedisBackend):  # type: ignore[misc]
+    ResultConsumer = _ResultConsumer
+
+    def _get_pool(self, **params: Any) -> Any:
+        # Demotion-aware connections (producer.demotion): a subscription made before another
+        # connection of this process was told of a demotion is moved at the next check.
+        base = params.get("connection_class") or redis.Connection
+        if base in _DEMOTION_AWARE:  # a unix socket keeps its own class
+            params["connection_class"] = _DEMOTION_AWARE[base]
+        return super()._get_pool(**params)
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
 
@@ -53,6 +121,16 @@ class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
 
 class ProducerSentinelBackend(SentinelResultBackend):
     """The producer's Sentinel backend: no subscription on send (see the module's docstring)."""
+
+    ResultConsumer = _ResultConsumer
+
+    def _get_pool(self, **params: Any) -> Any:
+        # Demotion-aware connections (producer.demotion): a subscription made before another
+        # connection of this process was told of a demotion is moved at the next check.
+        base = params.get("connection_class") or redis.Connection
+        if base in _DEMOTION_AWARE:  # a unix socket keeps its own class
+            params["connection_class"] = _DEMOTION_AWARE[base]
+        return super()._get_pool(**params)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None

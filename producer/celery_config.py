@@ -9,6 +9,7 @@ from kombu import Queue  # type: ignore[attr-defined]
 from kombu.utils.objects import cached_property
 
 from producer.backend import backend_url
+from producer.broker_transport import TRANSPORT as BROKER_TRANSPORT
 from producer.protocol import TASK_PREDICT, TASK_TRAIN_BATCH, TASK_TRAIN_STEP
 from producer.redis_conn import CERT_REQS, ssl_options
 from producer.sentinel import SentinelURL, is_sentinel_url, parse_sentinel_url
@@ -135,6 +136,9 @@ def make_celery(
     app.conf.update(celery_config(settings))
     if producer:
         app.conf.result_backend = backend_url(settings.backend)
+        if not is_sentinel_url(settings.broker):
+            # Connections that let go of a demoted master (producer.broker_transport).
+            app.conf.broker_transport = BROKER_TRANSPORT
         # One connection attempt per publish: TrainingClient retries within ITRAIN_PUBLISH_TIMEOUT.
         app.conf.broker_transport_options = {
             **app.conf.broker_transport_options,

@@ -11,7 +11,7 @@ import redis
 from celery.result import AsyncResult
 
 from producer.celery_config import make_celery
-from producer.errors import ConfigurationError
+from producer.errors import ConfigurationError, PublishError
 from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 from producer.handles import JobHandle, handle_for
 from producer.keys import ROUTES
@@ -22,6 +22,7 @@ from producer.publishing import (
     UNREACHABLE,
     Backoff,
     first_full,
+    predict_refused,
     push_commands,
     push_error,
     refused,
@@ -179,7 +180,13 @@ class TrainingClient:
                 retry=False,
             )
 
-        return self._publish(send)
+        try:
+            return self._publish(send)
+        except PublishError as exc:
+            error = predict_refused(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     # -- reading -------------------------------------------------------------------------------
 

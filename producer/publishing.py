@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from producer.demotion import refuses_writes
+from producer.demotion import NOREPLICAS, refuses_writes
 from producer.errors import BrokerFullError, PermissionDeniedError, PublishError, QueueFullError
 from producer.redis_conn import redact_url
 from producer.settings import Settings
@@ -31,6 +31,7 @@ __all__ = [
     "first_full",
     "push_commands",
     "push_error",
+    "predict_refused",
     "queue_full",
     "refused",
     "refuses_writes",
@@ -92,6 +93,23 @@ def denied(exc: BaseException, settings: Settings) -> PermissionDeniedError | No
     return PermissionDeniedError(
         f"the Redis user of {redact_url(settings.broker)} lacks a permission: {cause}; "
         "nothing was enqueued (`itrain acl --role producer` prints what a producer needs)"
+    )
+
+
+def predict_refused(exc: PublishError) -> PublishError:
+    """``exc``, or for a ``predict`` that a master short of replicas refused (``NOREPLICAS``),
+    the same error saying why a read was refused and what reads without writing."""
+    cause: BaseException | None = exc
+    while cause is not None and not (
+        isinstance(cause, redis.ResponseError) and str(cause).startswith(NOREPLICAS)
+    ):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return exc
+    return PublishError(
+        f"{exc}. predict sends its request to the workers as a message on the queue, a write, "
+        "which a master with fewer replicas than its min-replicas-to-write refuses; nothing was "
+        "enqueued. producer.ModelReader predicts in this process with reads only"
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from producer.demotion import refuses_writes
+from producer.demotion import stale as demotion_stale
 
 __all__ = ["Sender"]
 
@@ -96,8 +97,9 @@ class Sender:
         """Connect ``conn`` as the pool would, before anything is sent on it: a sentinel-managed
         connection asks the sentinels for the master here (sending on an unconnected one would go
         to its last address, or to localhost:6379 the first time), and one whose server the
-        sentinels no longer name is dropped first."""
-        if self._stale is not None and self._stale(conn):
+        sentinels no longer name, or made before a master was demoted (``producer.demotion``), is
+        dropped first."""
+        if demotion_stale(conn) or (self._stale is not None and self._stale(conn)):
             conn.disconnect()
         if conn._sock is None:
             conn.connect()

@@ -6,6 +6,8 @@ connection and reconnects through the address, to the promoted server, by itself
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from producer.redis_conn import connect
 from producer.settings import Settings
 from tests.forwarder import Forwarder
 from tests.helpers import Workers, check_each_event_once, create_model, make_event, statuses, wait_until
-from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.embedded_redis import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,6 +35,21 @@ class Pair:
 
     def client(self, server: RedisServer) -> redis.Redis:
         return redis.Redis(port=server.port, socket_timeout=5)
+
+    def cut_off(self) -> None:
+        """Promote the replica once it holds everything and send new connections to it; the old
+        master is demoted to a replica of a server that is not there (cut off from the promoted
+        one, as a retired or fenced node: it relays nothing the promoted server publishes)."""
+        first, second = self.client(self.first), self.client(self.second)
+        first.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        offset = first.info("replication")["master_repl_offset"]
+        wait_until(
+            lambda: second.info("replication").get("slave_repl_offset", -1) >= offset, 30, "the replica"
+        )
+        second.execute_command("REPLICAOF", "NO", "ONE")
+        first.execute_command("REPLICAOF", "127.0.0.1", free_port())
+        self.forwarder.switch(self.second.port)
+        first.execute_command("CLIENT", "UNPAUSE")
 
     def fail_over(self) -> None:
         """Promote the replica once it holds everything, demote the master to its replica, and
@@ -105,3 +122,43 @@ def test_a_worker_consumes_from_the_promoted_server(pair: Pair, workers: Workers
     assert evidence["step"] == 40
     workers.assert_alive([proc])
     assert set(workers.pool(proc)) == pool, "the worker's pool was restarted"
+
+
+def test_a_get_subscribed_on_a_demoted_master_returns_the_result_written_on_the_promoted_one(
+    pair: Pair, workers: Workers
+) -> None:
+    url = pair.forwarder.url
+    settings = Settings(redis_url=url)
+    model = create_model(connect(settings.store, 5), settings)
+    (proc,) = workers.start(1, redis_url=url)
+    with TrainingClient(url) as client:
+        assert client.train_step(make_event(model, 0, "warm")).get(timeout=60)["status"] == "trained"
+        # Given a job that waits (its worker stopped) and a get() subscribed to its result's
+        # channel through the address, on the master
+        workers.signal_group(proc, signal.SIGSTOP)
+        handle = client.train_step(make_event(model, 1, "held"))
+        outcome: dict[str, object] = {}
+
+        def wait() -> None:
+            try:
+                outcome["result"] = handle.get(timeout=60)
+            except Exception as exc:  # reported by the assertion below
+                outcome["result"] = exc
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        old = pair.client(pair.first)
+        wait_until(
+            lambda: any(c.get("sub") == "1" for c in old.client_list(_type="pubsub")), 30, "the subscription"
+        )
+        # When the master is demoted, cut off from the promoted server (it relays no publish),
+        # and the worker then trains the job on the promoted server
+        pair.cut_off()
+        workers.signal_group(proc, signal.SIGCONT)
+        waiter.join(90)
+        # Then the waiting get() returns the result (within its timeout, not at it)
+        result = outcome["result"]
+        assert isinstance(result, dict), result
+        assert (result["status"], result["event_id"]) == ("trained", "held-1")
+        assert pair.client(pair.second).exists(f"celery-task-meta-{handle.id}")
+    workers.assert_alive([proc])

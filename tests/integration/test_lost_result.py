@@ -17,11 +17,16 @@ from producer.chunks import parse_handle_id
 from producer.client import TrainingClient
 from producer.keys import ModelKeys, marker_field, slot_seconds
 from producer.protocol import result_key
+from producer.stats import read_stats
 from tests.helpers import Workers, make_events, model_state, raw_event, wait_results, wait_until
-from tests.integration.test_run_messages import meta, own_runtime, step_message
+from tests.integration.test_guard import RATIO, WINDOW, labelled
+from tests.integration.test_run_messages import batch_message, meta, new_id, own_runtime, step_message
 from worker.consume.runtime import Runtime, run_messages
+from worker.engine.guard import Guard
+from worker.store.guard import set_guard
 from worker.store.markers import own_trained, parse_mark
 from worker.store.model_store import Store
+from worker.store.snapshots import take_snapshot
 
 TIMEOUT = 90.0
 
@@ -165,3 +170,66 @@ def test_message_past_the_delivery_limit_whose_result_was_lost_answers_trained(
     assert other is not None
     assert other["result"]["status"] == "duplicate", other
     assert model_state(redis_client, model)["step"] == 1
+
+
+def test_redelivered_message_whose_result_was_lost_answers_trained_on_a_trip_and_while_paused(
+    own_runtime: Runtime, make_model: Any, redis_client: redis.Redis
+) -> None:
+    # Given a guarded model with a snapshot, and an event trained by a message whose result was lost
+    model = make_model(lr=0.5)
+    set_guard(redis_client, model, Guard(WINDOW, RATIO), own_runtime.settings)
+    for k in range(6):
+        run_messages([batch_message([new_id() for _ in range(20)], labelled(model, f"good{k}-", 20))])
+    take_snapshot(redis_client, model, keep=10)
+    own = labelled(model, "own-", 1)[0]
+    run_messages([step_message("own-task", own)])
+    first = meta(redis_client, "own-task")
+    assert first is not None
+    assert first["result"]["status"] == "trained", first
+    trained_at = first["result"]["step"]
+
+    # When that message comes back (its result lost again) in the batch on which the guard trips
+    tripped = False
+    for k in range(20):
+        redis_client.delete(result_key("own-task"))
+        ids = [new_id() for _ in range(5)]
+        bad = labelled(model, f"bad{k}-", 5, flipped=True)
+        run_messages([step_message("own-task", own, 2), batch_message(ids, bad)])
+        refused = meta(redis_client, ids[0])
+        assert refused is not None
+        if refused["status"] == "FAILURE":
+            assert refused["result"]["exc_type"] == "GuardTrippedError", refused
+            tripped = True
+            break
+    assert tripped, "the guard never tripped on flipped labels"
+    # Then it answers trained with the step it trained at, as on a commit (not duplicate)
+    again = meta(redis_client, "own-task")
+    assert again is not None
+    assert again["status"] == "SUCCESS", again
+    assert (again["result"]["status"], again["result"]["step"]) == ("trained", trained_at), again
+    assert again["result"]["loss"] is None, again
+    assert read_stats(redis_client, model)["eval"]["guard"]["paused"] is True
+
+    # When it comes back once more while the model is paused, with the event re-sent under
+    # another id and a new event
+    redis_client.delete(result_key("own-task"))
+    steps = model_state(redis_client, model)["step"]
+    fresh = labelled(model, "fresh-", 1)[0]
+    run_messages(
+        [step_message("own-task", own, 3), step_message("other-task", own), step_message("fresh-task", fresh)]
+    )
+    # Then the message that trained it says so with its step; the re-send is a duplicate; the
+    # new event is refused; nothing trained
+    paused_own, other, refused_new = (
+        meta(redis_client, "own-task"),
+        meta(redis_client, "other-task"),
+        meta(redis_client, "fresh-task"),
+    )
+    assert paused_own is not None
+    assert (paused_own["result"]["status"], paused_own["result"]["step"]) == ("trained", trained_at)
+    assert paused_own["result"]["version"] == model_state(redis_client, model)["version"]
+    assert other is not None
+    assert other["result"]["status"] == "duplicate", other
+    assert refused_new is not None
+    assert refused_new["status"] == "FAILURE", refused_new
+    assert model_state(redis_client, model)["step"] == steps

@@ -18,6 +18,7 @@ import redis
 from producer.async_client import AsyncTrainingClient
 from producer.client import TrainingClient
 from producer.errors import PublishError
+from producer.model_reader import ModelReader
 from producer.redis_conn import connect
 from producer.settings import Settings
 from tests.helpers import Workers, create_model, make_event, make_events, wait_until
@@ -179,4 +180,43 @@ def test_worker_on_an_isolated_master_reconnects_and_trains_once_it_can_write(
         result = client.train_step(make_event(model, 0, "wnr")).get(timeout=120)
     assert result["status"] == "trained", result
     assert result["step"] == 1, result
+    workers.assert_alive([worker])
+
+
+def test_predict_on_a_master_short_of_replicas_raises_publish_error_then_predicts(
+    isolated: ReplicaSet, workers: Workers
+) -> None:
+    # Given a model, a worker and both clients on a master with min-replicas-to-write 1
+    settings = Settings(redis_url=isolated.url, publish_timeout=PUBLISH_TIMEOUT)
+    with connect(isolated.url, 5.0) as admin:
+        model = create_model(admin, settings)
+    (worker,) = workers.start(1, redis_url=isolated.url)
+    event = make_event(model, 0, "pnr")
+    with TrainingClient(settings=settings) as client:
+        before = client.predict(event).get(timeout=60)
+        # When the master's only replica stops acknowledging
+        cut_off(isolated)
+        # Then predict (a request sent as a message: a write) raises our PublishError naming
+        # NOREPLICAS and the way to predict without writing, and enqueues nothing
+        start = time.monotonic()
+        with pytest.raises(PublishError, match=r"NOREPLICAS.*ModelReader") as raised:
+            client.predict(event)
+        assert time.monotonic() - start < PUBLISH_TIMEOUT + MARGIN
+        assert not isinstance(raised.value, redis.RedisError), type(raised.value).__mro__
+
+        async def predict_async() -> None:
+            async with AsyncTrainingClient(settings=settings) as aclient:
+                with pytest.raises(PublishError, match=r"NOREPLICAS.*ModelReader"):
+                    await aclient.predict(event)
+
+        asyncio.run(predict_async())
+        assert queued(isolated.url) == 0
+        # And the read-only way the error names answers meanwhile, as the worker did
+        with ModelReader(model, isolated.url, settings=settings) as reader:
+            local = reader.predict(event)
+        assert local["prediction"] == pytest.approx(before["prediction"], abs=1e-9)
+        # And once the replica is back, the same client predicts what it predicted before
+        rejoin(isolated)
+        after = client.predict(event).get(timeout=120)
+    assert after == before
     workers.assert_alive([worker])

@@ -144,8 +144,9 @@ def test_every_sentinel_of_the_url_is_asked(sentinels: SentinelSet, workers: Wor
         sentinels.wait_ready()
 
 
-def test_flower_broker_pages_on_a_sentinel_url(sentinels: SentinelSet, tmp_path: Path) -> None:
-    # Given Flower on the sentinel URL (the master's name from the environment) and a queued item
+def _check_flower_broker_pages(sentinels: SentinelSet, tmp_path: Path) -> None:
+    """Flower on the sentinel URL (the master's name from the environment) reads a queued item
+    through its broker pages."""
     master = sentinels.server_client(sentinels.master_port())
     master.delete("itrain")
     master.rpush("itrain", b"{}")
@@ -173,6 +174,23 @@ def test_flower_broker_pages_on_a_sentinel_url(sentinels: SentinelSet, tmp_path:
     finally:
         stop_process(proc)
         master.delete("itrain")
+
+
+def test_flower_broker_pages_on_a_sentinel_url(sentinels: SentinelSet, tmp_path: Path) -> None:
+    _check_flower_broker_pages(sentinels, tmp_path)
+
+
+def test_flower_broker_pages_ask_the_next_sentinel_when_the_first_is_down(
+    sentinels: SentinelSet, tmp_path: Path
+) -> None:
+    # Given the first sentinel of the URL down (Flower parses that one address from the URL)
+    sentinels.stop_sentinel(0)
+    try:
+        # Then Flower's broker pages still answer, through the next sentinel
+        _check_flower_broker_pages(sentinels, tmp_path)
+    finally:
+        sentinels.start_sentinel(0)
+        sentinels.wait_ready()
 
 
 def test_the_sentinel_acl_role_is_all_that_every_component_needs(

@@ -18,8 +18,10 @@ from celery.signals import celeryd_after_setup, worker_init
 
 from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
+from producer.sentinel import is_sentinel_url, parse_sentinel_url
 from producer.server_version import check_server_versions
 from producer.settings import get_settings
+from worker.consume.flower_sentinels import FLOWER_POOL, any_sentinel_pool
 from worker.consume.queue_heads import QueueHeadsStep
 from worker.consume.sentinel_transport import AMQP_CLASS, transport_url
 from worker.store.eviction import check_eviction_policies
@@ -43,6 +45,15 @@ app.conf.broker_transport_options = {
     # itrain:{_transport}:rejected): a 50 MiB header never reaches the worker's memory.
     "max_envelope_bytes": settings.max_message_bytes * 2 + 65_536,
 }
+if is_sentinel_url(settings.broker):
+    # Flower's broker pages ask one sentinel: through this pool, the first that answers.
+    sentinel_kwargs = app.conf.broker_transport_options["sentinel_kwargs"]
+    app.conf.broker_transport_options["sentinel_kwargs"] = {
+        **sentinel_kwargs,
+        FLOWER_POOL: any_sentinel_pool(
+            parse_sentinel_url(settings.broker, "ITRAIN_BROKER_URL"), sentinel_kwargs
+        ),
+    }
 app.conf.update(include=["worker.consume.tasks"])
 # First sightings of unstamped head messages, for the queues' ages (itrain exporter).
 app.steps["worker"].add(QueueHeadsStep)

@@ -29,6 +29,7 @@ from producer.demotion import WriteAwareSentinelConnection, WriteAwareSentinelSS
 from producer.sentinel import SCHEME as SENTINEL
 from producer.sentinel import CheckedPool
 from worker.consume import transport
+from worker.consume.flower_sentinels import FLOWER_POOL
 from worker.consume.transport import Channel, Transport
 
 __all__ = ["AMQP_CLASS", "SCHEME", "SentinelChannel", "SentinelTransport", "as_redis_url", "transport_url"]
@@ -80,10 +81,14 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
                 sentinels.append((parts.hostname, parts.port or self.connection.default_port))
         if not sentinels:
             sentinels.append((connparams["host"], connparams["port"]))
+        # Without the pool that the worker app gives Flower (worker.consume.flower_sentinels):
+        # each sentinel here is asked on its own.
+        sentinel_kwargs = dict(getattr(self, "sentinel_kwargs", None) or {})
+        sentinel_kwargs.pop(FLOWER_POOL, None)
         manager = redis.sentinel.Sentinel(
             sentinels,
             min_other_sentinels=getattr(self, "min_other_sentinels", 0),
-            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            sentinel_kwargs=sentinel_kwargs,
             **params,
         )
         # Kept so that kombu's ``_disconnect_pools`` closes the sentinels' connections too.

@@ -148,7 +148,7 @@ class Trainer:
         self._outputs[model] = read.checkpoint.config.outputs
         batch = plan(model, prep, read.checkpoint, read.done, self.settings.targets)
         if batch.base.paused:
-            return self._refuse_paused(batch)
+            return self._refuse_paused(batch, read.marks)
         step(batch)
         settle_copies(batch)
         update = evaluate(batch, self.settings.eval_window)
@@ -156,7 +156,7 @@ class Trainer:
         # large batch would otherwise learn a bad stream before its last events are looked at.
         ref, worst = read.guard_ref, update.worst if update is not None else None
         if worst is not None and ref is not None and tripped(batch.base.guard, worst.loss, ref):
-            return self._trip(batch, ref, worst)
+            return self._trip(batch, ref, worst, read.marks)
         committed = self._commit(batch, update)
         if committed is None:
             return None
@@ -244,20 +244,21 @@ class Trainer:
                     committed.ema,
                 )
         if committed.marks:
-            self._answer_own_marks(committed)
+            self._answer_own_marks(batch, committed.marks, result.version)
         return batch.results()
 
-    def _answer_own_marks(self, committed: Committed) -> None:
+    def _answer_own_marks(self, batch: BatchPlan, marks: dict[int, bytes], version: int) -> None:
         """A job whose event's marker names its own result id was trained by an earlier delivery
         of this very message, whose result was lost (a failover kept the commit, not the result
-        written after it): it answers ``trained`` with the marker's step, not ``duplicate``. Its
-        ``version`` is the checkpoint version this batch left (it contains the event); its
-        ``loss`` is null (the loss of that update is not kept). Write-once keeps the first
-        result when it is still there. A re-send under another id still answers ``duplicate``."""
-        batch = committed.batch
+        written after it): it answers ``trained`` with the marker's step, not ``duplicate``,
+        whatever this batch did (committed, refused by a paused model, or by a guard's trip). Its
+        ``version`` is ``version``, a checkpoint version that contains the event (the one this
+        batch committed, or the one it read); its ``loss`` is null (the loss of that update is not
+        kept). Write-once keeps the first result when it is still there. A re-send under another
+        id still answers ``duplicate``."""
         jobs, event_ids = batch.jobs, batch.prep.event_ids
-        for i, value in committed.marks.items():
-            found = own_trained(value, jobs[i].task_id, batch.model, event_ids[i], committed.result.version)
+        for i, value in marks.items():
+            found = own_trained(value, jobs[i].task_id, batch.model, event_ids[i], version)
             if found is not None:
                 batch.outcomes[i] = found
                 logger.info(
@@ -269,9 +270,10 @@ class Trainer:
 
     # -- the guard ----------------------------------------------------------------------------
 
-    def _refuse_paused(self, batch: BatchPlan) -> list[Outcome]:
+    def _refuse_paused(self, batch: BatchPlan, marks: dict[int, bytes]) -> list[Outcome]:
         """A paused model trains nothing: its events fail with ``GuardTrippedError`` and are
-        dead-lettered (duplicates still answer ``duplicate``)."""
+        dead-lettered (duplicates still answer ``duplicate``, and a message that trained its
+        event before its result was lost ``trained``: ``_answer_own_marks``)."""
         model = batch.model
         exc = GuardTrippedError(
             f"model {model!r} is paused: its guard tripped; run `itrain resume --model {model}`, "
@@ -280,12 +282,19 @@ class Trainer:
         for i in [*batch.train, *(i for i, _ in batch.copies)]:
             batch.fail(i, exc)
         self.store.dead_letter(model, batch.dead)
+        if marks:
+            self._answer_own_marks(batch, marks, batch.base.version)
         return batch.results()
 
-    def _trip(self, batch: BatchPlan, ref: Reference, worst: Window) -> list[Outcome] | None:
+    def _trip(
+        self, batch: BatchPlan, ref: Reference, worst: Window, marks: dict[int, bytes]
+    ) -> list[Outcome] | None:
         """The guard tripped on this batch: refuse its events, restore the best recent snapshot
         and pause the model, in one write fenced like a commit (``None`` when the checkpoint moved
-        on: the batch is tried again on the new one)."""
+        on: the batch is tried again on the new one). A job whose event was trained before, by an
+        earlier delivery of the same message, answers ``trained`` with its step
+        (``_answer_own_marks``; the version is the one read, which contains it: the rollback
+        may not)."""
         model, guard = batch.model, batch.base.guard
         assert guard is not None
         where = f"ending at event {worst.end + 1} of the {len(batch.trained)} this batch scored"
@@ -319,6 +328,8 @@ class Trainer:
             else f"snapshot {ref.version} is gone, weights kept",
             done.version,
         )
+        if marks:
+            self._answer_own_marks(batch, marks, batch.base.version)
         return batch.results()
 
     # -- prediction ---------------------------------------------------------------------------
