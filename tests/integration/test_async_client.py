@@ -39,24 +39,41 @@ __all__ = ["acl", "tls_redis"]  # fixtures, imported for the tests below
 TASKS = 100
 #: Events of each task: two single steps, then one train_many of the rest.
 PER_TASK = 10
-#: The ticker's period and the most it may wake late while the client works.
+#: The ticker's period and the most it may wake late while the client works, not counting the
+#: time the loop's thread waited for a CPU that other processes held (a shared host's load).
 TICK, MAX_LATE = 0.005, 0.2
+#: The thread's scheduler statistics: its second field is the time (ns) it spent runnable but
+#: waiting for a CPU. A loop blocked by a call (a socket read) sleeps instead, which counts.
+SCHEDSTAT = Path("/proc/thread-self/schedstat")
+
+
+def cpu_wait() -> float:
+    """Seconds this thread has waited for a CPU while runnable (0 where Linux does not say)."""
+    try:
+        return int(SCHEDSTAT.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class Ticker:
     """A task that sleeps ``TICK`` in a loop and records how late it wakes: the event loop's
-    responsiveness, as any other coroutine of the service would feel it."""
+    responsiveness, as any other coroutine of the service would feel it. ``worst`` is the latest
+    wake-up less the time the thread waited for a CPU meanwhile (what the client's code and its
+    calls held the loop for); ``worst_wall`` the latest wake-up as measured."""
 
     def __init__(self) -> None:
         self.worst = 0.0
+        self.worst_wall = 0.0
         self.ticks = 0
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
         while not self._stop.is_set():
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), cpu_wait()
             await asyncio.sleep(TICK)
-            self.worst = max(self.worst, time.perf_counter() - start - TICK)
+            late = time.perf_counter() - start - TICK
+            self.worst_wall = max(self.worst_wall, late)
+            self.worst = max(self.worst, late - (cpu_wait() - waited))
             self.ticks += 1
 
     def stop(self) -> None:
@@ -94,11 +111,12 @@ def test_async_client_trains_from_100_tasks_and_the_loop_stays_responsive(
     handles, results, ticker = asyncio.run(main())
     took = time.perf_counter() - started
 
-    # Then every event trained once, and the loop never woke more than MAX_LATE late
+    # Then every event trained once, and the loop never woke more than MAX_LATE late (on a busy
+    # host, not counting its waits for a CPU)
     print(
         f"\nasync client: {len(events)} events, {TASKS} tasks, {took:.2f} s, {ticker.ticks} ticks,", end=" "
     )
-    print(f"worst {ticker.worst * 1000:.1f} ms late")
+    print(f"worst {ticker.worst * 1000:.1f} ms late ({ticker.worst_wall * 1000:.1f} ms with waits for a CPU)")
     assert statuses(results) == {"trained": len(events)}, statuses(results)
     assert sorted(r["step"] for r in results) == list(range(1, len(events) + 1))
     assert ticker.ticks > 10
