@@ -18,7 +18,7 @@ As a process, so that its CPU can be measured apart from its clients'::
     python -m worker.devtools.forwarder --target-port P [--delay-ms D] [--port L]
 
 prints the port it listens on (one line) and runs until SIGTERM or SIGINT; SIGUSR1 holds,
-SIGUSR2 resumes.
+SIGUSR2 resumes, SIGHUP prints its counts (``Forwarder.stats``) as one JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -40,8 +41,9 @@ __all__ = ["Forwarder", "ForwarderCore", "main"]
 class _Side(asyncio.Protocol):
     """One socket of a link: what it reads goes into ``out``; what ``into`` carries is written to it."""
 
-    def __init__(self, link: _Link, out: DelayLine, into: DelayLine) -> None:
+    def __init__(self, link: _Link, out: DelayLine, into: DelayLine, *, client: bool) -> None:
         self.link = link
+        self.client = client
         self.out = out
         self.into = into
         self.transport: asyncio.Transport | None = None
@@ -56,6 +58,7 @@ class _Side(asyncio.Protocol):
         self.update_reading()
 
     def data_received(self, data: bytes) -> None:
+        self.link.count(self.client, len(data))
         self.out.push(data)
 
     def eof_received(self) -> bool:
@@ -104,9 +107,25 @@ class _Link:
         if core.held:
             self.up.hold()
             self.down.hold()
-        self.client = _Side(self, self.up, self.down)
-        self.server = _Side(self, self.down, self.up)
+        self.client = _Side(self, self.up, self.down, client=True)
+        self.server = _Side(self, self.down, self.up, client=False)
+        self._client_spoke_last = False
         self.client.peer, self.server.peer = self.server, self.client
+
+    def count(self, from_client: bool, size: int) -> None:
+        """A request is what the client sends after an answer (or first): however many reads
+        it takes, and however many commands a pipeline puts in it, it costs one round trip. (A
+        pipeline so large that the server answers its first commands before the client has sent
+        it all counts more than once, e.g. one that redis-py writes in several pieces of ~6 KB: a
+        count from the stream's turns, not a parse of the protocol.)"""
+        stats = self.core.stats
+        if from_client:
+            stats["bytes_up"] += size
+            if not self._client_spoke_last:
+                stats["round_trips"] += 1
+        else:
+            stats["bytes_down"] += size
+        self._client_spoke_last = from_client
 
     def sides(self) -> tuple[_Side, _Side]:
         return self.client, self.server
@@ -156,7 +175,8 @@ class ForwarderCore:
         self.delay = delay_ms / 1000.0
         self.held = False
         self.links: set[_Link] = set()
-        self.accepted = 0
+        #: Since the start: connections accepted, requests (round trips) and bytes each way.
+        self.stats = {"accepted": 0, "round_trips": 0, "bytes_up": 0, "bytes_down": 0}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -167,7 +187,7 @@ class ForwarderCore:
     def _accept(self) -> asyncio.Protocol:
         link = _Link(self)
         self.links.add(link)
-        self.accepted += 1
+        self.stats["accepted"] += 1
         # The target is read when the client arrives: a ``switch`` moves only later connections.
         task = self.loop.create_task(link.connect(self.target_host, self.target_port))
         self._tasks.add(task)
@@ -251,10 +271,10 @@ class Forwarder:
         """Client connections open now."""
         return int(self._run(lambda: len(self._core.links)))
 
-    @property
-    def accepted(self) -> int:
-        """Client connections accepted since the start."""
-        return self._core.accepted
+    def stats(self) -> dict[str, int]:
+        """Counts since the start: ``accepted`` connections, ``round_trips`` (a client's request
+        after an answer, however many commands it pipelines), ``bytes_up`` and ``bytes_down``."""
+        return dict(self._run(lambda: dict(self._core.stats)))
 
     def switch(self, target_port: int, *, cut: bool = False) -> None:
         """Send connections made from now on to ``target_port``; with ``cut``, also end every
@@ -327,6 +347,7 @@ async def _serve(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, core.hold)
     loop.add_signal_handler(signal.SIGUSR2, core.resume)
+    loop.add_signal_handler(signal.SIGHUP, lambda: print(json.dumps(core.stats), flush=True))
     await stop.wait()
     await core.close()
 
