@@ -204,6 +204,25 @@ def test_round_trips_are_counted_one_per_request_however_many_commands(server: R
     assert after["accepted"] == 1
 
 
+def test_a_large_pipeline_is_one_round_trip_through_a_delay(server: RedisServer) -> None:
+    # Given a client 2 ms each way from the server
+    with Forwarder(server.port, delay_ms=2) as fwd:
+        client = _client(fwd.port)
+        client.ping()
+        before = fwd.stats()["round_trips"]
+        # When it pipelines 50 SETs of 20 KB (written in many pieces, the server answering the
+        # first before the last is sent), then one PING
+        pipe = client.pipeline(transaction=False)
+        for i in range(50):
+            pipe.set(f"fwd-big-{i}", b"x" * 20_000)
+        pipe.execute()
+        client.ping()
+        trips = fwd.stats()["round_trips"] - before
+        client.close()
+    # Then that is two round trips
+    assert trips == 2
+
+
 def test_a_closed_client_closes_its_server_connection(server: RedisServer) -> None:
     # Given a forwarder and the server's count of clients
     direct = _client(server.port)

@@ -102,30 +102,33 @@ class _Link:
         self.core = core
         loop = core.loop
         self.up = DelayLine(loop, core.delay, self._line_ended)  # client -> server
-        self.down = DelayLine(loop, core.delay, self._line_ended)  # server -> client
+        self.down = DelayLine(loop, core.delay, self._line_ended, self._answered)  # server -> client
         self._ended_lines = 0
         if core.held:
             self.up.hold()
             self.down.hold()
         self.client = _Side(self, self.up, self.down, client=True)
         self.server = _Side(self, self.down, self.up, client=False)
-        self._client_spoke_last = False
+        self._client_waits = False  # it sent a request and has had no answer since
         self.client.peer, self.server.peer = self.server, self.client
 
     def count(self, from_client: bool, size: int) -> None:
-        """A request is what the client sends after an answer (or first): however many reads
-        it takes, and however many commands a pipeline puts in it, it costs one round trip. (A
-        pipeline so large that the server answers its first commands before the client has sent
-        it all counts more than once, e.g. one that redis-py writes in several pieces of ~6 KB: a
-        count from the stream's turns, not a parse of the protocol.)"""
+        """A request is what the client sends after an answer reached it (or first): however
+        many reads it takes, and however many commands a pipeline puts in it, it costs one round
+        trip. Bytes sent before the answer left the forwarder were sent without waiting for it
+        (the rest of a pipeline that the server began answering): the same round trip. With no
+        delay the two cannot be told apart, and such a pipeline may count more than once."""
         stats = self.core.stats
         if from_client:
             stats["bytes_up"] += size
-            if not self._client_spoke_last:
+            if not self._client_waits:
                 stats["round_trips"] += 1
+                self._client_waits = True
         else:
             stats["bytes_down"] += size
-        self._client_spoke_last = from_client
+
+    def _answered(self) -> None:
+        self._client_waits = False
 
     def sides(self) -> tuple[_Side, _Side]:
         return self.client, self.server
