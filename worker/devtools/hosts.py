@@ -9,18 +9,24 @@ stays beside Redis. For each link, side by side in one run: ``train_many`` throu
 hold, CPU per event, and the requests the workers sent per critical section and per event
 (the forwarder's count of round trips). ``direct`` is the same run with no forwarder at all;
 ``0 ms`` is the forwarder with no delay, the base the others are compared with.
+
+Every link has its own two workers on a queue of its own, all started at once, and the links
+take turns in rounds (each round starting at the next link), so that a shared machine's drift
+falls on every link alike; each link's figures are its median run, and its ratio to 0 ms the
+median of the rounds' paired ratios.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,10 @@ from rich.table import Table
 
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError
-from worker.devtools.bench import Scenario, ScenarioResult, _Cpu, _workers, run_scenario
+from worker.devtools import naive
+from worker.devtools.bench import Scenario, ScenarioResult, _Cpu, run_scenario
 from worker.devtools.embedded_redis import RedisServer
+from worker.devtools.stack import node_name, start_worker, stop_process, wait_for_workers
 from worker.devtools.synthetic import synthetic_events
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.store.model_store import Store
@@ -62,14 +70,21 @@ def parse_rtts(text: str) -> list[float]:
 
 @dataclass
 class HostsRow:
-    """One link: ``rtt_ms`` None is ``direct`` (no forwarder)."""
+    """One link: ``rtt_ms`` None is ``direct`` (no forwarder). ``many`` and ``step`` are the
+    median run of each workload (by events/s, by p99), so every figure of a row comes from one
+    real run; the lists hold every round's."""
 
     link: str
     rtt_ms: float | None
     many: ScenarioResult
     step: ScenarioResult
+    many_events_per_s: list[float] = field(default_factory=list)
+    step_p99_ms: list[float] = field(default_factory=list)
+    #: Each round's ``train_many`` rate over the 0 ms link's in the same round (paired, so that
+    #: the machine's drift between rounds cancels); None without a 0 ms link.
+    many_vs_0ms: list[float] = field(default_factory=list)
     #: Requests the workers sent (all their connections), per ``train_many`` critical section
-    #: and per ``train_step`` event; None for ``direct``.
+    #: and per ``train_step`` event, in the median runs; None for ``direct``.
     round_trips_per_section: float | None = None
     round_trips_per_step_event: float | None = None
 
@@ -115,26 +130,28 @@ class ForwarderProcess:
             self.proc.stdout.close()
 
 
-@contextmanager
-def _link(server: RedisServer, rtt_ms: float | None) -> Iterator[ForwarderProcess | None]:
-    if rtt_ms is None:
-        yield None
-        return
-    fwd = ForwarderProcess(server.port, rtt_ms / 2)
-    try:
-        yield fwd
-    finally:
-        fwd.close()
+@dataclass
+class _Link:
+    """One link's forwarder (none for ``direct``), workers on a queue of its own, and a client
+    that sends to that queue."""
+
+    label: str
+    rtt_ms: float | None
+    fwd: ForwarderProcess | None
+    client: TrainingClient
+    cpu: _Cpu
+    runs: list[tuple[ScenarioResult, int | None]] = field(default_factory=list)
 
 
 def scenarios(quick: bool) -> tuple[Scenario, Scenario]:
+    """Each round's two workloads (``rounds`` of each per link)."""
     scale = 0.2 if quick else 1.0
-    many = Scenario("many", "train_many, per_event mode", WORKERS, int(200_000 * scale), "many")
+    many = Scenario("many", "train_many, per_event mode", WORKERS, int(100_000 * scale), "many")
     step = Scenario(
         "step",
         "train_step from 4 threads at 1,000 events/s in all",
         WORKERS,
-        int(8000 * scale),
+        int(5000 * scale),
         "step",
         rate=1000.0,
         threads=4,
@@ -152,39 +169,105 @@ def run_hosts(
     logs: Path,
     say: Callable[[str], None],
 ) -> list[HostsRow]:
-    """Both workloads over each link: ``direct``, then each round trip of ``rtts``."""
+    """Both workloads over each link (``direct``, then each round trip of ``rtts``), in rounds
+    that take the links in turn, each round starting at the next link: the machine's drift (a
+    shared machine's load changes by the minute) falls on every link alike."""
     many, step = scenarios(quick)
-    rows = []
-    for rtt in [None, *rtts]:
-        label = "direct" if rtt is None else f"{rtt:g} ms"
-        with _link(server, rtt) as fwd:
-            env = {"ITRAIN_REDIS_URL": fwd.url if fwd else server.url, "ITRAIN_RECORD_TIMINGS": "1"}
-            with _workers(WORKERS, env, client, logs) as procs:
-                assert server.proc is not None
-                cpu = _Cpu(server.proc.pid, procs)
-                if fwd is not None:
-                    cpu.kinds["forwarder"] = [fwd.pid]
-                _warm_up(client, store, raw)
-                results = []
-                for sc in (many, step):
-                    say(f"hosts {label}: {sc.description}, {sc.events} events")
-                    before = fwd.stats() if fwd else None
-                    result = run_scenario(sc, client, store, raw, cpu)
-                    after = fwd.stats() if fwd else None
-                    result.key = f"{sc.key}@{label}"
+    rounds = 2 if quick else 3
+    with ExitStack() as stack:
+        links = [_start_link(stack, i, rtt, server, client, logs) for i, rtt in enumerate([None, *rtts])]
+        for link in links:
+            _warm_up(link.client, store, raw)
+        for r in range(rounds):
+            order = links[r % len(links) :] + links[: r % len(links)]
+            for sc in (many, step):
+                for link in order:
+                    say(f"hosts round {r + 1}/{rounds}, {link.label}: {sc.description}, {sc.events} events")
+                    before = link.fwd.stats() if link.fwd else None
+                    result = run_scenario(sc, link.client, store, raw, link.cpu)
+                    after = link.fwd.stats() if link.fwd else None
+                    result.key = f"{sc.key}@{link.label}"
                     trips = after["round_trips"] - before["round_trips"] if after and before else None
-                    results.append((result, trips))
-        (m, m_trips), (s, s_trips) = results
+                    link.runs.append((result, trips))
+        return _rows(links)
+
+
+def _start_link(
+    stack: ExitStack, index: int, rtt: float | None, server: RedisServer, client: TrainingClient, logs: Path
+) -> _Link:
+    label = "direct" if rtt is None else f"{rtt:g} ms"
+    fwd = None if rtt is None else stack.enter_context(_forwarder(server, rtt))
+    queue = f"itrain-hosts-{index}"
+    env = {
+        "ITRAIN_REDIS_URL": fwd.url if fwd else server.url,
+        "ITRAIN_RECORD_TIMINGS": "1",
+        "ITRAIN_QUEUE": queue,
+    }
+    names = [f"hosts{index}w{k + 1}-{uuid.uuid4().hex[:4]}" for k in range(WORKERS)]
+    worker_logs = [logs / f"bench-hosts{index}-worker{k + 1}.log" for k in range(WORKERS)]
+    procs = [
+        start_worker(name, env, concurrency=1, loglevel="warning", log=log, app=naive.APP)
+        for name, log in zip(names, worker_logs, strict=True)
+    ]
+    for p in procs:
+        stack.callback(stop_process, p)
+    wait_for_workers(
+        client.app, names=[node_name(n) for n in names], procs=procs, logs=worker_logs, timeout=120
+    )
+    sender = stack.enter_context(TrainingClient(settings=client.settings.model_copy(update={"queue": queue})))
+    assert server.proc is not None
+    cpu = _Cpu(server.proc.pid, procs)
+    if fwd is not None:
+        cpu.kinds["forwarder"] = [fwd.pid]
+    return _Link(label, rtt, fwd, sender, cpu)
+
+
+@contextmanager
+def _forwarder(server: RedisServer, rtt_ms: float) -> Iterator[ForwarderProcess]:
+    fwd = ForwarderProcess(server.port, rtt_ms / 2)
+    try:
+        yield fwd
+    finally:
+        fwd.close()
+
+
+def _median_run(
+    runs: list[tuple[ScenarioResult, int | None]], key: Callable[[ScenarioResult], float]
+) -> tuple[ScenarioResult, int | None]:
+    ordered = sorted(runs, key=lambda run: key(run[0]))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _rows(links: list[_Link]) -> list[HostsRow]:
+    base = next((link for link in links if link.rtt_ms == 0), None)
+    rows = []
+    for link in links:
+        many_runs = [run for run in link.runs if run[0].key.startswith("many@")]
+        step_runs = [run for run in link.runs if run[0].key.startswith("step@")]
+        many, many_trips = _median_run(many_runs, lambda r: r.events_per_s)
+        step, step_trips = _median_run(step_runs, lambda r: r.latency_p99_ms)
+        paired: list[float] = []
+        if base is not None:
+            base_many = [run for run in base.runs if run[0].key.startswith("many@")]
+            paired = [
+                round(ours.events_per_s / theirs.events_per_s, 3)
+                for (ours, _), (theirs, _) in zip(many_runs, base_many, strict=True)
+            ]
         rows.append(
             HostsRow(
-                link=label,
-                rtt_ms=rtt,
-                many=m,
-                step=s,
-                round_trips_per_section=round(m_trips / m.critical_sections, 1)
-                if m_trips is not None and m.critical_sections
+                link=link.label,
+                rtt_ms=link.rtt_ms,
+                many=many,
+                step=step,
+                many_events_per_s=[r.events_per_s for r, _ in many_runs],
+                step_p99_ms=[r.latency_p99_ms for r, _ in step_runs],
+                many_vs_0ms=paired,
+                round_trips_per_section=round(many_trips / many.critical_sections, 1)
+                if many_trips is not None and many.critical_sections
                 else None,
-                round_trips_per_step_event=round(s_trips / s.events, 2) if s_trips is not None else None,
+                round_trips_per_step_event=round(step_trips / step.events, 2)
+                if step_trips is not None
+                else None,
             )
         )
     return rows
@@ -199,29 +282,33 @@ def _warm_up(client: TrainingClient, store: Store, raw: redis.Redis) -> None:
     client.wait_all([client.train_step(e) for e in events[:50]], timeout=120)
 
 
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
 def report(rows: Sequence[HostsRow]) -> dict[str, Any]:
-    """The JSON of the section, with each link's ``train_many`` rate over the 0 ms one's."""
-    base = next((r for r in rows if r.rtt_ms == 0), None)
+    """The JSON of the section: every link's median runs and rounds, and the median of its
+    paired ``train_many`` ratios to the 0 ms link."""
     out = []
     for r in rows:
         entry = asdict(r)
-        if base is not None:
-            entry["many_rate_vs_0ms"] = round(r.many.events_per_s / base.many.events_per_s, 3)
+        entry["many_vs_0ms_median"] = _median(r.many_vs_0ms)
         out.append(entry)
     return {"links": out}
 
 
 def render_hosts(rows: Sequence[HostsRow]) -> Table:
-    base = next((r for r in rows if r.rtt_ms == 0), None)
+    rounds = max((len(r.many_events_per_s) for r in rows), default=0)
     table = Table(
         title=f"hosts: {WORKERS} workers reach Redis through a forwarder, X/2 ms each way "
-        "(the producer beside Redis)",
-        caption="many: train_many, per_event mode; step: train_step from 4 threads at 1,000 events/s; "
-        "CPU µs/event producer/redis/main/pool (+forwarder); trips: the workers' requests",
+        f"(the producer beside Redis); median of {rounds} rounds",
+        caption="many: train_many, per_event mode; step: train_step from 4 threads at 1,000 events/s in "
+        "all; vs 0 ms: median of each round's ratio; CPU µs/event producer/redis/main/pool "
+        "(+forwarder); trips: the workers' requests (round trips)",
     )
     columns = (
         "link",
-        "many events/s",
+        "many events/s (rounds)",
         "vs 0 ms",
         "many lock hold p50/p99 ms",
         "many CPU µs/event",
@@ -243,10 +330,11 @@ def render_hosts(rows: Sequence[HostsRow]) -> Table:
         return text + (f" (+{c['forwarder']:.1f})" if "forwarder" in c else "")
 
     for r in rows:
+        ratio = _median(r.many_vs_0ms)
         table.add_row(
             r.link,
-            f"{r.many.events_per_s:,.0f}",
-            "-" if base is None else f"{r.many.events_per_s / base.many.events_per_s:.2f}",
+            f"{r.many.events_per_s:,.0f} ({', '.join(f'{x:,.0f}' for x in r.many_events_per_s)})",
+            "-" if ratio is None else f"{ratio:.2f}",
             pair(r.many.lock_hold_p50_ms, r.many.lock_hold_p99_ms),
             cpu(r.many),
             "-" if r.round_trips_per_section is None else f"{r.round_trips_per_section:.1f}",
