@@ -1,7 +1,8 @@
 """What a critical section costs in round trips, counted by the dev tools' forwarder between a
 real ``Trainer`` and a real redis-server: the lock's try rides in front of the checkpoint read,
 and its release behind the fenced commit, so a batch costs two round trips under the lock (and
-one after it for the lock's timings). On a worker 1 ms from Redis, that is the lock's hold."""
+one after it for the lock's timings, which a worker sends with the results it writes anyway).
+On a worker 1 ms from Redis, that is the lock's hold."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import redis
 
 from producer.events import InteractionData
 from producer.keys import ModelKeys
+from producer.protocol import result_key
 from producer.settings import Settings
 from tests.conftest import ModelFactory
 from tests.helpers import make_event
@@ -21,6 +23,7 @@ from worker.devtools.forwarder import Forwarder
 from worker.engine.batch import Job
 from worker.store.lock import ModelLock
 from worker.store.model_store import Store
+from worker.store.results import write_results
 from worker.training.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,6 +66,27 @@ def test_a_batch_costs_two_round_trips_under_the_lock(
     assert [o.result["step"] for o in second] == list(range(51, 101))
     assert trips == 3
     assert not client.exists(ModelKeys(model).lock)
+
+
+def test_the_lock_timings_ride_with_the_results(
+    forwarded: tuple[Forwarder, redis.Redis], redis_url: str, make_model: ModelFactory
+) -> None:
+    fwd, client = forwarded
+    settings = Settings(redis_url=redis_url, record_timings=True)
+    model = make_model()
+    # Given a worker's trainer, which keeps its lock timings for the results' round trip
+    trainer = Trainer(Store(client, settings), settings, defer_timings=True)
+    write_results(client, trainer.train(_jobs(model, "g", 10)), 60, before=trainer.queue_timings)
+    # When it trains a batch and writes its results with the timings in front
+    before = _trips(fwd)
+    outcomes = trainer.train(_jobs(model, "h", 10))
+    trained = _trips(fwd) - before
+    written = write_results(client, outcomes, 60, before=trainer.queue_timings)
+    # Then the batch cost two round trips, the results one, and the timings are there
+    assert (trained, _trips(fwd) - before - trained) == (2, 1)
+    assert written == 10
+    assert client.llen(ModelKeys(model).prefix + "timings") == 2
+    assert client.get(result_key("task-h-9")) is not None
 
 
 def test_a_batch_waits_for_a_held_lock_then_trains(

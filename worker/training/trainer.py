@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from producer.errors import GuardTrippedError, ItrainError, LockTimeoutError, ModelNotInitialisedError
 from producer.events import InteractionData
@@ -86,9 +87,13 @@ class Trainer:
     version only).
     """
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, *, defer_timings: bool = False) -> None:
         self.store = store
         self.settings = settings
+        #: Keep each critical section's lock timings for ``queue_timings`` (the caller sends them
+        #: in a round trip it makes anyway) instead of writing them at once.
+        self.defer_timings = defer_timings
+        self._timings: list[tuple[str, float, float, int]] = []
         self._cache: dict[str, Checkpoint] = {}
         #: Each model's output count as last read: targets are made before the lock for it.
         self._outputs: dict[str, int] = {}
@@ -395,9 +400,29 @@ class Trainer:
 
     def _record_timing(self, model: str, waited: float, held: float, n: int) -> None:
         """Lock wait and hold of this critical section into the model's histograms (``itrain
-        exporter``), and with ``ITRAIN_RECORD_TIMINGS`` into the bench's list: one round trip."""
+        exporter``), and with ``ITRAIN_RECORD_TIMINGS`` into the bench's list: one round trip,
+        or none when deferred (``queue_timings``)."""
+        self._timings.append((model, waited, held, n))
+        if not self.defer_timings:
+            self.flush_timings()
+
+    def flush_timings(self) -> None:
+        """Write the timings kept so far, in one round trip."""
+        if self._timings:
+            pipe = self.store.client.pipeline(transaction=False)
+            self.queue_timings(pipe)
+            pipe.execute()
+
+    def queue_timings(self, pipe: Pipeline) -> None:
+        """The timings kept so far, queued on ``pipe`` (of the store's Redis), and forgotten here.
+        ``run_messages`` sends them in front of the results it writes: the results' round trip
+        carries them, and whoever sees a batch's results sees its timings."""
+        timings, self._timings = self._timings, []
+        for model, waited, held, n in timings:
+            self._queue_timing(pipe, model, waited, held, n)
+
+    def _queue_timing(self, pipe: Pipeline, model: str, waited: float, held: float, n: int) -> None:
         keys = ModelKeys(model)
-        pipe = self.store.client.pipeline(transaction=False)
         for prefix, seconds in (("w", waited), ("h", held)):
             pipe.hincrby(keys.lock_stats, f"{prefix}:{bisect_left(LOCK_BUCKETS, seconds)}", 1)
             pipe.hincrbyfloat(keys.lock_stats, f"{prefix}:sum", seconds)
@@ -405,4 +430,3 @@ class Trainer:
             key = keys.prefix + "timings"
             pipe.lpush(key, f"{waited:.6f} {held:.6f} {n}")
             pipe.ltrim(key, 0, 99_999)
-        pipe.execute()
