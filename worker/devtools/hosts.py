@@ -23,6 +23,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -36,7 +37,7 @@ from rich.table import Table
 from producer.client import TrainingClient
 from producer.errors import ConfigurationError
 from worker.devtools import naive
-from worker.devtools.bench import Scenario, ScenarioResult, _Cpu, run_scenario
+from worker.devtools.bench import Scenario, ScenarioResult, _Cpu, percentile, run_scenario
 from worker.devtools.embedded_redis import RedisServer
 from worker.devtools.stack import node_name, start_worker, stop_process, wait_for_workers
 from worker.devtools.synthetic import synthetic_events
@@ -78,6 +79,10 @@ class HostsRow:
     rtt_ms: float | None
     many: ScenarioResult
     step: ScenarioResult
+    #: A PING's round trip through the link, p50 and p99 ms, measured idle before the rounds:
+    #: what the link really adds (the forwarder's own time and the machine's scheduling too).
+    ping_p50_ms: float | None = None
+    ping_p99_ms: float | None = None
     many_events_per_s: list[float] = field(default_factory=list)
     step_p99_ms: list[float] = field(default_factory=list)
     #: Each round's ``train_many`` rate over the 0 ms link's in the same round (paired, so that
@@ -141,6 +146,7 @@ class _Link:
     client: TrainingClient
     cpu: _Cpu
     runs: list[tuple[ScenarioResult, int | None]] = field(default_factory=list)
+    ping_ms: tuple[float, float] | None = None
 
 
 def scenarios(quick: bool) -> tuple[Scenario, Scenario]:
@@ -178,6 +184,7 @@ def run_hosts(
         links = [_start_link(stack, i, rtt, server, client, logs) for i, rtt in enumerate([None, *rtts])]
         for link in links:
             _warm_up(link.client, store, raw)
+            link.ping_ms = _ping(link.fwd.url if link.fwd else server.url)
         for r in range(rounds):
             order = links[r % len(links) :] + links[: r % len(links)]
             for sc in (many, step):
@@ -259,6 +266,8 @@ def _rows(links: list[_Link]) -> list[HostsRow]:
                 rtt_ms=link.rtt_ms,
                 many=many,
                 step=step,
+                ping_p50_ms=link.ping_ms[0] if link.ping_ms else None,
+                ping_p99_ms=link.ping_ms[1] if link.ping_ms else None,
                 many_events_per_s=[r.events_per_s for r, _ in many_runs],
                 step_p99_ms=[r.latency_p99_ms for r, _ in step_runs],
                 many_vs_0ms=paired,
@@ -271,6 +280,21 @@ def _rows(links: list[_Link]) -> list[HostsRow]:
             )
         )
     return rows
+
+
+def _ping(url: str, n: int = 300) -> tuple[float, float]:
+    """p50 and p99 of ``n`` PINGs' round trips through ``url``, in ms."""
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        client.ping()
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            client.ping()
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        client.close()
+    return round(percentile(times, 50), 3), round(percentile(times, 99), 3)
 
 
 def _warm_up(client: TrainingClient, store: Store, raw: redis.Redis) -> None:
@@ -308,6 +332,7 @@ def render_hosts(rows: Sequence[HostsRow]) -> Table:
     )
     columns = (
         "link",
+        "PING p50/p99 ms",
         "many events/s (rounds)",
         "vs 0 ms",
         "many lock hold p50/p99 ms",
@@ -333,6 +358,7 @@ def render_hosts(rows: Sequence[HostsRow]) -> Table:
         ratio = _median(r.many_vs_0ms)
         table.add_row(
             r.link,
+            pair(r.ping_p50_ms, r.ping_p99_ms),
             f"{r.many.events_per_s:,.0f} ({', '.join(f'{x:,.0f}' for x in r.many_events_per_s)})",
             "-" if ratio is None else f"{ratio:.2f}",
             pair(r.many.lock_hold_p50_ms, r.many.lock_hold_p99_ms),
