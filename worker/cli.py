@@ -924,6 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="a master with N replicas; each scenario also runs with ITRAIN_MIN_REPLICAS=1",
     )
+    p.add_argument(
+        "--rtt-ms",
+        default=None,
+        metavar="X[,Y...]",
+        help="the hosts section alone (with --only, beside those scenarios): workers reach Redis "
+        "through a forwarder adding X ms a round trip, for each X, beside direct (full run: 0,1,5)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

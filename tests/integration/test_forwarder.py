@@ -5,6 +5,7 @@ only later connections unless it cuts, and the subprocess form prints its port a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -181,6 +182,47 @@ def test_a_cut_shows_as_the_end_of_the_stream(server: RedisServer) -> None:
         assert fwd.connections == 0
 
 
+def test_round_trips_are_counted_one_per_request_however_many_commands(server: RedisServer) -> None:
+    # Given a connected client
+    with Forwarder(server.port) as fwd:
+        client = _client(fwd.port)
+        client.ping()
+        before = fwd.stats()
+        # When it sends five PINGs one at a time, then a pipeline of 50 SETs
+        for _ in range(5):
+            client.ping()
+        pipe = client.pipeline(transaction=False)
+        for i in range(50):
+            pipe.set(f"fwd-rt-{i}", b"x" * 20)
+        pipe.execute()
+        after = fwd.stats()
+        client.close()
+    # Then six round trips were counted, and the bytes each way
+    assert after["round_trips"] - before["round_trips"] == 6
+    assert after["bytes_up"] - before["bytes_up"] > 50 * 20
+    assert after["bytes_down"] - before["bytes_down"] == 5 * len(b"+PONG\r\n") + 50 * len(b"+OK\r\n")
+    assert after["accepted"] == 1
+
+
+def test_a_large_pipeline_is_one_round_trip_through_a_delay(server: RedisServer) -> None:
+    # Given a client 2 ms each way from the server
+    with Forwarder(server.port, delay_ms=2) as fwd:
+        client = _client(fwd.port)
+        client.ping()
+        before = fwd.stats()["round_trips"]
+        # When it pipelines 50 SETs of 20 KB (written in many pieces, the server answering the
+        # first before the last is sent), then one PING
+        pipe = client.pipeline(transaction=False)
+        for i in range(50):
+            pipe.set(f"fwd-big-{i}", b"x" * 20_000)
+        pipe.execute()
+        client.ping()
+        trips = fwd.stats()["round_trips"] - before
+        client.close()
+    # Then that is two round trips
+    assert trips == 2
+
+
 def test_a_closed_client_closes_its_server_connection(server: RedisServer) -> None:
     # Given a forwarder and the server's count of clients
     direct = _client(server.port)
@@ -230,6 +272,11 @@ def test_the_forwarder_runs_as_a_process_printing_its_port(server: RedisServer) 
         thread.join(10)
         assert answer == [True]
         client.close()
+        # When it is sent SIGHUP, it prints its counts as one JSON line
+        os.kill(proc.pid, signal.SIGHUP)
+        counts = json.loads(proc.stdout.readline())
+        assert counts["accepted"] == 1
+        assert counts["round_trips"] >= 12
         # When it is sent SIGTERM, it exits cleanly
         proc.terminate()
         assert proc.wait(10) == 0

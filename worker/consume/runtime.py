@@ -83,7 +83,8 @@ class Runtime:
             else connect(settings.backend, settings.publish_timeout)
         )
         self.store = Store(self.store_client, settings)
-        self.trainer = Trainer(self.store, settings)
+        # The lock's timings go in the results' round trip (``run_messages``).
+        self.trainer = Trainer(self.store, settings, defer_timings=True)
         # None where nothing waits (no replicas wanted, or the broker's own Redis).
         self.store_barrier = ReplicaBarrier.of(self.store_client, settings, settings.store)
         self.results_barrier = ReplicaBarrier.of(self.result_client, settings, settings.backend)
@@ -139,7 +140,16 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
         _admit(plan, m, msg, rt.settings)
     with deliveries_known(plan.deliveries):
         outcomes, owners = _train_and_dead_letter(rt, messages, plan)
-    write_results(rt.result_client, _wanted(messages, plan, outcomes, owners), rt.settings.result_expires)
+    # The lock's timings ride in front of the results when both go to the same Redis.
+    timings = rt.trainer.queue_timings if rt.result_client is rt.store_client else None
+    if timings is None:
+        rt.trainer.flush_timings()
+    write_results(
+        rt.result_client,
+        _wanted(messages, plan, outcomes, owners),
+        rt.settings.result_expires,
+        before=timings,
+    )
     if rt.results_barrier is not None:
         rt.results_barrier.cross([j.event.event_id for j in plan.jobs], "results")
     return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)

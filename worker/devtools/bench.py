@@ -282,7 +282,8 @@ def _measure(
     results = _collect(client, raw, handles, timeout=max(120.0, sc.events / 200))
     cpu_after = cpu.read()
     used = {kind: (cpu_after[kind] - cpu_before[kind]) / sc.events * 1e6 for kind in cpu_after}
-    used["total"] = sum(used.values())
+    # A forwarder (the hosts section) stands for the network: its CPU is reported apart.
+    used["total"] = sum(us for kind, us in used.items() if kind != "forwarder")
     last = max(done for _, done in results)
     seconds = max(last - first, 1e-9)
     latencies = [(done - s) * 1000 for (_, done), s in zip(results, sent, strict=True)]
@@ -329,9 +330,20 @@ def machine() -> dict[str, Any]:
 def run_bench(
     args: argparse.Namespace, console: Output, progress: Callable[[str], None] | None = None
 ) -> int:
+    from worker.devtools import hosts
+
     say = progress or (lambda text: console.print(text))
     scenarios = plan(args.quick)
     only = getattr(args, "only", None)
+    rtt_text = getattr(args, "rtt_ms", None)
+    # Validated before anything starts, as --only is. --rtt-ms alone runs the hosts section
+    # alone; the full run has it too, over the default round trips.
+    rtts = hosts.parse_rtts(rtt_text) if rtt_text else None
+    if rtts is not None and not only:
+        scenarios = []
+    elif rtts is None and not only:
+        rtts = list(hosts.DEFAULT_RTTS)
+    partial = bool(only) or not scenarios
     if only:
         wanted = {key.strip() for key in only.split(",")}
         unknown = wanted - {s.key for s in scenarios}
@@ -371,9 +383,10 @@ def run_bench(
                             again.key = f"{sc.key}+wait1"
                             again.description += f", ITRAIN_MIN_REPLICAS=1 of {replicas} replicas"
                             results.append(again)
-                    if count == 2 and not only:
+                    if count == 2 and not partial:
                         memory = _memory(args.quick, client, store, raw, say)
-            paths = [] if only else _message_path(args.quick, env, client, store, raw, logs, say)
+            paths = [] if partial else _message_path(args.quick, env, client, store, raw, logs, say)
+            links = hosts.run_hosts(rtts, args.quick, server, client, store, raw, logs, say) if rtts else []
         if waiting is not None:
             waiting.close()
     report: dict[str, Any] = {
@@ -382,6 +395,8 @@ def run_bench(
         "message_path": [asdict(p) for p in paths],
         "memory": [{**asdict(m), "total_mb_per_event_per_s": round(m.total_mb, 3)} for m in memory],
     }
+    if links:
+        report["hosts"] = hosts.report(links)
     order = {r.key: r for r in results}
     if {"a", "b2", "c2", "d"} <= order.keys():
         report["ratios"] = {
@@ -404,7 +419,10 @@ def run_bench(
             "message_path_msgs_per_s_itrain/stock": round(ours.messages_per_s / stock.messages_per_s, 2),
         }
     # Only the tables of what ran: `--only` runs neither the message path nor the memory figure.
-    console.print(render(results, report))
+    if results:
+        console.print(render(results, report))
+    if links:
+        console.print(hosts.render_hosts(links))
     if paths:
         console.print(render_message_path(paths))
     if memory:

@@ -10,6 +10,7 @@ network partition): nothing leaves until it is released, and then everything due
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 
@@ -23,10 +24,15 @@ class DelayLine:
     """Chunks from one transport to ``sink`` (set once it is connected), ``delay`` seconds late."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, delay: float, on_end: Callable[[], None] | None = None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delay: float,
+        on_end: Callable[[], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
         self._loop = loop
         self._on_end = on_end
+        self._on_sent = on_sent
         self.delay = delay
         self.sink: asyncio.Transport | None = None
         self.held = False
@@ -35,7 +41,7 @@ class DelayLine:
 
     def push(self, data: bytes) -> None:
         """Queue ``data`` (``EOF`` for the end of the stream) to leave ``delay`` seconds from now;
-        ``on_end`` is called when the end leaves."""
+        ``on_sent`` is called when a chunk leaves, ``on_end`` when the end does."""
         if not self._queue and self.delay <= 0 and not self.held and self.sink is not None:
             self._send(data)  # the common case at no delay: straight through, no timer
             return
@@ -84,8 +90,12 @@ class DelayLine:
         if sink is not None and not sink.is_closing():
             if data:
                 sink.write(data)
+                if self._on_sent is not None:
+                    self._on_sent()
             elif sink.can_write_eof():
-                sink.write_eof()
+                # The peer may have gone already (ENOTCONN): its end is what we were passing on.
+                with contextlib.suppress(OSError):
+                    sink.write_eof()
             else:
                 sink.close()
         if not data and self._on_end is not None:

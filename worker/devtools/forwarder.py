@@ -18,7 +18,7 @@ As a process, so that its CPU can be measured apart from its clients'::
     python -m worker.devtools.forwarder --target-port P [--delay-ms D] [--port L]
 
 prints the port it listens on (one line) and runs until SIGTERM or SIGINT; SIGUSR1 holds,
-SIGUSR2 resumes.
+SIGUSR2 resumes, SIGHUP prints its counts (``Forwarder.stats``) as one JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import selectors
 import signal
 import sys
 import threading
@@ -34,14 +36,15 @@ from typing import Any
 
 from worker.devtools.delay_line import EOF, DelayLine
 
-__all__ = ["Forwarder", "ForwarderCore", "main"]
+__all__ = ["Forwarder", "ForwarderCore", "main", "new_loop"]
 
 
 class _Side(asyncio.Protocol):
     """One socket of a link: what it reads goes into ``out``; what ``into`` carries is written to it."""
 
-    def __init__(self, link: _Link, out: DelayLine, into: DelayLine) -> None:
+    def __init__(self, link: _Link, out: DelayLine, into: DelayLine, *, client: bool) -> None:
         self.link = link
+        self.client = client
         self.out = out
         self.into = into
         self.transport: asyncio.Transport | None = None
@@ -56,6 +59,7 @@ class _Side(asyncio.Protocol):
         self.update_reading()
 
     def data_received(self, data: bytes) -> None:
+        self.link.count(self.client, len(data))
         self.out.push(data)
 
     def eof_received(self) -> bool:
@@ -99,14 +103,33 @@ class _Link:
         self.core = core
         loop = core.loop
         self.up = DelayLine(loop, core.delay, self._line_ended)  # client -> server
-        self.down = DelayLine(loop, core.delay, self._line_ended)  # server -> client
+        self.down = DelayLine(loop, core.delay, self._line_ended, self._answered)  # server -> client
         self._ended_lines = 0
         if core.held:
             self.up.hold()
             self.down.hold()
-        self.client = _Side(self, self.up, self.down)
-        self.server = _Side(self, self.down, self.up)
+        self.client = _Side(self, self.up, self.down, client=True)
+        self.server = _Side(self, self.down, self.up, client=False)
+        self._client_waits = False  # it sent a request and has had no answer since
         self.client.peer, self.server.peer = self.server, self.client
+
+    def count(self, from_client: bool, size: int) -> None:
+        """A request is what the client sends after an answer reached it (or first): however
+        many reads it takes, and however many commands a pipeline puts in it, it costs one round
+        trip. Bytes sent before the answer left the forwarder were sent without waiting for it
+        (the rest of a pipeline that the server began answering): the same round trip. With no
+        delay the two cannot be told apart, and such a pipeline may count more than once."""
+        stats = self.core.stats
+        if from_client:
+            stats["bytes_up"] += size
+            if not self._client_waits:
+                stats["round_trips"] += 1
+                self._client_waits = True
+        else:
+            stats["bytes_down"] += size
+
+    def _answered(self) -> None:
+        self._client_waits = False
 
     def sides(self) -> tuple[_Side, _Side]:
         return self.client, self.server
@@ -156,7 +179,8 @@ class ForwarderCore:
         self.delay = delay_ms / 1000.0
         self.held = False
         self.links: set[_Link] = set()
-        self.accepted = 0
+        #: Since the start: connections accepted, requests (round trips) and bytes each way.
+        self.stats = {"accepted": 0, "round_trips": 0, "bytes_up": 0, "bytes_down": 0}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -167,7 +191,7 @@ class ForwarderCore:
     def _accept(self) -> asyncio.Protocol:
         link = _Link(self)
         self.links.add(link)
-        self.accepted += 1
+        self.stats["accepted"] += 1
         # The target is read when the client arrives: a ``switch`` moves only later connections.
         task = self.loop.create_task(link.connect(self.target_host, self.target_port))
         self._tasks.add(task)
@@ -223,7 +247,7 @@ class Forwarder:
         if delay_ms < 0:
             raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")
         self.host = host
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_loop()
         self._core = ForwarderCore(self._loop, target_port, delay_ms, target_host)
         self._thread = threading.Thread(target=self._loop.run_forever, name="forwarder", daemon=True)
         self._thread.start()
@@ -251,10 +275,10 @@ class Forwarder:
         """Client connections open now."""
         return int(self._run(lambda: len(self._core.links)))
 
-    @property
-    def accepted(self) -> int:
-        """Client connections accepted since the start."""
-        return self._core.accepted
+    def stats(self) -> dict[str, int]:
+        """Counts since the start: ``accepted`` connections, ``round_trips`` (a client's request
+        after an answer, however many commands it pipelines), ``bytes_up`` and ``bytes_down``."""
+        return dict(self._run(lambda: dict(self._core.stats)))
 
     def switch(self, target_port: int, *, cut: bool = False) -> None:
         """Send connections made from now on to ``target_port``; with ``cut``, also end every
@@ -299,6 +323,14 @@ class Forwarder:
         self.close()
 
 
+def new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers keep sub-millisecond time: ``select`` waits in microseconds,
+    where ``epoll`` (asyncio's default on Linux) rounds every wait up to a whole millisecond,
+    which would make a 0.5 ms delay 1 ms and a 1 ms round trip 2. (``select`` takes file
+    descriptors below 1,024 only: plenty for a forwarder's few dozen connections.)"""
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m worker.devtools.forwarder",
@@ -327,6 +359,7 @@ async def _serve(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, core.hold)
     loop.add_signal_handler(signal.SIGUSR2, core.resume)
+    loop.add_signal_handler(signal.SIGHUP, lambda: print(json.dumps(core.stats), flush=True))
     await stop.wait()
     await core.close()
 
@@ -334,7 +367,8 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        asyncio.run(_serve(args))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(_serve(args))
     except OSError as exc:
         print(f"forwarder: {exc}", file=sys.stderr)
         return 1

@@ -13,9 +13,12 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import redis
+from redis.client import Pipeline
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from producer.errors import CheckpointError, ModelExistsError
 from producer.keys import (
@@ -32,6 +35,7 @@ from worker.engine.checkpoint import Checkpoint, decode, encode
 from worker.engine.evaluation import EvalUpdate, decode_state
 from worker.engine.guard import Reference, parse_guard, parse_reference
 from worker.lua import load_lua
+from worker.store.lock import ModelLock
 from worker.store.markers import result_digest
 
 __all__ = ["CommitResult", "ReadResult", "Restored", "Store"]
@@ -85,21 +89,67 @@ class Store:
         self._init = client.register_script(load_lua(__package__, "init"))
         self._restore = client.register_script(load_lua(__package__, "restore"))
 
+    @overload
     def read(
         self, model: str, cached: Checkpoint | None, event_ids: Sequence[str], *, now: float | None = None
-    ) -> ReadResult:
+    ) -> ReadResult: ...
+
+    @overload
+    def read(
+        self,
+        model: str,
+        cached: Checkpoint | None,
+        event_ids: Sequence[str],
+        *,
+        now: float | None = None,
+        lock: ModelLock,
+    ) -> ReadResult | None: ...
+
+    def read(
+        self,
+        model: str,
+        cached: Checkpoint | None,
+        event_ids: Sequence[str],
+        *,
+        now: float | None = None,
+        lock: ModelLock | None = None,
+    ) -> ReadResult | None:
         """The checkpoint (none of its weights when ``cached`` is current) and which events are
         done (trained within the de-duplication window before ``now``): one round trip, or two
-        when the model's generation is not the cached one."""
+        when the model's generation is not the cached one.
+
+        With ``lock``, one try at the lock goes first in the same round trip (Redis runs the
+        read after the ``SET NX``, so what it reads is what the lock now guards): ``None`` when
+        the lock was not free, and nothing read is used."""
         keys = ModelKeys(model)
         slots = marker_slots(time.time() if now is None else now, self.settings.dedupe_ttl)
-        pipe = self.client.pipeline(transaction=False)
-        self._read(keys=[keys.ckpt, keys.eval_ring], args=[cached.tag if cached else ""], client=pipe)
         guess = cached.gen if cached else None
         fields = [marker_field(e) for e in event_ids]
-        if fields and guess is not None:
-            self._done(keys=[keys.done(guess, slot) for slot in slots], args=fields, client=pipe)
-        replies = pipe.execute()
+        done_keys = [keys.done(guess, slot) for slot in slots] if fields and guess is not None else []
+
+        def queue(pipe: Pipeline) -> None:
+            # EVALSHA itself: redis-py's script objects on a pipeline cost a SCRIPT EXISTS round
+            # trip first, on every execute.
+            pipe.evalsha(self._read.sha, 2, keys.ckpt, keys.eval_ring, cached.tag if cached else "")
+            if done_keys:
+                pipe.evalsha(self._done.sha, len(done_keys), *done_keys, *fields)
+
+        pipe = self.client.pipeline(transaction=False)
+        if lock is not None:
+            lock.queue_acquire(pipe)
+        queue(pipe)
+        replies = pipe.execute(raise_on_error=False)
+        if lock is not None and not lock.took(replies.pop(0)):
+            return None
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # A restarted Redis forgot the scripts: load them and read again (a read is idempotent).
+            self._load(self._read, self._done)
+            pipe = self.client.pipeline(transaction=False)
+            queue(pipe)
+            replies = pipe.execute(raise_on_error=False)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
         reply = replies[0]
         if not reply:
             return ReadResult("missing", None, [False] * len(event_ids))
@@ -140,6 +190,10 @@ class Store:
         marks = dict(zip([i for i, d in enumerate(done) if d], values, strict=True))
         return ReadResult(state, ckpt, done, ref, marks)
 
+    def _load(self, *scripts: Script) -> None:
+        for script in scripts:
+            self.client.script_load(script.script)
+
     def load(self, model: str) -> Checkpoint | None:
         """The current checkpoint, read without the lock (one atomic script)."""
         return self.read(model, None, ()).checkpoint
@@ -160,8 +214,12 @@ class Store:
         evaluation: EvalUpdate | None = None,
         now: float | None = None,
         latency: Sequence[tuple[str, int | float]] = (),
+        release: ModelLock | None = None,
     ) -> CommitResult:
         """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on.
+        With ``release``, that lock is given back in the same round trip, right after the commit
+        (committed or refused); a commit that must be sent again (below) goes without it, fenced
+        as ever.
         ``evaluation`` is written with the weights (it is needed whenever events trained).
         ``now`` (this host's clock by default) picks the event markers' slots to declare.
         ``result_ids``, one per event (or none), are the ids of the results that answer them: each
@@ -217,7 +275,8 @@ class Store:
         counters = [keys.latency, keys.dead_errors]
         for _ in range(3):
             markers = [keys.done(expected.gen, first + k) for k in range(3)]
-            ok, version, step0 = self._commit(keys=[*named, *markers, *counters], args=args)
+            ok, version, step0 = self._commit_once([*named, *markers, *counters], args, release)
+            release = None
             if ok != -1:
                 return CommitResult(ok == 1, int(version), int(step0), cid)
             # This host's clock is more than a slot away from Redis's: name Redis's slot (the
@@ -227,6 +286,22 @@ class Store:
             f"model {model!r}: the commit found Redis's clock in another marker slot each time "
             "(a clock jumping by a quarter of ITRAIN_DEDUPE_TTL?)"
         )
+
+    def _commit_once(self, keys: list[str], args: list[Any], release: ModelLock | None) -> Any:
+        """commit.lua's reply; the lock's release after it in the same round trip, if owned."""
+        if release is None or not release.owned:
+            return self._commit(keys=keys, args=args)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+        release.queue_release(pipe)
+        reply, released = pipe.execute(raise_on_error=False)
+        release.released(released)
+        if isinstance(reply, NoScriptError):
+            # A restarted Redis forgot it (nothing was written): the script object sends it whole.
+            return self._commit(keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def dead_letter(self, model: str, entries: Sequence[bytes]) -> None:
         """Record failed messages in the model's bounded dead-letter list (or the unrouted one)."""

@@ -21,12 +21,14 @@ A ``train_many`` chunk has one result for all its events (``ChunkResult``, whose
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis
+from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from producer.chunks import chunk_result, merge_chunk, parse_handle_id
 from producer.protocol import result_key
@@ -68,10 +70,21 @@ class ChunkResult:
         return chunk_result(models, ids, entries)
 
 
-def write_results(client: redis.Redis, outcomes: Sequence[Outcome | ChunkResult], expires: int) -> int:
+def write_results(
+    client: redis.Redis,
+    outcomes: Sequence[Outcome | ChunkResult],
+    expires: int,
+    *,
+    before: Callable[[Pipeline], None] | None = None,
+) -> int:
     """Write each outcome's result under the precedence rule; returns how many were written (the
-    others were refused: an earlier result stands)."""
+    others were refused: an earlier result stands). ``before`` queues commands of the caller's
+    to go first in the same round trip (they run before any result is written)."""
     if not outcomes:
+        if before is not None:
+            pipe = client.pipeline(transaction=False)
+            before(pipe)
+            pipe.execute()
         return 0
     done = datetime.now(UTC).isoformat()
     keys: list[str] = []
@@ -89,8 +102,7 @@ def write_results(client: redis.Redis, outcomes: Sequence[Outcome | ChunkResult]
         if o.status != "SUCCESS" and o.event_id is not None:
             meta["event_id"] = o.event_id
         args.extend((orjson.dumps(meta), o.event_id or "", 1 if o.trained else 0))
-    # ``client=`` always: a cached Script must never run on a client other than this one.
-    written, *met = _script(client)(keys=keys, args=args, client=client)
+    written, *met = _run(client, keys, args, before)
     found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))
     return int(written) + (_merge_chunks(client, found, expires) if found else 0)
 
@@ -120,6 +132,32 @@ def _merge_chunks(
         now: list[bytes | None] = client.mget([key for key, _ in tried])  # type: ignore[assignment]
         found = [(k, stored, new) for (k, new), stored in zip(tried, now, strict=True) if stored is not None]
     return written
+
+
+def _run(
+    client: redis.Redis,
+    keys: list[str],
+    args: list[bytes | str | int],
+    before: Callable[[Pipeline], None] | None,
+) -> Any:
+    """write_results.lua's reply, after ``before``'s commands in the same round trip."""
+    script = _script(client)
+    if before is None:
+        # ``client=`` always: a cached Script must never run on a client other than this one.
+        return script(keys=keys, args=args, client=client)
+    pipe = client.pipeline(transaction=False)
+    before(pipe)
+    # EVALSHA itself: a script object on a pipeline costs a SCRIPT EXISTS round trip first.
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    *theirs, reply = pipe.execute(raise_on_error=False)
+    for r in theirs:
+        if isinstance(r, Exception):
+            raise r
+    if isinstance(reply, NoScriptError):  # a restarted Redis forgot it: sent whole this once
+        return script(keys=keys, args=args, client=client)
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def _script(client: redis.Redis) -> Any:

@@ -24,6 +24,7 @@ made after the lock is given back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from bisect import bisect_left
@@ -31,6 +32,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import redis
+from redis.client import Pipeline
 
 from producer.errors import GuardTrippedError, ItrainError, LockTimeoutError, ModelNotInitialisedError
 from producer.events import InteractionData
@@ -57,7 +61,7 @@ from worker.engine.mlp import forward, sigmoid
 from worker.outcome import Outcome, failure_payload
 from worker.store.lock import ModelLock
 from worker.store.markers import own_trained
-from worker.store.model_store import CommitResult, Store
+from worker.store.model_store import CommitResult, ReadResult, Store
 from worker.store.snapshots import due, take_snapshot
 
 __all__ = ["Committed", "Trainer"]
@@ -84,9 +88,13 @@ class Trainer:
     version only).
     """
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, *, defer_timings: bool = False) -> None:
         self.store = store
         self.settings = settings
+        #: Keep each critical section's lock timings for ``queue_timings`` (the caller sends them
+        #: in a round trip it makes anyway) instead of writing them at once.
+        self.defer_timings = defer_timings
+        self._timings: list[tuple[str, float, float, int]] = []
         self._cache: dict[str, Checkpoint] = {}
         #: Each model's output count as last read: targets are made before the lock for it.
         self._outputs: dict[str, int] = {}
@@ -115,12 +123,13 @@ class Trainer:
         attempts = self.settings.commit_retries
         for attempt in range(attempts):
             try:
-                lock.acquire()
+                read = self._lock_and_read(lock, model, prep)
             except LockTimeoutError as exc:
                 return self._fail_all(model, jobs, exc)
             try:
-                found = self._critical_section(model, prep)
+                found = self._critical_section(model, prep, read, lock)
             finally:
+                # Given back here unless the commit's round trip already did.
                 held = lock.release()
             if not isinstance(found, list):  # (a model that does not exist gets no keys at all)
                 self._record_timing(model, lock.waited, held, len(jobs))
@@ -138,10 +147,28 @@ class Trainer:
             )
         return self._fail_all(model, jobs, ItrainError(f"commit refused {attempts} times in a row"))
 
-    def _critical_section(self, model: str, prep: Prepared) -> Committed | list[Outcome] | None:
-        """Read, plan, step, settle copies, commit: the committed batch, the answers of a model
-        that is not initialised, or ``None`` when the fenced commit was refused."""
-        read = self.store.read(model, self._cache.get(model), prep.event_ids)
+    def _lock_and_read(self, lock: ModelLock, model: str, prep: Prepared) -> ReadResult:
+        """Take the lock and read the checkpoint: one round trip when the lock is free (the
+        try rides in front of the read), else the wait, then the read."""
+        start = time.perf_counter()
+        try:
+            read = self.store.read(model, self._cache.get(model), prep.event_ids, lock=lock)
+            if read is None:
+                lock.acquire(since=start)
+                read = self.store.read(model, self._cache.get(model), prep.event_ids)
+            return read
+        except BaseException:
+            if lock.owned:  # the read failed under the lock: give it back, then let the fault out
+                with contextlib.suppress(redis.RedisError):
+                    lock.release()
+            raise
+
+    def _critical_section(
+        self, model: str, prep: Prepared, read: ReadResult, lock: ModelLock
+    ) -> Committed | list[Outcome] | None:
+        """Plan, step, settle copies, commit, on what was read under the lock: the committed
+        batch, the answers of a model that is not initialised, or ``None`` when the fenced
+        commit was refused."""
         if read.checkpoint is None:
             self._cache.pop(model, None)
             return [self._skipped(j) for j in prep.jobs]
@@ -157,7 +184,10 @@ class Trainer:
         ref, worst = read.guard_ref, update.worst if update is not None else None
         if worst is not None and ref is not None and tripped(batch.base.guard, worst.loss, ref):
             return self._trip(batch, ref, worst, read.marks)
-        committed = self._commit(batch, update)
+        # The lock goes back in the commit's round trip, unless a snapshot is due after it (a
+        # snapshot is taken under the lock).
+        snapshot = due(batch.base.step, batch.base.step + len(batch.trained), self.settings.snapshot_every)
+        committed = self._commit(batch, update, None if snapshot else lock)
         if committed is None:
             return None
         if read.marks:
@@ -167,9 +197,12 @@ class Trainer:
         self._maybe_snapshot(batch)
         return committed
 
-    def _commit(self, batch: BatchPlan, update: EvalUpdate | None) -> Committed | None:
+    def _commit(
+        self, batch: BatchPlan, update: EvalUpdate | None, release: ModelLock | None
+    ) -> Committed | None:
         """The fenced commit of what ``step`` trained, with its history, counters, dead letters and
-        online evaluation. ``None`` (nothing written) when the checkpoint moved on."""
+        online evaluation, and ``release`` given back in the same round trip. ``None`` (nothing
+        written) when the checkpoint moved on."""
         base, trained, prep = batch.base, batch.trained, batch.prep
         ema = batch.loss_ema(self.settings.loss_ema_alpha)
         every = batch.all_trained()
@@ -189,6 +222,7 @@ class Trainer:
             dead=batch.dead,
             evaluation=update,
             latency=latencies(batch, now),
+            release=release,
         )
         if not result.ok:
             return None
@@ -380,9 +414,29 @@ class Trainer:
 
     def _record_timing(self, model: str, waited: float, held: float, n: int) -> None:
         """Lock wait and hold of this critical section into the model's histograms (``itrain
-        exporter``), and with ``ITRAIN_RECORD_TIMINGS`` into the bench's list: one round trip."""
+        exporter``), and with ``ITRAIN_RECORD_TIMINGS`` into the bench's list: one round trip,
+        or none when deferred (``queue_timings``)."""
+        self._timings.append((model, waited, held, n))
+        if not self.defer_timings:
+            self.flush_timings()
+
+    def flush_timings(self) -> None:
+        """Write the timings kept so far, in one round trip."""
+        if self._timings:
+            pipe = self.store.client.pipeline(transaction=False)
+            self.queue_timings(pipe)
+            pipe.execute()
+
+    def queue_timings(self, pipe: Pipeline) -> None:
+        """The timings kept so far, queued on ``pipe`` (of the store's Redis), and forgotten here.
+        ``run_messages`` sends them in front of the results it writes: the results' round trip
+        carries them, and whoever sees a batch's results sees its timings."""
+        timings, self._timings = self._timings, []
+        for model, waited, held, n in timings:
+            self._queue_timing(pipe, model, waited, held, n)
+
+    def _queue_timing(self, pipe: Pipeline, model: str, waited: float, held: float, n: int) -> None:
         keys = ModelKeys(model)
-        pipe = self.store.client.pipeline(transaction=False)
         for prefix, seconds in (("w", waited), ("h", held)):
             pipe.hincrby(keys.lock_stats, f"{prefix}:{bisect_left(LOCK_BUCKETS, seconds)}", 1)
             pipe.hincrbyfloat(keys.lock_stats, f"{prefix}:sum", seconds)
@@ -390,4 +444,3 @@ class Trainer:
             key = keys.prefix + "timings"
             pipe.lpush(key, f"{waited:.6f} {held:.6f} {n}")
             pipe.ltrim(key, 0, 99_999)
-        pipe.execute()
