@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     store_url: str | None = None
     queue: str = Field("itrain", min_length=1, max_length=200)
+    #: The queues a worker consumes, comma-separated (empty: ``queue`` alone); see ``queue_names``.
+    queues: str = ""
     # A sentinel:// URL's master group (unless the URL says ?master_name=) and the sentinels' login.
     sentinel_master: str | None = None
     sentinel_username: str | None = None
@@ -163,6 +165,13 @@ class Settings(BaseSettings):
 
     # Each role's URL; a sentinel URL carries its master's name and the sentinels' login, so
     # that every component connects from the URL alone (``producer.redis_conn.connect``).
+
+    @property
+    def queue_names(self) -> list[str]:
+        """The queues of ``ITRAIN_QUEUES`` in order, without blanks or repeats; ``[ITRAIN_QUEUE]``
+        when it names none."""
+        names = [q.strip() for q in self.queues.split(",")]
+        return list(dict.fromkeys(q for q in names if q)) or [self.queue]
 
     @property
     def requeue_ceiling(self) -> float:

@@ -15,6 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from celery.signals import celeryd_after_setup, worker_init
+from kombu import Queue  # type: ignore[attr-defined]
 
 from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
@@ -43,6 +44,9 @@ app.conf.broker_transport_options = {
     "max_envelope_bytes": settings.max_message_bytes * 2 + 65_536,
 }
 app.conf.update(include=["worker.consume.tasks"])
+# A worker consumes every queue of ITRAIN_QUEUES (default: ITRAIN_QUEUE alone), unless Celery's -Q
+# names others; publishing still routes to ITRAIN_QUEUE (or a model's own queue).
+app.conf.task_queues = [Queue(name, routing_key=name) for name in settings.queue_names]  # type: ignore[no-untyped-call]
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
 
