@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -121,6 +121,7 @@ class _Buffer:
     def __init__(self, task: Task, consumer: Any, buffered: bool) -> None:
         settings = get_settings()
         self.task = task
+        self.pool = consumer.pool
         # Pool jobs take turns by queue (``turns``): a flooded queue cannot hold the pool.
         self.turns = turns_for(consumer.pool)
         self.timer = consumer.timer
@@ -169,12 +170,15 @@ class _Buffer:
             self._submit(items, alone=False)
 
     def _submit(self, items: list[_Pending], *, alone: bool) -> None:
-        self.turns.submit(
-            items[0].queue,
+        self.turns.submit(items[0].queue, self, items, self.weight, alone=alone)
+
+    def start(self, items: list[_Pending], alone: bool, finished: Callable[[], None]) -> None:
+        """Hand ``items`` to the pool as one job (``Turns`` decides when)."""
+        self.pool.apply_async(
             run_messages,
-            ([p.raw for p in items],),
-            partial(self._on_done, items),
-            partial(self._on_error, items, alone),
+            args=([p.raw for p in items],),
+            callback=partial(_then, finished, partial(self._on_done, items)),
+            error_callback=partial(_then, finished, partial(self._on_error, items, alone)),
         )
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
@@ -233,6 +237,14 @@ class _Buffer:
         if self.events:
             self.events.failed(p.raw.task_id, error, shown)
         p.ack(logger, self.connection_errors)
+
+
+def _then(finished: Callable[[], None], callback: Callable[[Any], None], value: Any) -> None:
+    """Run a job's callback, then let the next job have the pool process (``Turns``)."""
+    try:
+        callback(value)
+    finally:
+        finished()
 
 
 def _unwrap(error: Any) -> BaseException:

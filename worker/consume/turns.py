@@ -4,34 +4,70 @@ Celery's pool runs jobs in the order they were handed to it, and holds every job
 yet: a worker whose one queue is flooded used to give the pool hundreds of that queue's batches
 while another queue's lone event waited behind all of them. ``Turns`` hands the pool at most one
 job per pool process and keeps the rest itself, one line per queue; whenever a process frees,
-the next job comes from the next queue that has one (round-robin). A queue's own jobs keep their
-order. The cost is one main-process turn between a job's end and the next job's start.
+the next job comes from the next queue that has one (round-robin). A turn takes as much of its
+queue's line as one job may hold (the micro-batches of one strategy that wait together merge,
+up to ``ITRAIN_BATCH_MAX`` events): a queue of lone ``train_step`` events gets a job's worth of
+events per turn, not one event per turn. While more than one queue has had messages within
+``SHARED_FOR`` seconds, no queue holds every pool process (one stays for the others' jobs,
+unless the pool has only one), and a job holds at most a ``SHARED_DIVISOR``-th of a job's events
+(one message at least): a lone event of a quiet queue starts at once, or after a short job of
+the flooded one, at the cost of the flood's rate while others are active. A queue's own
+messages keep their order. The cost is one main-process turn between a job's end and the next
+job's start.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Turns", "turns_for"]
+__all__ = ["SHARED_DIVISOR", "SHARED_FOR", "JobOwner", "Turns", "turns_for"]
 
-#: (function, args, callback, error callback) of one pool job.
-_Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], None], Callable[[Any], None]]
+#: Seconds after its last message during which a queue counts as active.
+SHARED_FOR = 1.0
+#: While several queues are active, a job holds at most ``max // SHARED_DIVISOR`` events.
+SHARED_DIVISOR = 4
+
+
+class JobOwner(Protocol):
+    """What hands ``Turns`` its micro-batches and starts them (``batching._Buffer``)."""
+
+    #: Events one job may hold.
+    max: int
+
+    def start(self, items: list[Any], alone: bool, finished: Callable[[], None]) -> None:
+        """Hand ``items`` to the pool as one job; call ``finished`` once it ends either way."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    owner: JobOwner
+    items: list[Any]
+    #: Events each item counts for.
+    unit: int
+    #: A message run on its own (to find which one kills its process): never merged.
+    alone: bool
 
 
 class Turns:
-    """Round-robin by queue in front of a Celery pool (``apply_async`` with both callbacks)."""
+    """Round-robin by queue in front of a Celery pool."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         #: Jobs the pool holds (running, or about to): at most one per pool process.
         self.running = 0
-        #: Each queue's waiting jobs; the dict's order is the turn order.
-        self.waiting: dict[str, deque[_Job]] = {}
+        #: The same, by queue.
+        self.running_by: dict[str, int] = {}
+        #: Each queue's waiting micro-batches; the dict's order is the turn order.
+        self.waiting: dict[str, deque[_Entry]] = {}
+        #: When each queue last handed in a micro-batch (monotonic seconds).
+        self.last_seen: dict[str, float] = {}
         # Callbacks come on the event loop; timers may run in their own thread (solo, threads).
         self.lock = threading.Lock()
 
@@ -42,22 +78,21 @@ class Turns:
         except (AttributeError, TypeError, ValueError):
             return 1
 
-    def waiting_jobs(self) -> int:
-        with self.lock:
-            return sum(len(jobs) for jobs in self.waiting.values())
-
     def submit(
-        self,
-        queue: str,
-        function: Callable[..., Any],
-        args: tuple[Any, ...],
-        callback: Callable[[Any], None],
-        error_callback: Callable[[Any], None],
+        self, queue: str, owner: JobOwner, items: list[Any], unit: int, *, alone: bool = False
     ) -> None:
-        """Run ``function(*args)`` in the pool when it is ``queue``'s turn."""
+        """Run ``items`` (each counting ``unit`` events) in the pool when it is ``queue``'s turn."""
         with self.lock:
-            self.waiting.setdefault(queue, deque()).append((function, args, callback, error_callback))
+            self.waiting.setdefault(queue, deque()).append(_Entry(owner, items, unit, alone))
+            self.last_seen[queue] = time.monotonic()
         self.pump()
+
+    def _shared(self) -> bool:
+        """Whether more than one queue has had messages within ``SHARED_FOR`` seconds."""
+        since = time.monotonic() - SHARED_FOR
+        for queue in [q for q, seen in self.last_seen.items() if seen < since]:
+            del self.last_seen[queue]
+        return len(self.last_seen) > 1
 
     def pump(self) -> None:
         """Hand the pool jobs while it has a free process, one queue after another."""
@@ -66,32 +101,55 @@ class Turns:
             with self.lock:
                 if self.running >= limit or not self.waiting:
                     return
-                queue = next(iter(self.waiting))
-                jobs = self.waiting.pop(queue)
-                job = jobs.popleft()
-                if jobs:  # back of the line: the next queue's turn
-                    self.waiting[queue] = jobs
+                shared = self._shared()
+                # While several queues are active, one process stays for the others' jobs.
+                most = max(1, limit - 1) if shared else limit
+                queue = next((q for q in self.waiting if self.running_by.get(q, 0) < most), None)
+                if queue is None:
+                    return
+                line = self.waiting.pop(queue)
+                job = self._take(line, SHARED_DIVISOR if shared else 1)
+                if line:  # back of the line: the next queue's turn
+                    self.waiting[queue] = line
                 self.running += 1
-            function, args, callback, error_callback = job
+                self.running_by[queue] = self.running_by.get(queue, 0) + 1
+            finished = partial(self.finished, queue)
             try:
-                self.pool.apply_async(
-                    function,
-                    args=args,
-                    callback=partial(self._done, callback),
-                    error_callback=partial(self._done, error_callback),
-                )
+                job.owner.start(job.items, job.alone, finished)
             except BaseException:
-                with self.lock:
-                    self.running -= 1
+                finished()
                 raise
 
-    def _done(self, then: Callable[[Any], None], value: Any) -> None:
+    @staticmethod
+    def _take(line: deque[_Entry], divisor: int) -> _Entry:
+        """The head of ``line``, merged with the micro-batches of the same owner after it, up to
+        one job's events (``max // divisor``, one item at least); what does not fit stays."""
+        head = line[0]
+        if head.alone:
+            return line.popleft()
+        owner, unit = head.owner, head.unit
+        room = max(1, owner.max // divisor // unit)  # items
+        items: list[Any] = []
+        while line and line[0].owner is owner and not line[0].alone and len(items) < room:
+            entry = line[0]
+            fits = room - len(items)
+            items += entry.items[:fits]
+            if fits >= len(entry.items):
+                line.popleft()
+            else:
+                entry.items = entry.items[fits:]
+        return _Entry(owner, items, unit, False)
+
+    def finished(self, queue: str) -> None:
+        """A job of ``queue`` handed to the pool ended (its callbacks ran): the next turn."""
         with self.lock:
             self.running = max(0, self.running - 1)
-        try:
-            then(value)
-        finally:
-            self.pump()
+            left = self.running_by.get(queue, 0) - 1
+            if left > 0:
+                self.running_by[queue] = left
+            else:
+                self.running_by.pop(queue, None)
+        self.pump()
 
 
 _TURNS: weakref.WeakKeyDictionary[Any, Turns] = weakref.WeakKeyDictionary()

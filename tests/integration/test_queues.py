@@ -1,0 +1,171 @@
+"""A worker on several queues (``ITRAIN_QUEUES``): it wakes for a message on any of them, shares
+its prefetch window between them, and loses nothing when killed holding messages of two queues.
+Real redis-server, real ``celery -A worker worker`` processes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import orjson
+import redis
+
+from producer.keys import ModelKeys
+from tests.conftest import ModelFactory, WorkerFactory
+from tests.helpers import (
+    ClientFactory,
+    Workers,
+    check_each_event_once,
+    evidence_env,
+    make_event,
+    make_events,
+    statuses,
+    wait_results,
+    wait_until,
+)
+
+
+def _queues() -> tuple[str, str]:
+    tag = uuid.uuid4().hex[:6]
+    return f"itrain.a{tag}", f"itrain.b{tag}"
+
+
+def _blocked_in_blmove(client: redis.Redis) -> int:
+    """How many connections are blocked in BLMOVE now (CLIENT LIST)."""
+    return sum(1 for c in client.client_list() if c.get("cmd") == "blmove" and "b" in c.get("flags", ""))
+
+
+def _held_by_queue(client: redis.Redis, queues: tuple[str, ...]) -> Counter[str]:
+    """How many messages of each of ``queues`` are recorded as taken and not acknowledged
+    (kombu's unacked hash: [envelope, exchange, routing key])."""
+    held: Counter[str] = Counter()
+    for record in client.hvals("unacked"):
+        _, _, routing_key = orjson.loads(record)
+        if routing_key in queues:
+            held[routing_key] += 1
+    return held
+
+
+def _hold_lock(client: redis.Redis, model: str) -> None:
+    """Take the model's update lock as another worker would: its jobs wait for it."""
+    client.set(ModelKeys(model).lock, b"held-by-the-test", px=120_000)
+
+
+def test_an_idle_worker_on_two_queues_wakes_for_a_message_on_either(
+    redis_url: str,
+    redis_client: redis.Redis,
+    start_workers: WorkerFactory,
+    workers: Workers,
+    make_model: ModelFactory,
+    make_client: ClientFactory,
+) -> None:
+    # Given an idle worker on two queues, and a model whose events each client sends to one queue
+    qa, qb = _queues()
+    model = make_model()
+    start_workers(1, concurrency=1, env={"ITRAIN_QUEUES": f"{qa},{qb}"})
+    on_a, on_b = make_client(redis_url, queue=qa), make_client(redis_url, queue=qb)
+    # Then the idle worker blocks on both queues at once (one connection each), not on one of them
+    wait_until(lambda: _blocked_in_blmove(redis_client) == 2, 10, "a wait on each queue")
+    # When single events arrive on either queue, each time after the worker has gone idle again
+    latencies: dict[str, list[float]] = {qa: [], qb: []}
+    for i in range(16):
+        client = on_b if i % 2 == 0 else on_a
+        time.sleep(0.3)  # idle again: every fetch done, the waits pending
+        started = time.perf_counter()
+        handle = client.train_step(make_event(model, i, "wake"))
+        (result,) = wait_results(client, [handle], 30, workers)
+        latencies[client.settings.queue].append(time.perf_counter() - started)
+        assert result["status"] == "trained", result
+    # Then every event trained, each woke the worker at once rather than at the 1 s wait timeout
+    # (a wait on one queue alone would have let the other's events sit ~0.5 s on average)
+    for queue, seconds in latencies.items():
+        print(
+            f"\n{queue}: wake-to-result p50 {statistics.median(seconds) * 1000:.1f} ms, "
+            f"max {max(seconds) * 1000:.1f} ms over {len(seconds)} events"
+        )
+        assert statistics.median(seconds) < 0.25, (queue, seconds)
+    assert redis_client.llen(qa) == redis_client.llen(qb) == 0
+
+
+def test_a_flooded_queue_cannot_fill_the_prefetch_window(
+    redis_url: str,
+    redis_client: redis.Redis,
+    start_workers: WorkerFactory,
+    workers: Workers,
+    make_model: ModelFactory,
+    make_client: ClientFactory,
+) -> None:
+    # Given a worker on two queues with a window of 16 messages (one process, multiplier 16),
+    # and model A's jobs stuck behind its lock, so A's messages pile up in the worker
+    qa, qb = _queues()
+    model_a, model_b = make_model(), make_model()
+    env = {
+        "ITRAIN_QUEUES": f"{qa},{qb}",
+        "ITRAIN_PREFETCH_MULTIPLIER": "16",
+        "ITRAIN_LOCK_WAIT": "60",
+        "ITRAIN_LOCK_POLL": "0.02",
+    }
+    start_workers(1, concurrency=1, env=env)
+    on_a, on_b = make_client(redis_url, queue=qa), make_client(redis_url, queue=qb)
+    _hold_lock(redis_client, model_a)
+    handles_a = [on_a.train_step(event) for event in make_events(model_a, 200, "flood")]
+    wait_until(lambda: _held_by_queue(redis_client, (qa, qb))[qa] >= 8, 20, "A's messages taken")
+    time.sleep(1.0)  # more fetches, had the window been A's alone
+    # Then A holds at most its half of the window, and its queue stays backlogged
+    assert _held_by_queue(redis_client, (qa, qb))[qa] == 8
+    assert redis_client.llen(qa) == 192
+    # When B's events arrive
+    handles_b = [on_b.train_step(event) for event in make_events(model_b, 5, "quiet")]
+    # Then they are taken at once, into B's half, while A is still backlogged
+    wait_until(lambda: _held_by_queue(redis_client, (qa, qb))[qb] == 5, 10, "B's messages taken")
+    assert _held_by_queue(redis_client, (qa, qb))[qa] == 8
+    # And once A's lock is free, every event of both trains
+    redis_client.delete(ModelKeys(model_a).lock)
+    assert statuses(wait_results(on_a, handles_a, 120, workers)) == {"trained": 200}
+    assert statuses(wait_results(on_b, handles_b, 60, workers)) == {"trained": 5}
+
+
+def test_messages_of_two_queues_held_by_a_killed_worker_are_redelivered(
+    redis_url: str,
+    redis_client: redis.Redis,
+    start_workers: WorkerFactory,
+    workers: Workers,
+    make_model: ModelFactory,
+    make_client: ClientFactory,
+) -> None:
+    # Given a worker on two queues holding messages of both (each model's jobs wait for its lock)
+    qa, qb = _queues()
+    model_a, model_b = make_model(), make_model()
+    env = {
+        **evidence_env(visibility=4),
+        "ITRAIN_QUEUES": f"{qa},{qb}",
+        "ITRAIN_LOCK_WAIT": "60",
+        "ITRAIN_LOCK_POLL": "0.02",
+    }
+    (victim,) = start_workers(1, concurrency=2, env=env)
+    on_a, on_b = make_client(redis_url, queue=qa), make_client(redis_url, queue=qb)
+    _hold_lock(redis_client, model_a)
+    _hold_lock(redis_client, model_b)
+    events_a, events_b = make_events(model_a, 300, "ka"), make_events(model_b, 40, "kb")
+    handles: list[Any] = on_a.train_many(events_a) + [on_b.train_step(e) for e in events_b]
+    wait_until(
+        lambda: min(_held_by_queue(redis_client, (qa, qb))[q] for q in (qa, qb)) > 0,
+        20,
+        "messages of both queues taken",
+    )
+    held = _held_by_queue(redis_client, (qa, qb))
+    # When the worker is killed (its pool too) with those messages taken and not acknowledged
+    workers.kill_group(victim)
+    assert _held_by_queue(redis_client, (qa, qb)) == held
+    # And another worker on the same queues takes over, the locks free again
+    redis_client.delete(ModelKeys(model_a).lock, ModelKeys(model_b).lock)
+    start_workers(1, concurrency=2, env=env)
+    # Then every event of both queues trains, exactly once
+    assert statuses(wait_results(on_a, handles, 120, workers)) == {"trained": len(handles)}
+    check_each_event_once(redis_client, model_a, [e["event_id"] for e in events_a])
+    check_each_event_once(redis_client, model_b, [e["event_id"] for e in events_b])
+    wait_until(lambda: not _held_by_queue(redis_client, (qa, qb)), 10, "every record acknowledged")
+    print(f"\nheld when killed: {dict(held)}")
