@@ -5,10 +5,12 @@ first with B's queue alone (A's empty), then while A's queue is kept backlogged 
 ``train_many`` flood: B's p99 must stay within 3x its unloaded p99 or 50 ms, whichever is larger,
 and every one of A's events must train. Real redis-server, real ``celery -A worker worker``.
 
-The flood's size: on 2 shared cores a worker of two processes drains ~15,000-30,000 events/s of
-``train_many``, so ``NOISY_EVENTS`` (default 250,000, ``ITRAIN_NOISY_EVENTS`` to change it) keeps
-A backlogged for the 10 s of B's calls with a margin; the test asserts the backlog lasted, not
-the rate.
+The flood's size: while B is active the flood gets one of the worker's two pool processes
+(``worker.consume.turns``); on 2 shared cores that drains ~5,000-10,000 events/s, and 100,000
+events kept A backlogged 13-19 s after the push (the smallest that still covers B's 10 s with a
+margin here). ``NOISY_EVENTS`` defaults to 150,000 so that a faster machine still keeps A
+backlogged (``ITRAIN_NOISY_EVENTS`` changes it); the test asserts that the backlog lasted
+through B's calls, not any rate.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tests.conftest import ClientFactory, ModelFactory, WorkerFactory
 from tests.helpers import Workers, make_events, model_state, statuses, wait_results
 
 QUEUE_A, QUEUE_B = "itrain.a", "itrain.b"
-NOISY_EVENTS = int(os.environ.get("ITRAIN_NOISY_EVENTS", "250000"))
+NOISY_EVENTS = int(os.environ.get("ITRAIN_NOISY_EVENTS", "150000"))
 RATE = 50.0  # B's calls a second, each sent without waiting for the previous
 UNLOADED_CALLS = 250
 LOADED_CALLS = 500
@@ -85,7 +87,7 @@ def _run_calls(calls: Latencies, on_poll: Any = None, timeout: float = 120.0) ->
         calls.poll(results)
         if on_poll is not None:
             on_poll()
-        time.sleep(0.002)
+        time.sleep(0.005)
     sender.join()
     return calls.seconds()
 
@@ -122,13 +124,6 @@ def test_a_flooded_queue_leaves_another_queues_latency_within_bounds(
     def sample() -> None:
         if not backlog or time.monotonic() - backlog[-1][0] >= 0.1:
             backlog.append((time.monotonic(), int(redis_client.llen(QUEUE_A))))
-            if os.environ.get("DEBUG_NOISY"):
-                print(
-                    "llen",
-                    int(redis_client.llen(QUEUE_A)),
-                    int(redis_client.llen(QUEUE_B)),
-                    redis_client.hlen("unacked"),
-                )
 
     loaded_from = time.monotonic()
     loaded = _run_calls(Latencies(on_b, model_b, "loaded", LOADED_CALLS), on_poll=sample)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 __all__ = ["SHARED_DIVISOR", "SHARED_FOR", "JobOwner", "Turns", "turns_for"]
 
 #: Seconds after its last message during which a queue counts as active.
-SHARED_FOR = 1.0
+SHARED_FOR = 10.0
 #: While several queues are active, a job holds at most ``max // SHARED_DIVISOR`` events.
 SHARED_DIVISOR = 4
 
@@ -64,8 +64,12 @@ class Turns:
         self.running = 0
         #: The same, by queue.
         self.running_by: dict[str, int] = {}
-        #: Each queue's waiting micro-batches; the dict's order is the turn order.
+        #: Each queue's waiting micro-batches.
         self.waiting: dict[str, deque[_Entry]] = {}
+        #: The turn number each queue was last served at: the next turn goes to the queue served
+        #: longest ago (a queue new to the pool first), so one that has just run waits for the rest.
+        self.served: dict[str, int] = {}
+        self.turn = 0
         #: When each queue last handed in a micro-batch (monotonic seconds).
         self.last_seen: dict[str, float] = {}
         # Callbacks come on the event loop; timers may run in their own thread (solo, threads).
@@ -92,6 +96,8 @@ class Turns:
         since = time.monotonic() - SHARED_FOR
         for queue in [q for q, seen in self.last_seen.items() if seen < since]:
             del self.last_seen[queue]
+            if queue not in self.waiting and not self.running_by.get(queue):
+                self.served.pop(queue, None)  # bounded by the queues active now
         return len(self.last_seen) > 1
 
     def pump(self) -> None:
@@ -104,13 +110,16 @@ class Turns:
                 shared = self._shared()
                 # While several queues are active, one process stays for the others' jobs.
                 most = max(1, limit - 1) if shared else limit
-                queue = next((q for q in self.waiting if self.running_by.get(q, 0) < most), None)
-                if queue is None:
+                ready = [q for q in self.waiting if self.running_by.get(q, 0) < most]
+                if not ready:
                     return
-                line = self.waiting.pop(queue)
+                queue = min(ready, key=lambda q: self.served.get(q, -1))
+                line = self.waiting[queue]
                 job = self._take(line, SHARED_DIVISOR if shared else 1)
-                if line:  # back of the line: the next queue's turn
-                    self.waiting[queue] = line
+                if not line:
+                    del self.waiting[queue]
+                self.turn += 1
+                self.served[queue] = self.turn
                 self.running += 1
                 self.running_by[queue] = self.running_by.get(queue, 0) + 1
             finished = partial(self.finished, queue)
