@@ -12,8 +12,10 @@ from typing import Any
 
 import orjson
 import redis
+from kombu import Connection, Consumer, Queue  # type: ignore[attr-defined]
 
 from producer.keys import ModelKeys
+from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id
 from tests.conftest import ModelFactory, WorkerFactory
 from tests.helpers import (
     ClientFactory,
@@ -26,6 +28,7 @@ from tests.helpers import (
     wait_results,
     wait_until,
 )
+from worker.consume.transport import transport_url
 
 
 def _queues() -> tuple[str, str]:
@@ -184,3 +187,44 @@ def test_messages_of_two_queues_held_by_a_killed_worker_are_redelivered(
     check_each_event_once(redis_client, model_b, [e["event_id"] for e in events_b])
     wait_until(lambda: not _held_by_queue(redis_client, (qa, qb)), 10, "every record acknowledged")
     print(f"\nheld when killed: {dict(held)}")
+
+
+def _fetch_once(redis_url: str, queues: tuple[str, ...], prefetch: int = 0, fetch_max: int = 10) -> list[Any]:
+    """One fetch of our transport's consumer on ``queues``: the messages it delivered."""
+    got: list[Any] = []
+    conn = Connection(transport_url(redis_url), transport_options={"fetch_max": fetch_max})
+    try:
+        consumer = Consumer(
+            conn.channel(),
+            [Queue(q, routing_key=q) for q in queues],
+            callbacks=[lambda body, message: got.append(message)],
+            accept=["json"],
+        )
+        if prefetch:
+            consumer.qos(prefetch_count=prefetch)
+        consumer.consume()
+        conn.drain_events(timeout=2)
+        for message in got:
+            message.requeue()
+    finally:
+        conn.release()
+    return got
+
+
+def test_one_fetch_takes_from_every_non_empty_queue(redis_url: str, redis_client: redis.Redis) -> None:
+    # Given a flooded queue and a queue with three messages
+    qa, qb = _queues()
+    envelope = lambda q, i: encode_envelope(TASK_TRAIN_STEP, new_task_id(), [make_event("m", i, q)], q)  # noqa: E731
+    redis_client.lpush(qa, *[envelope(qa, i) for i in range(100)])
+    redis_client.lpush(qb, *[envelope(qb, i) for i in range(3)])
+    # When a consumer on both takes one fetch of 10
+    got = _fetch_once(redis_url, (qa, qb))
+    # Then B's three came with it, the rest of the fetch from A, each queue in its own order
+    by_queue = Counter(m.delivery_info["taken_from"] for m in got)
+    assert by_queue == {qa: 7, qb: 3}
+    # When the prefetch window is 8 (4 for each queue) and B is empty
+    redis_client.delete(qb)
+    got = _fetch_once(redis_url, (qa, qb), prefetch=8)
+    # Then A fills only its share of the window
+    assert Counter(m.delivery_info["taken_from"] for m in got) == {qa: 4}
+    redis_client.delete(qa)
