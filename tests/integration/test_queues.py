@@ -29,6 +29,7 @@ from tests.helpers import (
     wait_until,
 )
 from worker.consume.transport import transport_url
+from worker.devtools.stack import node_name, start_process, worker_command
 
 
 def _queues() -> tuple[str, str]:
@@ -228,3 +229,30 @@ def test_one_fetch_takes_from_every_non_empty_queue(redis_url: str, redis_client
     # Then A fills only its share of the window
     assert Counter(m.delivery_info["taken_from"] for m in got) == {qa: 4}
     redis_client.delete(qa)
+
+
+def test_a_worker_given_queues_by_celery_q_consumes_each(
+    redis_url: str,
+    redis_client: redis.Redis,
+    workers: Workers,
+    make_model: ModelFactory,
+    make_client: ClientFactory,
+) -> None:
+    # Given a worker started with -Q naming two queues (ITRAIN_QUEUES unset)
+    qa, qb = _queues()
+    model = make_model()
+    name = f"q-{uuid.uuid4().hex[:6]}"
+    log = workers.log_dir / f"{name}.log"
+    command = [*worker_command(name, 1), "-Q", f"{qa},{qb}"]
+    proc = start_process(command, {"ITRAIN_REDIS_URL": redis_url, "OPENBLAS_NUM_THREADS": "1"}, log)
+    workers.procs.append(proc)
+    workers.names[proc.pid] = node_name(name)
+    workers.logs[proc.pid] = log
+    workers.wait_ready(redis_url, [proc], 90)
+    workers.remember(proc)
+    # Then it waits on both, and an event pushed to either trains
+    wait_until(lambda: _blocked_in_blmove(redis_client) == 2, 10, "a wait on each queue")
+    handles = [
+        make_client(redis_url, queue=q).train_step(make_event(model, i, "q")) for i, q in enumerate((qa, qb))
+    ]
+    assert statuses(wait_results(make_client(redis_url), handles, 60, workers)) == {"trained": 2}
