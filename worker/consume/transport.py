@@ -13,7 +13,13 @@ taken:
 
 - **Wait without taking.** An idle consumer blocks in ``BLMOVE q q RIGHT RIGHT``, which returns
   when a message arrives and leaves the list as it was: no busy polling, no extra latency for a
-  lone message, and nothing is held in flight while waiting.
+  lone message, and nothing is held in flight while waiting. A consumer of several queues blocks
+  so on each of them, one connection per queue (``_Waiters``), and fetches from all of them when
+  any answers.
+- **Fair between queues**: a fetch shares its messages among the queues that have some, and each
+  queue may hold an equal share of the prefetch window (``Channel._fetch_caps``), so a flooded
+  queue never keeps another's messages out (pool jobs then take turns by queue:
+  ``worker/consume/turns.py``).
 - **Take and record in one script** (``lua/fetch.lua``): up to ``fetch_max`` messages are popped
   and each is recorded as unacknowledged in the same atomic call, from its original text. There is
   no instant at which a message is neither on the queue nor recorded. While messages keep coming
