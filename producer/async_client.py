@@ -23,12 +23,23 @@ from producer.async_linger import AsyncLinger
 from producer.celery_config import make_celery
 from producer.client import client_settings, result_flag
 from producer.handles import JobHandle, handle_for
-from producer.linger import LingerBuffers
-from producer.outgoing import EventLike, Outgoing, event_json
+from producer.keys import ROUTES
+from producer.linger import Build, LingerBuffers
+from producer.outgoing import EventLike, Outgoing, Pushes, event_json
 from producer.protocol import new_task_id
-from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, refuses_writes, unreachable
+from producer.publishing import (
+    UNREACHABLE,
+    Backoff,
+    first_full,
+    push_commands,
+    push_error,
+    refused,
+    refuses_writes,
+    unreachable,
+)
 from producer.redis_conn import connection_class
 from producer.replicas import ReplicaWait
+from producer.routes import Routes
 from producer.sentinel import async_master_client, is_sentinel_url
 from producer.settings import Settings
 from producer.stats import queue_stats, stats_from_replies
@@ -65,7 +76,8 @@ class AsyncTrainingClient:
         # Celery makes its result backend on first use (imports included, tens of milliseconds):
         # here, once, rather than inside the first awaited call.
         _ = self.app.backend
-        self._outgoing = Outgoing(base, self.app)
+        self._routes = Routes(base.queue, base.routes_ttl)
+        self._outgoing = Outgoing(base, self.app, self._routes)
         self._redis: dict[str, aioredis.Redis] = {}
         self._broker = self._connect(base.broker)
         self._store = self._connect(base.store)
@@ -73,7 +85,7 @@ class AsyncTrainingClient:
         self._replicas = ReplicaWait.of(base, base.broker)
         self._linger = (
             AsyncLinger(
-                self._push_one,
+                self._push_lingered,
                 LingerBuffers(
                     self.app,
                     queue=base.queue,
@@ -94,25 +106,33 @@ class AsyncTrainingClient:
         data, shown = event_json(event)
         task_id = new_task_id()
         if self._linger is not None:
-            return await self._linger.add(task_id, data, shown["event_id"], ignored=not result)
-        await self._push([self._outgoing.step(task_id, data, shown, result=result)], [shown["event_id"]])
+            # (routed when its batch is sent: no I/O here)
+            return await self._linger.add(
+                task_id, data, shown["event_id"], ignored=not result, model=shown["model"]
+            )
+        await self._fresh_routes()
+        queue, message = self._outgoing.step(task_id, data, shown, result=result)
+        await self._push([(queue, [message])], [shown["event_id"]])
         return JobHandle(task_id, self.app, ignored=not result)
 
     async def train_many(
         self, events: Iterable[EventLike], *, result: bool = True, results: bool | None = None
     ) -> list[AsyncResult]:
-        """Enqueue many events in one ``LPUSH``, as ``TrainingClient.train_many``; one handle
-        each, in order (``results=`` is the deprecated spelling of ``result=``)."""
-        envelopes, handles, event_ids = self._outgoing.many(events, result=result_flag(result, results))
-        if envelopes:
-            await self._push(envelopes, event_ids)
+        """Enqueue many events in one push, each on its model's queue, as
+        ``TrainingClient.train_many``; one handle each, in order (``results=`` is the deprecated
+        spelling of ``result=``)."""
+        await self._fresh_routes()
+        pushes, handles, event_ids = self._outgoing.many(events, result=result_flag(result, results))
+        if pushes:
+            await self._push(pushes, event_ids)
         return handles
 
     async def predict(self, event: EventLike, *, timeout: float = 30.0) -> dict[str, Any]:
         """The model's prediction for an event: ``{model, version, prediction}``, from a worker
         (an ``itrain.predict`` task). ``ResultTimeoutError`` after ``timeout`` seconds."""
-        task_id, envelope = self._outgoing.predict(event)
-        await self._push([envelope], [], check_queue=False, replicated=False)
+        await self._fresh_routes()
+        task_id, queue, envelope = self._outgoing.predict(event)
+        await self._push([(queue, [envelope])], [], check_queue=False, replicated=False)
         prediction: dict[str, Any] = await self.wait(JobHandle(task_id, self.app), timeout=timeout)
         return prediction
 
@@ -163,12 +183,18 @@ class AsyncTrainingClient:
             raise unreachable(self.settings.store, exc) from exc
         return stats_from_replies(model, replies)
 
-    async def queue_length(self) -> int:
-        """Messages waiting in the queue (a ``train_many`` chunk counts as one)."""
+    async def queue_length(self, queue: str | None = None) -> int:
+        """Messages waiting in ``queue`` (default ``ITRAIN_QUEUE``; a ``train_many`` chunk counts
+        as one)."""
         try:
-            return int(await self._broker.llen(self.settings.queue))
+            return int(await self._broker.llen(queue or self.settings.queue))
         except UNREACHABLE as exc:
             raise unreachable(self.settings.broker, exc) from exc
+
+    async def queue_of(self, model: str) -> str:
+        """The queue ``model``'s events go to now, as ``TrainingClient.queue_of``."""
+        await self._fresh_routes()
+        return self._routes.queue(model)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -215,32 +241,39 @@ class AsyncTrainingClient:
 
     async def _push(
         self,
-        envelopes: list[bytes],
+        pushes: Pushes,
         event_ids: list[str],
         *,
         check_queue: bool = True,
         replicated: bool = True,
     ) -> None:
-        """LPUSH task messages onto the queue list in one command (all or none), as the sync
-        client does; ``QueueFullError`` first when the queue is at ``ITRAIN_MAX_QUEUE_LENGTH``;
-        with ``ITRAIN_MIN_REPLICAS`` (and ``replicated``), ``WAIT`` in the same pipeline."""
+        """Push task messages onto their queue lists in one push (all or none), as the sync client
+        does (``producer.publishing.push_commands``); ``QueueFullError`` first when one of the
+        queues is at ``ITRAIN_MAX_QUEUE_LENGTH``; with ``ITRAIN_MIN_REPLICAS`` (and
+        ``replicated``), ``WAIT`` in the same pipeline."""
         replicas = self._replicas if replicated else None
+        commands = push_commands(pushes)
 
         async def push() -> int:
             if check_queue and self.settings.max_queue_length:
-                full = queue_full(await self.queue_length(), self.settings)
+                queues = [queue for queue, _ in pushes]
+                lengths = await self._pipeline([("LLEN", q) for q in queues], raise_on_error=True)
+                full = first_full(lengths, queues, self.settings)
                 if full is not None:
                     raise full
-            if replicas is None:
-                await self._broker.lpush(self.settings.queue, *envelopes)
+            if replicas is None and len(commands) == 1:
+                await self._broker.execute_command(*commands[0])  # type: ignore[no-untyped-call]
                 return 0
             # One pipeline is one connection: WAIT counts the writes of its own connection only.
-            pipe = self._broker.pipeline(transaction=False)
-            pipe.lpush(self.settings.queue, *envelopes)
-            pipe.execute_command(*replicas.command)
-            pushed, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(pushed, redis.ResponseError):
+            # (Not redis-py's transaction pipeline: WAIT inside MULTI would not wait.)
+            extra = [] if replicas is None else [replicas.command]
+            replies = await self._pipeline([*commands, *extra], raise_on_error=False)
+            pushed = push_error(replies[: len(commands)])
+            if pushed is not None:
                 raise pushed  # nothing was enqueued (WAIT then waits for nothing)
+            if replicas is None:
+                return 0
+            acked = replies[-1]
             if isinstance(acked, redis.ResponseError):
                 raise replicas.refused(acked, event_ids) from acked
             return int(acked)
@@ -249,8 +282,30 @@ class AsyncTrainingClient:
         if replicas is not None:
             replicas.check(acked, event_ids)
 
-    async def _push_one(self, envelope: bytes, event_ids: list[str]) -> None:
-        await self._push([envelope], event_ids)
+    async def _pipeline(self, commands: list[tuple[Any, ...]], *, raise_on_error: bool) -> list[Any]:
+        pipe = self._broker.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+        return replies
+
+    async def _push_lingered(self, build: Build, event_ids: list[str]) -> None:
+        """Send a linger batch: its events routed by the routes as they are now."""
+        await self._fresh_routes()
+        await self._push(build(self._routes.queue), event_ids)
+
+    async def _fresh_routes(self) -> None:
+        """Read ``itrain:routes`` again when the client's copy is due (``producer.routes``)."""
+        if not self._routes.due():
+            return
+
+        async def read() -> None:
+            try:
+                self._routes.update(await self._broker.hgetall(ROUTES))
+            except redis.exceptions.NoPermissionError as exc:
+                self._routes.unreadable(exc)
+
+        await self._publish(read)
 
     async def _publish(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """``attempt``, retried while Redis is unreachable for at most ``ITRAIN_PUBLISH_TIMEOUT``

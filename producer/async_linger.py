@@ -12,12 +12,14 @@ A ``ReplicationError`` (too few replicas acknowledged a batch) comes from ``flus
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from producer.errors import PublishError
-from producer.linger import LingerBuffers, LingerHandle, _Batch, send_error
+from producer.linger import Build, LingerBuffers, LingerHandle, _Batch, send_error
+from producer.routes import DEFAULT_MODEL
 
 __all__ = ["AsyncLinger"]
 
@@ -26,7 +28,7 @@ class AsyncLinger:
     """The buffers of one asyncio client; used from its event loop only."""
 
     def __init__(
-        self, publish: Callable[[bytes, list[str]], Awaitable[None]], buffers: LingerBuffers
+        self, publish: Callable[[Build, list[str]], Awaitable[None]], buffers: LingerBuffers
     ) -> None:
         self._publish = publish
         self._buffers = buffers
@@ -34,12 +36,16 @@ class AsyncLinger:
         self._sends: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def add(self, task_id: str, data: bytes, event_id: str, *, ignored: bool) -> LingerHandle:
-        """Buffer one validated event (its JSON and id) under result id ``task_id``."""
+    async def add(
+        self, task_id: str, data: bytes, event_id: str, *, ignored: bool, model: str = DEFAULT_MODEL
+    ) -> LingerHandle:
+        """Buffer one validated event (its JSON, id and model) under result id ``task_id``."""
         weight = self._buffers.weigh(data)
         if self._closed:
             raise PublishError("the client is closed: nothing was enqueued")
-        handle, full, opened = self._buffers.put(task_id, data, event_id, weight, ignored=ignored)
+        handle, full, opened = self._buffers.put(
+            task_id, data, event_id, weight, ignored=ignored, model=model
+        )
         if opened:
             self._arm()
         if full:
@@ -113,7 +119,7 @@ class AsyncLinger:
     async def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            await self._publish(self._buffers.message(batch), batch.event_ids)
+            await self._publish(functools.partial(self._buffers.messages, batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:

@@ -14,12 +14,23 @@ from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
 from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 from producer.handles import JobHandle, handle_for
-from producer.linger import Linger
-from producer.outgoing import EventLike, Outgoing, argsrepr, event_json, validate_one
+from producer.keys import ROUTES
+from producer.linger import Build, Linger
+from producer.outgoing import EventLike, Outgoing, Pushes, argsrepr, event_json, validate_one
 from producer.protocol import TASK_PREDICT, new_task_id
-from producer.publishing import UNREACHABLE, Backoff, queue_full, refused, refuses_writes, unreachable
+from producer.publishing import (
+    UNREACHABLE,
+    Backoff,
+    first_full,
+    push_commands,
+    push_error,
+    refused,
+    refuses_writes,
+    unreachable,
+)
 from producer.redis_conn import check_tls_url, connect
 from producer.replicas import ReplicaWait
+from producer.routes import Routes
 from producer.sender import Sender
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
@@ -85,10 +96,11 @@ class TrainingClient:
         self._results = connect(base.backend, base.publish_timeout)
         self._sender = Sender(self._broker)
         self._replicas = ReplicaWait.of(base, base.broker)
-        self._outgoing = Outgoing(base, self.app)
+        self._routes = Routes(base.queue, base.routes_ttl)
+        self._outgoing = Outgoing(base, self.app, self._routes)
         self._linger = (
             Linger(
-                self._push_one,
+                self._push_lingered,
                 self.app,
                 queue=base.queue,
                 linger_ms=linger_ms,
@@ -120,8 +132,13 @@ class TrainingClient:
         data, shown = event_json(event)
         task_id = new_task_id()
         if self._linger is not None:
-            return self._linger.add(task_id, data, shown["event_id"], ignored=not result)
-        self._push([self._outgoing.step(task_id, data, shown, result=result)], [shown["event_id"]])
+            # (routed when its batch is sent: no I/O here)
+            return self._linger.add(
+                task_id, data, shown["event_id"], ignored=not result, model=shown["model"]
+            )
+        self._fresh_routes()
+        queue, message = self._outgoing.step(task_id, data, shown, result=result)
+        self._push([(queue, [message])], [shown["event_id"]])
         return JobHandle(task_id, self.app, ignored=not result)
 
     def train_many(
@@ -129,28 +146,34 @@ class TrainingClient:
     ) -> list[AsyncResult]:
         """Enqueue many events, one handle each, in order; far cheaper per event than a loop.
 
-        Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``) and all
-        messages go to Redis in one ``LPUSH`` (all or none). Each chunk has one result, and each
-        event's handle (id ``<chunk id>:<index>``) reads its entry of it (``producer.chunks``).
-        All or nothing: an invalid event or a full queue raises before anything is sent.
+        Events travel ``ITRAIN_CHUNK_SIZE`` to a message (task ``itrain.train_batch``), each on
+        its model's queue (``producer.routes``; each queue's events in the caller's order), and
+        all messages go to Redis in one push: one ``LPUSH``, or one ``MULTI`` of an ``LPUSH`` per
+        queue (all or none). Each chunk has one result, and each event's handle (id
+        ``<chunk id>:<index>``) reads its entry of it (``producer.chunks``). All or nothing: an
+        invalid event, or any of the queues at ``ITRAIN_MAX_QUEUE_LENGTH``, raises before
+        anything is sent.
         ``result=False``: fire-and-forget, as ``train_step(..., result=False)``, for every event
         (``results=`` is its deprecated spelling). ``ITRAIN_MIN_REPLICAS``: one ``WAIT`` after the
         push, as for ``train_step``; ``ReplicationError.event_ids`` names every event.
         """
-        envelopes, handles, event_ids = self._outgoing.many(events, result=result_flag(result, results))
-        if envelopes:
-            self._push(envelopes, event_ids)
+        self._fresh_routes()
+        pushes, handles, event_ids = self._outgoing.many(events, result=result_flag(result, results))
+        if pushes:
+            self._push(pushes, event_ids)
         return handles
 
     def predict(self, event: EventLike) -> AsyncResult:
         """Ask the model for its prediction for an event; resolves to ``{model, version, prediction}``."""
         payload = validate_one(event).model_dump(mode="json")
+        self._fresh_routes()
+        queue = self._routes.queue(payload["model"])
 
         def send() -> AsyncResult:
             return self.app.send_task(
                 TASK_PREDICT,
                 args=[payload],
-                queue=self.settings.queue,
+                queue=queue,
                 argsrepr=argsrepr(payload),
                 headers={FORMAT_HEADER: MESSAGE_FORMAT},
                 retry=False,
@@ -176,12 +199,19 @@ class TrainingClient:
         except UNREACHABLE as exc:
             raise unreachable(self.settings.store, exc) from exc
 
-    def queue_length(self) -> int:
-        """Messages waiting in the queue (a ``train_many`` chunk counts as one)."""
+    def queue_length(self, queue: str | None = None) -> int:
+        """Messages waiting in ``queue`` (default ``ITRAIN_QUEUE``; a ``train_many`` chunk counts
+        as one)."""
         try:
-            return int(self._sender.execute("LLEN", self.settings.queue))
+            return int(self._sender.execute("LLEN", queue or self.settings.queue))
         except UNREACHABLE as exc:
             raise unreachable(self.settings.broker, exc) from exc
+
+    def queue_of(self, model: str) -> str:
+        """The queue ``model``'s events go to now (``producer.routes``), from the client's copy of
+        the routes, read again when it is ``ITRAIN_ROUTES_TTL`` seconds old."""
+        self._fresh_routes()
+        return self._routes.queue(model)
 
     def wait_all(
         self, handles: Sequence[AsyncResult], timeout: float = 60.0, poll: float = 0.01
@@ -241,33 +271,37 @@ class TrainingClient:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _push(self, envelopes: list[bytes], event_ids: list[str]) -> None:
-        """LPUSH task messages onto the queue list, as kombu's Redis transport would; with
-        ``ITRAIN_MIN_REPLICAS``, then ``WAIT`` on the same connection (``producer.replicas``).
+    def _push(self, pushes: Pushes, event_ids: list[str]) -> None:
+        """LPUSH task messages onto their queue lists, as kombu's Redis transport would, all in
+        one push (``producer.publishing.push_commands``); with ``ITRAIN_MIN_REPLICAS``, then
+        ``WAIT`` on the same connection (``producer.replicas``).
 
         Training messages skip kombu's publishing path: it builds a new Redis client object and
         sends a ``task-sent`` event per message, several times the cost of the push itself.
         Flower shows these tasks from ``received`` on (the worker sends their events).
         """
-        queue, replicas = self.settings.queue, self._replicas
+        replicas = self._replicas
+        commands = push_commands(pushes)
 
         def push() -> int:
             if self.settings.max_queue_length:
-                full = queue_full(self.queue_length(), self.settings)
+                queues = [queue for queue, _ in pushes]
+                lengths = self._sender.execute_all(*(("LLEN", q) for q in queues))
+                full = first_full(lengths, queues, self.settings)
                 if full is not None:
                     raise full
-            # One LPUSH for all: every message or none (a retry after an error cannot send one
-            # twice), and one command for Redis to run. LPUSH of several values pushes them in
-            # turn, and kombu's Redis transport consumes with BRPOP: arrival order is kept.
-            if replicas is None:
-                self._sender.execute("LPUSH", queue, *envelopes)
+            if replicas is None and len(commands) == 1:
+                self._sender.execute(*commands[0])
                 return 0
             # Sent together: WAIT counts the writes of its own connection only.
-            pushed, acked = self._sender.execute_all(
-                ("LPUSH", queue, *envelopes), replicas.command, raise_on_error=False
-            )
-            if isinstance(pushed, redis.ResponseError):
+            extra = [] if replicas is None else [replicas.command]
+            replies = self._sender.execute_all(*commands, *extra, raise_on_error=False)
+            pushed = push_error(replies[: len(commands)])
+            if pushed is not None:
                 raise pushed  # nothing was enqueued (WAIT then waits for nothing)
+            if replicas is None:
+                return 0
+            acked = replies[-1]
             if isinstance(acked, redis.ResponseError):
                 raise replicas.refused(acked, event_ids) from acked
             return int(acked)
@@ -276,8 +310,23 @@ class TrainingClient:
         if replicas is not None:
             replicas.check(acked, event_ids)
 
-    def _push_one(self, envelope: bytes, event_ids: list[str]) -> None:
-        self._push([envelope], event_ids)
+    def _push_lingered(self, build: Build, event_ids: list[str]) -> None:
+        """Send a linger batch: its events routed by the routes as they are now."""
+        self._fresh_routes()
+        self._push(build(self._routes.queue), event_ids)
+
+    def _fresh_routes(self) -> None:
+        """Read ``itrain:routes`` again when the client's copy is due (``producer.routes``)."""
+        if not self._routes.due():
+            return
+
+        def read() -> None:
+            try:
+                self._routes.update(self._sender.execute("HGETALL", ROUTES))
+            except redis.exceptions.NoPermissionError as exc:
+                self._routes.unreadable(exc)
+
+        self._publish(read)
 
     def _publish(self, attempt: Callable[[], _T]) -> _T:
         """Run ``attempt``, retried with backoff while Redis is unreachable, for at most

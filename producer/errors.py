@@ -28,6 +28,7 @@ __all__ = [
     "PermissionDeniedError",
     "PublishError",
     "QueueFullError",
+    "QueueNameError",
     "ReplicationError",
     "ResultIgnoredError",
     "ResultTimeoutError",
@@ -48,6 +49,11 @@ class ConfigurationError(ItrainError):
 class PermissionDeniedError(ConfigurationError):
     """The Redis user lacks a right the call needs (``NOPERM``): a setup error, not an outage;
     retrying cannot help. ``itrain acl`` prints the rights of each role."""
+
+
+class QueueNameError(ConfigurationError):
+    """A queue name a model cannot be routed to: the default queue, or ``<ITRAIN_QUEUE>.<suffix>``
+    with a suffix of ``A-Z a-z 0-9 _ -``, are the names one ACL pattern covers."""
 
 
 class ServerVersionError(ConfigurationError):

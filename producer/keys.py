@@ -10,6 +10,8 @@ touches in KEYS.
 |---|---|---|
 | ``itrain:layout`` | string | the store's layout version (``producer.formats``); absent: layout 1 |
 | ``itrain:models`` | set | names of initialised models |
+| ``itrain:routes`` | hash | model -> its queue (``producer.routes``), in the broker's Redis; a model |
+| | | not in it uses ``ITRAIN_QUEUE`` |
 | ``itrain:{m}:ckpt`` | hash | the checkpoint: ``params`` (raw little-endian float64), ``meta``, |
 | | | ``config``, ``version``, ``step``, ``loss_last``, ``loss_ema``, ``updated_at``; the online |
 | | | evaluation (``eval``, ``eval_wn``, ``eval_cap``: ``producer.evaluation``) and the guard |
@@ -25,10 +27,18 @@ touches in KEYS.
 | | | ``eval_ring`` (the evaluation window then) |
 | ``itrain:{m}:lock_stats`` | hash | lock wait and hold per critical section, as histogram bucket |
 | | | counts (``w:<i>``, ``h:<i>``) and sums (``w:sum``, ``h:sum``) (``itrain exporter``) |
+| ``itrain:{m}:latency`` | hash | per trained event, written by the commit: the time from enqueue to |
+| | | commit (``e:<i>``, ``e:sum``) and from the event's timestamp to commit (``f:<i>``, ``f:sum``), as |
+| | | histogram bucket counts over ``LATENCY_BUCKETS`` and sums (``itrain exporter``) |
+| ``itrain:{m}:dead_errors`` | hash | dead letters by error type (the entry's ``error``) -> count, |
+| | | written with the dead letters (at most 64 names, the rest under ``_other``) |
 | ``itrain:{m}:done:<gen>:<slot>`` | hash | ``marker_field(event id)`` -> the step that trained it, for |
 | | | events trained in one slot of time (a quarter of ``ITRAIN_DEDUPE_TTL``); expires a window |
 | | | after its slot |
 | ``itrain:{_unrouted}:dead`` | list | failed messages that name no initialised model |
+| ``itrain:{_unrouted}:dead_errors`` | hash | their count by error type |
+| ``itrain:{_queues}:heads`` | hash | queue -> ``<sha1 of its head message> <unix time>``: when a |
+| | | worker first saw a message without an enqueue-time header at the head of that queue |
 | ``itrain:{_transport}:rejected`` | list | queue items that were not message envelopes (reason and size) |
 | ``unacked``, ``unacked_index`` | hash, zset | messages taken by a worker, not yet acknowledged (kombu) |
 | ``unacked_deliveries`` | hash | times each unacknowledged message was handed out |
@@ -41,10 +51,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "LAYOUT",
+    "LATENCY_BUCKETS",
     "LOCK_BUCKETS",
     "MODELS",
+    "QUEUE_HEADS",
+    "ROUTES",
     "TRANSPORT_REJECTED",
     "UNROUTED_DEAD",
+    "UNROUTED_DEAD_ERRORS",
     "ModelKeys",
     "marker_field",
     "marker_slots",
@@ -54,9 +68,20 @@ __all__ = [
 #: The store's layout version (``producer.formats``); a store without it is layout 1.
 LAYOUT = "itrain:layout"
 MODELS = "itrain:models"
+#: model -> queue of the models given a queue of their own (``producer.routes``).
+ROUTES = "itrain:routes"
 #: Upper bounds (seconds) of the lock wait and hold histogram buckets; the last bucket is +Inf.
 LOCK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Upper bounds (seconds) of the enqueue-to-commit and freshness histogram buckets (the last is
+#: +Inf): from a micro-batch's few milliseconds to a day-old event.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 21600.0, 86400.0,
+)  # fmt: skip
 UNROUTED_DEAD = "itrain:{_unrouted}:dead"
+UNROUTED_DEAD_ERRORS = "itrain:{_unrouted}:dead_errors"
+#: When a worker first saw each queue's head message, for one without an enqueue time.
+QUEUE_HEADS = "itrain:{_queues}:heads"
 #: Queue items the worker's transport refused as not being message envelopes (bounded).
 TRANSPORT_REJECTED = "itrain:{_transport}:rejected"
 
@@ -102,6 +127,14 @@ class ModelKeys:
     @property
     def lock_stats(self) -> str:
         return self.prefix + "lock_stats"
+
+    @property
+    def latency(self) -> str:
+        return self.prefix + "latency"
+
+    @property
+    def dead_errors(self) -> str:
+        return self.prefix + "dead_errors"
 
     @property
     def snapshots(self) -> str:

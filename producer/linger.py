@@ -21,6 +21,10 @@ than ``ITRAIN_MIN_REPLICAS`` is in Redis and its handles stay live: the ``Replic
 on its handles. Events still in the buffer when the process dies
 (``kill -9``, a crash, ``os._exit``) are lost: at most ``linger_ms`` worth of calls.
 
+Each event is routed when its batch is sent, not when it is buffered (``producer.routes``): the
+sending side reads the routes when its copy is due, so ``train_step`` does no I/O, and a batch
+whose events go to several queues leaves as one message per queue, all in one push.
+
 A forked child starts with empty buffers (the parent sends what it had buffered) and a sending
 thread of its own.
 """
@@ -28,6 +32,7 @@ thread of its own.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 import time
@@ -41,8 +46,13 @@ from celery import Celery, states
 from producer.errors import PublishError, ReplicationError
 from producer.handles import JobHandle, timed_out
 from producer.protocol import TASK_TRAIN_BATCH, EnvelopeTemplate, batch_budget, event_weight, new_task_id
+from producer.routes import DEFAULT_MODEL, group_by_queue
 
-__all__ = ["Linger", "LingerBuffers", "LingerHandle", "merge_shortfalls", "send_error"]
+__all__ = ["Build", "Linger", "LingerBuffers", "LingerHandle", "merge_shortfalls", "send_error"]
+
+#: What a linger hands its client to send: given the routes (model -> queue), a batch's
+#: messages by queue; the client reads the routes first when its copy is due.
+Build = Callable[[Callable[[str], str]], list[tuple[str, list[bytes]]]]
 
 #: How long the sending thread stays without work before it ends (a new call starts another).
 _IDLE_SECONDS = 1.0
@@ -51,13 +61,29 @@ _IDLE_SECONDS = 1.0
 class _Batch:
     """Events waiting to leave in one message, and what became of the message."""
 
-    __slots__ = ("deadline", "error", "event_ids", "events", "ids", "ignored", "sent", "short", "size")
+    __slots__ = (
+        "deadline",
+        "error",
+        "event_ids",
+        "events",
+        "ids",
+        "ignored",
+        "models",
+        "opened",
+        "sent",
+        "short",
+        "size",
+    )
 
     def __init__(self, deadline: float, ignored: bool) -> None:
         self.deadline = deadline
+        #: When its first event was accepted (unix seconds): the message's enqueue time, so the
+        #: time to commit counts the linger too.
+        self.opened = time.time()
         self.ignored = ignored  # sent with ignore_result (no results written)
         self.ids: list[str] = []
         self.events: list[bytes] = []
+        self.models: list[str] = []  # each event's model, routed when the batch is sent
         self.event_ids: list[str] = []  # for a ReplicationError (the caller may not know them)
         self.size = 0
         self.sent = threading.Event()  # set once the message is in Redis or failed for good
@@ -120,10 +146,8 @@ class LingerBuffers:
     ) -> None:
         self.app = app
         self.delay = linger_ms / 1000.0
-        self._templates = {
-            ignore: EnvelopeTemplate(TASK_TRAIN_BATCH, queue, ignore_result=ignore)
-            for ignore in (False, True)
-        }
+        self.queue = queue
+        self._templates: dict[tuple[str, bool], EnvelopeTemplate] = {}
         self._max_events = max_events
         self._max_bytes = batch_budget(max_message_bytes)
         self._max_message_bytes = max_message_bytes
@@ -137,7 +161,14 @@ class LingerBuffers:
         return event_weight(data, self._max_message_bytes)
 
     def put(
-        self, task_id: str, data: bytes, event_id: str, weight: int, *, ignored: bool
+        self,
+        task_id: str,
+        data: bytes,
+        event_id: str,
+        weight: int,
+        *,
+        ignored: bool,
+        model: str = DEFAULT_MODEL,
     ) -> tuple[LingerHandle, list[_Batch], bool]:
         """Buffer one event: its handle, the batches now full (taken, to be sent by the caller at
         once), and whether a new batch was opened (its deadline is new)."""
@@ -151,6 +182,7 @@ class LingerBuffers:
             batch = self.open[ignored] = _Batch(time.monotonic() + self.delay, ignored)
         batch.ids.append(task_id)
         batch.events.append(data)
+        batch.models.append(model)
         batch.event_ids.append(event_id)
         batch.size += weight
         if len(batch.ids) >= self._max_events:
@@ -173,13 +205,30 @@ class LingerBuffers:
     def next_deadline(self) -> float | None:
         return min((b.deadline for b in self.open.values()), default=None)
 
-    def message(self, batch: _Batch) -> bytes:
-        """The batch's ``itrain.train_batch`` message in the ``[ids, events]`` form; handles
-        outlive the batch's events, so they are dropped here (handles keep only its outcome)."""
-        args = b"[" + orjson.dumps(batch.ids) + b",[" + b",".join(batch.events) + b"]]"
-        envelope = self._templates[batch.ignored].fill(new_task_id(), args, f"[{len(batch.ids)} events]")
-        batch.ids, batch.events = [], []
-        return envelope
+    def messages(self, batch: _Batch, route: Callable[[str], str]) -> list[tuple[str, list[bytes]]]:
+        """The batch's ``itrain.train_batch`` messages in the ``[ids, events]`` form, one per
+        queue its events' models are routed to (``route``: model -> queue), each queue's events
+        in their order. Handles outlive the batch's events, so they are dropped here (handles keep
+        only its outcome)."""
+        queues = [route(m) for m in batch.models]
+        groups = {queues[0]: range(len(queues))} if len(set(queues)) == 1 else group_by_queue(queues)
+        pushes = []
+        for queue, positions in groups.items():
+            ids = [batch.ids[i] for i in positions]
+            args = b"[" + orjson.dumps(ids) + b",[" + b",".join(batch.events[i] for i in positions) + b"]]"
+            envelope = self._template(queue, batch.ignored).fill(
+                new_task_id(), args, f"[{len(ids)} events]", enqueued_at=batch.opened
+            )
+            pushes.append((queue, [envelope]))
+        batch.ids, batch.events, batch.models = [], [], []
+        return pushes
+
+    def _template(self, queue: str, ignored: bool) -> EnvelopeTemplate:
+        template = self._templates.get((queue, ignored))
+        if template is None:
+            template = EnvelopeTemplate(TASK_TRAIN_BATCH, queue, ignore_result=ignored)
+            self._templates[queue, ignored] = template
+        return template
 
     def finished(self, batch: _Batch, error: BaseException | None) -> None:
         """The batch's send is over: in Redis (``error`` None, or a ``ReplicationError``: in Redis
@@ -259,7 +308,7 @@ class Linger:
 
     def __init__(
         self,
-        publish: Callable[[bytes, list[str]], None],
+        publish: Callable[[Build, list[str]], None],
         app: Celery,
         *,
         queue: str,
@@ -285,13 +334,17 @@ class Linger:
         self._at_exit = flush_at_exit
         atexit.register(flush_at_exit)
 
-    def add(self, task_id: str, data: bytes, event_id: str, *, ignored: bool) -> LingerHandle:
-        """Buffer one validated event (its JSON and id) under result id ``task_id``."""
+    def add(
+        self, task_id: str, data: bytes, event_id: str, *, ignored: bool, model: str = DEFAULT_MODEL
+    ) -> LingerHandle:
+        """Buffer one validated event (its JSON, id and model) under result id ``task_id``."""
         weight = self._buffers.weigh(data)
         with self._lock:
             if self._closed:
                 raise PublishError("the client is closed: nothing was enqueued")
-            handle, full, opened = self._buffers.put(task_id, data, event_id, weight, ignored=ignored)
+            handle, full, opened = self._buffers.put(
+                task_id, data, event_id, weight, ignored=ignored, model=model
+            )
             if opened:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="itrain-linger", daemon=True)
@@ -365,7 +418,7 @@ class Linger:
     def _send(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            self._publish(self._buffers.message(batch), batch.event_ids)
+            self._publish(functools.partial(self._buffers.messages, batch), batch.event_ids)
         except Exception as exc:
             error = exc
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from celery import Celery
@@ -29,50 +29,90 @@ from producer.protocol import (
     event_weight,
     new_task_id,
 )
+from producer.routes import DEFAULT_MODEL, Routes, group_by_queue
 from producer.settings import Settings
 
-__all__ = ["EventLike", "Outgoing", "argsrepr", "event_json", "payloads", "validate_one"]
+__all__ = ["EventLike", "Outgoing", "Pushes", "argsrepr", "event_json", "payloads", "validate_one"]
 
 EventLike = InteractionData | dict[str, Any]
 
 
-class Outgoing:
-    """The task messages of one client's settings (queue, chunk size, message size)."""
+#: ``train_many``'s messages: each queue with its messages, queues in the order their first event
+#: came (every message of every queue goes to Redis in one push, all or none).
+Pushes = list[tuple[str, list[bytes]]]
 
-    def __init__(self, settings: Settings, app: Celery) -> None:
+
+class Outgoing:
+    """The task messages of one client's settings (queue, chunk size, message size), each on the
+    queue its model's route names (``routes``: the client keeps it fresh)."""
+
+    def __init__(self, settings: Settings, app: Celery, routes: Routes | None = None) -> None:
         self.settings = settings
         self.app = app
-        self._templates = {
-            (task, ignore): EnvelopeTemplate(task, settings.queue, ignore_result=ignore)
-            for task in (TASK_TRAIN_STEP, TASK_TRAIN_BATCH, TASK_PREDICT)
-            for ignore in (False, True)
-        }
+        self.routes = routes or Routes(settings.queue, settings.routes_ttl)
+        self._templates: dict[tuple[str, bool, str], EnvelopeTemplate] = {}
 
-    def step(self, task_id: str, data: bytes, shown: dict[str, Any], *, result: bool) -> bytes:
-        """The ``itrain.train_step`` message of one event (its JSON and shown fields from ``event_json``)."""
-        return self._templates[TASK_TRAIN_STEP, not result].fill(task_id, b"[" + data + b"]", argsrepr(shown))
+    def template(self, task: str, ignore_result: bool, queue: str) -> EnvelopeTemplate:
+        """The message template of ``task`` on ``queue`` (made once per queue)."""
+        key = (task, ignore_result, queue)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = EnvelopeTemplate(task, queue, ignore_result=ignore_result)
+        return template
 
-    def predict(self, event: EventLike) -> tuple[str, bytes]:
-        """(task id, message) of an ``itrain.predict`` call for ``event``."""
-        data, shown = event_json(event)
-        task_id = new_task_id()
-        return task_id, self._templates[TASK_PREDICT, False].fill(
+    def step(self, task_id: str, data: bytes, shown: dict[str, Any], *, result: bool) -> tuple[str, bytes]:
+        """(queue, message) of one event's ``itrain.train_step`` (its JSON and shown fields from
+        ``event_json``), the queue its model's route names."""
+        queue = self.routes.queue(shown["model"])
+        message = self.template(TASK_TRAIN_STEP, not result, queue).fill(
             task_id, b"[" + data + b"]", argsrepr(shown)
         )
+        return queue, message
+
+    def predict(self, event: EventLike) -> tuple[str, str, bytes]:
+        """(task id, queue, message) of an ``itrain.predict`` call for ``event``."""
+        data, shown = event_json(event)
+        task_id = new_task_id()
+        queue = self.routes.queue(shown["model"])
+        message = self.template(TASK_PREDICT, False, queue).fill(task_id, b"[" + data + b"]", argsrepr(shown))
+        return task_id, queue, message
 
     def many(
         self, events: Iterable[EventLike], *, result: bool
-    ) -> tuple[list[bytes], list[AsyncResult], list[str]]:
-        """``train_many``'s messages, ``ITRAIN_CHUNK_SIZE`` events each, one handle per event in
-        order, and the events' ids (generated ones included). Each chunk has one result, which
-        each event's handle (id ``<chunk id>:<index>``) reads its entry of (``producer.chunks``).
-        All or nothing: an invalid event raises here."""
+    ) -> tuple[Pushes, list[AsyncResult], list[str]]:
+        """``train_many``'s messages by queue, ``ITRAIN_CHUNK_SIZE`` events each, one handle per
+        event in input order, and the events' ids (generated ones included). Events are grouped
+        by their model's route, each group in the caller's order; each chunk has one result,
+        which each event's handle (id ``<chunk id>:<index>``) reads its entry of
+        (``producer.chunks``). All or nothing: an invalid event raises here."""
         items = list(events)
         if not items:
             return [], [], []
         sent, encoded = payloads(items)
+        table, default = self.routes.table, self.routes.default
+        if not table:  # no model has a queue of its own (the common case): no grouping at all
+            envelopes, handles = self._chunked(encoded, default, result)
+            return [(default, envelopes)], handles, [p["event_id"] for p in sent]
+        groups = group_by_queue([table.get(p.get("model", DEFAULT_MODEL), default) for p in sent])
+        if len(groups) == 1:
+            (queue,) = groups
+            envelopes, handles = self._chunked(encoded, queue, result)
+            return [(queue, envelopes)], handles, [p["event_id"] for p in sent]
+        pushes: Pushes = []
+        placed: list[AsyncResult | None] = [None] * len(items)
+        for queue, positions in groups.items():
+            envelopes, group_handles = self._chunked([encoded[i] for i in positions], queue, result)
+            pushes.append((queue, envelopes))
+            for i, handle in zip(positions, group_handles, strict=True):
+                placed[i] = handle
+        return pushes, cast(list[AsyncResult], placed), [p["event_id"] for p in sent]
+
+    def _chunked(
+        self, encoded: list[bytes], queue: str, result: bool
+    ) -> tuple[list[bytes], list[AsyncResult]]:
+        """The ``itrain.train_batch`` messages of ``encoded`` on ``queue``, and a handle per event."""
         app, ignored = self.app, not result
-        template = self._templates[TASK_TRAIN_BATCH, ignored]
+        template = self.template(TASK_TRAIN_BATCH, ignored, queue)
         envelopes: list[bytes] = []
         handles: list[AsyncResult] = []
         for a, b in self.chunks(encoded):
@@ -82,7 +122,7 @@ class Outgoing:
             args = b"[[" + b",".join(encoded[a:b]) + b"]]"
             envelopes.append(template.fill(chunk.id, args, f"[{b - a} events]"))
             handles.extend(ChunkHandle(chunk, i, ignored=ignored) for i in range(b - a))
-        return envelopes, handles, [p["event_id"] for p in sent]
+        return envelopes, handles
 
     def chunks(self, encoded: list[bytes]) -> list[tuple[int, int]]:
         """(start, end) of each message, from the events' JSON: at most ``ITRAIN_CHUNK_SIZE``

@@ -11,11 +11,13 @@ import base64
 import itertools
 import os
 import re
+import time
 import uuid
 from typing import Any
 
 import orjson
 
+from producer.enqueue_time import ENQUEUED_HEADER
 from producer.errors import InvalidEventError
 from producer.formats import FORMAT_HEADER, MESSAGE_FORMAT
 
@@ -98,9 +100,11 @@ def encode_envelope(
     *,
     argsrepr: str | None = None,
     ignore_result: bool = False,
+    enqueued_at: float | None = None,
 ) -> bytes:
     """A Celery protocol 2 message as kombu's Redis transport stores it in the queue list, with
-    the ``itrain_format`` header naming its format (``producer.formats``).
+    the ``itrain_format`` header naming its format (``producer.formats``) and the
+    ``itrain_enqueued_at`` header its enqueue time (``producer.enqueue_time``; now by default).
 
     ``ignore_result``: Celery's header of the same name; the worker then writes no result for
     the message's events (fire-and-forget), and still trains them and dead-letters failures."""
@@ -125,6 +129,9 @@ def encode_envelope(
             "ignore_result": ignore_result,
             # The message format (producer.formats): a worker refuses one newer than it reads.
             FORMAT_HEADER: MESSAGE_FORMAT,
+            # When the message was enqueued (producer.enqueue_time): its queue's age, its time
+            # to commit.
+            ENQUEUED_HEADER: time.time() if enqueued_at is None else enqueued_at,
         },
         "properties": {
             "correlation_id": task_id,
@@ -141,7 +148,7 @@ def encode_envelope(
 
 _BODY_TAIL = b',{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
 # A slot's value is written with its quotes (argsrepr may be null), so the quotes go with it.
-_SLOT = re.compile(rb'"@@itrain-(id|body|argsrepr|tag)@@"')
+_SLOT = re.compile(rb'"@@itrain-(id|body|argsrepr|enqueued|tag)@@"')
 
 
 class EnvelopeTemplate:
@@ -155,17 +162,24 @@ class EnvelopeTemplate:
         env = orjson.loads(raw)
         env["body"] = "@@itrain-body@@"
         env["headers"]["argsrepr"] = "@@itrain-argsrepr@@"
+        env["headers"][ENQUEUED_HEADER] = "@@itrain-enqueued@@"
         env["properties"]["delivery_tag"] = "@@itrain-tag@@"
         pieces = _SLOT.split(orjson.dumps(env))
         # re.split alternates text and captured slot names: text, slot, text, slot, ..., text.
-        if pieces[1::2] != [b"body", b"id", b"id", b"argsrepr", b"id", b"tag"]:
+        if pieces[1::2] != [b"body", b"id", b"id", b"argsrepr", b"enqueued", b"id", b"tag"]:
             raise AssertionError(f"unexpected envelope layout: {pieces[1::2]}")  # encode_envelope changed
         self._parts = tuple(pieces[0::2])
 
-    def fill(self, task_id: str, args_json: bytes, argsrepr: str | None = None) -> bytes:
-        """The message for ``task_id`` whose positional arguments are ``args_json`` (a JSON array)."""
-        p0, p1, p2, p3, p4, p5, p6 = self._parts
+    def fill(
+        self, task_id: str, args_json: bytes, argsrepr: str | None = None, enqueued_at: float | None = None
+    ) -> bytes:
+        """The message for ``task_id`` whose positional arguments are ``args_json`` (a JSON array),
+        enqueued at ``enqueued_at`` (unix seconds; now by default)."""
+        p0, p1, p2, p3, p4, p5, p6, p7 = self._parts
         tid = orjson.dumps(task_id)
         body = b'"' + base64.b64encode(b"[" + args_json + _BODY_TAIL) + b'"'
         tag = b'"' + new_task_id().encode() + b'"'
-        return b"".join((p0, body, p1, tid, p2, tid, p3, orjson.dumps(argsrepr), p4, tid, p5, tag, p6))
+        when = orjson.dumps(time.time() if enqueued_at is None else enqueued_at)
+        return b"".join(
+            (p0, body, p1, tid, p2, tid, p3, orjson.dumps(argsrepr), p4, when, p5, tid, p6, tag, p7)
+        )

@@ -13,6 +13,8 @@ client's own (``time.sleep`` or ``asyncio.sleep``).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
@@ -22,7 +24,18 @@ from producer.errors import BrokerFullError, PermissionDeniedError, PublishError
 from producer.redis_conn import redact_url
 from producer.settings import Settings
 
-__all__ = ["UNREACHABLE", "Backoff", "denied", "queue_full", "refused", "refuses_writes", "unreachable"]
+__all__ = [
+    "UNREACHABLE",
+    "Backoff",
+    "denied",
+    "first_full",
+    "push_commands",
+    "push_error",
+    "queue_full",
+    "refused",
+    "refuses_writes",
+    "unreachable",
+]
 
 #: Errors that say Redis could not be reached (redis-py's, sync or asyncio, kombu's, the socket's).
 UNREACHABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
@@ -87,12 +100,51 @@ def unreachable(url: str, exc: BaseException) -> PublishError:
     return PublishError(f"cannot reach {redact_url(url)}: {exc}")
 
 
-def queue_full(length: int, settings: Settings) -> QueueFullError | None:
-    """``QueueFullError`` when a queue of ``length`` messages is at ``ITRAIN_MAX_QUEUE_LENGTH``."""
+def queue_full(length: int, settings: Settings, queue: str | None = None) -> QueueFullError | None:
+    """``QueueFullError`` naming ``queue`` (default ``ITRAIN_QUEUE``) when it holds ``length``
+    messages and that is at ``ITRAIN_MAX_QUEUE_LENGTH`` (a limit of each queue on its own)."""
     limit = settings.max_queue_length
     if limit and length >= limit:
         return QueueFullError(
-            f"queue {settings.queue!r} holds {length} messages, "
+            f"queue {queue or settings.queue!r} holds {length} messages, "
             f"ITRAIN_MAX_QUEUE_LENGTH is {limit}; nothing was enqueued"
         )
+    return None
+
+
+def first_full(lengths: Sequence[Any], queues: Sequence[str], settings: Settings) -> QueueFullError | None:
+    """``QueueFullError`` for the first of ``queues`` whose length (``LLEN`` replies, in order) is
+    at ``ITRAIN_MAX_QUEUE_LENGTH``, else None."""
+    for queue, length in zip(queues, lengths, strict=True):
+        full = queue_full(int(length), settings, queue)
+        if full is not None:
+            return full
+    return None
+
+
+def push_commands(pushes: Sequence[tuple[str, Sequence[bytes]]]) -> list[tuple[Any, ...]]:
+    """The Redis commands that push every message of ``pushes`` (queue, messages) at once.
+
+    One queue: one ``LPUSH`` of all its messages (every message or none; LPUSH of several
+    values pushes them in turn, and workers consume from the other end: arrival order is kept).
+    Several queues: their ``LPUSH`` commands in one ``MULTI``/``EXEC``, all or none (a command
+    Redis refuses while queueing, ``OOM`` or ``NOPERM``, aborts the transaction). The only way
+    part of it can land is a queue key that is not a list (``WRONGTYPE`` at ``EXEC``), which
+    ``push_error`` reports."""
+    lpushes = [("LPUSH", queue, *messages) for queue, messages in pushes]
+    if len(lpushes) == 1:
+        return lpushes
+    return [("MULTI",), *lpushes, ("EXEC",)]
+
+
+def push_error(replies: Sequence[Any]) -> redis.ResponseError | None:
+    """The error of a push from the replies to ``push_commands``, or None when every message is in
+    Redis: a refusal while queueing comes before ``EXECABORT`` and names the cause better."""
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            return reply
+    if len(replies) > 1 and isinstance(replies[-1], list):  # EXEC: the LPUSH replies
+        for reply in replies[-1]:
+            if isinstance(reply, redis.ResponseError):
+                return reply
     return None

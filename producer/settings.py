@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from hashlib import blake2b
+from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     queue: str = Field("itrain", min_length=1, max_length=200)
     #: The queues a worker consumes, comma-separated (empty: ``queue`` alone); see ``queue_names``.
     queues: str = ""
+    # Seconds a client routes from its copy of ``itrain:routes`` before reading it again
+    # (``producer.routes``): a route change reaches every producer within this time.
+    routes_ttl: float = Field(5.0, ge=0)
     # A sentinel:// URL's master group (unless the URL says ?master_name=) and the sentinels' login.
     sentinel_master: str | None = None
     sentinel_username: str | None = None
@@ -109,6 +113,14 @@ class Settings(BaseSettings):
     # Limits enforced before any training.
     max_message_bytes: int = Field(1_048_576, ge=1024)
 
+    # `itrain exporter`: basic auth when a password is set, TLS when a certificate and its key are.
+    # From the environment or files only, never flags: a flag shows in `ps` to every user of the host.
+    exporter_user: str = Field("prometheus", min_length=1, pattern=r"^[^:]+$")
+    exporter_password: SecretStr | None = None
+    exporter_password_file: Path | None = None
+    exporter_tls_cert: Path | None = None
+    exporter_tls_key: Path | None = None
+
     @field_validator("redis_url", "broker_url", "result_backend", "store_url")
     @classmethod
     def _tls(cls, url: str | None, info: ValidationInfo) -> str | None:
@@ -144,6 +156,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"ITRAIN_REPLICA_TIMEOUT_MS={self.replica_timeout_ms} must be shorter than "
                 f"ITRAIN_PUBLISH_TIMEOUT={self.publish_timeout:g} s"
+            )
+        if self.exporter_password is not None and self.exporter_password_file is not None:
+            raise ValueError(
+                "set one of ITRAIN_EXPORTER_PASSWORD and ITRAIN_EXPORTER_PASSWORD_FILE, not both"
+            )
+        if (self.exporter_tls_cert is None) != (self.exporter_tls_key is None):
+            raise ValueError(
+                "ITRAIN_EXPORTER_TLS_CERT and ITRAIN_EXPORTER_TLS_KEY go together: set both or neither"
             )
         if self.lock_timeout <= self.lock_poll:
             raise ValueError("ITRAIN_LOCK_TIMEOUT must be longer than ITRAIN_LOCK_POLL")

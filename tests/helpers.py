@@ -147,9 +147,10 @@ class Workers:
         app: str = APP,
         prefix: str = "w",
         timeout: float = 90.0,
+        queues: Sequence[str] = (),
     ) -> list[subprocess.Popen[bytes]]:
         """``count`` workers of ``app``; returns once each answers a ping (and, with the prefork
-        pool, has its pool children). Logs go to ``log_dir``."""
+        pool, has its pool children). Logs go to ``log_dir``. ``queues``: Celery's ``-Q``."""
         full_env = {
             "ITRAIN_REDIS_URL": redis_url,
             # One BLAS thread per process: on 2 cores, threaded BLAS in every pool child only
@@ -162,7 +163,9 @@ class Workers:
         for _ in range(count):
             name = f"{prefix}{len(self.procs) + 1}-{uuid.uuid4().hex[:6]}"
             log = self.log_dir / f"{name}.log"
-            proc = start_worker(name, full_env, concurrency=concurrency, pool=pool, log=log, app=app)
+            proc = start_worker(
+                name, full_env, concurrency=concurrency, pool=pool, log=log, app=app, queues=queues
+            )
             self.procs.append(proc)
             self.names[proc.pid] = node_name(name)
             self.logs[proc.pid] = log

@@ -28,6 +28,7 @@ from producer.errors import ConfigurationError, ItrainError, ModelNotInitialised
 from producer.events import MODEL_NAME_PATTERN, describe_validation_error, event_json_schema
 from producer.keys import ModelKeys
 from producer.redis_conn import connect, redact_url
+from producer.routes import check_queue_name
 from producer.server_version import check_server_versions
 from producer.settings import Settings, get_settings
 from producer.stats import read_stats
@@ -69,10 +70,13 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         hidden=args.hidden, outputs=args.outputs, lr=args.lr, clip=args.clip, seed=args.seed, mode=args.mode
     )
     guard = _guard_args(args.guard_window, args.guard_ratio)
+    if args.queue is not None:
+        check_queue_name(args.queue, settings.queue)  # before anything is written
     store = Store(connect(settings.store, settings.publish_timeout), settings)
     stamp_new_store(store.client)  # a new store starts at this release's layout
     if args.exist_ok and not args.force and args.model in store.models():
         note = " (its guard too: `itrain guard` changes one)" if guard else ""
+        note += " (its queue too: `itrain route` moves it)" if args.queue is not None else ""
         out.print(f"model [bold]{args.model}[/] exists; left unchanged{note}")
         return 0
     version = store.create(args.model, Checkpoint.initial(config), force=args.force)
@@ -81,6 +85,8 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
         f"4 -> {config.hidden} -> {config.outputs}, lr {config.lr:g}, clip {config.clip:g}, "
         f"seed {config.seed}, mode {config.mode}"
     )
+    if args.queue is not None:
+        _route(args.model, args.queue, settings)
     if guard is not None:
         set_guard(store.client, args.model, guard, settings)
         out.print(
@@ -206,12 +212,25 @@ def terminal_safe(text: str) -> str:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.routing import read_routes
+
     client = connect(settings.store, settings.publish_timeout)
     store = Store(client, settings)
+    routes = read_routes(connect(settings.broker, settings.publish_timeout))
     table = Table(
-        "model", "version", "step", "loss_ema", "eval logloss", "last update (UTC)", "history", "dead letters"
+        "model",
+        "queue",
+        "version",
+        "step",
+        "loss_ema",
+        "eval logloss",
+        "last update (UTC)",
+        "history",
+        "dead letters",
     )
-    for name in store.models():
+    models = store.models()
+    queues = {name: routes.get(name, settings.queue) for name in models}
+    for name in models:
         s = read_stats(client, name)
         ema = "-" if s["loss_ema"] is None else f"{s['loss_ema']:.6f}"
         ev = "-" if s["eval"] is None else _fmt(s["eval"]["logloss"])
@@ -222,6 +241,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         shown = Text(terminal_safe(name))  # (names written by other tools may hold anything)
         table.add_row(
             shown,
+            Text(terminal_safe(queues[name])),
             str(s["version"]),
             str(s["step"]),
             ema,
@@ -229,6 +249,112 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             when,
             str(s["history_len"]),
             str(s["dead_letters"]),
+        )
+    out.print(table)
+    if not args.no_workers_check:
+        _warn_unserved(queues, settings)
+    return 0
+
+
+def _warn_unserved(queues: dict[str, str], settings: Settings) -> None:
+    """A line on stderr for each queue of ``queues`` (model -> queue) that no live worker
+    consumes (its events wait there until one does), or that no model can be routed to."""
+    from producer.celery_config import make_celery
+    from producer.errors import QueueNameError
+    from worker.ops.routing import consumed_queues, unserved
+
+    by_queue: dict[str, list[str]] = {}
+    for model, queue in queues.items():
+        by_queue.setdefault(queue, []).append(model)
+    for queue, models in by_queue.items():
+        try:
+            check_queue_name(queue, settings.queue)
+        except QueueNameError as exc:
+            err.print(f"warning: {_models_text(models)}: {exc}", markup=False, highlight=False)
+    if not by_queue:
+        return
+    app = make_celery(settings, main="itrain-cli", producer=True)
+    try:
+        consumed = consumed_queues(app)
+    finally:
+        app.close()
+    for queue in unserved(by_queue, consumed):
+        err.print(
+            f"warning: no live worker consumes queue {terminal_safe(queue)!r} "
+            f"({_models_text(by_queue[queue])}): its events wait until a worker does "
+            f"(ITRAIN_QUEUES or celery -Q)",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _models_text(models: list[str]) -> str:
+    shown = ", ".join(terminal_safe(m) for m in models[:5])
+    return f"model{'s' if len(models) > 1 else ''} {shown}" + (
+        f" and {len(models) - 5} more" if len(models) > 5 else ""
+    )
+
+
+def _route(model: str, queue: str, settings: Settings) -> str:
+    """Route ``model`` to ``queue`` and say so (with a warning when no live worker consumes it);
+    returns the queue it had."""
+    from worker.ops.routing import set_route
+
+    old = set_route(connect(settings.broker, settings.publish_timeout), model, queue, settings.queue)
+    if old == queue:
+        out.print(f"model {model}: queue {queue} (unchanged)", markup=False, highlight=False)
+    else:
+        out.print(f"model {model}: queue {old} -> {queue}", markup=False, highlight=False)
+    _warn_unserved({model: queue}, settings)
+    return old
+
+
+def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
+    store = Store(connect(settings.store, settings.publish_timeout), settings)
+    if args.model not in store.models():
+        raise ModelNotInitialisedError(
+            f"model {args.model!r} does not exist; `itrain models` lists the models, "
+            f"`itrain init --model {args.model} --queue {args.queue}` creates it on that queue"
+        )
+    check_queue_name(args.queue, settings.queue)
+    old = _route(args.model, args.queue, settings)
+    if old != args.queue:
+        out.print(
+            f"producers send {args.model}'s events to {args.queue} within ITRAIN_ROUTES_TTL="
+            f"{settings.routes_ttl:g} s; keep a worker on {old} until it is empty (they still train)",
+            markup=False,
+            highlight=False,
+        )
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.dead_letters import read_dead_letters
+
+    client = connect(settings.store, settings.publish_timeout)
+    letters, total = read_dead_letters(client, args.model, args.limit)
+    if args.json:
+        shown = [letter.as_json() for letter in letters]
+        print(json.dumps({"model": args.model, "total": total, "dead_letters": shown}))
+        return 0
+    table = Table(
+        "time (UTC)",
+        "event id",
+        "error",
+        "message",
+        "deliveries",
+        title=f"dead letters of {args.model}: newest {len(letters)} of {total}",
+    )
+    for letter in letters:
+        when = "-" if letter.time is None else letter.time.replace("T", " ")[:19]
+        event = letter.event_id or (f"[{letter.events} events]" if letter.events else "-")
+        # Texts come from events and errors (any text): shown escaped, never as terminal codes.
+        table.add_row(
+            when,
+            Text(terminal_safe(event)),
+            Text(terminal_safe(letter.error or "-")),
+            Text(terminal_safe(letter.message or "-")),
+            "-" if letter.deliveries is None else str(letter.deliveries),
         )
     out.print(table)
     return 0
@@ -245,12 +371,21 @@ def cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.exporter import DEFAULT_PORT, serve
+    from worker.ops.exporter_http import access_from_settings
 
+    access = access_from_settings(settings)  # a bad password file or key fails before Redis is tried
     client = connect(settings.store, settings.publish_timeout)
     client.ping()  # an unreachable Redis is a one-line error now, not an exporter that reports 0
     port = args.port or DEFAULT_PORT
-    stop = serve(client, [settings.queue], port, args.address)
-    out.print(f"serving Prometheus metrics on http://{args.address}:{port}/metrics (Ctrl-C stops)")
+    # ITRAIN_QUEUE first (where unrouted models' events go), then ITRAIN_QUEUES and the routes'.
+    queues = list(dict.fromkeys([settings.queue, *settings.queue_names]))
+    stop = serve(client, queues, port, args.address, access)
+    auth = f", basic auth as user {access.user}" if access.password is not None else ""
+    out.print(
+        f"serving Prometheus metrics on {access.scheme}://{args.address}:{port}/metrics{auth} (Ctrl-C stops)",
+        markup=False,
+        highlight=False,
+    )
     stop.wait()
     return 0
 
@@ -264,7 +399,14 @@ def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
     except redis.RedisError:
         unknown = set()  # not reachable from here: the lines are for a current Redis
     user = args.user or f"itrain-{args.role}"
-    for line in acl_lines(args.role, user, settings.queue, args.password, unknown):
+    queues = None
+    if args.queues is not None:
+        if args.role not in ("producer", "reader"):
+            raise ConfigurationError("--queues limits a producer or reader role to some queues")
+        queues = [check_queue_name(q.strip(), settings.queue) for q in args.queues.split(",") if q.strip()]
+        if not queues:
+            raise ConfigurationError("--queues names no queue")
+    for line in acl_lines(args.role, user, settings.queue, args.password, unknown, queues=queues):
         print(line)
     return 0
 
@@ -339,6 +481,9 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
     if not args.yes:
         raise ConfigurationError(f"deleting model {args.model!r} loses its weights and history: add --yes")
     removed = delete_model(connect(settings.store, settings.publish_timeout), args.model)
+    from worker.ops.routing import drop_route
+
+    drop_route(connect(settings.broker, settings.publish_timeout), args.model)
     out.print(f"model {args.model} deleted ({removed} keys)")
     return 0
 
@@ -602,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing model")
     p.add_argument("--exist-ok", action="store_true", help="succeed without change when the model exists")
     p.add_argument(
+        "--queue",
+        default=None,
+        metavar="Q",
+        help="a queue of its own: <ITRAIN_QUEUE>.<suffix> (default: ITRAIN_QUEUE)",
+    )
+    p.add_argument(
         "--guard-window", type=_positive_int, default=None, metavar="W", help="guard: events measured"
     )
     p.add_argument("--guard-ratio", type=_positive_float, default=None, metavar="R", help="guard: loss ratio")
@@ -612,8 +763,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("models", help="every initialised model")
+    p = sub.add_parser("models", help="every initialised model and its queue")
+    p.add_argument(
+        "--no-workers-check",
+        action="store_true",
+        help="do not ask the live workers which queues they consume (a second's wait)",
+    )
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("dead-letters", help="a model's dead letters, newest first (no user ids)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=_positive_int, default=20, help="the newest this many (default 20)")
+    p.set_defaults(func=cmd_dead_letters)
+    p = sub.add_parser("route", help="move a model's events to another queue (the old one drains)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--queue", required=True, metavar="Q", help="ITRAIN_QUEUE or <ITRAIN_QUEUE>.<suffix>")
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("produce", help="send synthetic events")
     p.add_argument("--model", default="default")
@@ -645,6 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["producer", "reader", "monitor", "worker", "sentinel"], required=True)
     p.add_argument("--user", default=None, help="the user name (default itrain-<role>)")
     p.add_argument("--password", default=None, help="default: a random one, printed in the line")
+    p.add_argument(
+        "--queues",
+        default=None,
+        metavar="Q1,Q2",
+        help="producer or reader: push to these queues only (default: every queue)",
+    )
     p.set_defaults(func=cmd_acl)
 
     p = sub.add_parser("export", help="write a model to a portable file (.npz, no pickle)")

@@ -7,12 +7,20 @@ another's I/O to name it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 
-__all__ = ["Outcome", "Status", "dead_letter_entry", "failure_payload"]
+__all__ = ["Outcome", "Status", "dead_letter_entry", "deliveries_known", "failure_payload"]
+
+#: How many deliveries each task id's message had, while ``deliveries_known`` says so. A job
+#: carries no delivery count: giving every job one would cost on every event for a figure only a
+#: dead letter needs, and the engine makes dead letters deep below the loop that knows it.
+_DELIVERIES: ContextVar[Mapping[str, int] | None] = ContextVar("itrain_deliveries", default=None)
 
 Status = Literal["SUCCESS", "FAILURE"]
 
@@ -86,8 +94,16 @@ def dead_letter_entry(
     event_id: str | None = None,
     action_type: str | None = None,
     extra: dict[str, Any] | None = None,
+    deliveries: int | None = None,
 ) -> bytes:
-    """A dead-letter record: what failed and why. Never the raw user id, never the raw payload."""
+    """A dead-letter record: what failed and why. Never the raw user id, never the raw payload.
+
+    ``deliveries``: how many times its message was delivered; by default the count
+    ``deliveries_known`` holds for ``task_id`` (1 for one it does not name), or none outside it.
+    """
+    if deliveries is None:
+        known = _DELIVERIES.get()
+        deliveries = None if known is None else known.get(task_id, 1)
     entry: dict[str, Any] = {
         "task_id": task_id,
         "model": model,
@@ -97,6 +113,19 @@ def dead_letter_entry(
         "reason": str(exc)[:1000],
         "at": datetime.now(UTC).isoformat(),
     }
+    if deliveries is not None:
+        entry["deliveries"] = deliveries
     if extra:
         entry.update(extra)
     return orjson.dumps(entry)
+
+
+@contextmanager
+def deliveries_known(counts: Mapping[str, int]) -> Iterator[None]:
+    """Within it, dead letters record the delivery count ``counts`` gives their task id (a task id
+    it does not name was delivered once)."""
+    token = _DELIVERIES.set(counts)
+    try:
+        yield
+    finally:
+        _DELIVERIES.reset(token)

@@ -4,6 +4,7 @@ sent as the caller gave them (the worker must read them back as the same event).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -14,6 +15,7 @@ import redis
 from pydantic import ValidationError
 
 from producer.client import TrainingClient
+from producer.enqueue_time import ENQUEUED_HEADER, enqueued_at
 from producer.events import EVENT_LIST, InteractionData, check_dict, check_dicts
 from producer.outgoing import event_json, payloads
 from producer.protocol import (
@@ -68,11 +70,15 @@ def test_envelope_template_is_encode_envelope(task: str, ignore_result: bool, ar
     queue = 'q"ueue'
     args = [[{"event_id": "é\n", "n": 1}], ["a"]]
     task_id = new_task_id()
+    when = 1_765_000_000.123456
     filled = EnvelopeTemplate(task, queue, ignore_result=ignore_result).fill(
-        task_id, orjson.dumps(args), argsrepr
+        task_id, orjson.dumps(args), argsrepr, enqueued_at=when
     )
-    built = encode_envelope(task, task_id, args, queue, argsrepr=argsrepr, ignore_result=ignore_result)
+    built = encode_envelope(
+        task, task_id, args, queue, argsrepr=argsrepr, ignore_result=ignore_result, enqueued_at=when
+    )
     # Then both are the same message but for the delivery tag, unique to each
+    assert orjson.loads(filled)["headers"]["itrain_enqueued_at"] == when
     a, b = orjson.loads(filled), orjson.loads(built)
     tag = a["properties"].pop("delivery_tag")
     b["properties"].pop("delivery_tag")
@@ -279,3 +285,26 @@ def test_chunks_cut_as_the_weight_rule_does(chunk_size: int, max_bytes: int, siz
     # When they are cut into chunks, then the bounds are those of the weight rule
     assert client._outgoing.chunks(encoded) == _cut_by_weight(encoded, chunk_size, max_bytes)
     client.close()
+
+
+def test_messages_carry_their_enqueue_time_in_a_header() -> None:
+    # Given a message filled now, and one filled without a time (it takes the clock's)
+    before = time.time()
+    template = EnvelopeTemplate(TASK_TRAIN_STEP, "itrain")
+    headers = orjson.loads(template.fill(new_task_id(), b"[{}]"))["headers"]
+    built = orjson.loads(encode_envelope(TASK_TRAIN_STEP, new_task_id(), [{}], "itrain"))["headers"]
+    after = time.time()
+    # Then each carries when it was made, and the worker's reader takes it
+    for h in (headers, built):
+        assert before <= h[ENQUEUED_HEADER] <= after
+        assert enqueued_at(h) == h[ENQUEUED_HEADER]
+
+
+@pytest.mark.parametrize(
+    "value", [None, "1765000000", True, float("nan"), float("inf"), 1_765_000_000_000, -5, 0]
+)
+def test_an_enqueue_time_that_is_not_a_time_is_read_as_absent(value: object) -> None:
+    # Given a header that is absent, text, a boolean, not finite, in milliseconds or negative
+    headers = {} if value is None else {ENQUEUED_HEADER: value}
+    # Then the worker reads no enqueue time from it (the message counts from first sight)
+    assert enqueued_at(headers) is None

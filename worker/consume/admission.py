@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from producer.chunks import handle_ids
@@ -95,7 +96,7 @@ def admit(msg: RawMessage, max_bytes: int) -> Admission:
         events = read_chunk(msg, max_bytes)
         if events is not None and plain_chunk(msg.task_id, len(events)):
             ids = handle_ids(msg.task_id, len(events))
-            jobs = list(map(Job._make, zip(ids, events, strict=True)))
+            jobs = list(map(Job._make, zip(ids, events, repeat(msg.enqueued_at))))
             return Admission(jobs, chunk=len(events), events=len(events))
     try:
         args = decode_args(msg, max_bytes)
@@ -113,8 +114,11 @@ def admit(msg: RawMessage, max_bytes: int) -> Admission:
     ids = [task_id for task_id, _ in pairs]
     if not any(event is None for event in valid) and (not batch or plain_ids(ids)):
         # Every item valid: all become jobs, in order, without a check each.
+        enqueued = msg.enqueued_at
         admission.jobs = [
-            Job(task_id, event) for task_id, event in zip(ids, valid, strict=True) if event is not None
+            Job(task_id, event, enqueued)
+            for task_id, event in zip(ids, valid, strict=True)
+            if event is not None
         ]
         return admission
     for (task_id, payload), event in zip(pairs, valid, strict=True):
@@ -126,7 +130,8 @@ def admit(msg: RawMessage, max_bytes: int) -> Admission:
                 logger.warning("event of task %s refused: %s", printable(task_id), exc)
                 continue
         try:
-            admission.jobs.append(Job(task_id, event if event is not None else validate_event(payload)))
+            event = event if event is not None else validate_event(payload)
+            admission.jobs.append(Job(task_id, event, msg.enqueued_at))
         except Exception as exc:
             error = _as_item_error(exc)
             admission.refused.append(Refused(task_id, error, payload))

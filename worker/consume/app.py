@@ -21,6 +21,7 @@ from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
 from producer.server_version import check_server_versions
 from producer.settings import get_settings
+from worker.consume.queue_heads import QueueHeadsStep
 from worker.consume.sentinel_transport import AMQP_CLASS, transport_url
 from worker.store.eviction import check_eviction_policies
 from worker.store.layout import check_store_layout
@@ -47,6 +48,8 @@ app.conf.update(include=["worker.consume.tasks"])
 # A worker consumes every queue of ITRAIN_QUEUES (default: ITRAIN_QUEUE alone), unless Celery's -Q
 # names others; publishing still routes to ITRAIN_QUEUE (or a model's own queue).
 app.conf.task_queues = [Queue(name, routing_key=name) for name in settings.queue_names]  # type: ignore[no-untyped-call]
+# First sightings of unstamped head messages, for the queues' ages (itrain exporter).
+app.steps["worker"].add(QueueHeadsStep)
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
 

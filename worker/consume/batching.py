@@ -47,6 +47,7 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 
+from producer.enqueue_time import enqueued_at
 from producer.errors import InvalidEventError, ItrainError
 from producer.formats import header_format
 from producer.protocol import TASK_TRAIN_BATCH
@@ -73,6 +74,7 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
     task_id = headers.get("id") or properties.get("correlation_id") or ""
     info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
     body = message.body
+    taken = first_taken(info)
     return RawMessage(
         task=task_name,
         # A task id that is not text is refused by ``run_messages`` (as an empty id), never
@@ -94,8 +96,9 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
         deliveries=delivery_count(info),
         # Only a JSON true counts: a hostile "false" string must not silence a result.
         ignore_result=headers.get("ignore_result") is True,
-        first_taken=first_taken(info),
+        first_taken=taken,
         message_format=header_format(headers),
+        enqueued_at=enqueued_at(headers) or taken or time.time(),
     )
 
 
@@ -323,7 +326,9 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     error = _culprit_error(raw, exc)
     ids, model, event_id, shown, extra = _describe_culprit(raw, rt.settings.max_message_bytes)
     ids = [task_id for task_id in ids if _result_id(task_id)]
-    entry = dead_letter_entry(_printable(raw.task_id), error, model=model, event_id=event_id, extra=extra)
+    entry = dead_letter_entry(
+        _printable(raw.task_id), error, model=model, event_id=event_id, extra=extra, deliveries=raw.deliveries
+    )
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
     # already written (an event committed before the process died) is left alone.
     rt.store.dead_letter(model, [entry])

@@ -69,6 +69,10 @@ class RawMessage:
     first_taken: float | None = None
     #: The message's format version, from its ``itrain_format`` header (``producer.formats``).
     message_format: int = 1
+    #: When it was enqueued (unix seconds): its ``itrain_enqueued_at`` header
+    #: (``producer.enqueue_time``), else when the transport first took it, else when this worker
+    #: received it; None when nobody said (a direct call): counted from when it is trained.
+    enqueued_at: float | None = None
 
 
 def decode_args(msg: RawMessage, max_bytes: int) -> list[Any]:

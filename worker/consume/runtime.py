@@ -39,7 +39,7 @@ from worker.consume.faults import is_redis_fault
 from worker.consume.messages import RawMessage, model_hint, printable
 from worker.consume.redelivery import answer_refused, refusal
 from worker.engine.batch import Job
-from worker.outcome import dead_letter_entry
+from worker.outcome import dead_letter_entry, deliveries_known
 from worker.store.model_store import Store
 from worker.store.replicas import ReplicaBarrier
 from worker.store.results import ChunkResult, Outcome, write_results
@@ -119,6 +119,8 @@ class _Plan:
     #: Messages in the chunk form (one result for all their events), and their event counts.
     chunks: dict[int, int] = field(default_factory=dict)
     invalid: dict[int, int] = field(default_factory=dict)  # items failed before training
+    #: Task id -> deliveries of its message, for messages delivered more than once (dead letters).
+    deliveries: dict[str, int] = field(default_factory=dict)
 
     def dead_letter(self, model: str, entry: bytes) -> None:
         self.dead.setdefault(model, []).append(entry)
@@ -135,7 +137,19 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
     plan = _Plan()
     for m, msg in enumerate(messages):
         _admit(plan, m, msg, rt.settings)
+    with deliveries_known(plan.deliveries):
+        outcomes, owners = _train_and_dead_letter(rt, messages, plan)
+    write_results(rt.result_client, _wanted(messages, plan, outcomes, owners), rt.settings.result_expires)
+    if rt.results_barrier is not None:
+        rt.results_barrier.cross([j.event.event_id for j in plan.jobs], "results")
+    return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
 
+
+def _train_and_dead_letter(
+    rt: Runtime, messages: Sequence[RawMessage], plan: _Plan
+) -> tuple[list[Outcome], list[int]]:
+    """Train the plan's jobs one model at a time, answer the refused deliveries and write every
+    dead letter; returns the outcomes and the message index of each."""
     outcomes: list[Outcome] = []
     owners: list[int] = []
     by_model: dict[str, list[int]] = {}
@@ -160,10 +174,7 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
         rt.store.dead_letter(model, entries)
     if rt.store_barrier is not None:
         rt.store_barrier.cross([j.event.event_id for j in plan.jobs], "commit")
-    write_results(rt.result_client, _wanted(messages, plan, outcomes, owners), rt.settings.result_expires)
-    if rt.results_barrier is not None:
-        rt.results_barrier.cross([j.event.event_id for j in plan.jobs], "results")
-    return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
+    return outcomes, owners
 
 
 def _wanted(
@@ -199,6 +210,10 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
     refuses this delivery, to answer untrained), its refused items to FAILURE results and dead
     letters."""
     admitted = admit(msg, settings.max_message_bytes)
+    if msg.deliveries > 1:
+        plan.deliveries[msg.task_id] = msg.deliveries
+        for job in admitted.jobs:
+            plan.deliveries[job.task_id] = msg.deliveries
     if admitted.chunk is not None:
         plan.chunks[m] = admitted.chunk
     if admitted.error is not None:
@@ -215,7 +230,8 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
     if admitted.refused:
         plan.invalid[m] = len(admitted.refused)
         for item in admitted.refused:
-            plan.dead_letter(model_hint(item.payload), _entry(item.task_id, item.error, item.payload))
+            entry = _entry(item.task_id, item.error, item.payload, msg.deliveries)
+            plan.dead_letter(model_hint(item.payload), entry)
             if item.answer:
                 event_id = _event_id_hint(item.payload)
                 plan.failures.append(Outcome.failure(item.task_id, item.error, event_id=event_id))
@@ -223,10 +239,15 @@ def _admit(plan: _Plan, m: int, msg: RawMessage, settings: Settings) -> None:
                 logger.warning("task %s failed: %s", printable(item.task_id), item.error)
 
 
-def _entry(task_id: Any, exc: BaseException, payload: Any) -> bytes:
+def _entry(task_id: Any, exc: BaseException, payload: Any, deliveries: int) -> bytes:
     extra = {"payload_kind": type(payload).__name__} if payload is not None else None
     return dead_letter_entry(
-        printable(task_id), exc, model=model_hint(payload), event_id=_event_id_hint(payload), extra=extra
+        printable(task_id),
+        exc,
+        model=model_hint(payload),
+        event_id=_event_id_hint(payload),
+        extra=extra,
+        deliveries=deliveries,
     )
 
 

@@ -37,8 +37,12 @@ taken:
 - **Lose no give-back to a lost connection**: a fetch whose reply was lost with its connection,
   or held messages whose give-back failed, are given back by the next channel once Redis answers
   (``_Orphans``), instead of returning after the visibility timeout as counted deliveries.
-- **Batch the acks**: acknowledged tags are removed in one ``MULTI`` on a short one-shot timer or
-  when many are waiting, and before anything is restored.
+- **Batch the acks**: acknowledged tags are removed in one script (``lua/ack.lua``) on a short
+  one-shot timer or when many are waiting, and before anything is restored.
+- **Ack only one's own delivery**: a message keeps its delivery tag when it is redelivered, so an
+  ack names the delivery by the time it was taken as well (the score of its unacked record); a
+  late ack from a worker cut off from Redis past the visibility timeout leaves the record of the
+  worker that holds the message now, as a late give-back does.
 - **Reuse one Redis client** per channel for acks, restores and event publishing.
 - **Subscribe again when the pub/sub connection is reopened** (``_PubSub``): kombu's subclient
   did not, and a worker whose connection redis-py reopened after a failover waited on it forever.
@@ -138,6 +142,7 @@ class _Script:
         self.sha = hashlib.sha1(self.text.encode()).hexdigest()
 
 
+ACK = _Script("ack")
 FETCH = _Script("fetch")
 GIVEBACK = _Script("giveback")
 RESTORE = _Script("restore")
@@ -176,7 +181,9 @@ class QoS(kombu_redis.QoS):
         #: When this worker took each message it holds (the score of its unacked record): a
         #: give-back pushes a message only while the record is still this delivery's.
         self.taken_at: dict[str, float] = {}
-        self._acks: list[str] = []
+        #: Acknowledged deliveries waiting for a flush: tag, and the score it was taken with
+        #: (``None``: this worker no longer holds that delivery).
+        self._acks: list[tuple[str, float | None]] = []
         self._ack_lock = threading.Lock()
         self._ack_tref: Any = None
         #: The queue each held message was taken from, and how many each queue holds: a queue's
@@ -202,16 +209,25 @@ class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.recorded:
             self.recorded.discard(delivery_tag)
-            virtual.QoS.append(self, message, delivery_tag)
-        else:  # basic_get or a message handed back: kombu's own two-step record
-            super().append(message, delivery_tag)
+        else:  # basic_get or a message handed back: kombu's two-step record, its score kept
+            now = time()
+            delivery = message.delivery_info
+            record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+            with self.channel.conn_or_acquire() as client:
+                client.pipeline().zadd(self.unacked_index_key, {delivery_tag: now}).hset(
+                    self.unacked_key, delivery_tag, record
+                ).execute()
+            self.taken_at[delivery_tag] = now
+        virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
         virtual.QoS.ack(self, delivery_tag)  # frees the prefetch slot now
-        self.taken_at.pop(delivery_tag, None)
+        # The ack removes only this delivery's record (``lua/ack.lua``): the score it was taken
+        # with says which delivery that is.
+        score = self.taken_at.pop(delivery_tag, None)
         self.release(delivery_tag)
         with self._ack_lock:
-            self._acks.append(delivery_tag)
+            self._acks.append((delivery_tag, score))
             waiting = len(self._acks)
         transport = self.channel.connection
         # After a broker loss the channel is closed (no transport): ack at once, best effort.
@@ -225,11 +241,11 @@ class QoS(kombu_redis.QoS):
         self.flush_acks()
         if requeue:
             self.restore_by_tag(delivery_tag, leftmost=True)
-        else:
-            with self.channel.conn_or_acquire() as client:
-                self._remove_from_indices(delivery_tag, client.pipeline()).hdel(
-                    self.channel.deliveries_key, delivery_tag
-                ).hdel(self.channel.first_taken_key, delivery_tag).execute()
+        else:  # forgotten as an ack is: only while the record is still this delivery's
+            score = self.taken_at.get(delivery_tag)
+            if score is not None:
+                with self.channel.conn_or_acquire() as client:
+                    self._forget_acked(client, [(delivery_tag, score)])
         virtual.QoS.ack(self, delivery_tag)
         self.taken_at.pop(delivery_tag, None)
         self.release(delivery_tag)
@@ -273,29 +289,45 @@ class QoS(kombu_redis.QoS):
         return back
 
     def flush_acks(self) -> None:
-        """Remove every acknowledged tag's records in one ``MULTI``. On a connection error they
-        are kept for the next flush (worst case: redelivered after the visibility timeout, and
-        answered ``duplicate``)."""
+        """Remove every acknowledged delivery's records in one script (``lua/ack.lua``), each
+        only while it is still that delivery's: a message swept back after the visibility timeout
+        and taken by another worker keeps its delivery tag, and a late ack from the first worker
+        (cut off from Redis meanwhile) must not remove the new holder's record. On a connection
+        error they are kept for the next flush (worst case: redelivered after the visibility
+        timeout, and answered ``duplicate``)."""
         with self._ack_lock:
-            tags, self._acks = self._acks, []
+            acks, self._acks = self._acks, []
             tref, self._ack_tref = self._ack_tref, None
         if tref is not None:
             tref.cancel()
-        if not tags:
+        # A tag without a score is not held by this delivery any more (given back by a warm
+        # shutdown or a lost connection before its ack): its record, if any, is another's.
+        rows = [(tag, score) for tag, score in acks if score is not None]
+        if not rows:
             return
         channel = self.channel
         try:
             with channel.conn_or_acquire() as client:
-                pipe = client.pipeline()
-                pipe.zrem(self.unacked_index_key, *tags)
-                pipe.hdel(self.unacked_key, *tags)
-                pipe.hdel(channel.deliveries_key, *tags)
-                pipe.hdel(channel.first_taken_key, *tags)
-                pipe.execute()
+                self._forget_acked(client, rows)
         except channel.connection_errors as exc:
-            logger.warning("could not flush %d ack(s) (%r); retried with the next ones", len(tags), exc)
+            logger.warning("could not flush %d ack(s) (%r); retried with the next ones", len(rows), exc)
             with self._ack_lock:
-                self._acks[:0] = tags
+                self._acks[:0] = rows
+
+    def _forget_acked(self, client: Any, rows: list[tuple[str, float]]) -> int:
+        """Forget the records of ``rows`` (tag, the score its delivery was taken with) that are
+        still recorded with that score; how many were."""
+        channel = self.channel
+        keys = [self.unacked_index_key, self.unacked_key, channel.deliveries_key, channel.first_taken_key]
+        gone = 0
+        for i in range(0, len(rows), 500):  # bounded scripts, however many acks waited
+            part = rows[i : i + 500]
+            args = [tag for tag, _ in part] + [repr(float(score)) for _, score in part]
+            try:
+                gone += int(client.evalsha(ACK.sha, len(keys), *keys, *args))
+            except redis.exceptions.NoScriptError:  # a restarted Redis forgot it
+                gone += int(client.eval(ACK.text, len(keys), *keys, *args))
+        return gone
 
     def restore_visible(self, start: int = 0, num: int | None = 10, interval: int = 10) -> None:
         """Give back the messages taken more than ``visibility_timeout`` seconds ago and never

@@ -134,7 +134,8 @@ def local_stack(
             stack.flower_url = f"http://127.0.0.1:{flower_port}"
         if exporter_port is not None:
             procs.append(start_exporter(exporter_port, env, log=logs / "exporter.log"))
-            stack.exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
+            scheme = "https" if settings.exporter_tls_cert else "http"  # (ITRAIN_EXPORTER_TLS_*)
+            stack.exporter_url = f"{scheme}://127.0.0.1:{exporter_port}/metrics"
         app = make_celery(stack_settings(settings, stack))
         try:
             stack.workers = wait_for_workers(

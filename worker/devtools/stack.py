@@ -48,9 +48,11 @@ def worker_command(
     pool: str = "prefork",
     *,
     app: str = APP,
+    queues: Sequence[str] = (),
 ) -> list[str]:
     """The command line a container or a shell uses to start one worker of ``app`` (the
-    production app unless a dev tool names its own, as the benchmark does)."""
+    production app unless a dev tool names its own, as the benchmark does); ``queues``: the
+    queues it consumes, as Celery's ``-Q`` (default: the settings')."""
     return _celery(
         app,
         "worker",
@@ -64,6 +66,7 @@ def worker_command(
         loglevel,
         "--without-gossip",
         "--without-mingle",
+        *(("-Q", ",".join(queues)) if queues else ()),
     )
 
 
@@ -94,9 +97,10 @@ def start_worker(
     loglevel: str = "info",
     pool: str = "prefork",
     app: str = APP,
+    queues: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """One worker process in its own session (its process group id is its pid)."""
-    return start_process(worker_command(name, concurrency, loglevel, pool, app=app), env, log)
+    return start_process(worker_command(name, concurrency, loglevel, pool, app=app, queues=queues), env, log)
 
 
 def start_flower(port: int, env: Mapping[str, str], *, log: Path | None = None) -> subprocess.Popen[bytes]:

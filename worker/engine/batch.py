@@ -10,6 +10,7 @@ function of the plan and the checkpoint, testable without a server.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,6 +25,7 @@ from worker.engine.checkpoint import Checkpoint
 from worker.engine.evaluation import EvalState, EvalUpdate, advance
 from worker.engine.features import featurize_many
 from worker.engine.kernel import per_event_steps
+from worker.engine.latency import ENQUEUE_TO_COMMIT, FRESHNESS, histogram_fields
 from worker.engine.mlp import minibatch_step
 from worker.engine.targets import make_targets
 from worker.outcome import Outcome, dead_letter_entry
@@ -35,6 +37,7 @@ __all__ = [
     "evaluate",
     "history",
     "job_dead_letter",
+    "latencies",
     "plan",
     "prepare",
     "settle_copies",
@@ -48,6 +51,9 @@ class Job(NamedTuple):
 
     task_id: str
     event: InteractionData
+    #: When its message was enqueued (unix seconds, ``producer.enqueue_time``); None: unknown,
+    #: counted from when ``prepare`` saw it.
+    enqueued: float | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +77,9 @@ class Prepared:
     actions: list[str]
     #: Each job's history entry without its braces, step, loss and time (filled in under the lock).
     history_parts: list[bytes]
+    #: Each job's enqueue time and its event's timestamp (unix seconds): its latency histograms.
+    enqueued: npt.NDArray[np.float64]
+    event_times: npt.NDArray[np.float64]
 
 
 def prepare(
@@ -89,6 +98,9 @@ def prepare(
             if j != i:
                 copies.append((i, j))
     features, rows = X.tolist(), Y.tolist()
+    times = [e.timestamp.timestamp() for e in events]
+    now = time.time()
+    enqueued = np.fromiter((now if j.enqueued is None else j.enqueued for j in jobs), np.float64, len(jobs))
     parts = [
         b""
         if i in errors
@@ -98,12 +110,25 @@ def prepare(
                 "action_type": e.action_type,
                 "features": features[i],
                 "target": rows[i],
-                "event_time": e.timestamp.timestamp(),
+                "event_time": times[i],
             }
         )[1:-1]
         for i, e in enumerate(events)
     ]
-    return Prepared(jobs, X, outputs, Y, errors, copies, event_ids, [e.action_type for e in events], parts)
+    actions = [e.action_type for e in events]
+    return Prepared(
+        jobs,
+        X,
+        outputs,
+        Y,
+        errors,
+        copies,
+        event_ids,
+        actions,
+        parts,
+        enqueued,
+        np.asarray(times, np.float64),
+    )
 
 
 @dataclass(slots=True)
@@ -275,6 +300,20 @@ def history(batch: BatchPlan, history_max: int, now: float) -> list[bytes]:
         b'{"step":%d,"loss":%b,%b%b' % (first + k, dumps(loss), parts[i], tail)
         for k, (i, loss) in enumerate(keep)
     ]
+
+
+def latencies(batch: BatchPlan, now: float) -> list[tuple[str, int | float]]:
+    """What the trained events add to the model's latency histograms when committed at ``now``
+    (``worker.engine.latency``): enqueue to commit, and the events' timestamps to commit."""
+    if not batch.trained:
+        return []
+    prep = batch.prep
+    if batch.all_trained():
+        enqueued, stamped = prep.enqueued, prep.event_times
+    else:
+        idx = [i for i, _ in batch.trained]
+        enqueued, stamped = prep.enqueued[idx], prep.event_times[idx]
+    return [*histogram_fields(ENQUEUE_TO_COMMIT, now - enqueued), *histogram_fields(FRESHNESS, now - stamped)]
 
 
 def job_dead_letter(job: Job, exc: BaseException) -> bytes:

@@ -1,7 +1,11 @@
 """``itrain acl``: least-privilege Redis users, one per role, as ``ACL SETUSER`` lines.
 
 - ``producer``, for services that publish events and wait for results: push to and measure the
-  queue (and ``WAIT`` for replicas, ``ITRAIN_MIN_REPLICAS``), read and subscribe to job results.
+  queues (and ``WAIT`` for replicas, ``ITRAIN_MIN_REPLICAS``), read the routes (``itrain:routes``:
+  which queue each model's events go to), read and subscribe to job results. Every queue is
+  ``ITRAIN_QUEUE`` or ``<ITRAIN_QUEUE>.<suffix>`` (``producer.routes``), so ``~<queue>`` and
+  ``~<queue>.*`` cover them all; ``itrain acl --queues`` limits the role to some of them (a push
+  to another then answers ``NOPERM``: ``PermissionDeniedError``).
 - ``reader``, for services that also read a model (``client.stats()``, in-process prediction):
   the producer's rights, and read (never write) every model's keys.
 - ``monitor``, for ``itrain exporter``: read every model's keys, the queue's length, the
@@ -24,10 +28,12 @@ role was derived by a test that runs every path of the role as such a user and f
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import redis
+
+from producer.keys import ROUTES
 
 __all__ = ["ROLES", "Role", "acl_lines", "unknown_commands"]
 
@@ -53,6 +59,8 @@ _PRODUCER = Role(
         # train_step / train_many (all chunks in one MULTI) and queue_length
         "+lpush",
         "+llen",
+        # the routes, read at most once per ITRAIN_ROUTES_TTL
+        "+hgetall",
         # ITRAIN_MIN_REPLICAS: WAIT after the push, on the same connection
         "+wait",
         "+multi",
@@ -74,6 +82,9 @@ _PRODUCER = Role(
     (
         "~{queue}",
         "%R~{queue}??[0-9]",
+        # every model's own queue, <queue>.<suffix>, and its priority lists
+        "~{queue}.*",
+        "%R~" + ROUTES,
         "~_kombu.binding.*",
         "~_kombu.binding_permanent.*",
         "%R~celery-task-meta-*",
@@ -125,9 +136,10 @@ ROLES: dict[str, Role] = {
         _PRODUCER.channels,
     ),
     "monitor": Role(
-        "itrain exporter: read every model, the queue's length and INFO",
-        (*_CONNECTION, *_READ_MODELS),
-        ("%R~itrain:*", "%R~{queue}", "%R~unacked"),
+        "itrain exporter: read every model, the queues' lengths and heads, INFO",
+        # LINDEX: a queue's head (its age), TIME: Redis's clock
+        (*_CONNECTION, *_READ_MODELS, "+lindex", "+time"),
+        ("%R~itrain:*", "%R~{queue}", "%R~{queue}.*", "%R~unacked"),
     ),
     "worker": Role(
         "train: every key and channel, no administrative command",
@@ -137,6 +149,22 @@ ROLES: dict[str, Role] = {
     ),
     "sentinel": _SENTINEL,
 }
+
+
+def _queue_keys(patterns: Sequence[str], queue: str, queues: Sequence[str] | None) -> list[str]:
+    """The role's key patterns for ``queue``; with ``queues``, each ``{queue}`` pattern once per
+    queue given, and the one for every model's queue (``{queue}.*``) left out."""
+    if queues is None:
+        return [k.replace("{queue}", queue) for k in patterns]
+    keys: list[str] = []
+    for pattern in patterns:
+        if pattern.endswith("{queue}.*"):
+            continue
+        if "{queue}" in pattern:
+            keys += [pattern.replace("{queue}", q) for q in dict.fromkeys(queues)]
+        else:
+            keys.append(pattern)
+    return keys
 
 
 def unknown_commands(client: redis.Redis) -> set[str]:
@@ -152,14 +180,17 @@ def acl_lines(
     queue: str,
     password: str | None = None,
     unknown: Collection[str] = (),
+    *,
+    queues: Sequence[str] | None = None,
 ) -> list[str]:
     """The ``ACL SETUSER`` command for ``user`` in ``role`` (a comment line first). A random
     password is made when none is given; the user starts from nothing (``reset``). ``unknown``:
     commands the target server does not have (``client|setinfo`` before Redis 7.2), left out
-    because ``ACL SETUSER`` refuses to name them."""
+    because ``ACL SETUSER`` refuses to name them. ``queues``: the only queues the role may push
+    to and measure (default: ``queue`` and every ``<queue>.<suffix>``)."""
     spec = ROLES[role]
     secret = password or secrets.token_urlsafe(24)
-    keys = [k.replace("{queue}", queue) for k in spec.keys]
+    keys = _queue_keys(spec.keys, queue, queues)
     commands = [c for c in dict.fromkeys(spec.commands) if c[1:] not in unknown]
     parts = ["ACL", "SETUSER", user, "reset", "on", f">{secret}", *keys, *spec.channels, *commands]
     return [

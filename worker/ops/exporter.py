@@ -1,9 +1,12 @@
 """``itrain exporter``: Prometheus metrics of every model, read from Redis at each scrape.
 
-A scrape costs two Redis round trips whatever the number of models: the models set, then one
-pipeline reading every model's checkpoint figures, counters, action counts, dead letters and lock
-histograms, the queue lengths and the server's memory. Nothing is cached between scrapes, so any
-number of exporters (or none) may run, and a restarted one reports the same values.
+A scrape costs two Redis round trips whatever the number of models: the models set and the
+routes (``itrain:routes``, model -> queue), then one pipeline reading every model's checkpoint
+figures, counters, action counts, dead letters, lock and latency histograms, every queue's length
+and head, and the server's memory and clock. Nothing is cached between scrapes, so any
+number of exporters (or none) may run, and a restarted one reports the same values; the one
+exception is the age of a queue head without an enqueue time that no worker has seen yet, which
+the exporter counts from its own first sight (``worker.ops.queue_age``).
 
 | metric | type | labels | what |
 |---|---|---|---|
@@ -17,6 +20,12 @@ number of exporters (or none) may run, and a restarted one reports the same valu
 | ``itrain_dead_letters`` | gauge | model | entries in the (bounded) dead-letter list |
 | ``itrain_lock_wait_seconds`` | histogram | model | time to get the model's lock, per critical section |
 | ``itrain_lock_hold_seconds`` | histogram | model | time the lock was held, per critical section |
+| ``itrain_enqueue_to_commit_seconds`` | histogram | model | per trained event, from its message's |
+| | | | enqueue time to the commit that trained it (``worker.engine.latency``) |
+| ``itrain_event_freshness_seconds`` | histogram | model | per trained event, from its own |
+| | | | ``timestamp`` to the commit that trained it |
+| ``itrain_dead_lettered_total`` | counter | model, error | events dead-lettered, by error type (the |
+| | | | dead letter's ``error``); ``model="_unrouted"`` for those naming no initialised model |
 | ``itrain_eval_logloss`` / ``_mse`` / ``_accuracy`` | gauge | model, scope | online evaluation |
 | | | | (``producer.evaluation``): ``scope`` is ``window`` (the last ``ITRAIN_EVAL_WINDOW``) or ``total`` |
 | ``itrain_eval_auc`` | gauge | model | the window's AUC (single-output models, both classes present) |
@@ -24,8 +33,13 @@ number of exporters (or none) may run, and a restarted one reports the same valu
 | ``itrain_guard_paused`` | gauge | model | 1 while a tripped guard keeps training paused |
 | ``itrain_guard_trips`` | counter | model | times the model's guard tripped |
 | ``itrain_queue_messages`` | gauge | queue | messages waiting in the queue list |
+| ``itrain_queue_oldest_age_seconds`` | gauge | queue | age of the message workers take next |
+| | | | (``worker.ops.queue_age``); 0 when the queue is empty |
 | ``itrain_unacked_messages`` | gauge | | messages taken by workers, not yet acknowledged |
 | ``itrain_redis_memory_used_bytes`` | gauge | | ``INFO memory`` ``used_memory`` of the store's Redis |
+
+The queues reported are the ones the exporter is given (``ITRAIN_QUEUE``) and every queue named in
+``itrain:routes`` when that hash exists.
 """
 
 from __future__ import annotations
@@ -37,17 +51,47 @@ from typing import Any
 
 import orjson
 import redis
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from producer.evaluation import eval_report
-from producer.keys import LOCK_BUCKETS, MODELS, ModelKeys
+from producer.keys import (
+    LATENCY_BUCKETS,
+    LOCK_BUCKETS,
+    MODELS,
+    QUEUE_HEADS,
+    ROUTES,
+    UNROUTED_DEAD_ERRORS,
+    ModelKeys,
+)
+from producer.routes import parse_routes
+from worker.engine.latency import ENQUEUE_TO_COMMIT, FRESHNESS
+from worker.ops.exporter_http import Access, serve_wsgi
+from worker.ops.queue_age import HeadAges
 
 __all__ = ["DEFAULT_PORT", "ItrainCollector", "serve"]
 
 DEFAULT_PORT = 9810
 logger = logging.getLogger("itrain.exporter")
+
+#: The model label of dead letters that name no initialised model.
+UNROUTED = "_unrouted"
+#: Every error a dead letter can name, exported at 0 until met: a counter that appeared only at
+#: its first dead letter would hide that one from ``rate()``.
+DEAD_LETTER_ERRORS = (
+    "DeliveryExpiredError",
+    "DeliveryLimitError",
+    "EventProcessingError",
+    "GuardTrippedError",
+    "InvalidEventError",
+    "ItrainError",
+    "LockTimeoutError",
+    "MessageFormatError",
+    "NonFiniteUpdateError",
+    "TargetError",
+    "WorkerLostError",
+)
 
 
 class ItrainCollector(Collector):
@@ -58,6 +102,7 @@ class ItrainCollector(Collector):
         self.queues = list(queues)
         #: Redis round trips made by the last scrape (for the tests and the curious).
         self.round_trips = 0
+        self._heads = HeadAges()
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("itrain_up", "1 when the last scrape read Redis, else 0")
@@ -74,7 +119,12 @@ class ItrainCollector(Collector):
 
     def _read(self) -> list[Metric]:
         self.round_trips = 1
-        models = sorted(m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(MODELS))
+        first = self.client.pipeline(transaction=False)
+        first.smembers(MODELS)
+        first.hgetall(ROUTES)
+        found, routes = first.execute()
+        models = sorted(m.decode() if isinstance(m, bytes) else m for m in found)
+        queues = self.queues_of(routes)
         pipe = self.client.pipeline(transaction=False)
         for model in models:
             keys = ModelKeys(model)
@@ -84,22 +134,47 @@ class ItrainCollector(Collector):
             pipe.llen(keys.dead)
             pipe.hgetall(keys.lock_stats)
             pipe.get(keys.eval_ring)
-        for queue in self.queues:
+            pipe.hgetall(keys.latency)
+            pipe.hgetall(keys.dead_errors)
+        for queue in queues:
             pipe.llen(queue)
+            pipe.lindex(queue, -1)  # the head: the message workers take next
         pipe.hlen("unacked")
         pipe.info("memory")
+        pipe.hgetall(QUEUE_HEADS)
+        pipe.time()
+        pipe.hgetall(UNROUTED_DEAD_ERRORS)
         replies = pipe.execute()
         self.round_trips = 2
         per_model, rest = replies[: _PER_MODEL * len(models)], replies[_PER_MODEL * len(models) :]
-        return [*_model_metrics(models, per_model), *self._server_metrics(rest)]
+        unrouted = rest.pop()
+        return [*_model_metrics(models, per_model, unrouted), *self._server_metrics(queues, rest)]
 
-    def _server_metrics(self, replies: list[Any]) -> list[Metric]:
+    def queues_of(self, routes: dict[bytes, bytes]) -> list[str]:
+        """The queues to measure: the configured ones (the first is ``ITRAIN_QUEUE``), then every
+        queue a route names."""
+        routed = parse_routes(routes, self.queues[0]).values() if self.queues else ()
+        return list(dict.fromkeys([*self.queues, *sorted(routed)]))
+
+    def _server_metrics(self, queues: list[str], replies: list[Any]) -> list[Metric]:
         queue = GaugeMetricFamily("itrain_queue_messages", "Messages waiting in the queue", labels=["queue"])
-        for name, length in zip(self.queues, replies, strict=False):
+        oldest = GaugeMetricFamily(
+            "itrain_queue_oldest_age_seconds",
+            "Age of the oldest waiting message (the one workers take next); 0 when the queue is empty",
+            labels=["queue"],
+        )
+        per_queue, (unacked, memory, noted, (seconds, micros)) = (
+            replies[: 2 * len(queues)],
+            replies[2 * len(queues) :],
+        )
+        now = seconds + micros / 1e6  # Redis's clock: the one the workers' first sightings use
+        for i, name in enumerate(queues):
+            length, head = per_queue[2 * i : 2 * i + 2]
             queue.add_metric([name], int(length))
-        unacked, memory = replies[len(self.queues) :]
+            oldest.add_metric([name], self._heads.age(name, head, noted.get(name.encode()), now))
         return [
             queue,
+            oldest,
             GaugeMetricFamily(
                 "itrain_unacked_messages",
                 "Messages taken by workers, not yet acknowledged",
@@ -117,7 +192,7 @@ _CKPT_GAUGES = ("step", "version", "loss_last", "loss_ema", "updated_timestamp_s
 #: The checkpoint's fields of the online evaluation and the guard, after the gauges'.
 _EVAL_FIELDS = ("config", "eval", "eval_wn", "eval_cap", "paused", "trips")
 #: Replies per model in the scrape's pipeline.
-_PER_MODEL = 6
+_PER_MODEL = 8
 _CKPT_TEXTS = (
     "Events trained (the checkpoint's step)",
     "The checkpoint version",
@@ -127,7 +202,7 @@ _CKPT_TEXTS = (
 )
 
 
-def _model_metrics(models: list[str], replies: list[Any]) -> list[Metric]:
+def _model_metrics(models: list[str], replies: list[Any], unrouted: dict[bytes, bytes]) -> list[Metric]:
     gauges = {
         name: GaugeMetricFamily(f"itrain_model_{name}", text, labels=["model"])
         for name, text in zip(_CKPT_GAUGES, _CKPT_TEXTS, strict=True)
@@ -145,9 +220,24 @@ def _model_metrics(models: list[str], replies: list[Any]) -> list[Metric]:
     hold = HistogramMetricFamily(
         "itrain_lock_hold_seconds", "Time the model's lock was held, per critical section", labels=["model"]
     )
+    enqueued = HistogramMetricFamily(
+        "itrain_enqueue_to_commit_seconds",
+        "Time from a trained event's enqueue to the commit that trained it",
+        labels=["model"],
+    )
+    freshness = HistogramMetricFamily(
+        "itrain_event_freshness_seconds",
+        "Time from a trained event's own timestamp to the commit that trained it",
+        labels=["model"],
+    )
+    dead_lettered = CounterMetricFamily(
+        "itrain_dead_lettered", "Events dead-lettered, by error type", labels=["model", "error"]
+    )
     evaluation = _EvalFamilies()
     for i, model in enumerate(models):
-        ckpt, (fails,), actions, dead_len, lock_stats, ring = replies[_PER_MODEL * i : _PER_MODEL * (i + 1)]
+        ckpt, (fails,), actions, dead_len, lock_stats, ring, latency, errors = replies[
+            _PER_MODEL * i : _PER_MODEL * (i + 1)
+        ]
         evaluation.add(model, ckpt[len(_CKPT_GAUGES) :], ring)
         for name, raw in zip(_CKPT_GAUGES, ckpt, strict=False):
             if raw not in (None, b""):
@@ -159,7 +249,30 @@ def _model_metrics(models: list[str], replies: list[Any]) -> list[Metric]:
         for family, prefix in ((wait, "w"), (hold, "h")):
             buckets, total = histogram(lock_stats, prefix)
             family.add_metric([model], buckets, total)
-    return [*gauges.values(), interactions, failures, dead, wait, hold, *evaluation.families()]
+        for family, prefix in ((enqueued, ENQUEUE_TO_COMMIT), (freshness, FRESHNESS)):
+            buckets, total = histogram(latency, prefix, LATENCY_BUCKETS)
+            family.add_metric([model], buckets, total)
+        _add_dead_lettered(dead_lettered, model, errors)
+    _add_dead_lettered(dead_lettered, UNROUTED, unrouted)
+    return [
+        *gauges.values(),
+        interactions,
+        failures,
+        dead,
+        dead_lettered,
+        wait,
+        hold,
+        enqueued,
+        freshness,
+        *evaluation.families(),
+    ]
+
+
+def _add_dead_lettered(family: CounterMetricFamily, model: str, counts: dict[bytes, bytes]) -> None:
+    """One series per error type of ``model``: the known ones (0 until met) and any other met."""
+    found = {name.decode(errors="replace"): float(count) for name, count in counts.items()}
+    for error in sorted({*DEAD_LETTER_ERRORS, *found}):
+        family.add_metric([model, error], found.get(error, 0.0))
 
 
 class _EvalFamilies:
@@ -202,21 +315,27 @@ class _EvalFamilies:
         return [*self.scoped.values(), self.auc, self.paused, self.trips]
 
 
-def histogram(fields: dict[bytes, bytes], prefix: str) -> tuple[list[tuple[str, float]], float]:
+def histogram(
+    fields: dict[bytes, bytes], prefix: str, bounds: Sequence[float] = LOCK_BUCKETS
+) -> tuple[list[tuple[str, float]], float]:
     """Cumulative (le, count) buckets and the sum, from the per-bucket counts a worker keeps in
-    ``itrain:{m}:lock_stats`` (``<prefix>:<bucket index>``, ``<prefix>:sum``)."""
+    ``itrain:{m}:lock_stats`` or ``itrain:{m}:latency`` (``<prefix>:<bucket index>``,
+    ``<prefix>:sum``) over ``bounds``."""
     cumulative = 0.0
     buckets: list[tuple[str, float]] = []
-    for i, bound in enumerate((*LOCK_BUCKETS, float("inf"))):
+    for i, bound in enumerate((*bounds, float("inf"))):
         cumulative += float(fields.get(f"{prefix}:{i}".encode(), 0))
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
     return buckets, float(fields.get(f"{prefix}:sum".encode(), 0.0))
 
 
-def serve(client: redis.Redis, queues: Sequence[str], port: int, address: str) -> threading.Event:
-    """Serve ``/metrics`` on ``address:port`` in a background thread; returns an event that is
+def serve(
+    client: redis.Redis, queues: Sequence[str], port: int, address: str, access: Access | None = None
+) -> threading.Event:
+    """Serve ``/metrics`` on ``address:port`` in a background thread, behind basic auth and over TLS
+    as ``access`` says (``worker.ops.exporter_http``; default: neither); returns an event that is
     never set (wait on it to serve until interrupted)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ItrainCollector(client, queues))
-    start_http_server(port, addr=address, registry=registry)
+    serve_wsgi(make_wsgi_app(registry), address, port, access or Access("prometheus", None, None))
     return threading.Event()

@@ -18,7 +18,15 @@ from typing import Any, Literal
 import redis
 
 from producer.errors import CheckpointError, ModelExistsError
-from producer.keys import MODELS, UNROUTED_DEAD, ModelKeys, marker_field, marker_slots, slot_seconds
+from producer.keys import (
+    MODELS,
+    UNROUTED_DEAD,
+    UNROUTED_DEAD_ERRORS,
+    ModelKeys,
+    marker_field,
+    marker_slots,
+    slot_seconds,
+)
 from producer.settings import Settings
 from worker.engine.checkpoint import Checkpoint, decode, encode
 from worker.engine.evaluation import EvalUpdate, decode_state
@@ -151,12 +159,15 @@ class Store:
         dead: Sequence[bytes],
         evaluation: EvalUpdate | None = None,
         now: float | None = None,
+        latency: Sequence[tuple[str, int | float]] = (),
     ) -> CommitResult:
         """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on.
         ``evaluation`` is written with the weights (it is needed whenever events trained).
         ``now`` (this host's clock by default) picks the event markers' slots to declare.
         ``result_ids``, one per event (or none), are the ids of the results that answer them: each
-        marker keeps a digest of its own (``worker.store.markers``)."""
+        marker keeps a digest of its own (``worker.store.markers``). ``latency``: (field,
+        increment) pairs added to the latency histograms with the commit
+        (``worker.engine.latency``)."""
         keys = ModelKeys(model)
         s = self.settings
         cid = new_cid()
@@ -199,10 +210,14 @@ class Store:
         if evaluation is not None:
             for offset, data in evaluation.segments:
                 args.extend((offset, data))
+        args.append(len(latency))
+        for name, increment in latency:
+            args.extend((name, increment))
         named = [keys.ckpt, keys.stats, keys.actions, keys.history, keys.dead, keys.eval_ring]
+        counters = [keys.latency, keys.dead_errors]
         for _ in range(3):
             markers = [keys.done(expected.gen, first + k) for k in range(3)]
-            ok, version, step0 = self._commit(keys=[*named, *markers], args=args)
+            ok, version, step0 = self._commit(keys=[*named, *markers, *counters], args=args)
             if ok != -1:
                 return CommitResult(ok == 1, int(version), int(step0), cid)
             # This host's clock is more than a slot away from Redis's: name Redis's slot (the
@@ -219,7 +234,7 @@ class Store:
             return
         keys = ModelKeys(model)
         self._dead(
-            keys=[MODELS, keys.dead, keys.stats, UNROUTED_DEAD],
+            keys=[MODELS, keys.dead, keys.stats, UNROUTED_DEAD, keys.dead_errors, UNROUTED_DEAD_ERRORS],
             args=[model, self.settings.dead_letter_max, *entries],
         )
 
@@ -262,7 +277,7 @@ class Store:
         keys = ModelKeys(model)
         snap = keys.snapshot_prefix + str(snapshot)
         reply = self._restore(
-            keys=[keys.ckpt, snap, keys.eval_ring, keys.stats, keys.dead],
+            keys=[keys.ckpt, snap, keys.eval_ring, keys.stats, keys.dead, keys.dead_errors],
             args=[
                 "trip" if trip else "rollback",
                 new_cid(),

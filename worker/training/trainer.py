@@ -43,6 +43,7 @@ from worker.engine.batch import (
     evaluate,
     history,
     job_dead_letter,
+    latencies,
     plan,
     prepare,
     settle_copies,
@@ -172,6 +173,7 @@ class Trainer:
         base, trained, prep = batch.base, batch.trained, batch.prep
         ema = batch.loss_ema(self.settings.loss_ema_alpha)
         every = batch.all_trained()
+        now = time.time()
         result = self.store.commit(
             batch.model,
             expected=base,
@@ -183,9 +185,10 @@ class Trainer:
             loss_last=trained[-1][1] if trained else 0.0,
             loss_ema=ema if ema is not None else 0.0,
             actions=dict(Counter(prep.actions if every else [prep.actions[i] for i, _ in trained])),
-            history=history(batch, self.settings.history_max, time.time()),
+            history=history(batch, self.settings.history_max, now),
             dead=batch.dead,
             evaluation=update,
+            latency=latencies(batch, now),
         )
         if not result.ok:
             return None

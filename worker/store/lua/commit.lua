@@ -4,6 +4,7 @@
 -- KEYS[4]  the history list         KEYS[5]  the dead-letter list     KEYS[6]  the evaluation ring
 -- KEYS[7], KEYS[8], KEYS[9]  the event markers' hashes of slots s0, s0 + 1 and s0 + 2 (s0 is
 --          ARGV[9]) of the checkpoint's generation (producer.keys.ModelKeys.done)
+-- KEYS[10] the latency histograms' hash    KEYS[11] the dead letters' counts by error type
 -- ARGV[1]  expected tag (version:cid, as read under the lock)
 -- ARGV[2]  the new weights (raw float64 bytes; '' when nothing trained)
 -- ARGV[3]  n, the number of trained events
@@ -27,7 +28,9 @@
 --          the result ids that trained them (worker.store.markers.result_digest; '' when none:
 --          the marker holds the step alone), n_actions
 --          (name, count) pairs, n_history entries (newest last), n_dead entries and n_segments
---          (byte offset, bytes) pairs of evaluation records.
+--          (byte offset, bytes) pairs of evaluation records; then k and k (field, increment)
+--          pairs of the latency histograms (worker.store.latency: a field ending in ':sum' is a
+--          float sum, any other a bucket count).
 --
 -- It lands only if the checkpoint is still the one read under the lock (same tag): a holder
 -- whose lock expired while it was paused finds another checkpoint and is refused, instead of
@@ -95,10 +98,32 @@ if n_dead > 0 then
   push(KEYS[5], i, n_dead)
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[10]) - 1)
   redis.call('HINCRBY', KEYS[2], 'failures', n_dead)
+  -- Their error types, counted with them (at most 64 names; the rest as '_other').
+  local by_error = {}
+  for s = i, i + n_dead - 1 do
+    local ok, entry = pcall(cjson.decode, ARGV[s])
+    local name = ok and type(entry) == 'table' and entry['error'] or nil
+    if type(name) ~= 'string' or #name == 0 or #name > 64 then name = '_unknown' end
+    by_error[name] = (by_error[name] or 0) + 1
+  end
+  for name, count in pairs(by_error) do
+    if redis.call('HEXISTS', KEYS[11], name) == 0 and redis.call('HLEN', KEYS[11]) >= 64 then name = '_other' end
+    redis.call('HINCRBY', KEYS[11], name, count)
+  end
   i = i + n_dead
 end
 for j = 1, tonumber(ARGV[19]) do
   redis.call('SETRANGE', KEYS[6], tonumber(ARGV[i]), ARGV[i + 1])
   i = i + 2
+end
+-- The trained events' latency histograms (a few buckets and two sums per commit).
+if ARGV[i] then
+  for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
+    if string.sub(ARGV[j], -4) == ':sum' then
+      redis.call('HINCRBYFLOAT', KEYS[10], ARGV[j], ARGV[j + 1])
+    else
+      redis.call('HINCRBY', KEYS[10], ARGV[j], ARGV[j + 1])
+    end
+  end
 end
 return {1, newv, step0}

@@ -2,6 +2,7 @@
 --
 -- KEYS[1]  the checkpoint hash      KEYS[2]  the snapshot hash (itrain:{m}:snap:<version>)
 -- KEYS[3]  the evaluation ring      KEYS[4]  the stats hash        KEYS[5]  the dead-letter list
+-- KEYS[6]  the dead letters' counts by error type (as dead.lua counts them)
 -- ARGV[1]  'rollback' or 'trip'     ARGV[2]  the new checkpoint id (cid)
 -- ARGV[3]  now (epoch seconds)      ARGV[4]  expected tag (version:cid); '' for a rollback
 -- ARGV[5]  dead_max                 ARGV[6...] dead letters (a trip's refused events)
@@ -50,6 +51,17 @@ if trip then
     end
     redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[5]) - 1)
     redis.call('HINCRBY', KEYS[4], 'failures', #ARGV - 5)
+    local by_error = {}
+    for s = 6, #ARGV do
+      local ok, entry = pcall(cjson.decode, ARGV[s])
+      local name = ok and type(entry) == 'table' and entry['error'] or nil
+      if type(name) ~= 'string' or #name == 0 or #name > 64 then name = '_unknown' end
+      by_error[name] = (by_error[name] or 0) + 1
+    end
+    for name, count in pairs(by_error) do
+      if redis.call('HEXISTS', KEYS[6], name) == 0 and redis.call('HLEN', KEYS[6]) >= 64 then name = '_other' end
+      redis.call('HINCRBY', KEYS[6], name, count)
+    end
   end
 end
 return {1, version, restored}
