@@ -34,33 +34,37 @@ class _Owner:
 
 
 def test_a_flooded_queue_takes_turns_with_a_quiet_one() -> None:
-    # Given a pool of one process, and queue A with ten micro-batches waiting
+    # Given a pool of one process, and queue A alone with ten micro-batches waiting
     turns = Turns(_Pool(1))
     a, b = _Owner("a"), _Owner("b")
     for i in range(10):
         turns.submit("A", a, [f"a{i}"], 256)
-    assert a.started == [["a0"]]  # one job per process; A's others wait in its line
+    # Then the pool holds one job per process and one more; A's others wait in its line
+    assert a.started == [["a0"], ["a1"]]
     # When B's lone event arrives
     turns.submit("B", b, ["b0"], 1)
-    # Then it runs right after A's running job, not after A's whole line
+    # Then it runs right after the jobs the pool already holds, not after A's whole line
+    a.finish()
+    assert b.started == []
     a.finish()
     assert b.started == [["b0"]]
     b.finish()
     # And A's next job is a quarter of a job while both queues are active (one chunk of 256)
-    assert a.started[-1] == ["a1"]
+    assert a.started[-1] == ["a2"]
 
 
 def test_a_turn_merges_a_queues_waiting_micro_batches_up_to_one_job() -> None:
-    # Given one process busy, and many small micro-batches of one queue waiting
+    # Given a pool that holds all it may, and many small micro-batches of one queue waiting
     turns = Turns(_Pool(1))
     busy, b = _Owner("busy"), _Owner("b", max_events=8)
     turns.submit("B", busy, ["x"], 1)
+    turns.submit("B", busy, ["y"], 1)
     for i in range(12):
         turns.submit("B", b, [f"b{i}"], 1)
     busy.finish()
     # Then its turn takes a job's worth of them at once (8 events), keeping their order
     assert b.started == [[f"b{i}" for i in range(8)]]
-    b.finish()
+    busy.finish()
     assert b.started[-1] == [f"b{i}" for i in range(8, 12)]
 
 
@@ -77,9 +81,10 @@ def test_while_queues_share_the_pool_one_process_stays_for_the_quiet_ones(monkey
     # And B's next event starts at once on the other
     turns.submit("B", b, ["b1"], 1)
     assert b.started[-1] == ["b1"]
-    # When B has been quiet for longer than SHARED_FOR, A may use every process again
+    # When B has been quiet for longer than SHARED_FOR, A may use every process again (and
+    # one job more)
     monkeypatch.setattr(turns_module, "SHARED_FOR", 0.0)
     b.finish()
-    assert len(a.running) == 2
+    assert len(a.running) == 3
     # And its jobs are whole again (four chunks)
-    assert a.started[-1] == [f"a{i}" for i in range(1, 5)]
+    assert a.started[-2] == [f"a{i}" for i in range(1, 5)]

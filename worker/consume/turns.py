@@ -3,7 +3,9 @@
 Celery's pool runs jobs in the order they were handed to it, and holds every job it cannot start
 yet: a worker whose one queue is flooded used to give the pool hundreds of that queue's batches
 while another queue's lone event waited behind all of them. ``Turns`` hands the pool at most one
-job per pool process and keeps the rest itself, one line per queue; whenever a process frees,
+job per pool process (and one more while a single queue is active, so that a process never
+idles for the main process's turn between two jobs) and keeps the rest itself, one line per
+queue; whenever a process frees,
 the next job comes from the next queue that has one (round-robin). A turn takes as much of its
 queue's line as one job may hold (the micro-batches of one strategy that wait together merge,
 up to ``ITRAIN_BATCH_MAX`` events): a queue of lone ``train_step`` events gets a job's worth of
@@ -102,14 +104,16 @@ class Turns:
 
     def pump(self) -> None:
         """Hand the pool jobs while it has a free process, one queue after another."""
-        limit = self.limit()
+        processes = self.limit()
         while True:
             with self.lock:
+                shared = self._shared()
+                # Alone, one job more waits in the pool, ready for the first process that frees.
+                limit = processes if shared else processes + 1
                 if self.running >= limit or not self.waiting:
                     return
-                shared = self._shared()
                 # While several queues are active, one process stays for the others' jobs.
-                most = max(1, limit - 1) if shared else limit
+                most = max(1, processes - 1) if shared else limit
                 ready = [q for q in self.waiting if self.running_by.get(q, 0) < most]
                 if not ready:
                     return
