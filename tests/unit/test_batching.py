@@ -103,7 +103,9 @@ class _Timer:
 def _strategy(task_name: str, buffered: bool) -> tuple[Callable[..., None], list[list[str]], _Timer]:
     jobs: list[list[str]] = []
     timer = _Timer()
-    pool = SimpleNamespace(apply_async=lambda fn, args, **_: jobs.append([raw.task_id for raw in args[0]]))
+    pool = SimpleNamespace(
+        apply_async=lambda fn, args, **_: jobs.append([raw.task_id for raw in args[0]]), num_processes=100
+    )
     consumer = SimpleNamespace(pool=pool, timer=timer, connection_errors=())
     task = SimpleNamespace(name=task_name, send_events=False, buffered=buffered)
     return training_strategy(task, None, consumer), jobs, timer  # type: ignore[arg-type]

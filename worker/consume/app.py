@@ -15,6 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from celery.signals import celeryd_after_setup, worker_init
+from kombu import Queue  # type: ignore[attr-defined]
 
 from producer.celery_config import make_celery
 from producer.errors import ConfigurationError
@@ -55,6 +56,9 @@ if is_sentinel_url(settings.broker):
         ),
     }
 app.conf.update(include=["worker.consume.tasks"])
+# A worker consumes every queue of ITRAIN_QUEUES (default: ITRAIN_QUEUE alone), unless Celery's -Q
+# names others; publishing still routes to ITRAIN_QUEUE (or a model's own queue).
+app.conf.task_queues = [Queue(name, routing_key=name) for name in settings.queue_names]  # type: ignore[no-untyped-call]
 # First sightings of unstamped head messages, for the queues' ages (itrain exporter).
 app.steps["worker"].add(QueueHeadsStep)
 if settings.worker_concurrency:

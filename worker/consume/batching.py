@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -58,10 +58,11 @@ from worker.consume.messages import TASK_ID_MAX, RawMessage, check_task_id, mode
 from worker.consume.redelivery import Backoff, JobAction, after_job_failure, delivery_count, first_taken
 from worker.consume.runtime import Summary, get_runtime, run_messages, shown_args
 from worker.consume.task_events import TaskEvents, task_events
+from worker.consume.turns import turns_for
 from worker.outcome import dead_letter_entry
 from worker.store.results import Outcome, failure_payload, write_results
 
-__all__ = ["dead_letter_culprit", "raw_message", "training_strategy"]
+__all__ = ["dead_letter_culprit", "raw_message", "taken_from", "training_strategy"]
 
 logger = logging.getLogger("itrain.batching")
 
@@ -101,13 +102,21 @@ def raw_message(task_name: str, message: Any) -> RawMessage:
     )
 
 
-class _Pending:
-    __slots__ = ("ack", "raw", "received", "reject")
+def taken_from(message: Any) -> str:
+    """The queue a message was taken from (our transport says so), or "" when unknown."""
+    info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
+    queue = info.get("taken_from") or info.get("routing_key") or ""
+    return queue if isinstance(queue, str) else ""
 
-    def __init__(self, raw: RawMessage, ack: Any, reject: Any) -> None:
+
+class _Pending:
+    __slots__ = ("ack", "queue", "raw", "received", "reject")
+
+    def __init__(self, raw: RawMessage, ack: Any, reject: Any, queue: str) -> None:
         self.raw = raw
         self.ack = ack
         self.reject = reject
+        self.queue = queue
         self.received = time.monotonic()
 
 
@@ -116,6 +125,8 @@ class _Buffer:
         settings = get_settings()
         self.task = task
         self.pool = consumer.pool
+        # Pool jobs take turns by queue (``turns``): a flooded queue cannot hold the pool.
+        self.turns = turns_for(consumer.pool)
         self.timer = consumer.timer
         # After a broker loss the message's channel is closed, and kombu raises AttributeError
         # from an ack or a reject on it. The message is still in Redis (kombu's unacked hash) and
@@ -128,9 +139,10 @@ class _Buffer:
         self.weight = 1 if buffered else settings.chunk_size
         # A chunk waits only for the other messages of its fetch (delivered in one loop turn).
         self.wait = settings.batch_wait_ms / 1000.0 if buffered else 0.0
-        self.items: list[_Pending] = []
-        self.size = 0  # events counted in ``items``
-        self.tref: Any = None
+        # One micro-batch in the making per queue: a job holds one queue's messages.
+        self.items: dict[str, list[_Pending]] = {}
+        self.size: dict[str, int] = {}  # events counted in ``items``
+        self.trefs: dict[str, Any] = {}
         #: Consecutive pool jobs that Redis failed set the wait before their messages go back.
         self.backoff = Backoff(settings.requeue_ceiling)
         # The timer runs in its own thread for pools without an event loop (solo, threads).
@@ -138,32 +150,38 @@ class _Buffer:
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any) -> None:
         raw = raw_message(self.task.name, message)
+        queue = taken_from(message)
         if self.events:
             self.events.received(raw.task_id, self.task.name)
         with self.mutex:
-            self.items.append(_Pending(raw, ack, reject))
-            self.size += self.weight
-            full = self.size >= self.max
-            if not full and self.tref is None:
-                self.tref = self.timer.call_after(self.wait, self.flush)
+            self.items.setdefault(queue, []).append(_Pending(raw, ack, reject, queue))
+            size = self.size[queue] = self.size.get(queue, 0) + self.weight
+            full = size >= self.max
+            if not full and queue not in self.trefs:
+                self.trefs[queue] = self.timer.call_after(self.wait, partial(self.flush, queue))
         if full:
-            self.flush()
+            self.flush(queue)
 
-    def flush(self) -> None:
+    def flush(self, queue: str) -> None:
         with self.mutex:
-            items, self.items, self.size = self.items, [], 0
-            if self.tref is not None:
-                self.tref.cancel()
-                self.tref = None
+            items = self.items.pop(queue, [])
+            self.size.pop(queue, None)
+            tref = self.trefs.pop(queue, None)
+            if tref is not None:
+                tref.cancel()
         if items:
             self._submit(items, alone=False)
 
     def _submit(self, items: list[_Pending], *, alone: bool) -> None:
+        self.turns.submit(items[0].queue, self, items, self.weight, alone=alone)
+
+    def start(self, items: list[_Pending], alone: bool, finished: Callable[[], None]) -> None:
+        """Hand ``items`` to the pool as one job (``Turns`` decides when)."""
         self.pool.apply_async(
             run_messages,
             args=([p.raw for p in items],),
-            callback=partial(self._on_done, items),
-            error_callback=partial(self._on_error, items, alone),
+            callback=partial(_then, finished, partial(self._on_done, items)),
+            error_callback=partial(_then, finished, partial(self._on_error, items, alone)),
         )
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
@@ -222,6 +240,14 @@ class _Buffer:
         if self.events:
             self.events.failed(p.raw.task_id, error, shown)
         p.ack(logger, self.connection_errors)
+
+
+def _then(finished: Callable[[], None], callback: Callable[[Any], None], value: Any) -> None:
+    """Run a job's callback, then let the next job have the pool process (``Turns``)."""
+    try:
+        callback(value)
+    finally:
+        finished()
 
 
 def _unwrap(error: Any) -> BaseException:

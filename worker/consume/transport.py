@@ -13,7 +13,13 @@ taken:
 
 - **Wait without taking.** An idle consumer blocks in ``BLMOVE q q RIGHT RIGHT``, which returns
   when a message arrives and leaves the list as it was: no busy polling, no extra latency for a
-  lone message, and nothing is held in flight while waiting.
+  lone message, and nothing is held in flight while waiting. A consumer of several queues blocks
+  so on each of them, one connection per queue (``_Waiters``), and fetches from all of them when
+  any answers.
+- **Fair between queues**: a fetch shares its messages among the queues that have some, and each
+  queue may hold an equal share of the prefetch window (``Channel._fetch_caps``), so a flooded
+  queue never keeps another's messages out (pool jobs then take turns by queue:
+  ``worker/consume/turns.py``).
 - **Take and record in one script** (``lua/fetch.lua``): up to ``fetch_max`` messages are popped
   and each is recorded as unacknowledged in the same atomic call, from its original text. There is
   no instant at which a message is neither on the queue nor recorded. While messages keep coming
@@ -180,6 +186,25 @@ class QoS(kombu_redis.QoS):
         self._acks: list[tuple[str, float | None]] = []
         self._ack_lock = threading.Lock()
         self._ack_tref: Any = None
+        #: The queue each held message was taken from, and how many each queue holds: a queue's
+        #: share of the prefetch window (``Channel._fetch_caps``).
+        self.queue_of: dict[str, str] = {}
+        self.held: dict[str, int] = {}
+
+    def hold(self, delivery_tag: str, queue: str) -> None:
+        """Count a message taken from ``queue`` against that queue's share of the window."""
+        self.queue_of[delivery_tag] = queue
+        self.held[queue] = self.held.get(queue, 0) + 1
+
+    def release(self, delivery_tag: str) -> None:
+        """The message left the worker's hands (acked, rejected or given back)."""
+        queue = self.queue_of.pop(delivery_tag, None)
+        if queue is not None:
+            left = self.held.get(queue, 0) - 1
+            if left > 0:
+                self.held[queue] = left
+            else:
+                self.held.pop(queue, None)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.recorded:
@@ -200,6 +225,7 @@ class QoS(kombu_redis.QoS):
         # The ack removes only this delivery's record (``lua/ack.lua``): the score it was taken
         # with says which delivery that is.
         score = self.taken_at.pop(delivery_tag, None)
+        self.release(delivery_tag)
         with self._ack_lock:
             self._acks.append((delivery_tag, score))
             waiting = len(self._acks)
@@ -222,6 +248,7 @@ class QoS(kombu_redis.QoS):
                     self._forget_acked(client, [(delivery_tag, score)])
         virtual.QoS.ack(self, delivery_tag)
         self.taken_at.pop(delivery_tag, None)
+        self.release(delivery_tag)
 
     def give_back_fetches(self, scores: set[float], client: Any) -> int:
         """Give back every message still recorded with one of ``scores`` (``_Orphans``)."""
@@ -372,6 +399,8 @@ class QoS(kombu_redis.QoS):
                 exc,
             )
         self._delivered.clear()
+        self.queue_of.clear()
+        self.held.clear()
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         with suppress(Exception):
@@ -407,6 +436,107 @@ class _PubSub(redis.client.PubSub):
             connection.register_connect_callback(self.on_connect)  # idempotent
 
 
+class _Waiter:
+    """One connection blocked in ``BLMOVE q q RIGHT RIGHT`` on one queue (``_Waiters``)."""
+
+    __slots__ = ("connection", "fd", "sent_at")
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.fd: int | None = None
+        #: When the pending wait was sent (None: no reply awaited).
+        self.sent_at: float | None = None
+
+
+class _Waiters:
+    """How a channel consuming several queues waits for a message on any of them.
+
+    ``BLMOVE`` watches one list, and every command that blocks on several (``BRPOP``,
+    ``BLMPOP``) removes the message it returns: a worker that died with that reply in flight would
+    lose it. So each queue gets its own connection blocked in ``BLMOVE q q RIGHT RIGHT``, which
+    leaves the list as it was, all watched by the worker's event loop; the first to answer makes
+    the channel fetch (``fetch.lua``, which takes and records in one step) from every queue. The
+    consumer connection only fetches. A worker on one queue waits on its consumer connection, as
+    before."""
+
+    #: Seconds past a wait's server timeout after which its connection is taken for dead (a
+    #: half-open socket answers nothing and no socket timeout applies to the event loop).
+    overdue = 10.0
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.waiters: dict[str, _Waiter] = {}
+
+    @property
+    def usable(self) -> bool:
+        transport = self.channel.connection
+        return transport is not None and getattr(transport, "hub", None) is not None
+
+    def arm(self, queues: list[str], timeout: float) -> None:
+        """Make sure a wait is pending on each of ``queues``."""
+        hub = self.channel.connection.hub
+        now = monotonic()
+        for queue in queues:
+            waiter = self.waiters.get(queue)
+            if waiter is not None and waiter.sent_at is not None:
+                if now - waiter.sent_at > (timeout or self.overdue) + self.overdue:
+                    logger.warning(
+                        "no reply to a wait on %s for %.0f s; reconnecting", queue, now - waiter.sent_at
+                    )
+                    self._drop(queue)
+                continue
+            if waiter is None:
+                # Not counted in the pool's limit: these connections are never handed out.
+                pool = self.channel.client.connection_pool
+                waiter = self.waiters[queue] = _Waiter(pool.connection_class(**pool.connection_kwargs))
+            try:
+                connection = waiter.connection
+                if connection._sock is None:
+                    connection.connect()
+                    waiter.fd = None
+                if waiter.fd is None:
+                    waiter.fd = connection._sock.fileno()
+                    hub.add_reader(waiter.fd, self._on_readable, queue)
+                key = self.channel._q_for_pri(queue, 0)
+                connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
+                waiter.sent_at = now
+            except self.channel.connection_errors as exc:
+                # The consumer connection meets the same fault on its next fetch and reconnects.
+                logger.debug("could not wait on %s (%r)", queue, exc)
+                self._drop(queue)
+                self.channel._fetch_next = True
+
+    def _on_readable(self, queue: str) -> None:
+        waiter = self.waiters.get(queue)
+        if waiter is None:
+            return
+        try:
+            waiter.connection.read_response()
+        except Exception as exc:  # a lost connection, READONLY or -UNBLOCKED after a demotion
+            logger.debug("wait on %s ended (%r)", queue, exc)
+            self._drop(queue)
+        else:
+            waiter.sent_at = None
+        # A message arrived (or the wait timed out, or its connection failed): fetch from every
+        # queue on the event loop's next turn.
+        self.channel._fetch_next = True
+
+    def _drop(self, queue: str) -> None:
+        waiter = self.waiters.pop(queue, None)
+        if waiter is None:
+            return
+        hub = getattr(self.channel.connection, "hub", None)
+        if waiter.fd is not None and hub is not None:
+            with suppress(Exception):
+                hub.remove_reader(waiter.fd)
+        with suppress(Exception):
+            waiter.connection.disconnect()
+
+    def close(self) -> None:
+        for queue in list(self.waiters):
+            self._drop(queue)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     Message = Message
@@ -425,6 +555,9 @@ class Channel(kombu_redis.Channel):
     rejected_max = 1000
     #: Seconds without fetching after Redis refused a fetch (OOM, READONLY, LOADING, BUSY).
     refused_backoff = 0.5
+    #: Seconds one wait lasts when a channel on several queues has no event loop to watch them
+    #: all at once (``_Waiters``): it waits on each queue in turn.
+    poll_wait = 0.02
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
@@ -446,6 +579,7 @@ class Channel(kombu_redis.Channel):
         self._script_loaded = False
         #: The time sent with the last fetch: the score of what it took.
         self._fetch_at = 0.0
+        self._waiters = _Waiters(self)
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("the itrain transport does not support global_keyprefix")
@@ -485,15 +619,22 @@ class Channel(kombu_redis.Channel):
 
     # -- consuming ------------------------------------------------------------------------------
 
-    def _fetch_size(self) -> int:
-        estimate = self.qos.can_consume_max_estimate()
-        if estimate is None:  # no prefetch limit
-            return int(self.fetch_max)
-        # Wait until a quarter of the prefetch window is free: otherwise a busy worker degrades
-        # to one fetch per ack.
-        if estimate < max(1, self.qos.prefetch_count // 4):
-            return 0
-        return int(min(self.fetch_max, estimate))
+    def _fetch_caps(self, queues: list[str]) -> list[int]:
+        """How many messages each of ``queues`` may give now: its free share of the prefetch
+        window, or 0 while less than a quarter of that share is free (otherwise a busy worker
+        degrades to one fetch per ack). The window is shared equally between the queues this
+        channel consumes, so a flooded queue never fills it and keeps the others' messages out."""
+        prefetch = self.qos.prefetch_count
+        if not prefetch:  # no prefetch limit
+            return [int(self.fetch_max)] * len(queues)
+        share = max(1, prefetch // max(1, len(self.active_queues)))
+        floor = max(1, share // 4)
+        held = self.qos.held
+        caps = []
+        for queue in queues:
+            free = share - held.get(queue, 0)
+            caps.append(free if free >= floor else 0)
+        return caps
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called on every loop tick: it must do nothing while a reply is pending.
@@ -504,17 +645,31 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
+        caps = self._fetch_caps(queues)
+        room = [queue for queue, cap in zip(queues, caps, strict=True) if cap > 0]
+        if not room:  # every queue's share is in use: the next ack makes room
+            return
+        wait = self.brpop_timeout if timeout is None else timeout
         if self._fetch_next:
-            self._send_fetch(queues)
-        else:
-            self._send_wait(queues[0], self.brpop_timeout if timeout is None else timeout)
+            self._send_fetch(room, [cap for cap in caps if cap > 0])
+        elif len(queues) == 1:
+            self._send_wait(room[0], wait)
+        elif self._waiters.usable:
+            self._waiters.arm(room, wait)
+        else:  # no event loop to watch several connections: short waits, queue after queue
+            self._send_wait(room[0], min(wait, self.poll_wait) if wait else self.poll_wait)
 
     def _send_wait(self, queue: str, timeout: float) -> None:
         key = self._q_for_pri(queue, 0)
         self._send("WAIT", [key], "BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
 
-    def _send_fetch(self, queues: list[str]) -> None:
-        want = self._fetch_size()
+    def _send_fetch(self, queues: list[str], caps: list[int]) -> None:
+        """Take up to ``fetch_max`` messages, shared fairly between ``queues`` (``fetch.lua``),
+        each queue giving at most its cap."""
+        want = min(int(self.fetch_max), sum(caps))
+        estimate = self.qos.can_consume_max_estimate()
+        if estimate is not None:
+            want = min(want, estimate)
         if want <= 0:
             return
         self._fetch_at = now = time()
@@ -531,8 +686,11 @@ class Channel(kombu_redis.Channel):
             self.rejected_key,
             *lists,
         ]
-        args = [want, now, int(self.max_envelope_bytes), int(self.rejected_max), *names]
+        args = [want, now, int(self.max_envelope_bytes), int(self.rejected_max), len(queues), *caps, *names]
         self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
+        if len(queues) > 1:
+            # The next fetch starts with the next queue: a share's remainder goes round too.
+            self._queue_cycle.rotate(queues[0])
 
     def _give_back_orphans(self) -> None:
         scores = ORPHANS.take()
@@ -569,6 +727,8 @@ class Channel(kombu_redis.Channel):
             # A message arrived, or the wait timed out: fetch now. A timeout fetches too, for the
             # priority lists and for messages restored after a visibility timeout.
             self._fetch_next = True
+            if len(self.active_queues) > 1:  # short waits, queue after queue (no event loop)
+                self._queue_cycle.rotate(keys[0].rsplit(self.sep, 1)[0])
             if reply is not _REFUSED:
                 self._brpop_start()
             raise virtual.Empty()
@@ -607,7 +767,7 @@ class Channel(kombu_redis.Channel):
         deliver = self.connection._deliver
         recorded = self.qos.recorded
         taken_at = self.qos.taken_at
-        queue = ""
+        hold, release = self.qos.hold, self.qos.release
         n = len(reply)
         for i in range(0, n, 5):
             key, tag, count, text = lists[int(reply[i]) - 1], reply[i + 1], int(reply[i + 2]), reply[i + 4]
@@ -630,14 +790,18 @@ class Channel(kombu_redis.Channel):
                 props["delivery_info"] = {"exchange": "", "routing_key": queue}
             props["delivery_info"]["deliveries"] = count
             props["delivery_info"]["first_taken"] = float(reply[i + 3])
+            # The queue it was taken from: its pool jobs take turns with other queues' (batching).
+            props["delivery_info"]["taken_from"] = queue
             recorded.add(tag)
             taken_at[tag] = self._fetch_at
+            hold(tag, queue)  # before delivery: an ack may come within it
             try:
                 deliver(payload, queue)
             except UnreadableEnvelope as exc:
                 # Raised while the message object is built, before it is handed to the worker.
                 recorded.discard(tag)
                 taken_at.pop(tag, None)
+                release(tag)
                 logger.error("dropped a queue item of %s that is not a message envelope: %s", key, exc)
                 self._forget(tag)
                 continue
@@ -646,10 +810,9 @@ class Channel(kombu_redis.Channel):
                 # the visibility timeout.
                 recorded.discard(tag)
                 taken_at.pop(tag, None)
+                release(tag)
                 self._give_back(reply[i + 5 :], lists)
                 raise
-        if queue:
-            self._queue_cycle.rotate(queue)
 
     def _forget(self, tag: str) -> None:
         with self.conn_or_acquire() as client:
@@ -696,6 +859,7 @@ class Channel(kombu_redis.Channel):
                 self._lost_fetch()
             self._in_poll = None  # type: ignore[assignment]
             self._pending = None
+        self._waiters.close()
         with suppress(Exception):
             self.qos.flush_acks()
         super().close()

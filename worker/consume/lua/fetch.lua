@@ -14,12 +14,19 @@
 --                         (written when it is given back or swept back, kept until it is acked):
 --                         how old a message is, however often it came back
 -- KEYS[5]  rejected       list: a short record of each item that is not a message envelope
--- KEYS[6..] the queue lists to take from, in priority order
+-- KEYS[6..] the queue lists to take from: for each priority level in order, one list per queue
+--          (k lists a level, the queues in the same order at every level)
 -- ARGV[1]  n              how many messages at most
 -- ARGV[2]  now            unix time, seconds (the score kombu's visibility timeout compares)
 -- ARGV[3]  max_bytes      an item longer than this is refused before it is parsed
 -- ARGV[4]  rejected_max   the rejected list keeps this many records
--- ARGV[5..] the queue name of each list in KEYS[6..] (the routing key when a message has none)
+-- ARGV[5]  k              how many queues
+-- ARGV[6..5+k]            how many messages each queue may give at most (its free prefetch share)
+-- ARGV[6+k..] the queue name of each list in KEYS[6..] (the routing key when a message has none)
+--
+-- Fair between queues: within a priority level, n is shared among the queues that still have
+-- messages (and room), in rounds, so a flooded queue never takes the whole fetch from a queue
+-- with a few messages waiting.
 --
 -- Returns a flat array, five values per item taken: the index of its list (1 = KEYS[6]), its
 -- delivery tag ('' when refused), its delivery count (0 when refused), when it was first taken
@@ -64,34 +71,61 @@ local function parse(raw, queue)
   return tag, ex, rk
 end
 
-for k = 6, #KEYS do
-  if taken >= n then break end
-  local items = redis.call('RPOP', KEYS[k], n - taken)
-  if items then
-    for _, raw in ipairs(items) do
-      taken = taken + 1
-      local tag, ex, rk = parse(raw, ARGV[k - 1])
-      if tag then
-        -- Built from the original text: the message is stored exactly as it arrived.
-        redis.call('ZADD', KEYS[1], now, tag)
-        redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-        local count = redis.call('HINCRBY', KEYS[3], tag, 1)
-        -- Written only when a message is given back (restore.lua, giveback.lua): until then its
-        -- first take is this one.
-        local first = redis.call('HGET', KEYS[4], tag) or now
-        out[#out + 1] = k - 5
-        out[#out + 1] = tag
-        out[#out + 1] = count
-        out[#out + 1] = first
-        out[#out + 1] = raw
-      else
-        out[#out + 1] = k - 5
-        out[#out + 1] = ''
-        out[#out + 1] = 0
-        out[#out + 1] = 0
-        out[#out + 1] = refuse(ex, #raw)
-      end
+local k = tonumber(ARGV[5])
+local caps = {}
+for i = 1, k do caps[i] = tonumber(ARGV[5 + i]) end
+
+-- Takes up to want messages off list number idx (1 = KEYS[6]) and records them; returns how many.
+local function take(idx, want)
+  local items = redis.call('RPOP', KEYS[5 + idx], want)
+  if not items then return 0 end
+  for _, raw in ipairs(items) do
+    taken = taken + 1
+    local tag, ex, rk = parse(raw, ARGV[5 + k + idx])
+    if tag then
+      -- Built from the original text: the message is stored exactly as it arrived.
+      redis.call('ZADD', KEYS[1], now, tag)
+      redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+      local count = redis.call('HINCRBY', KEYS[3], tag, 1)
+      -- Written only when a message is given back (restore.lua, giveback.lua): until then its
+      -- first take is this one.
+      local first = redis.call('HGET', KEYS[4], tag) or now
+      out[#out + 1] = idx
+      out[#out + 1] = tag
+      out[#out + 1] = count
+      out[#out + 1] = first
+      out[#out + 1] = raw
+    else
+      out[#out + 1] = idx
+      out[#out + 1] = ''
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+      out[#out + 1] = refuse(ex, #raw)
     end
+  end
+  return #items
+end
+
+local levels = math.floor((#KEYS - 5) / k)
+for level = 0, levels - 1 do
+  if taken >= n then break end
+  local open = {}
+  for i = 1, k do
+    if caps[i] > 0 then open[#open + 1] = i end
+  end
+  -- Rounds: each open queue gives its share of what is left; a queue that gave less than asked
+  -- is empty (at this level) or at its cap, and drops out.
+  while taken < n and #open > 0 do
+    local share = math.max(1, math.floor((n - taken) / #open))
+    local still = {}
+    for _, i in ipairs(open) do
+      if taken >= n then break end
+      local want = math.min(share, caps[i], n - taken)
+      local got = take(level * k + i, want)
+      caps[i] = caps[i] - got
+      if got == want and caps[i] > 0 then still[#still + 1] = i end
+    end
+    open = still
   end
 end
 return out

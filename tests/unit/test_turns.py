@@ -1,0 +1,90 @@
+"""``worker.consume.turns``: pool jobs take turns by queue (the pool is a stand-in that records
+what it was handed; the real pool is exercised by tests/integration/test_queues.py and
+tests/reliability/test_noisy_neighbour.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from worker.consume import turns as turns_module
+from worker.consume.turns import Turns
+
+
+class _Pool:
+    def __init__(self, processes: int) -> None:
+        self.num_processes = processes
+
+
+class _Owner:
+    """Records each job it is asked to start; ``finish()`` ends the oldest running one."""
+
+    def __init__(self, name: str, max_events: int = 1024) -> None:
+        self.name = name
+        self.max = max_events
+        self.started: list[list[Any]] = []
+        self.running: list[Callable[[], None]] = []
+
+    def start(self, items: list[Any], alone: bool, finished: Callable[[], None]) -> None:
+        self.started.append(list(items))
+        self.running.append(finished)
+
+    def finish(self) -> None:
+        self.running.pop(0)()
+
+
+def test_a_flooded_queue_takes_turns_with_a_quiet_one() -> None:
+    # Given a pool of one process, and queue A alone with ten micro-batches waiting
+    turns = Turns(_Pool(1))
+    a, b = _Owner("a"), _Owner("b")
+    for i in range(10):
+        turns.submit("A", a, [f"a{i}"], 256)
+    # Then the pool holds one job per process and one more; A's others wait in its line
+    assert a.started == [["a0"], ["a1"]]
+    # When B's lone event arrives
+    turns.submit("B", b, ["b0"], 1)
+    # Then it runs right after the jobs the pool already holds, not after A's whole line
+    a.finish()
+    assert b.started == []
+    a.finish()
+    assert b.started == [["b0"]]
+    b.finish()
+    # And A's next job is a quarter of a job while both queues are active (one chunk of 256)
+    assert a.started[-1] == ["a2"]
+
+
+def test_a_turn_merges_a_queues_waiting_micro_batches_up_to_one_job() -> None:
+    # Given a pool that holds all it may, and many small micro-batches of one queue waiting
+    turns = Turns(_Pool(1))
+    busy, b = _Owner("busy"), _Owner("b", max_events=8)
+    turns.submit("B", busy, ["x"], 1)
+    turns.submit("B", busy, ["y"], 1)
+    for i in range(12):
+        turns.submit("B", b, [f"b{i}"], 1)
+    busy.finish()
+    # Then its turn takes a job's worth of them at once (8 events), keeping their order
+    assert b.started == [[f"b{i}" for i in range(8)]]
+    busy.finish()
+    assert b.started[-1] == [f"b{i}" for i in range(8, 12)]
+
+
+def test_while_queues_share_the_pool_one_process_stays_for_the_quiet_ones(monkeypatch: Any) -> None:
+    # Given two processes and both queues active
+    turns = Turns(_Pool(2))
+    a, b = _Owner("a"), _Owner("b")
+    turns.submit("B", b, ["b0"], 1)
+    b.finish()
+    for i in range(6):
+        turns.submit("A", a, [f"a{i}"], 256)
+    # Then A holds one process, not both
+    assert len(a.running) == 1
+    # And B's next event starts at once on the other
+    turns.submit("B", b, ["b1"], 1)
+    assert b.started[-1] == ["b1"]
+    # When B has been quiet for longer than SHARED_FOR, A may use every process again (and
+    # one job more)
+    monkeypatch.setattr(turns_module, "SHARED_FOR", 0.0)
+    b.finish()
+    assert len(a.running) == 3
+    # And its jobs are whole again (four chunks)
+    assert a.started[-2] == [f"a{i}" for i in range(1, 5)]
