@@ -40,7 +40,9 @@ TASKS = 100
 #: Events of each task: two single steps, then one train_many of the rest.
 PER_TASK = 10
 #: The ticker's period and the most it may wake late while the client works, not counting the
-#: time the loop's thread waited for a CPU that other processes held (a shared host's load).
+#: time the loop's thread waited for a CPU that other processes held (a shared host's load) or for
+#: the GIL while the process's other threads ran (the test's own fixtures: log readers, the sync
+#: client's result consumer).
 TICK, MAX_LATE = 0.005, 0.2
 #: The thread's scheduler statistics: its second field is the time (ns) it spent runnable but
 #: waiting for a CPU. A loop blocked by a call (a socket read) sleeps instead, which counts.
@@ -48,18 +50,20 @@ SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
 
 def cpu_wait() -> float:
-    """Seconds this thread has waited for a CPU while runnable (0 where Linux does not say)."""
+    """Seconds this thread has waited for a CPU while runnable (0 where Linux does not say), plus
+    the CPU seconds the process's other threads have run (each of them held the GIL meanwhile)."""
+    others = time.process_time() - time.thread_time()
     try:
-        return int(SCHEDSTAT.read_text().split()[1]) / 1e9
+        return others + int(SCHEDSTAT.read_text().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return others
 
 
 class Ticker:
     """A task that sleeps ``TICK`` in a loop and records how late it wakes: the event loop's
     responsiveness, as any other coroutine of the service would feel it. ``worst`` is the latest
-    wake-up less the time the thread waited for a CPU meanwhile (what the client's code and its
-    calls held the loop for); ``worst_wall`` the latest wake-up as measured."""
+    wake-up less the time the thread waited for a CPU or the GIL meanwhile (what the client's code
+    and its calls held the loop for); ``worst_wall`` the latest wake-up as measured."""
 
     def __init__(self) -> None:
         self.worst = 0.0
@@ -116,7 +120,7 @@ def test_async_client_trains_from_100_tasks_and_the_loop_stays_responsive(
     print(
         f"\nasync client: {len(events)} events, {TASKS} tasks, {took:.2f} s, {ticker.ticks} ticks,", end=" "
     )
-    print(f"worst {ticker.worst * 1000:.1f} ms late ({ticker.worst_wall * 1000:.1f} ms with waits for a CPU)")
+    print(f"worst {ticker.worst * 1000:.1f} ms late ({ticker.worst_wall * 1000:.1f} ms as measured)")
     assert statuses(results) == {"trained": len(events)}, statuses(results)
     assert sorted(r["step"] for r in results) == list(range(1, len(events) + 1))
     assert ticker.ticks > 10

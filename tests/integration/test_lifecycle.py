@@ -69,10 +69,12 @@ def test_models_lists_step_version_and_last_update(own_runtime, cli, capsys, mak
     # (Captured output is no terminal: a Markdown table, every column whole.)
     lines = capsys.readouterr().out.splitlines()
     cells = ([c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|"))
-    rows = {row[0]: row for row in cells}
-    assert rows[trained][2] == "3"  # step
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[trained][5])
-    assert rows[fresh][5] == "-"  # never committed
+    header, *body = cells
+    rows = {row[0]: dict(zip(header, row, strict=True)) for row in body}
+    assert rows[trained]["step"] == "3"
+    assert rows[trained]["queue"] == "itrain"  # not routed: the default queue
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[trained]["last update (UTC)"])
+    assert rows[fresh]["last update (UTC)"] == "-"  # never committed
 
 
 def test_two_models_trained_concurrently_stay_isolated(

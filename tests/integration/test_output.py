@@ -76,10 +76,10 @@ def test_stats_models_and_plot_print_whole_lines_to_a_pipe(
 
     # When `itrain models` prints to a pipe: the model's row holds every column, its name whole
     header, *rows = table_rows(itrain("models", redis_url=redis_url))
-    assert header[:3] == ["model", "version", "step"]
+    assert header[:4] == ["model", "queue", "version", "step"]
     row = next(r for r in rows if r[0] == model)
-    assert len(row) == len(header) == 8
-    assert row[2] == "30"
+    assert len(row) == len(header) == 9
+    assert row[3] == "30"
 
     # When `itrain plot` writes to a path far longer than 80 characters
     out = tmp_path / ("p" * 90) / "loss.png"
