@@ -85,7 +85,10 @@ _DEMOTION_AWARE: dict[type[Any], type[Any]] = {
 }
 
 
-class ProducerRedisBackend(RedisBackend):  # type: ignore[misc]
+class _ProducerSide:
+    """What the producer's backends add to Celery's: no subscription on send (see the module's
+    docstring), a result consumer that follows a demotion, and demotion-aware connections."""
+
     ResultConsumer = _ResultConsumer
 
     def _get_pool(self, **params: Any) -> Any:
@@ -94,10 +97,14 @@ class ProducerRedisBackend(RedisBackend):  # type: ignore[misc]
         base = params.get("connection_class") or redis.Connection
         if base in _DEMOTION_AWARE:  # a unix socket keeps its own class
             params["connection_class"] = _DEMOTION_AWARE[base]
-        return super()._get_pool(**params)
+        return super()._get_pool(**params)  # type: ignore[misc]
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
+
+
+class ProducerRedisBackend(_ProducerSide, RedisBackend):  # type: ignore[misc]
+    """The producer's backend on a ``redis://`` or ``rediss://`` URL."""
 
 
 class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
@@ -119,21 +126,9 @@ class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
         return str(self.url) if include_password else redact_url(self.url or "")
 
 
-class ProducerSentinelBackend(SentinelResultBackend):
-    """The producer's Sentinel backend: no subscription on send (see the module's docstring)."""
-
-    ResultConsumer = _ResultConsumer
-
-    def _get_pool(self, **params: Any) -> Any:
-        # Demotion-aware connections (producer.demotion): a subscription made before another
-        # connection of this process was told of a demotion is moved at the next check.
-        base = params.get("connection_class") or redis.Connection
-        if base in _DEMOTION_AWARE:  # a unix socket keeps its own class
-            params["connection_class"] = _DEMOTION_AWARE[base]
-        return super()._get_pool(**params)
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
+class ProducerSentinelBackend(_ProducerSide, SentinelResultBackend):
+    """The producer's Sentinel backend (its master's pool is made by ``master_client``, which
+    picks the connection class itself)."""
 
 
 def backend_url(url: str, *, producer: bool = True) -> str:
