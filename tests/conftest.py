@@ -7,7 +7,9 @@ workers' in-memory checkpoint caches never mix tests.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +69,36 @@ def machine_redis_untouched() -> Iterator[None]:
             f"a test wrote to the machine's Redis on {MACHINE_REDIS[0]}:{MACHINE_REDIS[1]}: "
             f"our keys went from {before} to {after}"
         )
+
+
+#: Files the pytest-xdist processes of one run share (named after the run's ``testrun_uid``).
+_TURNSTILE = "itrain-tests-{}-turnstile"
+_ROOM = "itrain-tests-{}-room"
+
+
+@pytest.fixture(autouse=True)
+def alone_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist (``-n 2``), a test marked ``alone`` runs while no other test does: it
+    measures latency against a baseline it took itself, which a neighbour's load would skew.
+    Every test holds the room shared, an ``alone`` test holds it exclusively; the turnstile makes
+    a waiting ``alone`` test go next, before other tests start (no starvation). Without xdist it
+    costs nothing."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    alone = request.node.get_closest_marker("alone") is not None
+    tmp = Path(tempfile.gettempdir())
+    with open(tmp / _TURNSTILE.format(run), "a") as turnstile, open(tmp / _ROOM.format(run), "a") as room:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

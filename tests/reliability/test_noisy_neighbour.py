@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import redis
 
 from producer.client import TrainingClient
@@ -127,6 +128,7 @@ def _p99_ms(seconds: list[float]) -> float:
     return float(np.percentile(np.array(seconds) * 1000, 99))
 
 
+@pytest.mark.alone
 def test_a_flooded_queue_leaves_another_queues_latency_within_bounds(
     redis_url: str,
     redis_client: redis.Redis,

@@ -88,3 +88,24 @@ def test_while_queues_share_the_pool_one_process_stays_for_the_quiet_ones(monkey
     assert len(a.running) == 3
     # And its jobs are whole again (four chunks)
     assert a.started[-2] == [f"a{i}" for i in range(1, 5)]
+
+
+def test_jobs_lost_with_a_connection_do_not_hold_the_pool_after_a_restart() -> None:
+    # Given a pool of one process holding all it may: two jobs whose callbacks never come (the
+    # event loop was reset under them when the broker's connection was lost)
+    turns = Turns(_Pool(1))
+    lost, after = _Owner("lost"), _Owner("after")
+    turns.submit("A", lost, ["x"], 1)
+    turns.submit("A", lost, ["y"], 1)
+    turns.submit("A", after, ["z"], 1)
+    assert after.started == []
+    # When the consumer starts again
+    turns.restarted()
+    turns.pump()
+    # Then the waiting job runs, and a late callback of a lost job does not count below zero
+    assert after.started == [["z"]]
+    lost.finish()
+    lost.finish()
+    assert turns.running == 0
+    turns.submit("A", after, ["w"], 1)
+    assert after.started[-1] == ["w"]

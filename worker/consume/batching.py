@@ -125,8 +125,11 @@ class _Buffer:
         settings = get_settings()
         self.task = task
         self.pool = consumer.pool
-        # Pool jobs take turns by queue (``turns``): a flooded queue cannot hold the pool.
+        # Pool jobs take turns by queue (``turns``): a flooded queue cannot hold the pool. A
+        # strategy is made at every consumer start, so also after a lost connection: the jobs
+        # counted before it are forgotten (``Turns.restarted``).
         self.turns = turns_for(consumer.pool)
+        self.turns.restarted()
         self.timer = consumer.timer
         # After a broker loss the message's channel is closed, and kombu raises AttributeError
         # from an ack or a reject on it. The message is still in Redis (kombu's unacked hash) and

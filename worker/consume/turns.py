@@ -153,6 +153,16 @@ class Turns:
                 entry.items = entry.items[fits:]
         return _Entry(owner, items, unit, False)
 
+    def restarted(self) -> None:
+        """The consumer (re)started after a lost connection: count no job as running. A job handed
+        to the pool before the loss may never call back (Celery resets the event loop's readers,
+        and with them the pool's half-read results), and counting it would hold its process's
+        turn for good while that process idles; one that does call back later is not counted
+        twice (``finished`` stops at 0), at worst one job more waits in the pool for a while."""
+        with self.lock:
+            self.running = 0
+            self.running_by.clear()
+
     def finished(self, queue: str) -> None:
         """A job of ``queue`` handed to the pool ended (its callbacks ran): the next turn."""
         with self.lock:
@@ -169,8 +179,8 @@ _TURNS: weakref.WeakKeyDictionary[Any, Turns] = weakref.WeakKeyDictionary()
 
 
 def turns_for(pool: Any) -> Turns:
-    """The pool's one ``Turns``, shared by every training task's strategy (and kept when the
-    consumer restarts after a lost connection, so that jobs still running are counted)."""
+    """The pool's one ``Turns``, shared by every training task's strategy (kept when the consumer
+    restarts after a lost connection, its running count reset: see ``Turns.restarted``)."""
     try:
         turns = _TURNS.get(pool)
         if turns is None:
