@@ -175,9 +175,9 @@ class _Buffer:
     def _submit(self, items: list[_Pending], *, alone: bool) -> None:
         self.turns.submit(items[0].queue, self, items, self.weight, alone=alone)
 
-    def start(self, items: list[_Pending], alone: bool, finished: Callable[[], None]) -> None:
-        """Hand ``items`` to the pool as one job (``Turns`` decides when)."""
-        self.pool.apply_async(
+    def start(self, items: list[_Pending], alone: bool, finished: Callable[[], None]) -> Any:
+        """Hand ``items`` to the pool as one job (``Turns`` decides when); the pool's handle."""
+        return self.pool.apply_async(
             run_messages,
             args=([p.raw for p in items],),
             callback=partial(_then, finished, partial(self._on_done, items)),
