@@ -150,7 +150,7 @@ class Turns:
                 limit = processes if shared else processes + 1
                 if not self.waiting:
                     return
-                if self.running >= limit and not self._forget_dropped():
+                if self.running >= limit and (not self._forget_dropped() or self.running >= limit):
                     return
                 # While several queues are active, one process stays for the others' jobs.
                 most = max(1, processes - 1) if shared else limit
