@@ -49,6 +49,7 @@ from producer.demotion import (
     WriteAwareSentinelSSLConnection,
 )
 from producer.errors import ConfigurationError
+from producer.sentinel_discovery import AsyncFailoverAwareSentinel, FailoverAwareSentinel
 from producer.tls import SSL_ARGS, cert_reqs
 
 __all__ = [
@@ -323,7 +324,9 @@ class AsyncCheckedPool(aiosentinel.SentinelConnectionPool):
 
 
 def _sentinel(parsed: SentinelURL, timeout: float) -> redis.sentinel.Sentinel:
-    return redis.sentinel.Sentinel(
+    # Passes over a sentinel in the middle of a failover: it still names the old master
+    # (producer.sentinel_discovery).
+    return FailoverAwareSentinel(
         list(parsed.sentinels),
         sentinel_kwargs=parsed.sentinel_kwargs(timeout),
         **parsed.master_kwargs(timeout),
@@ -343,7 +346,7 @@ def master_client(url: str, timeout: float) -> redis.Redis:
 def async_master_client(url: str, timeout: float) -> aioredis.Redis:
     """``master_client`` for asyncio (``redis.asyncio.sentinel``)."""
     parsed = parse_sentinel_url(url)
-    manager = aiosentinel.Sentinel(
+    manager = AsyncFailoverAwareSentinel(
         list(parsed.sentinels),
         sentinel_kwargs=parsed.sentinel_kwargs(timeout),
         **parsed.master_kwargs(timeout),

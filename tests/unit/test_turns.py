@@ -90,22 +90,59 @@ def test_while_queues_share_the_pool_one_process_stays_for_the_quiet_ones(monkey
     assert a.started[-2] == [f"a{i}" for i in range(1, 5)]
 
 
-def test_jobs_lost_with_a_connection_do_not_hold_the_pool_after_a_restart() -> None:
-    # Given a pool of one process holding all it may: two jobs whose callbacks never come (the
-    # event loop was reset under them when the broker's connection was lost)
+class _Handle:
+    """What billiard's ``ApplyResult`` shows ``Turns``: its id in the pool's cache, ``ready()``."""
+
+    def __init__(self, cache: dict[int, Any], job: int) -> None:
+        self._cache = cache
+        self._job = job
+        cache[job] = self
+
+    def ready(self) -> bool:
+        return False
+
+
+class _PoolOwner(_Owner):
+    """``_Owner`` whose jobs are in a pool cache that a reconnect may empty (``AsynPool.flush``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.cache: dict[int, Any] = {}
+
+    def start(self, items: list[Any], alone: bool, finished: Callable[[], None]) -> Any:
+        super().start(items, alone, finished)
+        return _Handle(self.cache, len(self.started))
+
+
+def test_jobs_the_pool_dropped_at_a_reconnect_free_their_turns() -> None:
+    # Given a pool of one process holding its two jobs (one running, one waiting for it)
     turns = Turns(_Pool(1))
-    lost, after = _Owner("lost"), _Owner("after")
-    turns.submit("A", lost, ["x"], 1)
-    turns.submit("A", lost, ["y"], 1)
-    turns.submit("A", after, ["z"], 1)
-    assert after.started == []
-    # When the consumer starts again
-    turns.restarted()
-    turns.pump()
-    # Then the waiting job runs, and a late callback of a lost job does not count below zero
-    assert after.started == [["z"]]
-    lost.finish()
-    lost.finish()
-    assert turns.running == 0
-    turns.submit("A", after, ["w"], 1)
-    assert after.started[-1] == ["w"]
+    a = _PoolOwner("a")
+    for i in range(2):
+        turns.submit("q", a, [i], 1)
+    assert len(a.started) == 2
+    turns.submit("q", a, [2], 1)
+    assert len(a.started) == 2  # full: the third waits
+    # When a reconnect makes the pool drop both without running their callbacks
+    a.cache.clear()
+    turns.submit("q", a, [3], 1)
+    # Then the waiting micro-batches are handed to the pool, and it counts only those
+    assert a.started[2:] == [[2, 3]]
+    assert turns.running == 1
+    assert turns.running_by == {"q": 1}
+    # And a late callback of a dropped job (never sent by the pool, but harmless) counts nothing
+    a.running[0]()
+    assert turns.running == 1
+
+
+def test_jobs_still_in_the_pool_keep_their_turns() -> None:
+    # Given a full pool of one process whose jobs are still in the pool's cache
+    turns = Turns(_Pool(1))
+    a = _PoolOwner("a")
+    for i in range(3):
+        turns.submit("q", a, [i], 1)
+    # Then the third waits until a job's callback runs
+    assert len(a.started) == 2
+    a.finish()
+    assert a.started[2] == [2]
+    assert turns.running == 2

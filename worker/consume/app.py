@@ -63,6 +63,9 @@ app.conf.task_queues = [Queue(name, routing_key=name) for name in settings.queue
 app.steps["worker"].add(QueueHeadsStep)
 if settings.worker_concurrency:
     app.conf.worker_concurrency = settings.worker_concurrency
+# The prefork pool, keeping a half-read job result across a consumer reconnect (``-P prefork``
+# means it too): worker/consume/prefork.py.
+app.conf.worker_pool = "worker.consume.prefork:TaskPool"
 
 
 def _refuse_unusable_redis(sender: Any = None, **_: Any) -> None:

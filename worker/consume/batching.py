@@ -125,11 +125,8 @@ class _Buffer:
         settings = get_settings()
         self.task = task
         self.pool = consumer.pool
-        # Pool jobs take turns by queue (``turns``): a flooded queue cannot hold the pool. A
-        # strategy is made at every consumer start, so also after a lost connection: the jobs
-        # counted before it are forgotten (``Turns.restarted``).
+        # Pool jobs take turns by queue (``turns``): a flooded queue cannot hold the pool.
         self.turns = turns_for(consumer.pool)
-        self.turns.restarted()
         self.timer = consumer.timer
         # After a broker loss the message's channel is closed, and kombu raises AttributeError
         # from an ack or a reject on it. The message is still in Redis (kombu's unacked hash) and
@@ -178,9 +175,9 @@ class _Buffer:
     def _submit(self, items: list[_Pending], *, alone: bool) -> None:
         self.turns.submit(items[0].queue, self, items, self.weight, alone=alone)
 
-    def start(self, items: list[_Pending], alone: bool, finished: Callable[[], None]) -> None:
-        """Hand ``items`` to the pool as one job (``Turns`` decides when)."""
-        self.pool.apply_async(
+    def start(self, items: list[_Pending], alone: bool, finished: Callable[[], None]) -> Any:
+        """Hand ``items`` to the pool as one job (``Turns`` decides when); the pool's handle."""
+        return self.pool.apply_async(
             run_messages,
             args=([p.raw for p in items],),
             callback=partial(_then, finished, partial(self._on_done, items)),

@@ -28,6 +28,7 @@ from kombu.utils.url import _parse_url
 from producer.demotion import WriteAwareSentinelConnection, WriteAwareSentinelSSLConnection
 from producer.sentinel import SCHEME as SENTINEL
 from producer.sentinel import CheckedPool
+from producer.sentinel_discovery import FailoverAwareSentinel
 from worker.consume import transport
 from worker.consume.flower_sentinels import FLOWER_POOL
 from worker.consume.transport import Channel, Transport
@@ -85,7 +86,9 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
         # each sentinel here is asked on its own.
         sentinel_kwargs = dict(getattr(self, "sentinel_kwargs", None) or {})
         sentinel_kwargs.pop(FLOWER_POOL, None)
-        manager = redis.sentinel.Sentinel(
+        # A sentinel in the middle of a failover still names the demoted master: passed over
+        # while another names the new one (producer.sentinel_discovery).
+        manager = FailoverAwareSentinel(
             sentinels,
             min_other_sentinels=getattr(self, "min_other_sentinels", 0),
             sentinel_kwargs=sentinel_kwargs,

@@ -20,6 +20,7 @@ job's start.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-__all__ = ["SHARED_DIVISOR", "SHARED_FOR", "JobOwner", "Turns", "turns_for"]
+__all__ = ["SHARED_DIVISOR", "SHARED_FOR", "JobOwner", "Turns", "dropped", "turns_for"]
+
+logger = logging.getLogger("itrain.turns")
 
 #: Seconds after its last message during which a queue counts as active.
 SHARED_FOR = 10.0
@@ -43,8 +46,9 @@ class JobOwner(Protocol):
     #: Events one job may hold.
     max: int
 
-    def start(self, items: list[Any], alone: bool, finished: Callable[[], None]) -> None:
-        """Hand ``items`` to the pool as one job; call ``finished`` once it ends either way."""
+    def start(self, items: list[Any], alone: bool, finished: Callable[[], None]) -> Any:
+        """Hand ``items`` to the pool as one job; call ``finished`` once it ends either way.
+        Returns the pool's handle of the job (``pool.apply_async``'s), or None."""
 
 
 @dataclass(slots=True)
@@ -55,6 +59,38 @@ class _Entry:
     unit: int
     #: A message run on its own (to find which one kills its process): never merged.
     alone: bool
+
+
+def dropped(handle: Any) -> bool:
+    """Whether the pool let go of the job of ``handle`` without running its callbacks.
+
+    Celery's prefork pool does so when the consumer restarts after a lost broker connection:
+    ``AsynPool.flush`` discards every job that no pool process has acknowledged yet (the job
+    waiting for a free process, and, when the main process has not read the acknowledgement
+    yet, the job a process is running), and the result of such a job is ignored when it comes.
+    Counted as running forever, two such jobs held the only pool process of a worker: its main
+    process fetched messages and never handed them on. A job still in the pool's cache, or
+    done, is not dropped; a handle of another pool (solo, threads) never is."""
+    cache = getattr(handle, "_cache", None)
+    job = getattr(handle, "_job", None)
+    if cache is None or job is None:
+        return False
+    try:
+        return job not in cache and not handle.ready()
+    except Exception:  # a handle of another kind: trust its callbacks
+        return False
+
+
+class _InPool:
+    """A job handed to the pool: its ``finished`` runs once, from a callback or when the pool
+    dropped the job."""
+
+    __slots__ = ("done", "handle", "queue")
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.handle: Any = None
+        self.done = False
 
 
 class Turns:
@@ -74,6 +110,8 @@ class Turns:
         self.turn = 0
         #: When each queue last handed in a micro-batch (monotonic seconds).
         self.last_seen: dict[str, float] = {}
+        #: The jobs counted in ``running``, with the pool's handles: see ``dropped``.
+        self.in_pool: set[_InPool] = set()
         # Callbacks come on the event loop; timers may run in their own thread (solo, threads).
         self.lock = threading.Lock()
 
@@ -110,7 +148,9 @@ class Turns:
                 shared = self._shared()
                 # Alone, one job more waits in the pool, ready for the first process that frees.
                 limit = processes if shared else processes + 1
-                if self.running >= limit or not self.waiting:
+                if not self.waiting:
+                    return
+                if self.running >= limit and (not self._forget_dropped() or self.running >= limit):
                     return
                 # While several queues are active, one process stays for the others' jobs.
                 most = max(1, processes - 1) if shared else limit
@@ -126,12 +166,29 @@ class Turns:
                 self.served[queue] = self.turn
                 self.running += 1
                 self.running_by[queue] = self.running_by.get(queue, 0) + 1
-            finished = partial(self.finished, queue)
+                entry = _InPool(queue)
+                self.in_pool.add(entry)
+            finished = partial(self._finished, entry)
             try:
-                job.owner.start(job.items, job.alone, finished)
+                entry.handle = job.owner.start(job.items, job.alone, finished)
             except BaseException:
                 finished()
                 raise
+
+    def _forget_dropped(self) -> bool:
+        """Stop counting the jobs the pool dropped (``dropped``); whether there were any. Called
+        with the lock held, when the pool looks full: after a reconnect the next message finds
+        the processes free again."""
+        gone = [entry for entry in self.in_pool if not entry.done and dropped(entry.handle)]
+        for entry in gone:
+            self._release(entry)
+        if gone:
+            logger.warning(
+                "%d pool job(s) dropped by the pool at a broker reconnect; their messages come "
+                "back from the broker",
+                len(gone),
+            )
+        return bool(gone)
 
     @staticmethod
     def _take(line: deque[_Entry], divisor: int) -> _Entry:
@@ -153,34 +210,32 @@ class Turns:
                 entry.items = entry.items[fits:]
         return _Entry(owner, items, unit, False)
 
-    def restarted(self) -> None:
-        """The consumer (re)started after a lost connection: count no job as running. A job handed
-        to the pool before the loss may never call back (Celery resets the event loop's readers,
-        and with them the pool's half-read results), and counting it would hold its process's
-        turn for good while that process idles; one that does call back later is not counted
-        twice (``finished`` stops at 0), at worst one job more waits in the pool for a while."""
+    def _finished(self, entry: _InPool) -> None:
+        """A job handed to the pool ended (its callbacks ran): the next turn."""
         with self.lock:
-            self.running = 0
-            self.running_by.clear()
-
-    def finished(self, queue: str) -> None:
-        """A job of ``queue`` handed to the pool ended (its callbacks ran): the next turn."""
-        with self.lock:
-            self.running = max(0, self.running - 1)
-            left = self.running_by.get(queue, 0) - 1
-            if left > 0:
-                self.running_by[queue] = left
-            else:
-                self.running_by.pop(queue, None)
+            if entry.done:  # already forgotten as dropped
+                return
+            self._release(entry)
         self.pump()
+
+    def _release(self, entry: _InPool) -> None:
+        """Count ``entry`` no more (the lock held)."""
+        entry.done = True
+        self.in_pool.discard(entry)
+        self.running = max(0, self.running - 1)
+        left = self.running_by.get(entry.queue, 0) - 1
+        if left > 0:
+            self.running_by[entry.queue] = left
+        else:
+            self.running_by.pop(entry.queue, None)
 
 
 _TURNS: weakref.WeakKeyDictionary[Any, Turns] = weakref.WeakKeyDictionary()
 
 
 def turns_for(pool: Any) -> Turns:
-    """The pool's one ``Turns``, shared by every training task's strategy (kept when the consumer
-    restarts after a lost connection, its running count reset: see ``Turns.restarted``)."""
+    """The pool's one ``Turns``, shared by every training task's strategy (and kept when the
+    consumer restarts after a lost connection, so that jobs still running are counted)."""
     try:
         turns = _TURNS.get(pool)
         if turns is None:
