@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.client import Pipeline
@@ -28,6 +29,8 @@ from producer.settings import Settings
 from worker.lua import load_lua
 
 __all__ = ["ModelLock"]
+
+T = TypeVar("T")
 
 
 class ModelLock:
@@ -78,21 +81,35 @@ class ModelLock:
         """Take the lock, polling every ``ITRAIN_LOCK_POLL`` seconds for up to ``ITRAIN_LOCK_WAIT``,
         retried with backoff; ``LockTimeoutError`` when every try times out. ``since``: when the
         wait began (a try made before, in a pipeline), for ``waited``."""
+
+        def one_try() -> bool | None:
+            pipe = self._client.pipeline(transaction=False)
+            self.queue_acquire(pipe)
+            return True if self.took(pipe.execute(raise_on_error=False)[0]) else None
+
+        self.wait_for(one_try, since=since)
+
+    def wait_for(self, attempt: Callable[[], T | None], *, since: float | None = None) -> T:
+        """Poll ``attempt`` (one try at the lock, queued by ``queue_acquire`` with whatever else
+        rides in its round trip: ``None`` when the lock was not free) every ``ITRAIN_LOCK_POLL``
+        seconds for up to ``ITRAIN_LOCK_WAIT``, retried with backoff; its first result once the
+        lock is ours, ``LockTimeoutError`` when every try times out. ``waited`` counts from
+        ``since`` (now by default)."""
         start = time.perf_counter() if since is None else since
         s = self._settings
         attempts = 1 + s.lock_retries
-        for attempt in range(attempts):
+        for attempt_no in range(attempts):
             deadline = time.monotonic() + s.lock_wait
             while True:
-                pipe = self._client.pipeline(transaction=False)
-                self.queue_acquire(pipe, since=start)
-                if self.took(pipe.execute(raise_on_error=False)[0]):
-                    return
+                found = attempt()
+                if found is not None:
+                    self.waited = self.acquired_at - start
+                    return found
                 if time.monotonic() > deadline:
                     break
                 time.sleep(s.lock_poll)
-            if attempt + 1 < attempts:
-                time.sleep(min(0.05 * 2**attempt, 1.0))
+            if attempt_no + 1 < attempts:
+                time.sleep(min(0.05 * 2**attempt_no, 1.0))
         raise LockTimeoutError(
             f"lock_timeout: {self.name} not acquired within {s.lock_wait:g} s, {attempts} attempt(s)"
         )

@@ -148,15 +148,15 @@ class Trainer:
         return self._fail_all(model, jobs, ItrainError(f"commit refused {attempts} times in a row"))
 
     def _lock_and_read(self, lock: ModelLock, model: str, prep: Prepared) -> ReadResult:
-        """Take the lock and read the checkpoint: one round trip when the lock is free (the
-        try rides in front of the read), else the wait, then the read."""
-        start = time.perf_counter()
+        """Take the lock and read the checkpoint in one round trip: every try at the lock rides
+        in front of a read, so a worker that waited for another's release reads in the round
+        trip that takes the lock, not one after it (a try that finds the lock taken reads the
+        checkpoint's fields and markers for nothing; its weights only when the cached ones are
+        stale, which they are not while the holder has not committed)."""
         try:
-            read = self.store.read(model, self._cache.get(model), prep.event_ids, lock=lock)
-            if read is None:
-                lock.acquire(since=start)
-                read = self.store.read(model, self._cache.get(model), prep.event_ids)
-            return read
+            return lock.wait_for(
+                lambda: self.store.read(model, self._cache.get(model), prep.event_ids, lock=lock)
+            )
         except BaseException:
             if lock.owned:  # the read failed under the lock: give it back, then let the fault out
                 with contextlib.suppress(redis.RedisError):
