@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     #: Events per pool job (one lock): a train_step message is one, a train_batch one chunk_size.
     batch_max: int = Field(1024, ge=1, le=10_000)
     batch_wait_ms: float = Field(10.0, ge=0)
+    #: Where that wait happens: before the fetch, and only while messages come fast enough to
+    #: gather a few in it (``worker.consume.fetch_window``); off: every message taken at once and
+    #: then held for the wait in the worker (the former rule).
+    batch_wait_adaptive: bool = True
     prefetch_multiplier: int = Field(128, ge=1)
     # Messages a worker takes from the queue in one round trip at most.
     fetch_max: int = Field(50, ge=1, le=1000)

@@ -135,9 +135,27 @@ def test_chunks_of_one_fetch_share_a_pool_job_up_to_batch_max_events() -> None:
     assert jobs[3:] == [["lone"]]
 
 
-def test_train_step_messages_wait_for_company() -> None:
-    # Given the train_step strategy
+def test_train_step_messages_of_one_fetch_go_together() -> None:
+    # Given the train_step strategy, its wait taken before the fetch (the fetch window, default)
     on_message, jobs, timer = _strategy(TASK_TRAIN_STEP, buffered=True)
+    # When three messages of one fetch arrive
+    _deliver(on_message, TASK_TRAIN_STEP, ["s0", "s1", "s2"])
+    # Then they go as one job on the loop's next turn, not after another wait
+    assert jobs == []
+    assert [e.secs for e in timer.entries] == [0.0]
+    timer.fire()
+    assert jobs == [["s0", "s1", "s2"]]
+
+
+def test_train_step_messages_wait_for_company_under_the_former_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given the train_step strategy with ITRAIN_BATCH_WAIT_ADAPTIVE=0
+    monkeypatch.setenv("ITRAIN_BATCH_WAIT_ADAPTIVE", "0")
+    get_settings.cache_clear()
+    try:
+        on_message, jobs, timer = _strategy(TASK_TRAIN_STEP, buffered=True)
+    finally:
+        monkeypatch.delenv("ITRAIN_BATCH_WAIT_ADAPTIVE")
+        get_settings.cache_clear()
     # When three messages arrive
     _deliver(on_message, TASK_TRAIN_STEP, ["s0", "s1", "s2"])
     # Then they wait ITRAIN_BATCH_WAIT_MS for others, and go as one job

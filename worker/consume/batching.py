@@ -7,7 +7,10 @@ and one results write. A job holds at most ``ITRAIN_BATCH_MAX`` events (an
 ``itrain.train_step`` message is one event; an ``itrain.train_batch`` message counts as
 ``ITRAIN_CHUNK_SIZE``, its most, so the main process never decodes a body to count):
 
-* ``itrain.train_step`` messages wait at most ``ITRAIN_BATCH_WAIT_MS`` after the first arrived;
+* ``itrain.train_step`` messages wait at most ``ITRAIN_BATCH_WAIT_MS``: before they are taken,
+  while they come fast enough for the wait to gather a few (``fetch_window``, the transport's;
+  those of one fetch then go together, as chunks do), or, with ``ITRAIN_BATCH_WAIT_ADAPTIVE=0``,
+  in this buffer after the first arrived;
 * ``itrain.train_batch`` messages are batches already and wait for nothing: those that arrived
   in one fetch from the queue go together, flushed on the event loop's next turn. So a lone
   chunk goes to the pool at once, and when the queue is deep one lock covers ~1,000 events
@@ -137,8 +140,11 @@ class _Buffer:
         self.max = settings.batch_max  # events per pool job
         #: Events a message counts for: one ``train_step``, or a ``train_batch`` chunk at its most.
         self.weight = 1 if buffered else settings.chunk_size
-        # A chunk waits only for the other messages of its fetch (delivered in one loop turn).
-        self.wait = settings.batch_wait_ms / 1000.0 if buffered else 0.0
+        # A chunk waits only for the other messages of its fetch (delivered in one loop turn);
+        # so does a train_step message when the transport gathered it (ITRAIN_BATCH_WAIT_ADAPTIVE:
+        # its fetch came after the wait, ``worker.consume.fetch_window``).
+        held = buffered and not settings.batch_wait_adaptive
+        self.wait = settings.batch_wait_ms / 1000.0 if held else 0.0
         # One micro-batch in the making per queue: a job holds one queue's messages.
         self.items: dict[str, list[_Pending]] = {}
         self.size: dict[str, int] = {}  # events counted in ``items``

@@ -24,6 +24,10 @@ taken:
   and each is recorded as unacknowledged in the same atomic call, from its original text. There is
   no instant at which a message is neither on the queue nor recorded. While messages keep coming
   (a full fetch) the next fetch is sent straight away: one round trip per batch, no wait.
+- **Gather what comes fast** (``fetch_window``): a wait answered while messages have been
+  arriving fast enough to gather a few within ``ITRAIN_BATCH_WAIT_MS`` is followed by that
+  window and then one fetch of everything that came, instead of a fetch (and a pool job) per
+  message; at a low rate the fetch is sent at once.
 - **Count deliveries.** The script counts how many times each message was handed out and keeps
   when it was first taken; both reach the task strategy in ``message.delivery_info``
   (``deliveries``, ``first_taken``). A live worker that gives a message back (a Redis fault under
@@ -77,6 +81,7 @@ from kombu.utils.objects import cached_property
 
 from producer.demotion import DemotionAwareConnection, DemotionAwareSSLConnection
 from producer.keys import TRANSPORT_REJECTED
+from worker.consume.fetch_window import FetchWindow
 from worker.lua import load_lua
 
 __all__ = ["AMQP_CLASS", "Channel", "QoS", "Transport", "transport_url"]
@@ -511,15 +516,19 @@ class _Waiters:
         if waiter is None:
             return
         try:
-            waiter.connection.read_response()
+            reply = waiter.connection.read_response()
         except Exception as exc:  # a lost connection, READONLY or -UNBLOCKED after a demotion
             logger.debug("wait on %s ended (%r)", queue, exc)
             self._drop(queue)
+            self.channel._fetch_next = True
+            return
+        waiter.sent_at = None
+        # A message arrived (or the wait timed out): fetch from every queue on the event loop's
+        # next turn, or once the fetch window is over.
+        if reply is None:
+            self.channel._fetch_next = True
         else:
-            waiter.sent_at = None
-        # A message arrived (or the wait timed out, or its connection failed): fetch from every
-        # queue on the event loop's next turn.
-        self.channel._fetch_next = True
+            self.channel._woken()
 
     def _drop(self, queue: str) -> None:
         waiter = self.waiters.pop(queue, None)
@@ -558,6 +567,9 @@ class Channel(kombu_redis.Channel):
     #: Seconds one wait lasts when a channel on several queues has no event loop to watch them
     #: all at once (``_Waiters``): it waits on each queue in turn.
     poll_wait = 0.02
+    #: The longest wait between a wake-up and its fetch while messages come fast, seconds
+    #: (``worker.consume.fetch_window``; 0: fetch at once, always).
+    fetch_window = 0.0
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
@@ -567,6 +579,7 @@ class Channel(kombu_redis.Channel):
         "first_taken_key",
         "rejected_key",
         "rejected_max",
+        "fetch_window",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -576,6 +589,8 @@ class Channel(kombu_redis.Channel):
         #: Fetch instead of waiting: messages are likely waiting (start, a full fetch, a wake-up).
         self._fetch_next = True
         self._quiet_until = 0.0
+        #: No fetch before this (monotonic): a fetch window is open (``_woken``).
+        self._fetch_after = 0.0
         self._script_loaded = False
         #: The time sent with the last fetch: the score of what it took.
         self._fetch_at = 0.0
@@ -583,6 +598,7 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("the itrain transport does not support global_keyprefix")
+        self._window = FetchWindow(float(self.fetch_window))
 
     # -- one client, reused ---------------------------------------------------------------------
 
@@ -638,7 +654,8 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called on every loop tick: it must do nothing while a reply is pending.
-        if self._in_poll or monotonic() < self._quiet_until:
+        now = monotonic()
+        if self._in_poll or now < self._quiet_until or now < self._fetch_after:
             return
         if ORPHANS:
             self._give_back_orphans()
@@ -658,6 +675,27 @@ class Channel(kombu_redis.Channel):
             self._waiters.arm(room, wait)
         else:  # no event loop to watch several connections: short waits, queue after queue
             self._send_wait(room[0], min(wait, self.poll_wait) if wait else self.poll_wait)
+
+    def _woken(self) -> None:
+        """A wait answered with a message: fetch on the loop's next turn, or, while messages come
+        fast enough to gather a few (``FetchWindow``), once the window is over: one fetch and one
+        pool job for all that came in it. Without an event loop (no timer) it fetches at once."""
+        self._fetch_next = True
+        now = monotonic()
+        if now < self._fetch_after:  # a window is open already
+            return
+        hub: Any = getattr(self.connection, "hub", None)
+        delay = self._window.delay(now) if hub is not None else 0.0
+        if delay > 0:
+            self._fetch_after = now + delay
+            hub.call_later(delay, self._window_over)
+
+    def _window_over(self) -> None:
+        # The loop may have ticked a moment before the window ended and found nothing to do:
+        # start the fetch from here, as a loop tick would (registering the connection again if
+        # it was lost meanwhile).
+        if not self.closed and not self._in_poll:
+            self.connection.poll_now()
 
     def _send_wait(self, queue: str, timeout: float) -> None:
         key = self._q_for_pri(queue, 0)
@@ -724,9 +762,13 @@ class Channel(kombu_redis.Channel):
             raise virtual.Empty()
         kind, keys = pending
         if kind == "WAIT":
-            # A message arrived, or the wait timed out: fetch now. A timeout fetches too, for the
-            # priority lists and for messages restored after a visibility timeout.
-            self._fetch_next = True
+            # A message arrived, or the wait timed out: fetch now (or after the fetch window). A
+            # timeout fetches too, for the priority lists and for messages restored after a
+            # visibility timeout.
+            if reply and reply is not _REFUSED:
+                self._woken()
+            else:
+                self._fetch_next = True
             if len(self.active_queues) > 1:  # short waits, queue after queue (no event loop)
                 self._queue_cycle.rotate(keys[0].rsplit(self.sep, 1)[0])
             if reply is not _REFUSED:
@@ -737,6 +779,7 @@ class Channel(kombu_redis.Channel):
             raise virtual.Empty()
         taken = len(reply) // 5
         self._fetch_next = taken >= self.fetch_max
+        self._window.taken(taken, monotonic())
         self._deliver_fetched(reply, keys)
         return True
 
@@ -926,6 +969,18 @@ class Transport(kombu_redis.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         self.hub = loop
         super().register_with_event_loop(connection, loop)
+
+    def poll_now(self) -> None:
+        """What a tick of the event loop does for this transport (kombu's ``on_poll_start``):
+        start each channel's wait or fetch and watch its connections. A fetch window's end calls
+        it, not to wait for the next tick."""
+        cycle: Any = self.cycle  # kombu's MultiChannelPoller
+        hub = self.hub
+        if hub is None:
+            return
+        cycle.on_poll_start()
+        for fd in cycle.fds:
+            hub.add_reader(fd, self.on_readable, fd)
 
 
 #: The consumer's reconnect steps, seconds (``interval_start``, ``interval_step``,

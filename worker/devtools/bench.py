@@ -90,6 +90,11 @@ class Scenario:
     rate: float | None = None
     #: Producer threads, each sending its share (``train_step`` only).
     threads: int = 1
+    #: The client's ``linger_ms`` (``train_step`` only).
+    linger_ms: float = 0.0
+    #: Settings of the workers that run it, besides the bench's own (scenarios with different
+    #: ones run on workers of their own).
+    worker_env: tuple[tuple[str, str], ...] = ()
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -110,20 +115,33 @@ def plan(quick: bool) -> list[Scenario]:
             "latency-many", "train_many, 25 events every 50 ms (500 events/s)", 2, n(5000), "many", rate=500.0
         ),
         Scenario("e", "train_step from 4 threads, one event a call", 2, n(8000), "step", threads=4),
-        Scenario(
-            "latency-4t",
-            "train_step from 4 threads at 1,000 events/s in all",
-            2,
-            n(8000),
-            "step",
-            rate=1000.0,
-            threads=4,
-        ),
     ]
+    # The rate most deployments run at, with the fetch window that follows the arrival rate (the
+    # default) and with the former rule (each message taken at once, then held for
+    # ITRAIN_BATCH_WAIT_MS), each with and without the client's linger: side by side in one run.
+    fixed = (("ITRAIN_BATCH_WAIT_ADAPTIVE", "0"),)
+    for linger, suffix in ((0.0, ""), (2.0, "-linger2")):
+        for env, rule in (((), ""), (fixed, "-fixed")):
+            what = "train_step from 4 threads at 1,000 events/s in all"
+            what += f", linger_ms={linger:g}" if linger else ""
+            what += ", ITRAIN_BATCH_WAIT_ADAPTIVE=0" if env else ""
+            out.append(
+                Scenario(
+                    f"latency-4t{suffix}{rule}",
+                    what,
+                    2,
+                    n(8000),
+                    "step",
+                    rate=1000.0,
+                    threads=4,
+                    linger_ms=linger,
+                    worker_env=env,
+                )
+            )
     for w in (1, 2, 4):
         out.append(Scenario(f"b{w}", "train_step, one event a call", w, n(3000), "step"))
         out.append(Scenario(f"c{w}", "train_many, per_event mode", w, n(200_000), "many"))
-    return sorted(out, key=lambda s: (s.workers != 2, s.workers, s.key))
+    return sorted(out, key=lambda s: (s.workers != 2, s.workers, s.worker_env, s.key))
 
 
 @contextmanager
@@ -185,15 +203,20 @@ def _send_threads(
     shares = [events[k :: sc.threads] for k in range(sc.threads)]
     out: list[tuple[list[Any], list[float]]] = [([], [])] * sc.threads
     rate = sc.rate / sc.threads if sc.rate else None
+    # A lingering client is the service's one client, shared by its threads, as in production.
+    lingering = TrainingClient(settings=client.settings, linger_ms=sc.linger_ms) if sc.linger_ms else None
+    sender = lingering or client
 
     def run(k: int) -> None:
-        out[k] = send_paced(shares[k], lambda part: [client.train_step(part[0])], rate=rate, size=1)
+        out[k] = send_paced(shares[k], lambda part: [sender.train_step(part[0])], rate=rate, size=1)
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(sc.threads)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if lingering is not None:
+        lingering.close()  # sends what lingers
     handles: list[Any] = [None] * len(events)
     sent: list[float] = [0.0] * len(events)
     for k, (hs, ts) in enumerate(out):
@@ -368,11 +391,12 @@ def run_bench(
             TrainingClient(settings=settings.model_copy(update={"min_replicas": 1})) if replicas else None
         )
         with TrainingClient(settings=settings) as client:
-            for count in sorted({s.workers for s in scenarios}, key=lambda w: (w != 2, w)):
-                with _workers(count, env, client, logs) as procs:
+            groups = sorted({(s.workers, s.worker_env) for s in scenarios}, key=lambda g: (g[0] != 2, g))
+            for count, worker_env in groups:
+                with _workers(count, {**env, **dict(worker_env)}, client, logs) as procs:
                     assert server.proc is not None
                     cpu = _Cpu(server.proc.pid, procs)
-                    for sc in (s for s in scenarios if s.workers == count):
+                    for sc in (s for s in scenarios if (s.workers, s.worker_env) == (count, worker_env)):
                         say(
                             f"scenario {sc.key}: {sc.description}, {sc.workers} worker(s), {sc.events} events"
                         )
@@ -383,7 +407,7 @@ def run_bench(
                             again.key = f"{sc.key}+wait1"
                             again.description += f", ITRAIN_MIN_REPLICAS=1 of {replicas} replicas"
                             results.append(again)
-                    if count == 2 and not partial:
+                    if count == 2 and not worker_env and not partial:
                         memory = _memory(args.quick, client, store, raw, say)
             paths = [] if partial else _message_path(args.quick, env, client, store, raw, logs, say)
             links = hosts.run_hosts(rtts, args.quick, server, client, store, raw, logs, say) if rtts else []
