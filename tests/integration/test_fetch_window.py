@@ -15,7 +15,7 @@ import redis
 
 from producer.keys import ModelKeys
 from tests.conftest import ModelFactory, WorkerFactory
-from tests.helpers import ClientFactory, Workers, make_events, statuses, wait_results, wait_until
+from tests.helpers import ClientFactory, Workers, make_events, model_state, statuses, wait_results, wait_until
 from worker.devtools.pacing import send_paced
 
 FAST, SLOW = 1000.0, 20.0  # events a second
@@ -39,9 +39,10 @@ def _run(
     rate: float,
     events: int,
     adaptive: bool,
+    count: int = 1,
 ) -> int:
-    """Send ``events`` at ``rate`` to a lone worker whose model's lock is held; the fetches it
-    took them in. Then every event trains."""
+    """Send ``events`` at ``rate`` to ``count`` workers whose model's lock is held; the fetches
+    they took them in. Then every event trains, once."""
     queue, model = f"itrain.w{uuid.uuid4().hex[:6]}", make_model()
     env = {
         "ITRAIN_QUEUE": queue,
@@ -51,7 +52,7 @@ def _run(
         "ITRAIN_LOCK_WAIT": "60",
         "ITRAIN_LOCK_POLL": "0.02",
     }
-    start_workers(1, concurrency=1, env=env)
+    start_workers(count, concurrency=1, env=env)
     client = make_client(redis_url, queue=queue)
     redis_client.set(ModelKeys(model).lock, b"held-by-the-test", px=120_000)
     handles, _ = send_paced(
@@ -61,7 +62,8 @@ def _run(
     _, fetches = _fetches(redis_client, queue)
     redis_client.delete(ModelKeys(model).lock)
     assert statuses(wait_results(client, handles, 60, workers)) == {"trained": events}
-    print(f"\n{events} events at {rate:g}/s, adaptive={adaptive}: {fetches} fetches")
+    assert int(model_state(redis_client, model)["step"]) == events
+    print(f"\n{events} events at {rate:g}/s, {count} worker(s), adaptive={adaptive}: {fetches} fetches")
     return fetches
 
 
@@ -82,6 +84,32 @@ def test_events_that_come_fast_are_gathered_into_few_fetches(
     # And the former rule (each message taken as it comes, then held) fetched more often
     every = _run(*args, rate=FAST, events=300, adaptive=False)
     assert every > gathered
+
+
+def test_two_workers_gather_in_turns_and_every_event_trains_once(
+    redis_url: str,
+    redis_client: redis.Redis,
+    start_workers: WorkerFactory,
+    workers: Workers,
+    make_model: ModelFactory,
+    make_client: ClientFactory,
+) -> None:
+    # Given two workers on one queue, both woken by each first message of a window (one gathers,
+    # the other waits for that window to end: ``lua/gather.lua``)
+    fetches = _run(
+        redis_url,
+        redis_client,
+        start_workers,
+        workers,
+        make_model,
+        make_client,
+        rate=FAST,
+        events=300,
+        adaptive=True,
+        count=2,
+    )
+    # Then the events were still gathered into few fetches, and each trained once (above)
+    assert fetches <= 150
 
 
 def test_events_that_come_slowly_are_each_taken_at_once(
