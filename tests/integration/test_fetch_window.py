@@ -91,10 +91,10 @@ def test_events_that_come_fast_are_gathered_into_few_fetches(stream: Stream) -> 
     assert every > gathered
 
 
-def test_two_workers_gather_in_turns_and_every_event_trains_once(stream: Stream) -> None:
-    # Given two workers on one queue, both woken by each first message of a window (one gathers,
-    # the other waits for that window to end: ``lua/gather.lua``)
-    # (each learns the rate from its own part of the stream: ~100 events before both gather)
+def test_two_workers_gather_and_every_event_trains_once(stream: Stream) -> None:
+    # Given two workers on one queue, each woken by the first message of a window and each
+    # gathering (each learns the rate from its own part of the stream: ~100 events before both
+    # gather)
     fetches = stream(rate=FAST, events=600, adaptive=True, count=2)
     # Then the events were still gathered into few fetches, and each trained once (in ``Stream``)
     assert fetches <= 300

@@ -27,10 +27,7 @@ taken:
 - **Gather what comes fast** (``fetch_window``): a wait answered while messages have been
   arriving fast enough to gather a few within ``ITRAIN_BATCH_WAIT_MS`` is followed by that
   window and then one fetch of everything that came, instead of a fetch (and a pool job) per
-  message; at a low rate the fetch is sent at once. One worker gathers at a time
-  (``lua/gather.lua``: a key per queue that lives as long as the window): every idle worker is
-  woken by the same message, and the others wait again once that window is over, so the
-  messages of a window make one job, not one job per worker.
+  message; at a low rate the fetch is sent at once.
 - **Count deliveries.** The script counts how many times each message was handed out and keeps
   when it was first taken; both reach the task strategy in ``message.delivery_info``
   (``deliveries``, ``first_taken``). A live worker that gives a message back (a Redis fault under
@@ -69,8 +66,6 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from os import getpid
-from socket import gethostname
 from ssl import CERT_REQUIRED
 from time import monotonic, time
 from typing import Any
@@ -154,8 +149,6 @@ class _Script:
 
 ACK = _Script("ack")
 FETCH = _Script("fetch")
-#: Sent by ``EVAL`` (its text is short): a wake-up must not wait for a ``NOSCRIPT`` answer.
-GATHER = _Script("gather")
 GIVEBACK = _Script("giveback")
 RESTORE = _Script("restore")
 
@@ -535,7 +528,7 @@ class _Waiters:
         if reply is None:
             self.channel._fetch_next = True
         else:
-            self.channel._woken(queue)
+            self.channel._woken()
 
     def _drop(self, queue: str) -> None:
         waiter = self.waiters.pop(queue, None)
@@ -577,11 +570,6 @@ class Channel(kombu_redis.Channel):
     #: The longest wait between a wake-up and its fetch while messages come fast, seconds
     #: (``worker.consume.fetch_window``; 0: fetch at once, always).
     fetch_window = 0.0
-    #: A queue's gather key (``lua/gather.lua``): which worker gathers its messages now.
-    gather_key = "itrain:{_transport}:gather:%s"
-    #: Seconds a worker that found another gathering waits past the end of that window before it
-    #: waits on the queue again: time for the other's fetch to take what came.
-    gather_margin = 0.001
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
@@ -607,9 +595,6 @@ class Channel(kombu_redis.Channel):
         #: The time sent with the last fetch: the score of what it took.
         self._fetch_at = 0.0
         self._waiters = _Waiters(self)
-        #: This channel's name in a gather key (for whoever reads it), and the window it asked for.
-        self._node = f"{gethostname()}:{getpid()}:{id(self):x}"
-        self._asked = 0.0
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("the itrain transport does not support global_keyprefix")
@@ -691,44 +676,19 @@ class Channel(kombu_redis.Channel):
         else:  # no event loop to watch several connections: short waits, queue after queue
             self._send_wait(room[0], min(wait, self.poll_wait) if wait else self.poll_wait)
 
-    def _woken(self, queue: str) -> None:
-        """A wait on ``queue`` answered with a message: fetch on the loop's next turn, or, while
-        messages come fast enough to gather a few (``FetchWindow``), once the window is over: one
-        fetch and one pool job for all that came in it, unless another worker is gathering them
-        already (``_gathered``). Without an event loop (no timer) it fetches at once."""
+    def _woken(self) -> None:
+        """A wait answered with a message: fetch on the loop's next turn, or, while messages come
+        fast enough to gather a few (``FetchWindow``), once the window is over: one fetch and one
+        pool job for all that came in it. Without an event loop (no timer) it fetches at once."""
         self._fetch_next = True
         now = monotonic()
         if now < self._fetch_after:  # a window is open already
             return
         hub: Any = getattr(self.connection, "hub", None)
         delay = self._window.delay(now) if hub is not None else 0.0
-        if delay <= 0:
-            return
-        if self._in_poll:  # the consumer connection is busy (several queues): gather alone
-            self._open_window(now, delay)
-            return
-        self._asked = delay
-        key = self.gather_key % queue
-        self._send("GATHER", [key], "EVAL", GATHER.text, 1, key, self._node, max(1, round(delay * 1000)))
-
-    def _gathered(self, reply: Any) -> None:
-        """The answer to a gather request: this worker's window (wait it out, then fetch), or
-        the milliseconds left of another worker's (that one fetches what comes in it: wait on
-        the queue again once it is over)."""
-        if reply is _REFUSED or not isinstance(reply, int):
-            self._fetch_next = True
-            return
-        if reply < 0:
-            self._open_window(monotonic(), self._asked)
-            return
-        now = monotonic()
-        self._fetch_next = False
-        self._window.others_gather(now)
-        self._open_window(now, reply / 1000.0 + self.gather_margin)
-
-    def _open_window(self, now: float, seconds: float) -> None:
-        self._fetch_after = now + seconds
-        self.connection.hub.call_later(seconds, self._window_over)
+        if delay > 0:
+            self._fetch_after = now + delay
+            hub.call_later(delay, self._window_over)
 
     def _window_over(self) -> None:
         # The loop may have ticked a moment before the window ended and found nothing to do:
@@ -806,16 +766,11 @@ class Channel(kombu_redis.Channel):
             # timeout fetches too, for the priority lists and for messages restored after a
             # visibility timeout.
             if reply and reply is not _REFUSED:
-                self._woken(keys[0].rsplit(self.sep, 1)[0])
+                self._woken()
             else:
                 self._fetch_next = True
             if len(self.active_queues) > 1:  # short waits, queue after queue (no event loop)
                 self._queue_cycle.rotate(keys[0].rsplit(self.sep, 1)[0])
-            if reply is not _REFUSED:
-                self._brpop_start()
-            raise virtual.Empty()
-        if kind == "GATHER":
-            self._gathered(reply)
             if reply is not _REFUSED:
                 self._brpop_start()
             raise virtual.Empty()
