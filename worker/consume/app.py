@@ -39,6 +39,7 @@ app.conf.broker_url = transport_url(app.conf.broker_url)
 app.conf.broker_transport_options = {
     **app.conf.broker_transport_options,
     "fetch_max": settings.fetch_max,
+    "fetch_bytes": settings.fetch_bytes,
     # The whole envelope, headers included, is bounded before it is parsed. The largest body a
     # message may carry takes a third more in base64; twice the body limit leaves room for
     # headers and lets a body somewhat over its limit still be answered by a FAILURE naming
