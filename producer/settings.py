@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     prefetch_multiplier: int = Field(128, ge=1)
     # Messages a worker takes from the queue in one round trip at most.
     fetch_max: int = Field(50, ge=1, le=1000)
+    # Bytes one queue gives in that round trip at most (one message at least): the fetch script
+    # and the worker's reading of what it took both hold up the other queues for as long.
+    fetch_bytes: int = Field(262_144, ge=1)
     worker_concurrency: int | None = Field(None, ge=1)
 
     # The secret key of the user-id hash (a feature): without it, a stored feature can be reversed

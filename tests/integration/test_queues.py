@@ -15,7 +15,7 @@ import redis
 from kombu import Connection, Consumer, Queue  # type: ignore[attr-defined]
 
 from producer.keys import ModelKeys
-from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id
+from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP, encode_envelope, new_task_id
 from tests.conftest import ModelFactory, WorkerFactory
 from tests.helpers import (
     ClientFactory,
@@ -195,10 +195,12 @@ def test_messages_of_two_queues_held_by_a_killed_worker_are_redelivered(
     print(f"\nheld when killed: {dict(held)}")
 
 
-def _fetch_once(redis_url: str, queues: tuple[str, ...], prefetch: int = 0, fetch_max: int = 10) -> list[Any]:
+def _fetch_once(
+    redis_url: str, queues: tuple[str, ...], prefetch: int = 0, fetch_max: int = 10, **options: Any
+) -> list[Any]:
     """One fetch of our transport's consumer on ``queues``: the messages it delivered."""
     got: list[Any] = []
-    conn = Connection(transport_url(redis_url), transport_options={"fetch_max": fetch_max})
+    conn = Connection(transport_url(redis_url), transport_options={"fetch_max": fetch_max, **options})
     try:
         consumer = Consumer(
             conn.channel(),
@@ -234,6 +236,27 @@ def test_one_fetch_takes_from_every_non_empty_queue(redis_url: str, redis_client
     # Then A fills only its share of the window
     assert Counter(m.delivery_info["taken_from"] for m in got) == {qa: 4}
     redis_client.delete(qa)
+
+
+def test_a_queue_of_large_messages_gives_its_bytes_and_the_others_their_messages(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given a queue flooded with chunks of 256 events (tens of KB each, as train_many's) and a
+    # queue with three lone events
+    qa, qb = _queues()
+    chunks = [
+        encode_envelope(TASK_TRAIN_BATCH, new_task_id(), make_events("m", 256, qa, start=256 * i), qa)
+        for i in range(20)
+    ]
+    redis_client.lpush(qa, *chunks)
+    redis_client.lpush(
+        qb, *[encode_envelope(TASK_TRAIN_STEP, new_task_id(), [make_event("m", i, qb)], qb) for i in range(3)]
+    )
+    # When a consumer on both takes one fetch of up to 50 messages, 2 chunks' bytes from a queue
+    got = _fetch_once(redis_url, (qa, qb), fetch_max=50, fetch_bytes=2 * len(chunks[0]))
+    # Then A gave two chunks (not the 47 left by B's three), and B its three in the same fetch
+    assert Counter(m.delivery_info["taken_from"] for m in got) == {qa: 2, qb: 3}
+    redis_client.delete(qa, qb)
 
 
 def test_a_worker_given_queues_by_celery_q_consumes_each(

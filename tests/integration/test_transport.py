@@ -131,6 +131,39 @@ def test_fetch_size_is_bounded_by_fetch_max_and_prefetch(
         conn.release()
 
 
+def test_a_fetch_takes_at_most_fetch_bytes_of_a_queue_and_counts_as_full(
+    redis_url: str, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given 10 large messages waiting (as train_many's chunks are), and a bound of 2.5 of them
+    def large(i: int) -> bytes:
+        event = {"event_id": f"e{i}", "model": "m", "pad": "x" * 20_000}
+        return encode_envelope(TASK_TRAIN_STEP, new_task_id(), [event], queue)
+
+    items = [large(i) for i in range(10)]
+    redis_client.lpush(queue, *items)
+    conn, _, got = _consume(redis_url, queue, fetch_bytes=len(items[0]) * 5 // 2)
+    try:
+        # When the consumer drains once
+        conn.drain_events(timeout=2)
+        # Then one fetch took the three that reach the bound (the third crosses it), in order
+        assert [orjson.loads(m.body)[0][0]["event_id"] for m in got.messages] == ["e0", "e1", "e2"]
+        assert redis_client.llen(queue) == 7
+        # And the fetch counted as full: the next one is sent at once, with no wait (BLMOVE)
+        waits = _calls(redis_client, "blmove")
+        conn.drain_events(timeout=2)
+        assert len(got.messages) == 6
+        assert _calls(redis_client, "blmove") == waits
+    finally:
+        conn.release()
+    # A bound smaller than one message still takes one message a fetch
+    conn, _, got = _consume(redis_url, queue, fetch_bytes=1)
+    try:
+        conn.drain_events(timeout=2)
+        assert len(got.messages) == 1
+    finally:
+        conn.release()
+
+
 def test_acks_are_batched_into_one_round_trip(redis_url: str, redis_client: redis.Redis, queue: str) -> None:
     redis_client.lpush(queue, *[_envelope(queue, i) for i in range(20)])
     conn, consumer, got = _consume(redis_url, queue)

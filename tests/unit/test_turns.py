@@ -4,7 +4,10 @@ tests/reliability/test_noisy_neighbour.py)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from worker.consume import turns as turns_module
@@ -146,3 +149,43 @@ def test_jobs_still_in_the_pool_keep_their_turns() -> None:
     a.finish()
     assert a.started[2] == [2]
     assert turns.running == 2
+
+
+def test_a_finished_job_is_freed_by_reference_counting_not_left_to_the_garbage_collector() -> None:
+    # Given a pool whose handle keeps the job's callback, as billiard's ApplyResult does (its
+    # callback holds ``finished``, which holds Turns' record of the job, which holds the handle)
+    class Handle:
+        def __init__(self, finished: Callable[[], None]) -> None:
+            self.finished = finished
+
+    class Owner:
+        max = 1024
+
+        def __init__(self) -> None:
+            self.handles: list[Handle] = []
+
+        def start(self, items: list[Any], alone: bool, finished: Callable[[], None]) -> Handle:
+            self.handles.append(Handle(partial(_keep, items, finished)))
+            return self.handles[-1]
+
+    class Item:
+        pass
+
+    turns, owner = Turns(_Pool(1)), Owner()
+    item = Item()
+    gone = weakref.ref(item)
+    gc.disable()  # only reference counting may free it
+    try:
+        turns.submit("A", owner, [item], 1)
+        del item
+        # When the job ends and the pool lets go of its handle
+        owner.handles.pop().finished()
+        # Then its items are gone at once: no cycle holds them until a collection (in the worker's
+        # main process, each job's kombu messages waited for one: 20-100 ms pauses under load)
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+def _keep(items: list[Any], finished: Callable[[], None]) -> None:
+    finished()

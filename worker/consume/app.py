@@ -42,6 +42,7 @@ app.conf.broker_transport_options = {
     # A woken worker waits out ITRAIN_BATCH_WAIT_MS before its fetch while messages come fast
     # (worker.consume.fetch_window); the task strategy then holds them no longer.
     "fetch_window": settings.batch_wait_ms / 1000.0 if settings.batch_wait_adaptive else 0.0,
+    "fetch_bytes": settings.fetch_bytes,
     # The whole envelope, headers included, is bounded before it is parsed. The largest body a
     # message may carry takes a third more in base64; twice the body limit leaves room for
     # headers and lets a body somewhat over its limit still be answered by a FAILURE naming

@@ -28,6 +28,12 @@ taken:
   arriving fast enough to gather a few within ``ITRAIN_BATCH_WAIT_MS`` is followed by that
   window and then one fetch of everything that came, instead of a fetch (and a pool job) per
   message; at a low rate the fetch is sent at once.
+- **Small fetches of large messages**: a queue gives at most ``fetch_bytes`` per fetch (one
+  message at least). A fetch is one Redis script and then one stretch of the main process's
+  event loop, and both grow with the bytes taken: 50 ``train_many`` chunks (~2.4 MB) held Redis
+  for 10-35 ms and the event loop for as long again, while another queue's lone message, arriving
+  meanwhile, waited for both (``tests/reliability/test_noisy_neighbour.py``). A fetch cut short
+  by the bytes counts as full: the next is sent straight away.
 - **Count deliveries.** The script counts how many times each message was handed out and keeps
   when it was first taken; both reach the task strategy in ``message.delivery_info``
   (``deliveries``, ``first_taken``). A live worker that gives a message back (a Redis fault under
@@ -556,6 +562,9 @@ class Channel(kombu_redis.Channel):
     #: Messages taken in one fetch at most (the measured sweet spot is 25-50: larger fetches hold
     #: Redis longer for little gain).
     fetch_max = 50
+    #: Bytes a queue gives in one fetch at most (one message at least): ~5 ``train_many`` chunks
+    #: of 256 events; 50 small messages stay well under it.
+    fetch_bytes = 256 * 1024
     #: An envelope larger than this is refused before it is parsed (headers included).
     max_envelope_bytes = 2 * 1024 * 1024
     deliveries_key = "unacked_deliveries"
@@ -574,6 +583,7 @@ class Channel(kombu_redis.Channel):
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "fetch_max",
+        "fetch_bytes",
         "max_envelope_bytes",
         "deliveries_key",
         "first_taken_key",
@@ -703,7 +713,7 @@ class Channel(kombu_redis.Channel):
 
     def _send_fetch(self, queues: list[str], caps: list[int]) -> None:
         """Take up to ``fetch_max`` messages, shared fairly between ``queues`` (``fetch.lua``),
-        each queue giving at most its cap."""
+        each queue giving at most its cap, and at most ``fetch_bytes`` (one message at least)."""
         want = min(int(self.fetch_max), sum(caps))
         estimate = self.qos.can_consume_max_estimate()
         if estimate is not None:
@@ -724,7 +734,16 @@ class Channel(kombu_redis.Channel):
             self.rejected_key,
             *lists,
         ]
-        args = [want, now, int(self.max_envelope_bytes), int(self.rejected_max), len(queues), *caps, *names]
+        args = [
+            want,
+            now,
+            int(self.max_envelope_bytes),
+            int(self.rejected_max),
+            int(self.fetch_bytes),
+            len(queues),
+            *caps,
+            *names,
+        ]
         self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
         if len(queues) > 1:
             # The next fetch starts with the next queue: a share's remainder goes round too.
@@ -778,10 +797,19 @@ class Channel(kombu_redis.Channel):
             self._fetch_next = False
             raise virtual.Empty()
         taken = len(reply) // 5
-        self._fetch_next = taken >= self.fetch_max
+        # Full, or a queue stopped at its bytes: more is likely waiting.
+        self._fetch_next = taken >= self.fetch_max or self._bytes_reached(reply, keys)
         self._window.taken(taken, monotonic())
         self._deliver_fetched(reply, keys)
         return True
+
+    def _bytes_reached(self, reply: list[Any], lists: list[str]) -> bool:
+        """Whether a queue gave ``fetch_bytes`` in this fetch (``fetch.lua`` stopped it there)."""
+        given: dict[str, int] = {}
+        for i in range(0, len(reply), 5):
+            queue = lists[int(reply[i]) - 1].rsplit(self.sep, 1)[0]
+            given[queue] = given.get(queue, 0) + len(reply[i + 4])
+        return any(n >= self.fetch_bytes for n in given.values())
 
     def _read_reply(self, **options: Any) -> Any:
         try:

@@ -170,10 +170,12 @@ class Turns:
                 self.in_pool.add(entry)
             finished = partial(self._finished, entry)
             try:
-                entry.handle = job.owner.start(job.items, job.alone, finished)
+                handle = job.owner.start(job.items, job.alone, finished)
             except BaseException:
                 finished()
                 raise
+            if not entry.done:  # a pool without an event loop may have run it already
+                entry.handle = handle
 
     def _forget_dropped(self) -> bool:
         """Stop counting the jobs the pool dropped (``dropped``); whether there were any. Called
@@ -221,6 +223,10 @@ class Turns:
     def _release(self, entry: _InPool) -> None:
         """Count ``entry`` no more (the lock held)."""
         entry.done = True
+        # The handle's callbacks hold ``finished``, which holds ``entry``: a reference cycle that
+        # kept each job's messages (their kombu objects, ~100 per message) alive until the
+        # garbage collector found it. Broken here, they go as soon as the pool lets go of the job.
+        entry.handle = None
         self.in_pool.discard(entry)
         self.running = max(0, self.running - 1)
         left = self.running_by.get(entry.queue, 0) - 1

@@ -20,13 +20,17 @@
 -- ARGV[2]  now            unix time, seconds (the score kombu's visibility timeout compares)
 -- ARGV[3]  max_bytes      an item longer than this is refused before it is parsed
 -- ARGV[4]  rejected_max   the rejected list keeps this many records
--- ARGV[5]  k              how many queues
--- ARGV[6..5+k]            how many messages each queue may give at most (its free prefetch share)
--- ARGV[6+k..] the queue name of each list in KEYS[6..] (the routing key when a message has none)
+-- ARGV[5]  queue_bytes    a queue stops giving once it has given this many bytes in this call
+--                         (one message at least)
+-- ARGV[6]  k              how many queues
+-- ARGV[7..6+k]            how many messages each queue may give at most (its free prefetch share)
+-- ARGV[7+k..] the queue name of each list in KEYS[6..] (the routing key when a message has none)
 --
 -- Fair between queues: within a priority level, n is shared among the queues that still have
 -- messages (and room), in rounds, so a flooded queue never takes the whole fetch from a queue
--- with a few messages waiting.
+-- with a few messages waiting. queue_bytes bounds what a queue of large messages gives at once:
+-- 50 train_many chunks (~2.4 MB) held Redis for 10-35 ms here, and the worker's main process
+-- for as long again to read them, while another queue's lone event waited behind both.
 --
 -- Returns a flat array, five values per item taken: the index of its list (1 = KEYS[6]), its
 -- delivery tag ('' when refused), its delivery count (0 when refused), when it was first taken
@@ -71,17 +75,27 @@ local function parse(raw, queue)
   return tag, ex, rk
 end
 
-local k = tonumber(ARGV[5])
+local queue_bytes = tonumber(ARGV[5])
+local k = tonumber(ARGV[6])
 local caps = {}
-for i = 1, k do caps[i] = tonumber(ARGV[5 + i]) end
+-- Bytes each queue has given in this call (over every priority level).
+local given = {}
+for i = 1, k do
+  caps[i] = tonumber(ARGV[6 + i])
+  given[i] = 0
+end
 
--- Takes up to want messages off list number idx (1 = KEYS[6]) and records them; returns how many.
-local function take(idx, want)
-  local items = redis.call('RPOP', KEYS[5 + idx], want)
-  if not items then return 0 end
-  for _, raw in ipairs(items) do
+-- Takes up to want messages off list number idx (1 = KEYS[6]) of queue number i and records them,
+-- one at a time, until the queue has given queue_bytes; returns how many.
+local function take(idx, i, want)
+  local got = 0
+  while got < want and given[i] < queue_bytes do
+    local raw = redis.call('RPOP', KEYS[5 + idx])
+    if not raw then break end
+    got = got + 1
+    given[i] = given[i] + #raw
     taken = taken + 1
-    local tag, ex, rk = parse(raw, ARGV[5 + k + idx])
+    local tag, ex, rk = parse(raw, ARGV[6 + k + idx])
     if tag then
       -- Built from the original text: the message is stored exactly as it arrived.
       redis.call('ZADD', KEYS[1], now, tag)
@@ -103,7 +117,7 @@ local function take(idx, want)
       out[#out + 1] = refuse(ex, #raw)
     end
   end
-  return #items
+  return got
 end
 
 local levels = math.floor((#KEYS - 5) / k)
@@ -111,19 +125,19 @@ for level = 0, levels - 1 do
   if taken >= n then break end
   local open = {}
   for i = 1, k do
-    if caps[i] > 0 then open[#open + 1] = i end
+    if caps[i] > 0 and given[i] < queue_bytes then open[#open + 1] = i end
   end
   -- Rounds: each open queue gives its share of what is left; a queue that gave less than asked
-  -- is empty (at this level) or at its cap, and drops out.
+  -- is empty (at this level), at its cap or at its bytes, and drops out.
   while taken < n and #open > 0 do
     local share = math.max(1, math.floor((n - taken) / #open))
     local still = {}
     for _, i in ipairs(open) do
       if taken >= n then break end
       local want = math.min(share, caps[i], n - taken)
-      local got = take(level * k + i, want)
+      local got = take(level * k + i, i, want)
       caps[i] = caps[i] - got
-      if got == want and caps[i] > 0 then still[#still + 1] = i end
+      if got == want and caps[i] > 0 and given[i] < queue_bytes then still[#still + 1] = i end
     end
     open = still
   end
