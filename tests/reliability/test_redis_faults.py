@@ -191,15 +191,17 @@ def test_worker_restarted_ten_times_under_load_dead_letters_nothing(
     """A worker stopped with SIGTERM (a warm shutdown: its connection closes and what it holds
     unacknowledged goes back to the queue, first in line) and started again, ten times, while a
     backlog waits: what one gives back the next takes first, more often than
-    ``ITRAIN_MAX_DELIVERIES``. The restarted workers wait up to 3 s for a micro-batch to fill
-    (``ITRAIN_BATCH_WAIT_MS``), so a SIGTERM finds each holding messages it has not run yet; a
-    last worker with the default wait drains the rest. At the end step == N, each event once,
+    ``ITRAIN_MAX_DELIVERIES``. The restarted workers take each message at once and then hold it
+    up to 3 s for a micro-batch to fill (``ITRAIN_BATCH_WAIT_MS`` under the former rule,
+    ``ITRAIN_BATCH_WAIT_ADAPTIVE=0``: with the fetch window a worker waits before taking, and a
+    backlog is taken and trained at once), so a SIGTERM finds each holding messages it has not
+    run yet; a last worker with the default settings drains the rest. At the end step == N, each event once,
     nothing dead-lettered."""
     settings = Settings(redis_url=redis_url)
     model = create_model(redis_client, settings)
     client = make_client(redis_url, queue=queue)
     env = {**FAULT_ENV, "ITRAIN_QUEUE": queue}
-    holding = {**env, "ITRAIN_BATCH_WAIT_MS": "3000"}
+    holding = {**env, "ITRAIN_BATCH_WAIT_MS": "3000", "ITRAIN_BATCH_WAIT_ADAPTIVE": "0"}
     events: list[dict[str, Any]] = []
     handles: list[Any] = []
     gave_back: list[int] = []
