@@ -49,6 +49,21 @@ def _pick(answers: list[tuple[int, dict[str, Any]]]) -> tuple[int, dict[str, Any
     return answers[0] if answers else None
 
 
+def _chosen(
+    owner: Any, service_name: str, answers: list[tuple[int, dict[str, Any]]], errors: list[str]
+) -> tuple[str, int]:
+    """The master's address from the answer ``_pick`` takes (``MasterNotFoundError`` when none);
+    as redis-py does, the sentinel that gave it is asked first next time. ``owner``: the sync or
+    the asyncio ``Sentinel``, which keep their sentinels and forced address alike."""
+    picked = _pick(answers)
+    if picked is None:
+        raise _not_found(service_name, errors)
+    number, state = picked
+    owner.sentinels[0], owner.sentinels[number] = owner.sentinels[number], owner.sentinels[0]
+    ip = owner._force_master_ip if owner._force_master_ip is not None else state["ip"]
+    return ip, int(state["port"])
+
+
 def _not_found(service_name: str, errors: list[str]) -> redis.sentinel.MasterNotFoundError:
     info = f" : {', '.join(errors)}" if errors else ""
     return redis.sentinel.MasterNotFoundError(f"No master found for {service_name!r}{info}")
@@ -77,19 +92,7 @@ class FailoverAwareSentinel(redis.sentinel.Sentinel):
                     answers = [(number, state)]
                     break  # the others need not be asked
                 answers.append((number, state))
-        return self._chosen(service_name, answers, errors)
-
-    def _chosen(
-        self, service_name: str, answers: list[tuple[int, dict[str, Any]]], errors: list[str]
-    ) -> tuple[str, int]:
-        picked = _pick(answers)
-        if picked is None:
-            raise _not_found(service_name, errors)
-        number, state = picked
-        # As redis-py does: the sentinel that answered is asked first next time.
-        self.sentinels[0], self.sentinels[number] = self.sentinels[number], self.sentinels[0]
-        ip = self._force_master_ip if self._force_master_ip is not None else state["ip"]
-        return ip, int(state["port"])
+        return _chosen(self, service_name, answers, errors)
 
 
 class AsyncFailoverAwareSentinel(aiosentinel.Sentinel):
@@ -110,10 +113,4 @@ class AsyncFailoverAwareSentinel(aiosentinel.Sentinel):
                     answers = [(number, state)]
                     break
                 answers.append((number, state))
-        picked = _pick(answers)
-        if picked is None:
-            raise _not_found(service_name, errors)
-        number, state = picked
-        self.sentinels[0], self.sentinels[number] = self.sentinels[number], self.sentinels[0]
-        ip = self._force_master_ip if self._force_master_ip is not None else state["ip"]
-        return ip, int(state["port"])
+        return _chosen(self, service_name, answers, errors)
