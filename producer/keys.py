@@ -40,6 +40,8 @@ touches in KEYS.
 | ``itrain:{_queues}:heads`` | hash | queue -> ``<sha1 of its head message> <unix time>``: when a |
 | | | worker first saw a message without an enqueue-time header at the head of that queue |
 | ``itrain:{_transport}:rejected`` | list | queue items that were not message envelopes (reason and size) |
+| ``itrain:{_transport}:gather:<queue>`` | string | the worker gathering that queue's messages for a |
+| | | fetch window (``worker/consume/fetch_window.py``); lives as long as the window |
 | ``unacked``, ``unacked_index`` | hash, zset | messages taken by a worker, not yet acknowledged (kombu) |
 | ``unacked_deliveries`` | hash | times each unacknowledged message was handed out |
 """

@@ -175,12 +175,17 @@ def test_messages_of_two_queues_held_by_a_killed_worker_are_redelivered(
     _hold_lock(redis_client, model_b)
     events_a, events_b = make_events(model_a, 300, "ka"), make_events(model_b, 40, "kb")
     handles: list[Any] = on_a.train_many(events_a) + [on_b.train_step(e) for e in events_b]
+    # (every message taken: a count read while fetches still come would be overtaken by them)
     wait_until(
-        lambda: min(_held_by_queue(redis_client, (qa, qb))[q] for q in (qa, qb)) > 0,
+        lambda: (
+            redis_client.llen(qa) == redis_client.llen(qb) == 0
+            and min(_held_by_queue(redis_client, (qa, qb))[q] for q in (qa, qb)) > 0
+        ),
         20,
-        "messages of both queues taken",
+        "every message of both queues taken",
     )
     held = _held_by_queue(redis_client, (qa, qb))
+    assert held[qb] == len(events_b)
     # When the worker is killed (its pool too) with those messages taken and not acknowledged
     workers.kill_group(victim)
     assert _held_by_queue(redis_client, (qa, qb)) == held

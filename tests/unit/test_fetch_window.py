@@ -58,6 +58,16 @@ def test_a_gathered_fetch_counts_every_message_it_took() -> None:
     assert window.delay(now) == 0.01
 
 
+def test_another_workers_window_counts_as_a_fast_stream() -> None:
+    # Two workers taking turns each take part of the stream: one that found the other gathering
+    # waits too, whatever it took itself, until that news is a horizon old
+    window = FetchWindow(0.01, horizon=0.25)
+    assert window.delay(100.0) == 0.0
+    window.others_gather(100.0)
+    assert window.delay(100.1) == 0.01
+    assert window.delay(100.3) == 0.0
+
+
 def test_no_window_means_never_waiting() -> None:
     window = FetchWindow(0.0)
     assert window.delay(_fed(5000, 0.5, window)) == 0.0

@@ -27,7 +27,7 @@ SCRIPTS = sorted(p for top in ("worker", "producer") for p in (ROOT / top).rglob
 #: Which arguments of a command are keys.
 FIRST = {
     "EXPIREAT", "GET", "HDEL", "HEXISTS", "HGET", "HGETALL", "HINCRBY", "HINCRBYFLOAT", "HLEN", "HMGET",
-    "HSET", "HSETNX", "LINDEX", "LLEN", "LPUSH", "LRANGE", "LTRIM", "RPOP", "RPUSH", "SADD", "SET",
+    "HSET", "HSETNX", "LINDEX", "LLEN", "LPUSH", "LRANGE", "LTRIM", "PTTL", "RPOP", "RPUSH", "SADD", "SET",
     "SETRANGE", "SISMEMBER", "ZADD", "ZMSCORE", "ZREM", "ZSCORE",
 }  # fmt: skip
 ALL = {"DEL", "EXISTS"}

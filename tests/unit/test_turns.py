@@ -189,3 +189,34 @@ def test_a_finished_job_is_freed_by_reference_counting_not_left_to_the_garbage_c
 
 def _keep(items: list[Any], finished: Callable[[], None]) -> None:
     finished()
+
+
+def test_room_is_a_free_process_with_no_job_waiting_and_its_waiters_hear_when_it_frees(
+    monkeypatch: Any,
+) -> None:
+    # Given this process's one pool of one process, idle
+    monkeypatch.setattr(turns_module, "_TURNS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(turns_module, "_room_waiters", [])
+    pool = _Pool(1)
+    turns = turns_module.turns_for(pool)
+    owner = _Owner("a")
+    assert turns.has_room()
+    assert turns_module.pool_has_room()
+    # When a job runs, and another waits behind it in the pool
+    turns.submit("A", owner, ["a0"], 1)
+    turns.submit("A", owner, ["a1"], 1)
+    # Then there is no room, and a transport that asks to hear of it is told only once a job
+    # ends with the pool free: not when the next job takes the process at once
+    assert not turns_module.pool_has_room()
+    heard: list[str] = []
+    turns_module.when_room(lambda: heard.append("room"))
+    owner.finish()
+    assert heard == []
+    assert not turns_module.pool_has_room()
+    owner.finish()
+    assert heard == ["room"]
+    assert turns_module.pool_has_room()
+    # And once only
+    turns.submit("A", owner, ["a2"], 1)
+    owner.finish()
+    assert heard == ["room"]

@@ -34,7 +34,7 @@ HORIZON = 0.25
 class FetchWindow:
     """The rate at which a worker takes messages, and the wait it implies before a fetch."""
 
-    __slots__ = ("_at", "_mass", "gather", "horizon", "longest")
+    __slots__ = ("_at", "_fast_until", "_mass", "gather", "horizon", "longest")
 
     def __init__(self, longest: float, *, gather: float = GATHER, horizon: float = HORIZON) -> None:
         if longest < 0 or gather <= 0 or horizon <= 0:
@@ -48,6 +48,8 @@ class FetchWindow:
         #: Messages taken, each weighted by exp(-age / horizon), as of ``_at``.
         self._mass = 0.0
         self._at = 0.0
+        #: Until then the stream counts as fast whatever this worker took (``others_gather``).
+        self._fast_until = 0.0
 
     def _decayed(self, now: float) -> float:
         if now <= self._at:
@@ -59,13 +61,19 @@ class FetchWindow:
         self._mass = self._decayed(now) + count
         self._at = max(now, self._at)
 
+    def others_gather(self, now: float) -> None:
+        """Another worker of the queue is gathering its messages: the stream is fast, whatever
+        this worker took (while they take turns, each takes only part of it), for ``horizon``."""
+        self._fast_until = now + self.horizon
+
     def rate(self, now: float) -> float:
         """Messages a second, as remembered at ``now``."""
         return self._decayed(now) / self.horizon
 
     def delay(self, now: float) -> float:
         """Seconds to wait before fetching after a wake-up at ``now``: the window while it would
-        gather ``gather`` messages at the remembered rate, else 0."""
+        gather ``gather`` messages at the remembered rate (or another worker gathers), else 0."""
         if self.longest <= 0:
             return 0.0
-        return self.longest if self.rate(now) * self.longest >= self.gather else 0.0
+        fast = now < self._fast_until or self.rate(now) * self.longest >= self.gather
+        return self.longest if fast else 0.0

@@ -27,7 +27,12 @@ taken:
 - **Gather what comes fast** (``fetch_window``): a wait answered while messages have been
   arriving fast enough to gather a few within ``ITRAIN_BATCH_WAIT_MS`` is followed by that
   window and then one fetch of everything that came, instead of a fetch (and a pool job) per
-  message; at a low rate the fetch is sent at once.
+  message; at a low rate the fetch is sent at once. On a queue of its own, one worker gathers
+  at a time (``lua/gather.lua``: a key per queue that lives as long as the window), and only one
+  whose pool has a free process asks (``turns.pool_has_room``): every idle worker is woken by the
+  same message, the others ask again once that window is over or once their pool frees, and
+  while messages keep coming a worker asks for the next window at once instead of waiting on
+  the queue first. So the messages of a window make one job, not one job per worker.
 - **Small fetches of large messages**: a queue gives at most ``fetch_bytes`` per fetch (one
   message at least). A fetch is one Redis script and then one stretch of the main process's
   event loop, and both grow with the bytes taken: 50 ``train_many`` chunks (~2.4 MB) held Redis
@@ -72,6 +77,8 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from os import getpid
+from socket import gethostname
 from ssl import CERT_REQUIRED
 from time import monotonic, time
 from typing import Any
@@ -88,6 +95,7 @@ from kombu.utils.objects import cached_property
 from producer.demotion import DemotionAwareConnection, DemotionAwareSSLConnection
 from producer.keys import TRANSPORT_REJECTED
 from worker.consume.fetch_window import FetchWindow
+from worker.consume.turns import pool_has_room, when_room
 from worker.lua import load_lua
 
 __all__ = ["AMQP_CLASS", "Channel", "QoS", "Transport", "transport_url"]
@@ -155,6 +163,8 @@ class _Script:
 
 ACK = _Script("ack")
 FETCH = _Script("fetch")
+#: Sent by ``EVAL`` (its text is short): a wake-up must not wait for a ``NOSCRIPT`` answer.
+GATHER = _Script("gather")
 GIVEBACK = _Script("giveback")
 RESTORE = _Script("restore")
 
@@ -534,7 +544,7 @@ class _Waiters:
         if reply is None:
             self.channel._fetch_next = True
         else:
-            self.channel._woken()
+            self.channel._woken(queue)
 
     def _drop(self, queue: str) -> None:
         waiter = self.waiters.pop(queue, None)
@@ -579,6 +589,11 @@ class Channel(kombu_redis.Channel):
     #: The longest wait between a wake-up and its fetch while messages come fast, seconds
     #: (``worker.consume.fetch_window``; 0: fetch at once, always).
     fetch_window = 0.0
+    #: A queue's gather key (``lua/gather.lua``): which worker gathers its messages now.
+    gather_key = "itrain:{_transport}:gather:%s"
+    #: Seconds a worker that found another gathering waits past the end of that window before it
+    #: waits on the queue again: time for the other's fetch to take what came.
+    gather_margin = 0.001
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
@@ -605,6 +620,18 @@ class Channel(kombu_redis.Channel):
         #: The time sent with the last fetch: the score of what it took.
         self._fetch_at = 0.0
         self._waiters = _Waiters(self)
+        #: This channel's name in a gather key (for whoever reads it), and the window it asked for.
+        self._node = f"{gethostname()}:{getpid()}:{id(self):x}"
+        #: The window asked for (seconds), and when (monotonic): a window starts when it is asked
+        #: for, not when the answer comes back (a round trip later, on a link to another host).
+        self._asked = 0.0
+        self._asked_at = 0.0
+        #: A wake-up was passed over because the pool was busy (``_woken``): wait on the queue
+        #: again when it frees.
+        self._passing = False
+        #: The last fetch took some: while messages come fast, ask for the next window at once
+        #: instead of waiting on the queue (``_claiming_delay``).
+        self._claiming = False
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("the itrain transport does not support global_keyprefix")
@@ -680,30 +707,112 @@ class Channel(kombu_redis.Channel):
         if self._fetch_next:
             self._send_fetch(room, [cap for cap in caps if cap > 0])
         elif len(queues) == 1:
-            self._send_wait(room[0], wait)
+            delay = self._claiming_delay(now)
+            if delay > 0:
+                self._claim(room[0], now, delay)
+            else:
+                self._send_wait(room[0], wait)
         elif self._waiters.usable:
             self._waiters.arm(room, wait)
         else:  # no event loop to watch several connections: short waits, queue after queue
             self._send_wait(room[0], min(wait, self.poll_wait) if wait else self.poll_wait)
 
-    def _woken(self) -> None:
-        """A wait answered with a message: fetch on the loop's next turn, or, while messages come
-        fast enough to gather a few (``FetchWindow``), once the window is over: one fetch and one
-        pool job for all that came in it. Without an event loop (no timer) it fetches at once."""
+    def _woken(self, queue: str) -> None:
+        """A wait on ``queue`` answered with a message: fetch on the loop's next turn, or, while
+        messages come fast enough to gather a few (``FetchWindow``), once the window is over: one
+        fetch and one pool job for all that came in it. Without an event loop (no timer) it
+        fetches at once.
+
+        Every idle worker of a queue is woken by the same message, and two workers each gathering
+        half of a window pay twice the fetches, pool jobs and locks. So on a queue of its own, a
+        worker whose pool has a free process asks to gather (``lua/gather.lua``): one worker at a
+        time does, and the others wait on the queue again once its window is over
+        (``_gathered``). A worker whose pool is busy leaves the window to the others: here its
+        messages would wait for that pool's job (``_passed``)."""
         self._fetch_next = True
         now = monotonic()
         if now < self._fetch_after:  # a window is open already
             return
         hub: Any = getattr(self.connection, "hub", None)
         delay = self._window.delay(now) if hub is not None else 0.0
-        if delay > 0:
-            self._fetch_after = now + delay
-            hub.call_later(delay, self._window_over)
+        if delay <= 0:
+            return
+        if len(self.active_queues) > 1 or self._in_poll:
+            # Several queues: this worker gathers its own window. Its pool takes turns between
+            # the queues (``turns``), and a flood on one keeps its pool busy: passing over the
+            # others' wake-ups would hold back exactly the messages the turns are for.
+            self._open_window(now, delay)
+            return
+        self._claim(queue, now, delay)
+
+    def _claiming_delay(self, now: float) -> float:
+        """The window to ask for instead of waiting on the queue, or 0 (wait). While messages
+        come fast on a queue of its own, a worker whose last fetch took some asks to gather the
+        next window at once: waiting for a message first would cost a round trip and a wake-up
+        per window, for a message that is on its way. A fetch that takes nothing turns this off
+        until a wait is answered again."""
+        hub: Any = getattr(self.connection, "hub", None)
+        if not self._claiming or hub is None or len(self.active_queues) != 1:
+            return 0.0
+        return self._window.delay(now)
+
+    def _claim(self, queue: str, now: float, delay: float) -> None:
+        """Ask to gather ``queue``'s next ``delay`` seconds (``lua/gather.lua``), unless the pool is
+        busy (``_passed``)."""
+        if not pool_has_room():
+            self._passed(now, delay)
+            return
+        self._asked = delay
+        self._asked_at = now
+        key = self.gather_key % queue
+        self._send("GATHER", [key], "EVAL", GATHER.text, 1, key, self._node, max(1, round(delay * 1000)))
+
+    def _passed(self, now: float, delay: float) -> None:
+        """A wake-up while the pool is busy: no fetch; wait on the queue again as soon as the
+        pool frees (``_room``), or once the window's time is over, whichever comes first. A
+        worker whose pool is free gathers what comes meanwhile; with none, the first to free
+        does."""
+        self._fetch_next = False
+        self._passing = True
+        self._open_window(now, delay)
+        when_room(self._room)
+
+    def _gathered(self, reply: Any) -> None:
+        """The answer to a gather request: this worker's window (wait out what is left of it,
+        counted from when it was asked for, then fetch), or the milliseconds left of another
+        worker's (that one fetches what comes in it: ask again once it is over)."""
+        if reply is _REFUSED or not isinstance(reply, int):
+            self._fetch_next = True
+            return
+        if reply < 0:
+            self._fetch_next = True
+            now = monotonic()
+            left = self._asked_at + self._asked - now
+            if left > 0:
+                self._open_window(now, left)
+            return
+        now = monotonic()
+        self._fetch_next = False
+        self._window.others_gather(now)
+        self._open_window(now, reply / 1000.0 + self.gather_margin)
+
+    def _open_window(self, now: float, seconds: float) -> None:
+        self._fetch_after = now + seconds
+        self.connection.hub.call_later(seconds, self._window_over)
+
+    def _room(self) -> None:
+        """The pool has a free process again: a wake-up passed over for it waits on the queue
+        now, without waiting for the rest of its window."""
+        if self._passing:
+            self._passing = False
+            self._fetch_after = 0.0
+            self._window_over()
 
     def _window_over(self) -> None:
         # The loop may have ticked a moment before the window ended and found nothing to do:
         # start the fetch from here, as a loop tick would (registering the connection again if
         # it was lost meanwhile).
+        self._passing = False
         if not self.closed and not self._in_poll:
             self.connection.poll_now()
 
@@ -785,7 +894,7 @@ class Channel(kombu_redis.Channel):
             # timeout fetches too, for the priority lists and for messages restored after a
             # visibility timeout.
             if reply and reply is not _REFUSED:
-                self._woken()
+                self._woken(keys[0].rsplit(self.sep, 1)[0])
             else:
                 self._fetch_next = True
             if len(self.active_queues) > 1:  # short waits, queue after queue (no event loop)
@@ -793,10 +902,16 @@ class Channel(kombu_redis.Channel):
             if reply is not _REFUSED:
                 self._brpop_start()
             raise virtual.Empty()
+        if kind == "GATHER":
+            self._gathered(reply)
+            if reply is not _REFUSED:
+                self._brpop_start()
+            raise virtual.Empty()
         if reply is _REFUSED or not reply:
-            self._fetch_next = False
+            self._fetch_next = self._claiming = False
             raise virtual.Empty()
         taken = len(reply) // 5
+        self._claiming = True
         # Full, or a queue stopped at its bytes: more is likely waiting.
         self._fetch_next = taken >= self.fetch_max or self._bytes_reached(reply, keys)
         self._window.taken(taken, monotonic())

@@ -30,7 +30,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-__all__ = ["SHARED_DIVISOR", "SHARED_FOR", "JobOwner", "Turns", "dropped", "turns_for"]
+__all__ = [
+    "SHARED_DIVISOR",
+    "SHARED_FOR",
+    "JobOwner",
+    "Turns",
+    "dropped",
+    "pool_has_room",
+    "turns_for",
+    "when_room",
+]
 
 logger = logging.getLogger("itrain.turns")
 
@@ -121,6 +130,12 @@ class Turns:
             return max(1, int(self.pool.num_processes))
         except (AttributeError, TypeError, ValueError):
             return 1
+
+    def has_room(self) -> bool:
+        """Whether a job handed in now would start at once: a pool process is free and no job
+        waits for one."""
+        with self.lock:
+            return not self.waiting and self.running < self.limit()
 
     def submit(
         self, queue: str, owner: JobOwner, items: list[Any], unit: int, *, alone: bool = False
@@ -219,6 +234,11 @@ class Turns:
                 return
             self._release(entry)
         self.pump()
+        if _room_waiters and self.has_room():
+            waiters = list(_room_waiters)
+            _room_waiters.clear()
+            for callback in waiters:
+                callback()
 
     def _release(self, entry: _InPool) -> None:
         """Count ``entry`` no more (the lock held)."""
@@ -249,3 +269,21 @@ def turns_for(pool: Any) -> Turns:
     except TypeError:  # a pool that cannot be weakly referenced: its own for this strategy
         turns = Turns(pool)
     return turns
+
+
+def pool_has_room() -> bool:
+    """Whether this process's pool would start a job at once (``Turns.has_room``; True before any
+    training task's strategy made one). The transport asks before it gathers a fetch window: a
+    worker whose pool is busy leaves the window to one whose pool is free, instead of taking
+    messages that would wait for its own pool."""
+    return all(turns.has_room() for turns in list(_TURNS.values()))
+
+
+_room_waiters: list[Callable[[], None]] = []
+
+
+def when_room(callback: Callable[[], None]) -> None:
+    """Call ``callback`` (once, on the event loop) when a job of this process's pool ends and a
+    process is free."""
+    if callback not in _room_waiters:
+        _room_waiters.append(callback)
