@@ -42,6 +42,8 @@ touches in KEYS.
 | ``itrain:{_transport}:rejected`` | list | queue items that were not message envelopes (reason and size) |
 | ``itrain:{_transport}:gather:<queue>`` | string | the worker gathering that queue's messages for a |
 | | | fetch window (``worker/consume/fetch_window.py``); lives as long as the window |
+| ``itrain:{_transport}:gather-end:<queue>`` | string | when that queue's last fetch window ends (ms, |
+| | | Redis's clock; ``lua/gather.lua``); expires after 60 s |
 | ``unacked``, ``unacked_index`` | hash, zset | messages taken by a worker, not yet acknowledged (kombu) |
 | ``unacked_deliveries`` | hash | times each unacknowledged message was handed out |
 """

@@ -163,7 +163,6 @@ class _Script:
 
 ACK = _Script("ack")
 FETCH = _Script("fetch")
-#: Sent by ``EVAL`` (its text is short): a wake-up must not wait for a ``NOSCRIPT`` answer.
 GATHER = _Script("gather")
 GIVEBACK = _Script("giveback")
 RESTORE = _Script("restore")
@@ -591,6 +590,8 @@ class Channel(kombu_redis.Channel):
     fetch_window = 0.0
     #: A queue's gather key (``lua/gather.lua``): which worker gathers its messages now.
     gather_key = "itrain:{_transport}:gather:%s"
+    #: When a queue's last window ends (``lua/gather.lua``: windows tile time).
+    gather_end_key = "itrain:{_transport}:gather-end:%s"
     #: Seconds a worker that found another gathering waits past the end of that window before it
     #: waits on the queue again: time for the other's fetch to take what came.
     gather_margin = 0.001
@@ -622,9 +623,8 @@ class Channel(kombu_redis.Channel):
         self._waiters = _Waiters(self)
         #: This channel's name in a gather key (for whoever reads it), and the window it asked for.
         self._node = f"{gethostname()}:{getpid()}:{id(self):x}"
-        #: The window asked for (seconds), and when (monotonic): a window starts when it is asked
-        #: for, not when the answer comes back (a round trip later, on a link to another host).
-        self._asked = 0.0
+        #: When the last window was asked for (monotonic): a window starts when it is asked for,
+        #: not when the answer comes back (a round trip later, on a link to another host).
         self._asked_at = 0.0
         #: A wake-up was passed over because the pool was busy (``_woken``): wait on the queue
         #: again when it frees.
@@ -762,10 +762,10 @@ class Channel(kombu_redis.Channel):
         if not pool_has_room():
             self._passed(now, delay)
             return
-        self._asked = delay
         self._asked_at = now
-        key = self.gather_key % queue
-        self._send("GATHER", [key], "EVAL", GATHER.text, 1, key, self._node, max(1, round(delay * 1000)))
+        keys = [self.gather_key % queue, self.gather_end_key % queue]
+        self._load_scripts()
+        self._send("GATHER", keys, "EVALSHA", GATHER.sha, 2, *keys, self._node, max(1, round(delay * 1000)))
 
     def _passed(self, now: float, delay: float) -> None:
         """A wake-up while the pool is busy: no fetch; wait on the queue again as soon as the
@@ -778,23 +778,24 @@ class Channel(kombu_redis.Channel):
         when_room(self._room)
 
     def _gathered(self, reply: Any) -> None:
-        """The answer to a gather request: this worker's window (wait out what is left of it,
-        counted from when it was asked for, then fetch), or the milliseconds left of another
-        worker's (that one fetches what comes in it: ask again once it is over)."""
-        if reply is _REFUSED or not isinstance(reply, int):
+        """The answer to a gather request: this worker's window (``lua/gather.lua`` may shorten
+        it so that windows tile time: wait out what is left of it, counted from when it was
+        asked for, then fetch), or what is left of another worker's (that one fetches what comes
+        in it: ask again once it is over)."""
+        if reply is _REFUSED or not isinstance(reply, list) or len(reply) != 2:
             self._fetch_next = True
             return
-        if reply < 0:
+        ours, ms = int(reply[0]), int(reply[1])
+        now = monotonic()
+        if ours:
             self._fetch_next = True
-            now = monotonic()
-            left = self._asked_at + self._asked - now
+            left = self._asked_at + ms / 1000.0 - now
             if left > 0:
                 self._open_window(now, left)
             return
-        now = monotonic()
         self._fetch_next = False
         self._window.others_gather(now)
-        self._open_window(now, reply / 1000.0 + self.gather_margin)
+        self._open_window(now, ms / 1000.0 + self.gather_margin)
 
     def _open_window(self, now: float, seconds: float) -> None:
         self._fetch_after = now + seconds
@@ -830,9 +831,7 @@ class Channel(kombu_redis.Channel):
         if want <= 0:
             return
         self._fetch_at = now = time()
-        if not self._script_loaded:
-            self.client.script_load(FETCH.text)
-            self._script_loaded = True
+        self._load_scripts()
         lists = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
         names = [q for _ in self.priority_steps for q in queues]
         keys = [
@@ -857,6 +856,13 @@ class Channel(kombu_redis.Channel):
         if len(queues) > 1:
             # The next fetch starts with the next queue: a share's remainder goes round too.
             self._queue_cycle.rotate(queues[0])
+
+    def _load_scripts(self) -> None:
+        """The consumer connection's scripts, loaded once (again after a Redis restart)."""
+        if not self._script_loaded:
+            self.client.script_load(FETCH.text)
+            self.client.script_load(GATHER.text)
+            self._script_loaded = True
 
     def _give_back_orphans(self) -> None:
         scores = ORPHANS.take()
