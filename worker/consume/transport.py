@@ -593,7 +593,7 @@ class Channel(kombu_redis.Channel):
     #: When a queue's last window ends (``lua/gather.lua``: windows tile time).
     gather_end_key = "itrain:{_transport}:gather-end:%s"
     #: Seconds a worker that found another gathering waits past the end of that window before it
-    #: waits on the queue again: time for the other's fetch to take what came.
+    #: asks again: time for the other's fetch to take what came.
     gather_margin = 0.001
 
     from_transport_options = (  # type: ignore[assignment]
@@ -621,7 +621,7 @@ class Channel(kombu_redis.Channel):
         #: The time sent with the last fetch: the score of what it took.
         self._fetch_at = 0.0
         self._waiters = _Waiters(self)
-        #: This channel's name in a gather key (for whoever reads it), and the window it asked for.
+        #: This channel's name in a gather key (for whoever reads it).
         self._node = f"{gethostname()}:{getpid()}:{id(self):x}"
         #: When the last window was asked for (monotonic): a window starts when it is asked for,
         #: not when the answer comes back (a round trip later, on a link to another host).

@@ -238,7 +238,10 @@ class Turns:
             waiters = list(_room_waiters)
             _room_waiters.clear()
             for callback in waiters:
-                callback()
+                try:
+                    callback()
+                except Exception as exc:  # the transport's: its next tick retries (a lost link)
+                    logger.warning("a wait for a free pool process could not start: %r", exc)
 
     def _release(self, entry: _InPool) -> None:
         """Count ``entry`` no more (the lock held)."""
