@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     #: gather a few in it (``worker.consume.fetch_window``); off: every message taken at once and
     #: then held for the wait in the worker (the former rule).
     batch_wait_adaptive: bool = True
+    #: Each pool process fetches, trains and acknowledges its own messages, with the main
+    #: process out of the message path (``worker.consume.pool_fetch``; prefork workers on one
+    #: queue). Off: the main process fetches and hands the pool jobs.
+    pool_fetch: bool = False
     prefetch_multiplier: int = Field(128, ge=1)
     # Messages a worker takes from the queue in one round trip at most.
     fetch_max: int = Field(50, ge=1, le=1000)

@@ -65,26 +65,47 @@ from worker.consume.turns import turns_for
 from worker.outcome import dead_letter_entry
 from worker.store.results import Outcome, failure_payload, write_results
 
-__all__ = ["dead_letter_culprit", "raw_message", "taken_from", "training_strategy"]
+__all__ = ["dead_letter_culprit", "raw_fields", "raw_message", "taken_from", "training_strategy"]
 
 logger = logging.getLogger("itrain.batching")
 
 
 def raw_message(task_name: str, message: Any) -> RawMessage:
     """The plain-data form of a kombu message, as the pool process receives it."""
-    headers = message.headers if isinstance(message.headers, dict) else {}
-    properties = message.properties if isinstance(message.properties, dict) else {}
+    return raw_fields(
+        task_name,
+        message.headers,
+        message.properties,
+        message.delivery_info,
+        message.body,
+        message.content_type,
+        message.content_encoding,
+    )
+
+
+def raw_fields(
+    task_name: str,
+    headers: Any,
+    properties: Any,
+    info: Any,
+    body: Any,
+    content_type: Any,
+    content_encoding: Any,
+) -> RawMessage:
+    """The plain-data form of a message from its parts (a kombu message's, or an envelope's with
+    its body decoded: ``worker.consume.pool_fetch``), whatever their types."""
+    headers = headers if isinstance(headers, dict) else {}
+    properties = properties if isinstance(properties, dict) else {}
     task_id = headers.get("id") or properties.get("correlation_id") or ""
-    info = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
-    body = message.body
+    info = info if isinstance(info, Mapping) else {}
     taken = first_taken(info)
     return RawMessage(
         task=task_name,
         # A task id that is not text is refused by ``run_messages`` (as an empty id), never
         # turned into text here: str() of a hostile huge integer raises.
         task_id=task_id if isinstance(task_id, str) else "",
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
+        content_type=content_type if isinstance(content_type, str) else None,
+        content_encoding=content_encoding if isinstance(content_encoding, str) else None,
         compression=headers.get("compression"),
         # Only bytes or text is a body; anything else (a hostile envelope) becomes an empty
         # body, refused under its task id as "not valid JSON", never bytes(<huge int>). Text
@@ -192,12 +213,9 @@ class _Buffer:
 
     def _on_done(self, items: list[_Pending], summaries: list[Summary]) -> None:
         self.backoff.reset()
-        for p, (task_id, state, result, runtime, shown) in zip(items, summaries, strict=True):
+        for p, summary in zip(items, summaries, strict=True):
             if self.events:
-                if state == "SUCCESS":
-                    self.events.succeeded(task_id, result, runtime, shown)
-                else:
-                    self.events.failed(task_id, str(result), shown)
+                self.events.outcome(summary)
             # Late ack: only now are the results and weights in Redis.
             p.ack(logger, self.connection_errors)
 

@@ -31,7 +31,16 @@ from typing import Any
 from celery.signals import worker_shutdown
 from celery.worker.request import Request
 
-__all__ = ["FLUSH_SECONDS", "FLUSH_SIZE", "HIDDEN_ARGS", "HiddenArgsRequest", "TaskEvents", "task_events"]
+__all__ = [
+    "FLUSH_SECONDS",
+    "FLUSH_SIZE",
+    "GROUP",
+    "HIDDEN_ARGS",
+    "HiddenArgsRequest",
+    "TaskEventFields",
+    "TaskEvents",
+    "task_events",
+]
 
 logger = logging.getLogger("itrain.events")
 
@@ -45,36 +54,13 @@ FLUSH_SIZE = 256
 #: What Flower (and the worker log) shows as the arguments of a task whose arguments the worker
 #: does not describe itself.
 HIDDEN_ARGS = "[event]"
-_GROUP = "task"
+#: The dispatcher group of task events (Celery's, ``worker_send_task_events``).
+GROUP = "task"
 
 
-class TaskEvents:
-    """The task events of one worker consumer, buffered and published in batches."""
-
-    def __init__(self, consumer: Any) -> None:
-        self._consumer = consumer
-        self._timer = consumer.timer
-        self._lock = threading.Lock()
-        self._tref: Any = None
-        self._closed = False
-        # A connection of our own: the flush runs on the timer, a thread of its own in pools
-        # without an event loop (solo, threads), while Celery's dispatcher publishes worker
-        # events from the main thread. It connects on the first publish.
-        self._connection = consumer.app.connection_for_write()
-        self._dispatcher = consumer.app.events.Dispatcher(
-            self._connection,
-            hostname=consumer.hostname,
-            buffer_group=[_GROUP],
-            buffer_limit=FLUSH_SIZE,
-            on_send_buffered=self._arm,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        """Whether task events are on: Celery's dispatcher says so (``worker_send_task_events``,
-        ``-E``, and the ``enable_events``/``disable_events`` remote controls Flower uses)."""
-        d = self._consumer.event_dispatcher
-        return bool(d is not None and d.enabled and (not d.groups or _GROUP in d.groups))
+class TaskEventFields:
+    """What each task event of a training message carries (see the module's docstring); a
+    subclass publishes them (``_send``)."""
 
     def received(self, task_id: str, name: str) -> None:
         self._send(
@@ -94,9 +80,49 @@ class TaskEvents:
     def failed(self, task_id: str, error: str, args: str) -> None:
         self._send("task-failed", uuid=task_id, exception=error[:1024], traceback="", args=args)
 
+    def outcome(self, summary: tuple[str, str, Any, float, str]) -> None:
+        """The end of a training message, from its summary (``runtime.Summary``)."""
+        task_id, state, result, runtime, shown = summary
+        if state == "SUCCESS":
+            self.succeeded(task_id, result, runtime, shown)
+        else:
+            self.failed(task_id, str(result), shown)
+
     def retried(self, task_id: str, reason: str) -> None:
         """The message goes back to the queue (Flower: RETRY until it is received again)."""
         self._send("task-retried", uuid=task_id, exception=reason[:1024], traceback="")
+
+    def _send(self, type_: str, **fields: Any) -> None:
+        raise NotImplementedError
+
+
+class TaskEvents(TaskEventFields):
+    """The task events of one worker consumer, buffered and published in batches."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self._timer = consumer.timer
+        self._lock = threading.Lock()
+        self._tref: Any = None
+        self._closed = False
+        # A connection of our own: the flush runs on the timer, a thread of its own in pools
+        # without an event loop (solo, threads), while Celery's dispatcher publishes worker
+        # events from the main thread. It connects on the first publish.
+        self._connection = consumer.app.connection_for_write()
+        self._dispatcher = consumer.app.events.Dispatcher(
+            self._connection,
+            hostname=consumer.hostname,
+            buffer_group=[GROUP],
+            buffer_limit=FLUSH_SIZE,
+            on_send_buffered=self._arm,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether task events are on: Celery's dispatcher says so (``worker_send_task_events``,
+        ``-E``, and the ``enable_events``/``disable_events`` remote controls Flower uses)."""
+        d = self._consumer.event_dispatcher
+        return bool(d is not None and d.enabled and (not d.groups or GROUP in d.groups))
 
     def _send(self, type_: str, **fields: Any) -> None:
         if self.enabled and not self._closed:

@@ -98,7 +98,19 @@ from worker.consume.fetch_window import FetchWindow
 from worker.consume.turns import pool_has_room, when_room
 from worker.lua import load_lua
 
-__all__ = ["AMQP_CLASS", "Channel", "QoS", "Transport", "transport_url"]
+__all__ = [
+    "ACK",
+    "AMQP_CLASS",
+    "FETCH",
+    "GATHER",
+    "ORPHANS",
+    "POOL_FETCHED",
+    "Channel",
+    "QoS",
+    "Transport",
+    "UnreadableEnvelope",
+    "transport_url",
+]
 
 logger = logging.getLogger("itrain.transport")
 
@@ -150,6 +162,10 @@ class _Orphans:
 
 
 ORPHANS = _Orphans()
+
+#: Queues this worker's pool processes fetch themselves (``ITRAIN_POOL_FETCH``,
+#: ``worker.consume.pool_fetch``): the main process's channels wait on and fetch the others only.
+POOL_FETCHED: set[str] = set()
 
 
 class _Script:
@@ -334,15 +350,19 @@ class QoS(kombu_redis.QoS):
             with self._ack_lock:
                 self._acks[:0] = rows
 
+    def ack_arguments(self, rows: list[tuple[str, float]]) -> tuple[list[str], list[str]]:
+        """The keys and arguments of ``lua/ack.lua`` forgetting the records of ``rows`` (tag, the
+        score its delivery was taken with)."""
+        channel = self.channel
+        keys = [self.unacked_index_key, self.unacked_key, channel.deliveries_key, channel.first_taken_key]
+        return keys, [tag for tag, _ in rows] + [repr(float(score)) for _, score in rows]
+
     def _forget_acked(self, client: Any, rows: list[tuple[str, float]]) -> int:
         """Forget the records of ``rows`` (tag, the score its delivery was taken with) that are
         still recorded with that score; how many were."""
-        channel = self.channel
-        keys = [self.unacked_index_key, self.unacked_key, channel.deliveries_key, channel.first_taken_key]
         gone = 0
         for i in range(0, len(rows), 500):  # bounded scripts, however many acks waited
-            part = rows[i : i + 500]
-            args = [tag for tag, _ in part] + [repr(float(score)) for _, score in part]
+            keys, args = self.ack_arguments(rows[i : i + 500])
             try:
                 gone += int(client.evalsha(ACK.sha, len(keys), *keys, *args))
             except redis.exceptions.NoScriptError:  # a restarted Redis forgot it
@@ -697,6 +717,8 @@ class Channel(kombu_redis.Channel):
         if ORPHANS:
             self._give_back_orphans()
         queues = self._queue_cycle.consume(len(self.active_queues))
+        if POOL_FETCHED:  # those the pool processes fetch themselves (``pool_fetch``)
+            queues = [queue for queue in queues if queue not in POOL_FETCHED]
         if not queues:
             return
         caps = self._fetch_caps(queues)
@@ -832,6 +854,18 @@ class Channel(kombu_redis.Channel):
             return
         self._fetch_at = now = time()
         self._load_scripts()
+        lists, keys, args = self.fetch_arguments(queues, caps, want, now)
+        self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
+        if len(queues) > 1:
+            # The next fetch starts with the next queue: a share's remainder goes round too.
+            self._queue_cycle.rotate(queues[0])
+
+    def fetch_arguments(
+        self, queues: list[str], caps: list[int], want: int, now: float
+    ) -> tuple[list[str], list[str], list[Any]]:
+        """The lists a fetch takes from, and the keys and arguments of ``lua/fetch.lua`` taking up to
+        ``want`` messages from ``queues`` (each at most its cap) with the time ``now`` as their
+        score."""
         lists = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
         names = [q for _ in self.priority_steps for q in queues]
         keys = [
@@ -852,10 +886,7 @@ class Channel(kombu_redis.Channel):
             *caps,
             *names,
         ]
-        self._send("FETCH", lists, "EVALSHA", FETCH.sha, len(keys), *keys, *args)
-        if len(queues) > 1:
-            # The next fetch starts with the next queue: a share's remainder goes round too.
-            self._queue_cycle.rotate(queues[0])
+        return lists, keys, args
 
     def _load_scripts(self) -> None:
         """The consumer connection's scripts, loaded once (again after a Redis restart)."""
@@ -955,6 +986,37 @@ class Channel(kombu_redis.Channel):
             self._fetch_next = True
             return _REFUSED
 
+    def fetched_envelope(
+        self, reply: list[Any], i: int, lists: list[str]
+    ) -> tuple[str, str, dict[str, Any]] | None:
+        """Item ``i`` (its first of five values) of a fetch script's reply as (delivery tag, queue,
+        envelope), the envelope's ``delivery_info`` holding its delivery count, when it was first
+        taken and the queue it was taken from; None for an item that is not a message envelope
+        (logged, and its unacked record, if any, forgotten)."""
+        key, tag, count, text = lists[int(reply[i]) - 1], reply[i + 1], int(reply[i + 2]), reply[i + 4]
+        if not tag:
+            logger.error(
+                "dropped a queue item of %s that is not a message envelope: %s",
+                key,
+                text.decode(errors="replace")[:300],
+            )
+            return None
+        tag = tag.decode()
+        queue = key.rsplit(self.sep, 1)[0]
+        payload = _payload(text)
+        if payload is None or payload["properties"]["delivery_tag"] != tag:
+            logger.error("dropped a queue item of %s that kombu cannot read (delivery tag %r)", key, tag)
+            self._forget(tag)
+            return None
+        props = payload["properties"]
+        if not isinstance(props.get("delivery_info"), dict):
+            props["delivery_info"] = {"exchange": "", "routing_key": queue}
+        props["delivery_info"]["deliveries"] = count
+        props["delivery_info"]["first_taken"] = float(reply[i + 3])
+        # The queue it was taken from: its pool jobs take turns with other queues' (batching).
+        props["delivery_info"]["taken_from"] = queue
+        return tag, queue, payload
+
     def _deliver_fetched(self, reply: list[Any], lists: list[str]) -> None:
         deliver = self.connection._deliver
         recorded = self.qos.recorded
@@ -962,28 +1024,11 @@ class Channel(kombu_redis.Channel):
         hold, release = self.qos.hold, self.qos.release
         n = len(reply)
         for i in range(0, n, 5):
-            key, tag, count, text = lists[int(reply[i]) - 1], reply[i + 1], int(reply[i + 2]), reply[i + 4]
-            if not tag:
-                logger.error(
-                    "dropped a queue item of %s that is not a message envelope: %s",
-                    key,
-                    text.decode(errors="replace")[:300],
-                )
+            read = self.fetched_envelope(reply, i, lists)
+            if read is None:
                 continue
-            tag = tag.decode()
-            queue = key.rsplit(self.sep, 1)[0]
-            payload = _payload(text)
-            if payload is None or payload["properties"]["delivery_tag"] != tag:
-                logger.error("dropped a queue item of %s that kombu cannot read (delivery tag %r)", key, tag)
-                self._forget(tag)
-                continue
-            props = payload["properties"]
-            if not isinstance(props.get("delivery_info"), dict):
-                props["delivery_info"] = {"exchange": "", "routing_key": queue}
-            props["delivery_info"]["deliveries"] = count
-            props["delivery_info"]["first_taken"] = float(reply[i + 3])
-            # The queue it was taken from: its pool jobs take turns with other queues' (batching).
-            props["delivery_info"]["taken_from"] = queue
+            tag, queue, payload = read
+            key = lists[int(reply[i]) - 1]
             recorded.add(tag)
             taken_at[tag] = self._fetch_at
             hold(tag, queue)  # before delivery: an ack may come within it

@@ -119,12 +119,14 @@ def plan(quick: bool) -> list[Scenario]:
     # The rate most deployments run at, with the fetch window that follows the arrival rate (the
     # default) and with the former rule (each message taken at once, then held for
     # ITRAIN_BATCH_WAIT_MS), each with and without the client's linger: side by side in one run.
+    # And with each pool process fetching its own messages (ITRAIN_POOL_FETCH, "-pool").
     fixed = (("ITRAIN_BATCH_WAIT_ADAPTIVE", "0"),)
+    pool = (("ITRAIN_POOL_FETCH", "1"),)
     for linger, suffix in ((0.0, ""), (2.0, "-linger2")):
-        for env, rule in (((), ""), (fixed, "-fixed")):
+        for env, rule in (((), ""), (fixed, "-fixed"), (pool, "-pool")):
             what = "train_step from 4 threads at 1,000 events/s in all"
             what += f", linger_ms={linger:g}" if linger else ""
-            what += ", ITRAIN_BATCH_WAIT_ADAPTIVE=0" if env else ""
+            what += "".join(f", {name}={value}" for name, value in env)
             out.append(
                 Scenario(
                     f"latency-4t{suffix}{rule}",
