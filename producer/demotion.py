@@ -40,6 +40,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from producer.packing import FastPacking
+
 __all__ = [
     "AsyncDemotionAwareConnection",
     "AsyncDemotionAwareSSLConnection",
@@ -190,11 +192,11 @@ class _AsyncDropOnDemotion:
             raise demotion_error(exc) from exc
 
 
-class DemotionAwareConnection(_DropOnDemotion, redis.Connection):
+class DemotionAwareConnection(_DropOnDemotion, FastPacking, redis.Connection):
     pass
 
 
-class DemotionAwareSSLConnection(_DropOnDemotion, redis.SSLConnection):
+class DemotionAwareSSLConnection(_DropOnDemotion, FastPacking, redis.SSLConnection):
     pass
 
 
@@ -206,11 +208,13 @@ class AsyncDemotionAwareSSLConnection(_AsyncDropOnDemotion, aioredis.SSLConnecti
     pass
 
 
-class WriteAwareSentinelConnection(_DropOnDemotion, redis.sentinel.SentinelManagedConnection):
+class WriteAwareSentinelConnection(_DropOnDemotion, FastPacking, redis.sentinel.SentinelManagedConnection):
     pass
 
 
-class WriteAwareSentinelSSLConnection(_DropOnDemotion, redis.sentinel.SentinelManagedSSLConnection):
+class WriteAwareSentinelSSLConnection(
+    _DropOnDemotion, FastPacking, redis.sentinel.SentinelManagedSSLConnection
+):
     pass
 
 

@@ -300,6 +300,7 @@ class PoolFetcher:
         trip), then run it."""
         now = time.monotonic()
         claim = 0.0 if self._fetch_next else (self.window.delay(now) if self._claiming else 0.0)
+        self._fetch_next = False
         want = int(channel.fetch_max)
         fetched_at = time.time()
         lists, keys, args = channel.fetch_arguments([self.queue], [want], want, fetched_at)
