@@ -129,6 +129,8 @@ class PoolFetcher:
     fault_pause = 0.5
     #: Acks sent at once, without waiting for the next fetch, when this many wait.
     ack_batch = 256
+    #: Windows at most that a fetcher told that another gathers waits beyond that window.
+    idle_windows = 3
 
     def __init__(self, app: Celery, hostname: str, queue: str, events: bool, settings: Settings) -> None:
         self.app = app
@@ -154,6 +156,8 @@ class PoolFetcher:
         #: Another fetcher gathers the queue's window until then (monotonic).
         self._ask_after = 0.0
         self._channel_margin = Channel.gather_margin
+        #: Consecutive answers that another fetcher gathers the window.
+        self._futile = 0
         #: Acks a lost connection kept from Redis: (tag, score), sent with the next ones.
         self._acks: list[tuple[str, float]] = []
 
@@ -288,11 +292,18 @@ class PoolFetcher:
             return
         ours, ms = int(reply[0]), int(reply[1])
         if ours:
+            self._futile = 0
             self._window_end = asked + ms / 1000.0
             return
+        # Another fetcher gathers, and claims each next window with its fetch while it keeps up:
+        # asking again at each window's end would cost a round trip a window for nothing. So
+        # each answer like this one waits a window more, up to ``idle_windows``: a fetcher that
+        # falls behind (a backlog: it fetches without windows) or stops is relieved within them.
+        self._futile += 1
         now = time.monotonic()
         self.window.others_gather(now)
-        self._ask_after = now + ms / 1000.0 + self._channel_margin
+        extra = min(self._futile - 1, self.idle_windows) * self.window.longest
+        self._ask_after = now + ms / 1000.0 + self._channel_margin + extra
 
     def _fetch_and_run(self, channel: Channel) -> None:
         """Take what waits (the acks of the last batch and, while messages come fast and this
@@ -397,8 +408,6 @@ class PoolFetcher:
     def _run_held(self, channel: Channel, held: list[_Held]) -> None:
         events = self._events
         assert events is not None
-        for h in held:
-            events.received(h.raw.task_id, h.raw.task)
         training = [h for h in held if h.raw.task in TRAINING]
         if training:
             self._train(channel, training, alone=False)
@@ -431,8 +440,8 @@ class PoolFetcher:
                 self._dead_letter(channel, items[0], exc)
             return
         self.backoff.reset()
-        for summary in summaries:
-            events.outcome(summary)
+        for h, summary in zip(items, summaries, strict=True):
+            events.outcome(summary, name=h.raw.task)
         # Late ack: only now are the results and weights in Redis.
         self._ack(channel, items)
 
@@ -445,7 +454,7 @@ class PoolFetcher:
             self._give_back_later(channel, [h], fault)
             return
         assert self._events is not None
-        self._events.failed(h.raw.task_id, error, shown)
+        self._events.failed(h.raw.task_id, error, shown, name=h.raw.task)
         self._ack(channel, [h])
 
     # -- any other task (predict) --------------------------------------------------------------
@@ -469,7 +478,7 @@ class PoolFetcher:
             )
         except Exception as exc:
             logger.error("dropped a message of task %r (id %s): %r", printable(name), printable(task_id), exc)
-            events.failed(task_id, repr(exc), HIDDEN_ARGS)
+            events.failed(task_id, repr(exc), HIDDEN_ARGS, name=name)
             self._ack(channel, [h])
             return
         request = {
@@ -488,9 +497,9 @@ class PoolFetcher:
                 return
             raise
         if out.info is None:
-            events.succeeded(task_id, out.retval, out.runtime, HIDDEN_ARGS)
+            events.succeeded(task_id, out.retval, out.runtime, HIDDEN_ARGS, name=name)
         else:
-            events.failed(task_id, repr(out.retval), HIDDEN_ARGS)
+            events.failed(task_id, repr(out.retval), HIDDEN_ARGS, name=name)
         self._ack(channel, [h])
 
     # -- acks and give-backs --------------------------------------------------------------------

@@ -74,19 +74,23 @@ class TaskEventFields:
             expires=None,
         )
 
-    def succeeded(self, task_id: str, result: Any, runtime: float, args: str) -> None:
-        self._send("task-succeeded", uuid=task_id, result=repr(result)[:1024], runtime=runtime, args=args)
+    def succeeded(self, task_id: str, result: Any, runtime: float, args: str, **name: str) -> None:
+        """``name``: the task's name, for a task whose ``task-received`` was not sent (Flower takes
+        it from any event)."""
+        self._send(
+            "task-succeeded", uuid=task_id, result=repr(result)[:1024], runtime=runtime, args=args, **name
+        )
 
-    def failed(self, task_id: str, error: str, args: str) -> None:
-        self._send("task-failed", uuid=task_id, exception=error[:1024], traceback="", args=args)
+    def failed(self, task_id: str, error: str, args: str, **name: str) -> None:
+        self._send("task-failed", uuid=task_id, exception=error[:1024], traceback="", args=args, **name)
 
-    def outcome(self, summary: tuple[str, str, Any, float, str]) -> None:
+    def outcome(self, summary: tuple[str, str, Any, float, str], **name: str) -> None:
         """The end of a training message, from its summary (``runtime.Summary``)."""
         task_id, state, result, runtime, shown = summary
         if state == "SUCCESS":
-            self.succeeded(task_id, result, runtime, shown)
+            self.succeeded(task_id, result, runtime, shown, **name)
         else:
-            self.failed(task_id, str(result), shown)
+            self.failed(task_id, str(result), shown, **name)
 
     def retried(self, task_id: str, reason: str) -> None:
         """The message goes back to the queue (Flower: RETRY until it is received again)."""
