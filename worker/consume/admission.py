@@ -42,6 +42,7 @@ from worker.consume.messages import (
     plain_ids,
     printable,
     read_chunk,
+    read_step,
     split_batch,
     validate_event,
     validate_many,
@@ -91,7 +92,12 @@ def admit(msg: RawMessage, max_bytes: int) -> Admission:
         too_new, payload = refused
         return Admission(refused=[Refused(msg.task_id, too_new, payload)], error=str(too_new), events=1)
     batch = msg.task == TASK_TRAIN_BATCH
-    if batch:
+    if not batch:
+        # A valid event (the common case) is read in one call.
+        event = read_step(msg, max_bytes)
+        if event is not None:
+            return Admission([Job(msg.task_id, event, msg.enqueued_at)], events=1)
+    else:
         # A chunk whose every event is valid (the common case) is read in one call.
         events = read_chunk(msg, max_bytes)
         if events is not None and plain_chunk(msg.task_id, len(events)):

@@ -35,6 +35,7 @@ __all__ = [
     "plain_chunk",
     "printable",
     "read_chunk",
+    "read_step",
     "split_batch",
     "validate_event",
     "validate_many",
@@ -135,6 +136,25 @@ def read_chunk(msg: RawMessage, max_bytes: int) -> list[InteractionData] | None:
     if not 0 < len(events) <= MAX_BATCH_EVENTS:
         return None
     return events
+
+
+#: The body of an ``itrain.train_step`` message: ``[[event], {}, {...}]``.
+_STEP_BODY: TypeAdapter[tuple[tuple[InteractionData], dict[str, Any], Any]] = TypeAdapter(
+    tuple[tuple[InteractionData], Annotated[dict[str, Any], Field(max_length=0)], Any]
+)
+
+
+def read_step(msg: RawMessage, max_bytes: int) -> InteractionData | None:
+    """The event of an ``itrain.train_step`` message when the message and its event are valid
+    (the common case); ``None`` otherwise. As ``read_chunk``: one pydantic call from the body's
+    bytes, accepting only what the item-by-item way accepts; anything else takes that way, which
+    names the problem."""
+    try:
+        check_headers(msg, max_bytes)
+        (event,), _, _ = _STEP_BODY.validate_json(msg.body)
+    except (InvalidEventError, ValidationError):
+        return None
+    return event
 
 
 def _strict_fallback(body: bytes, exc: orjson.JSONDecodeError) -> Any:

@@ -63,7 +63,14 @@ from worker.consume.fetch_window import FetchWindow
 from worker.consume.messages import RawMessage, printable
 from worker.consume.redelivery import Backoff, JobAction, after_job_failure
 from worker.consume.runtime import run_messages
-from worker.consume.task_events import FLUSH_SECONDS, FLUSH_SIZE, GROUP, HIDDEN_ARGS, TaskEventFields
+from worker.consume.task_events import (
+    FLUSH_SECONDS,
+    FLUSH_SIZE,
+    GROUP,
+    HIDDEN_ARGS,
+    SERIALIZER,
+    TaskEventFields,
+)
 from worker.consume.transport import ACK, FETCH, GATHER, ORPHANS, POOL_FETCHED, Channel
 
 __all__ = ["PoolFetcher", "pool_fetch_queue"]
@@ -96,6 +103,7 @@ class _Events(TaskEventFields):
             enabled=enabled,
             buffer_group=[GROUP],
             buffer_limit=FLUSH_SIZE,
+            serializer=SERIALIZER,
         )
         self._last = time.monotonic()
 
