@@ -54,6 +54,7 @@ from celery.concurrency.prefork import TaskPool
 from celery.exceptions import NotRegistered
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from kombu.serialization import loads as decode_body
+from kombu.serialization import prepare_accept_content
 
 from producer.protocol import TASK_TRAIN_BATCH, TASK_TRAIN_STEP
 from producer.settings import Settings, get_settings
@@ -68,7 +69,6 @@ from worker.consume.task_events import (
     FLUSH_SIZE,
     GROUP,
     HIDDEN_ARGS,
-    SERIALIZER,
     TaskEventFields,
 )
 from worker.consume.transport import ACK, FETCH, GATHER, ORPHANS, POOL_FETCHED, Channel
@@ -103,7 +103,6 @@ class _Events(TaskEventFields):
             enabled=enabled,
             buffer_group=[GROUP],
             buffer_limit=FLUSH_SIZE,
-            serializer=SERIALIZER,
         )
         self._last = time.monotonic()
 
@@ -166,6 +165,9 @@ class PoolFetcher:
         self._channel_margin = Channel.gather_margin
         #: Consecutive answers that another fetcher gathers the window.
         self._futile = 0
+        #: The content types a message of another task may have (``accept_content``, as Celery's
+        #: consumer takes it).
+        self._accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
         #: Acks a lost connection kept from Redis: (tag, score), sent with the next ones.
         self._acks: list[tuple[str, float]] = []
 
@@ -482,7 +484,7 @@ class PoolFetcher:
                 message.body,
                 message.content_type,
                 message.content_encoding,
-                accept=self.app.conf.accept_content,
+                accept=self._accept,
             )
         except Exception as exc:
             logger.error("dropped a message of task %r (id %s): %r", printable(name), printable(task_id), exc)
