@@ -181,3 +181,33 @@ def test_a_warm_shutdown_leaves_nothing_to_the_visibility_timeout(
     evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in events])
     assert evidence["step"] == len(events)
     assert "fetches queue" in workers.log(first)
+
+
+def test_lost_connections_and_forgotten_scripts_lose_nothing(
+    start_workers: WorkerFactory, workers: Workers, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given a fetching worker; a message whose holder is gone comes back after 3 s
+    queue = f"itrain-pff-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, queue=queue, history_max=100_000)
+    (proc,) = start_workers(1, concurrency=2, env=_env(queue, 3))
+    model = create_model(redis_client, settings)
+    events = make_events(model, 1500, f"pff-{uuid.uuid4().hex[:6]}")
+    with TrainingClient(settings=settings) as client:
+        # When, in the middle of a stream, Redis forgets its scripts (as after a restart) and
+        # drops every client's connection, three times
+        handles: list[Any] = []
+        sender = threading.Thread(target=lambda: handles.extend(_stream(client, events, rate=500.0)))
+        sender.start()
+        for k in range(3):
+            wait_until(lambda k=k: model_state(redis_client, model)["step"] > 300 * (k + 1), 60, "training")
+            redis_client.script_flush()
+            redis_client.client_kill_filter(_type="normal", skipme=True)
+        sender.join()
+        results = wait_results(client, handles, WAIT, workers)
+    # Then every handle is answered and every event trained exactly once
+    counts = statuses(results)
+    assert counts["trained"] + counts.get("duplicate", 0) == len(events), counts
+    evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in events])
+    assert evidence["step"] == len(events)
+    wait_until(lambda: _unacked(redis_client) == 0, 30, "every message acknowledged")
+    workers.assert_alive([proc])

@@ -326,16 +326,16 @@ class PoolFetcher:
         fetched_at = time.time()
         lists, keys, args = channel.fetch_arguments([self.queue], [want], want, fetched_at)
         acks, self._acks = self._acks[:500], self._acks[500:]
-        pipe = self._client(channel).pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         if acks:
             ack_keys, ack_args = channel.qos.ack_arguments(acks)
-            pipe.evalsha(ACK.sha, len(ack_keys), *ack_keys, *ack_args)
-        pipe.evalsha(FETCH.sha, len(keys), *keys, *args)
+            commands.append(("EVALSHA", ACK.sha, len(ack_keys), *ack_keys, *ack_args))
+        commands.append(("EVALSHA", FETCH.sha, len(keys), *keys, *args))
         if claim > 0:
             gather_keys, gather_args = self._gather_arguments(channel, claim)
-            pipe.evalsha(GATHER.sha, len(gather_keys), *gather_keys, *gather_args)
+            commands.append(("EVALSHA", GATHER.sha, len(gather_keys), *gather_keys, *gather_args))
         try:
-            replies = pipe.execute(raise_on_error=False)
+            replies = _once(self._client(channel), commands)
         except channel.connection_errors:
             # Its reply is lost, and what it took may be recorded: given back once Redis answers
             # (after the acks, kept for the next try).
@@ -563,6 +563,29 @@ class PoolFetcher:
         finally:
             for tag in tags:
                 channel.qos.taken_at.pop(tag, None)
+
+
+def _once(client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The replies to ``commands``, sent in one round trip and never again: redis-py retries a
+    command whose connection was lost, and a fetch sent again takes other messages while those
+    of the lost reply stay recorded as this worker's (they are given back instead:
+    ``ORPHANS``). A reply that is an error comes back as the exception."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 # -- wiring: the main process decides, each pool process starts its fetcher ----------------------
