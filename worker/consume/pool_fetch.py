@@ -266,7 +266,7 @@ class PoolFetcher:
                 return
             delay = self.window.delay(time.monotonic()) if woke is not None else 0.0
             if delay <= 0:
-                self._fetch_and_run(channel)
+                self._fetch_and_run(channel, woken=woke is not None)
                 return
         asked = time.monotonic()
         self._gathered(self._script(channel, GATHER, *self._gather_arguments(channel, delay)), asked)
@@ -315,7 +315,7 @@ class PoolFetcher:
         extra = min(self._futile - 1, self.idle_windows) * self.window.longest
         self._ask_after = now + ms / 1000.0 + self._channel_margin + extra
 
-    def _fetch_and_run(self, channel: Channel) -> None:
+    def _fetch_and_run(self, channel: Channel, *, woken: bool = False) -> None:
         """Take what waits (the acks of the last batch and, while messages come fast and this
         fetch is not one of a backlog, the request for the next window ride in the same round
         trip), then run it."""
@@ -362,6 +362,13 @@ class PoolFetcher:
             raise reply
         if not reply:
             self._claiming = False
+            if woken:
+                # Woken by a message that another fetcher took: it counts towards the queue's
+                # rate all the same. Every idle fetcher of the queue wakes for each message and
+                # one takes it; counting only its own takes, each would see its share of the
+                # rate, and none would ever open a window (measured: linger_ms=2's ~250 batch
+                # messages a second made a pool job each, 3.3 events a job).
+                self.window.taken(1, time.monotonic())
             return
         taken = len(reply) // 5
         self._claiming = True
