@@ -180,7 +180,9 @@ def test_a_warm_shutdown_leaves_nothing_to_the_visibility_timeout(
     assert statuses(results) == {"trained": len(events)}, statuses(results)
     evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in events])
     assert evidence["step"] == len(events)
-    assert "fetches queue" in workers.log(first)
+    # And both its fetchers stopped on their own (not killed with their process mid-batch)
+    log = workers.log(first)
+    assert log.count("stopped fetching queue") == 2, log[-3000:]
 
 
 def test_lost_connections_and_forgotten_scripts_lose_nothing(

@@ -238,6 +238,7 @@ class PoolFetcher:
             except Exception as exc:
                 logger.warning("pool fetch: task events not published at shutdown (%r)", exc)
         self._disconnect()
+        logger.info("pool process %d stopped fetching queue %r", os.getpid(), self.queue)
 
     # -- one turn: wait, gather, fetch, run ----------------------------------------------------
 
