@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -315,6 +316,29 @@ def wait_results(
             state += f" pending by kind: {dict(pending)}"
         logs = workers.tails() if workers else ""
         raise AssertionError(f"{exc}; {state}\n{logs}") from None
+
+
+def send_from_threads(
+    client: Any, events: Sequence[dict[str, Any]], rate: float, threads: int = 4
+) -> list[Any]:
+    """``train_step`` for each event, at ``rate`` in all from ``threads`` threads (each its share,
+    as a service's request threads would); the handles."""
+    from worker.devtools.pacing import send_paced
+
+    shares = [list(events[k::threads]) for k in range(threads)]
+    out: list[list[Any]] = [[] for _ in range(threads)]
+
+    def run(k: int) -> None:
+        out[k], _ = send_paced(
+            shares[k], lambda part: [client.train_step(part[0])], rate=rate / threads, size=1
+        )
+
+    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return [h for part in out for h in part]
 
 
 def model_state(client: redis.Redis, model: str) -> dict[str, int]:

@@ -15,16 +15,22 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import redis
 
 from producer.keys import ModelKeys
 from tests.conftest import ModelFactory, WorkerFactory
-from tests.helpers import ClientFactory, Workers, make_events, model_state, statuses, wait_results
+from tests.helpers import (
+    ClientFactory,
+    Workers,
+    make_events,
+    model_state,
+    send_from_threads,
+    statuses,
+    wait_results,
+)
 from worker.consume.transport import FETCH, GATHER, Channel
-from worker.devtools.pacing import send_paced
 
 FAST, SLOW = 1000.0, 20.0  # events a second
 
@@ -58,25 +64,6 @@ def _script_calls(redis_url: str, queue: str) -> Iterator[Counter[str]]:
         redis.Redis.from_url(redis_url).ping()  # a command for the watcher to see and stop on
         thread.join(10)
         monitor.__exit__()
-
-
-def _send(client: Any, events: list[dict[str, Any]], rate: float, threads: int) -> list[Any]:
-    """``train_step`` for each event, at ``rate`` in all from ``threads`` threads (each its share,
-    as a service's request threads would); the handles."""
-    shares = [events[k::threads] for k in range(threads)]
-    out: list[list[Any]] = [[] for _ in range(threads)]
-
-    def run(k: int) -> None:
-        out[k], _ = send_paced(
-            shares[k], lambda part: [client.train_step(part[0])], rate=rate / threads, size=1
-        )
-
-    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return [h for part in out for h in part]
 
 
 @dataclass
@@ -116,7 +103,7 @@ class Stream:
         self.start_workers(count, concurrency=1, env=env)
         client = self.make_client(self.redis_url, queue=queue)
         with _script_calls(self.redis_url, queue) as calls:
-            handles = _send(client, make_events(model, events, "w"), rate, threads)
+            handles = send_from_threads(client, make_events(model, events, "w"), rate, threads)
             assert statuses(wait_results(client, handles, 60, self.workers)) == {"trained": events}
         assert int(model_state(self.redis_client, model)["step"]) == events
         sections = self.redis_client.lrange(ModelKeys(model).prefix + "timings", 0, -1)

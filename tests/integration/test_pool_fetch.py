@@ -15,12 +15,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psutil
 import redis
 
 from producer.client import TrainingClient
@@ -34,12 +38,12 @@ from tests.helpers import (
     evidence_env,
     make_events,
     model_state,
+    send_from_threads,
     statuses,
     wait_results,
     wait_until,
 )
 from tests.integration.test_task_events import _Receiver
-from worker.devtools.pacing import send_paced
 
 WAIT = 120.0
 
@@ -48,22 +52,47 @@ def _env(queue: str, visibility: int, **more: str) -> dict[str, str]:
     return {**evidence_env(visibility), "ITRAIN_QUEUE": queue, "ITRAIN_POOL_FETCH": "1", **more}
 
 
-def _stream(client: TrainingClient, events: list[dict[str, Any]], rate: float, threads: int = 4) -> list[Any]:
-    """``train_step`` for each event, at ``rate`` in all from ``threads`` threads; the handles."""
-    shares = [events[k::threads] for k in range(threads)]
-    out: list[list[Any]] = [[] for _ in range(threads)]
+@contextmanager
+def _streaming(client: TrainingClient, events: list[dict[str, Any]], rate: float) -> Iterator[list[Any]]:
+    """Streams ``train_step`` events from 4 threads in the background while the block runs; the
+    handles, all of them once the block has ended."""
+    handles: list[Any] = []
+    sender = threading.Thread(target=lambda: handles.extend(send_from_threads(client, events, rate)))
+    sender.start()
+    try:
+        yield handles
+    finally:
+        sender.join()
 
-    def run(k: int) -> None:
-        out[k], _ = send_paced(
-            shares[k], lambda part: [client.train_step(part[0])], rate=rate / threads, size=1
-        )
 
-    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return [h for part in out for h in part]
+def _trained_past(redis_client: redis.Redis, model: str, step: int) -> None:
+    wait_until(lambda: model_state(redis_client, model)["step"] > step, 60, f"training past step {step}")
+
+
+def _each_once(
+    redis_client: redis.Redis, model: str, events: list[dict[str, Any]], results: list[Any]
+) -> None:
+    """Every handle answered (trained, or duplicate for a redelivery of a trained event), and
+    every event trained exactly once."""
+    counts = statuses(results)
+    assert counts["trained"] + counts.get("duplicate", 0) == len(events), counts
+    evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in events])
+    assert evidence["step"] == len(events)
+
+
+def _drop_connections_of(redis_client: redis.Redis, pid: int) -> None:
+    """Redis drops every connection of the worker ``pid`` and its pool processes (only theirs:
+    the test process's own pooled connections outlive this test)."""
+    pids = {pid, *children(pid)}
+    ours = {
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.net_connections(kind="tcp")
+        if c.pid in pids and c.raddr and c.laddr
+    }
+    for client in redis_client.client_list():
+        if client["addr"] in ours:
+            with contextlib.suppress(redis.ResponseError):  # gone meanwhile
+                redis_client.client_kill(client["addr"])
 
 
 def _unacked(redis_client: redis.Redis) -> int:
@@ -86,7 +115,7 @@ def test_pool_processes_fetch_train_and_ack_each_event_once(
             # When a stream of train_step events comes from 4 threads, with a train_many batch
             # and a predict on the same queue
             handles = client.train_many(many)
-            handles += _stream(client, steps, rate=800.0)
+            handles += send_from_threads(client, steps, rate=800.0)
             prediction = client.predict(steps[0]).get(timeout=WAIT)
             results = wait_results(client, handles, WAIT, workers)
         # Then every event trained once, and every message was acknowledged
@@ -131,19 +160,13 @@ def test_a_killed_pool_process_loses_nothing_and_its_replacement_fetches(
     before = set(children(proc.pid))
     with TrainingClient(settings=settings) as client:
         # When one pool process is killed in the middle of a stream
-        handles: list[Any] = []
-        sender = threading.Thread(target=lambda: handles.extend(_stream(client, events, rate=500.0)))
-        sender.start()
-        wait_until(lambda: model_state(redis_client, model)["step"] > 200, 60, "training")
-        victim = sorted(before)[0]
-        os.kill(victim, signal.SIGKILL)
-        sender.join()
+        with _streaming(client, events, rate=500.0) as handles:
+            _trained_past(redis_client, model, 200)
+            victim = sorted(before)[0]
+            os.kill(victim, signal.SIGKILL)
         results = wait_results(client, handles, WAIT, workers)
     # Then every handle is answered, and every event trained exactly once
-    counts = statuses(results)
-    assert counts["trained"] + counts.get("duplicate", 0) == len(events), counts
-    evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in events])
-    assert evidence["step"] == len(events)
+    _each_once(redis_client, model, events, results)
     # And billiard started another pool process, whose fetcher took part
     wait_until(
         lambda: len(children(proc.pid)) == 2 and victim not in children(proc.pid), 30, "a new pool process"
@@ -165,15 +188,12 @@ def test_a_warm_shutdown_leaves_nothing_to_the_visibility_timeout(
     events = make_events(model, 1200, f"pfs-{uuid.uuid4().hex[:6]}")
     with TrainingClient(settings=settings) as client:
         # When it gets a warm shutdown (SIGTERM) in the middle of a stream
-        handles: list[Any] = []
-        sender = threading.Thread(target=lambda: handles.extend(_stream(client, events, rate=600.0)))
-        sender.start()
-        wait_until(lambda: model_state(redis_client, model)["step"] > 200, 60, "training")
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(60) == 0, workers.tail(first)
-        # Then it held nothing when it left
-        assert _unacked(redis_client) == 0
-        sender.join()
+        with _streaming(client, events, rate=600.0) as handles:
+            _trained_past(redis_client, model, 200)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(60) == 0, workers.tail(first)
+            # Then it held nothing when it left
+            assert _unacked(redis_client) == 0
         # And a worker started later trains the rest, each event once
         start_workers(1, concurrency=1, env=env)
         results = wait_results(client, handles, WAIT, workers)
@@ -197,19 +217,13 @@ def test_lost_connections_and_forgotten_scripts_lose_nothing(
     with TrainingClient(settings=settings) as client:
         # When, in the middle of a stream, Redis forgets its scripts (as after a restart) and
         # drops every client's connection, three times
-        handles: list[Any] = []
-        sender = threading.Thread(target=lambda: handles.extend(_stream(client, events, rate=500.0)))
-        sender.start()
-        for k in range(3):
-            wait_until(lambda k=k: model_state(redis_client, model)["step"] > 300 * (k + 1), 60, "training")
-            redis_client.script_flush()
-            redis_client.client_kill_filter(_type="normal", skipme=True)
-        sender.join()
+        with _streaming(client, events, rate=500.0) as handles:
+            for k in range(3):
+                _trained_past(redis_client, model, 300 * (k + 1))
+                redis_client.script_flush()
+                _drop_connections_of(redis_client, proc.pid)
         results = wait_results(client, handles, WAIT, workers)
     # Then every handle is answered and every event trained exactly once
-    counts = statuses(results)
-    assert counts["trained"] + counts.get("duplicate", 0) == len(events), counts
-    evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in events])
-    assert evidence["step"] == len(events)
+    _each_once(redis_client, model, events, results)
     wait_until(lambda: _unacked(redis_client) == 0, 30, "every message acknowledged")
     workers.assert_alive([proc])
