@@ -42,8 +42,11 @@ PER_TASK = 10
 #: The ticker's period and the most it may wake late while the client works, not counting the
 #: time the loop's thread waited for a CPU that other processes held (a shared host's load) or for
 #: the GIL while the process's other threads ran (the test's own fixtures: log readers, the sync
-#: client's result consumer).
-TICK, MAX_LATE = 0.005, 0.2
+#: client's result consumer). The loop's own work for 100 tasks (validating and encoding their
+#: events) keeps it 73-104 ms late on a quiet 2-core machine, and was measured 259 ms late in CI
+#: beside a CPU-bound process; a blocking call it is here to catch (a synchronous wait for a
+#: result, a retry's sleep) holds the loop for seconds.
+TICK, MAX_LATE = 0.005, 0.5
 #: The thread's scheduler statistics: its second field is the time (ns) it spent runnable but
 #: waiting for a CPU. A loop blocked by a call (a socket read) sleeps instead, which counts.
 SCHEDSTAT = Path("/proc/thread-self/schedstat")
