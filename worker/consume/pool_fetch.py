@@ -182,10 +182,6 @@ class PoolFetcher:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def _stopping(self) -> bool:
         if os.getppid() != self._parent:  # the worker's main process is gone: so is its pool
             self._stop.set()
