@@ -65,6 +65,18 @@ def _streaming(client: TrainingClient, events: list[dict[str, Any]], rate: float
         sender.join()
 
 
+def _fetching_worker(
+    start_workers: WorkerFactory, redis_url: str, redis_client: redis.Redis, tag: str
+) -> tuple[Any, Settings, str, list[dict[str, Any]]]:
+    """A worker of two fetching pool processes on a queue of its own (a dead holder's messages
+    back after 3 s), a model, 1,500 events for it, and settings that publish to that queue."""
+    queue = f"itrain-{tag}-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, queue=queue, history_max=100_000)
+    (proc,) = start_workers(1, concurrency=2, env=_env(queue, 3))
+    model = create_model(redis_client, settings)
+    return proc, settings, model, make_events(model, 1500, f"{tag}-{uuid.uuid4().hex[:6]}")
+
+
 def _trained_past(redis_client: redis.Redis, model: str, step: int) -> None:
     wait_until(lambda: model_state(redis_client, model)["step"] > step, 60, f"training past step {step}")
 
@@ -152,11 +164,7 @@ def test_a_killed_pool_process_loses_nothing_and_its_replacement_fetches(
     start_workers: WorkerFactory, workers: Workers, redis_url: str, redis_client: redis.Redis
 ) -> None:
     # Given one worker of two fetching pool processes; dead holders' messages back after 3 s
-    queue = f"itrain-pfk-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, queue=queue, history_max=100_000)
-    (proc,) = start_workers(1, concurrency=2, env=_env(queue, 3))
-    model = create_model(redis_client, settings)
-    events = make_events(model, 1500, f"pfk-{uuid.uuid4().hex[:6]}")
+    proc, settings, model, events = _fetching_worker(start_workers, redis_url, redis_client, "pfk")
     before = set(children(proc.pid))
     with TrainingClient(settings=settings) as client:
         # When one pool process is killed in the middle of a stream
@@ -209,11 +217,7 @@ def test_lost_connections_and_forgotten_scripts_lose_nothing(
     start_workers: WorkerFactory, workers: Workers, redis_url: str, redis_client: redis.Redis
 ) -> None:
     # Given a fetching worker; a message whose holder is gone comes back after 3 s
-    queue = f"itrain-pff-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, queue=queue, history_max=100_000)
-    (proc,) = start_workers(1, concurrency=2, env=_env(queue, 3))
-    model = create_model(redis_client, settings)
-    events = make_events(model, 1500, f"pff-{uuid.uuid4().hex[:6]}")
+    proc, settings, model, events = _fetching_worker(start_workers, redis_url, redis_client, "pff")
     with TrainingClient(settings=settings) as client:
         # When, in the middle of a stream, Redis forgets its scripts (as after a restart) and
         # drops every client's connection, three times
