@@ -367,12 +367,15 @@ class Linger:
 
     def _flush(self) -> None:
         with self._lock:
-            taken = self._buffers.take_all()
+            # Sends under way first: a flush that sent its batch beside one the sending thread
+            # had taken just before put the later events in the queue ahead of the earlier ones
+            # (seen on a loaded host: a 2 ms linger expired between two calls).
             waiting = list(self._buffers.sending)
-        for batch in taken:
-            self._send(batch)
+            taken = self._buffers.take_all()
         for batch in waiting:
             batch.sent.wait()
+        for batch in taken:
+            self._send(batch)
 
     def settle(self, handles: Sequence[Any]) -> None:
         """Flush, then raise the send error of the first of ``handles`` whose batch failed, or
