@@ -7,6 +7,11 @@ back-pressure), and on ``flush()``/``aclose()``. There is no exit hook: a loop t
 send anything, so the client must be closed (``async with``, or ``await client.aclose()``).
 A ``ReplicationError`` (too few replicas acknowledged a batch) comes from ``flush()``,
 ``aclose()`` and ``wait_all``, as with the sync client; the handles stay live.
+
+Batches reach the queue in the order they were started, as the sync client's one sending thread
+sends them: each send waits for the one started before it. Sent side by side, a batch the timer
+started and the next one, filled by ``train_step`` or taken by ``flush()``, could go on two
+connections and the later events be queued first.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class AsyncLinger:
         self._buffers = buffers
         self._timer: asyncio.TimerHandle | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        #: The send started last: the next one waits for it (see the module's docstring).
+        self._last: asyncio.Task[None] | None = None
         self._closed = False
 
     async def add(
@@ -111,14 +118,17 @@ class AsyncLinger:
 
     def _start(self, batch: _Batch) -> asyncio.Task[None]:
         # Every send is a task the client keeps, so flush() and aclose() can wait for all.
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        task = asyncio.get_running_loop().create_task(self._send(batch, self._last))
+        self._last = task
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
         return task
 
-    async def _send(self, batch: _Batch) -> None:
+    async def _send(self, batch: _Batch, before: asyncio.Task[None] | None) -> None:
         error: BaseException | None = None
         try:
+            if before is not None and not before.done():
+                await asyncio.wait([before])  # its outcome is its own handles' (never raised here)
             await self._publish(functools.partial(self._buffers.messages, batch), batch.event_ids)
         except Exception as exc:
             error = exc
