@@ -33,7 +33,7 @@ class Outcome:
     known event may be replaced by ``trained`` (the precedence rule of ``worker.store.results``).
     """
 
-    __slots__ = ("event_id", "keep_existing", "result", "status", "task_id")
+    __slots__ = ("event_id", "keep_existing", "result", "status", "stored", "task_id")
 
     def __init__(
         self,
@@ -54,6 +54,8 @@ class Outcome:
             found = result.get("event_id")
             event_id = found if isinstance(found, str) else None
         self.event_id = event_id
+        #: Already written: its batch's results rode in the commit's round trip (``Trainer``).
+        self.stored = False
 
     @classmethod
     def success(cls, task_id: str, result: dict[str, Any]) -> Outcome:

@@ -132,6 +132,9 @@ def stream(
     return Stream(redis_url, redis_client, start_workers, workers, make_model, make_client)
 
 
+# Alone: the former rule's count is the baseline, and on a busy machine its messages are gathered
+# by load (34 fetches for 300 events beside another test and a CPU-bound process, 296 quiet).
+@pytest.mark.alone
 def test_events_that_come_fast_are_gathered_into_few_fetches(stream: Stream) -> None:
     # Given 300 events at 1,000/s: after the first ~50 (the rate is learnt from what was taken),
     # a 10 ms window gathers ~10 at a time

@@ -28,6 +28,7 @@ import psutil
 import redis
 
 from producer.client import TrainingClient
+from producer.keys import ModelKeys
 from producer.settings import Settings
 from tests.conftest import WorkerFactory
 from tests.helpers import (
@@ -117,7 +118,7 @@ def test_pool_processes_fetch_train_and_ack_each_event_once(
     # Given two workers of two pool processes each, fetching in their pool processes
     queue = f"itrain-pf-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=redis_url, queue=queue, history_max=100_000)
-    procs = start_workers(2, concurrency=2, env=_env(queue, 60))
+    procs = start_workers(2, concurrency=2, env=_env(queue, 60, ITRAIN_RECORD_TIMINGS="1"))
     model = create_model(redis_client, settings)
     steps = make_events(model, 800, f"pf-{uuid.uuid4().hex[:6]}")
     many = make_events(model, 600, f"pfm-{uuid.uuid4().hex[:6]}")
@@ -134,6 +135,14 @@ def test_pool_processes_fetch_train_and_ack_each_event_once(
         assert statuses(results) == {"trained": len(steps) + len(many)}, statuses(results)
         evidence = check_each_event_once(redis_client, model, [e["event_id"] for e in steps + many])
         assert evidence["step"] == len(steps) + len(many)
+        # And the lock timings of every critical section reached Redis (each batch's ride with a
+        # later commit: the last ones are sent when the fetchers go idle)
+        timings = ModelKeys(model).prefix + "timings"
+
+        def timed() -> int:  # events of the sections whose timings are in
+            return sum(int(row.split()[2]) for row in redis_client.lrange(timings, 0, -1))
+
+        wait_until(lambda: timed() == len(steps) + len(many), 30, "every section's timings")
         wait_until(lambda: _unacked(redis_client) == 0, 30, "every message acknowledged")
         assert prediction["model"] == model
         assert len(prediction["prediction"]) == 1

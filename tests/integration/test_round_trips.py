@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import orjson
 import pytest
 import redis
 
@@ -23,7 +24,7 @@ from worker.devtools.forwarder import Forwarder
 from worker.engine.batch import Job
 from worker.store.lock import ModelLock
 from worker.store.model_store import Store
-from worker.store.results import write_results
+from worker.store.results import Outcome, guarded_written, queue_guarded_results, write_results
 from worker.training.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,6 +88,53 @@ def test_the_lock_timings_ride_with_the_results(
     assert written == 10
     assert client.llen(ModelKeys(model).prefix + "timings") == 2
     assert client.get(result_key("task-h-9")) is not None
+
+
+def test_the_results_ride_in_the_commits_round_trip(
+    forwarded: tuple[Forwarder, redis.Redis], redis_url: str, make_model: ModelFactory
+) -> None:
+    fwd, client = forwarded
+    settings = Settings(redis_url=redis_url, record_timings=True)
+    model = make_model()
+    # Given a worker's trainer whose results may go with its commits (same Redis, no replicas)
+    trainer = Trainer(Store(client, settings), settings, defer_timings=True)
+    trainer.train(_jobs(model, "r", 10), results=60)
+    # When it trains the next batch
+    before = _trips(fwd)
+    outcomes = trainer.train(_jobs(model, "s", 10), results=60)
+    # Then the batch cost two round trips in all, its results are written, each says so, and
+    # the timings of the batch before rode with them
+    assert _trips(fwd) - before == 2
+    assert all(o.stored for o in outcomes)
+    stored = [orjson.loads(client.get(result_key(f"task-s-{i}")) or b"{}") for i in range(10)]
+    assert [r["result"]["step"] for r in stored] == list(range(11, 21))
+    assert {r["result"]["version"] for r in stored} == {outcomes[0].result["version"]}
+    assert client.llen(ModelKeys(model).prefix + "timings") == 1
+    # And this batch's own timings go with the next round trip that carries timings
+    trainer.flush_timings()
+    assert client.llen(ModelKeys(model).prefix + "timings") == 2
+
+
+def test_results_guarded_by_a_commit_id_are_written_only_while_the_checkpoint_holds_it(
+    redis_client: redis.Redis, settings: Settings, make_model: ModelFactory
+) -> None:
+    model = make_model()
+    trainer = Trainer(Store(redis_client, settings), settings)
+    (done,) = trainer.train(_jobs(model, "u", 1))
+    ckpt = ModelKeys(model).ckpt
+    cid = (redis_client.hget(ckpt, "cid") or b"").decode()
+    answers = [Outcome.success(f"task-guarded-{n}", {"status": "trained", "event_id": n}) for n in "ab"]
+    # Given the results of a batch guarded by another commit's id (a commit that did not land)
+    pipe = redis_client.pipeline(transaction=False)
+    queue_guarded_results(pipe, answers[:1], 60, ckpt, "0" * 32)
+    # And another guarded by the id of the commit the checkpoint holds
+    queue_guarded_results(pipe, answers[1:], 60, ckpt, cid)
+    refused, landed = pipe.execute(raise_on_error=False)
+    # Then only the second was written
+    assert (guarded_written(refused), guarded_written(landed)) == (None, 1)
+    assert redis_client.get(result_key("task-guarded-a")) is None
+    assert orjson.loads(redis_client.get(result_key("task-guarded-b")) or b"{}")["status"] == "SUCCESS"
+    assert done.result["status"] == "trained"
 
 
 def test_a_batch_waits_for_a_held_lock_then_trains(

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -240,10 +240,10 @@ def test_error_raised_while_training_one_event_fails_only_that_event(
     model = make_model()
 
     class Tripwire(Trainer):
-        def train(self, jobs: list[Job]) -> list[Outcome]:  # type: ignore[override]
+        def train(self, jobs: Sequence[Job], *, results: int | None = None) -> list[Outcome]:
             if any(j.event.event_id == "poison" for j in jobs):
                 raise OverflowError("synthetic overflow")
-            return super().train(jobs)
+            return super().train(jobs, results=results)
 
     own_runtime.trainer = Tripwire(own_runtime.store, own_runtime.settings)
     ids = [new_id() for _ in range(7)]

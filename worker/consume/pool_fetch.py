@@ -14,7 +14,7 @@ the process starts, that does the whole message path in blocking calls:
    (``lua/gather.lua``: one fetcher of all workers at a time) and wait it out;
 3. take the window's messages with ``lua/fetch.lua``, recorded as unacknowledged in the same
    atomic step, as always;
-4. train them with ``runtime.run_messages`` (one lock, one commit, one results write), or run any
+4. train them with ``runtime.run_messages`` (lock and read, then the commit with its results), or run any
    other task's message (``predict``) through Celery's tracer, which stores its result;
 5. acknowledge them with ``lua/ack.lua`` (only this delivery's records) and publish their task
    events for Flower, in batches.
@@ -63,7 +63,7 @@ from worker.consume.faults import is_redis_fault
 from worker.consume.fetch_window import FetchWindow
 from worker.consume.messages import RawMessage, printable
 from worker.consume.redelivery import Backoff, JobAction, after_job_failure
-from worker.consume.runtime import run_messages
+from worker.consume.runtime import flush_timings, run_messages
 from worker.consume.task_events import (
     FLUSH_SECONDS,
     FLUSH_SIZE,
@@ -269,10 +269,12 @@ class PoolFetcher:
         self._gathered(self._script(channel, GATHER, *self._gather_arguments(channel, delay)), asked)
 
     def _go_idle(self, channel: Channel) -> None:
-        """Before a wait on the queue: send the acks and the task events that wait."""
+        """Before a wait on the queue: send the acks, the task events and the lock timings that
+        wait."""
         self._flush_acks(channel)
         if self._events is not None:
             self._events.flush()
+        flush_timings()
 
     @staticmethod
     def _client(channel: Channel) -> Any:
@@ -436,7 +438,7 @@ class PoolFetcher:
         events = self._events
         assert events is not None
         try:
-            summaries = run_messages([h.raw for h in items])
+            summaries = run_messages([h.raw for h in items], results_with_commit=True)
         except Exception as exc:
             action = after_job_failure(exc, alone=alone)
             if action is JobAction.REQUEUE:

@@ -3,7 +3,9 @@
 ``run_messages`` is the whole job of a pool process: read every message once (``admission.admit``:
 its valid events as jobs, its refused items with their errors), set aside the jobs of deliveries
 ``redelivery.refusal`` refuses (too many, or too old for the de-duplication window), train the
-rest in one critical section per model, then write every event's result and every dead letter.
+rest in one critical section per model, then write every event's result and every dead letter
+(with ``results_with_commit``, a batch's results ride in its commit's round trip where they may:
+``Trainer.train``).
 It returns a small summary per message for the main process, which acks the messages and sends
 their task events (Flower).
 
@@ -45,7 +47,7 @@ from worker.store.replicas import ReplicaBarrier
 from worker.store.results import ChunkResult, Outcome, write_results
 from worker.training.trainer import Trainer
 
-__all__ = ["ErrorText", "Runtime", "Summary", "get_runtime", "run_messages", "shown_args"]
+__all__ = ["ErrorText", "Runtime", "Summary", "flush_timings", "get_runtime", "run_messages", "shown_args"]
 
 logger = logging.getLogger("itrain.runtime")
 
@@ -88,9 +90,23 @@ class Runtime:
         # None where nothing waits (no replicas wanted, or the broker's own Redis).
         self.store_barrier = ReplicaBarrier.of(self.store_client, settings, settings.store)
         self.results_barrier = ReplicaBarrier.of(self.result_client, settings, settings.backend)
+        #: Whether a batch's results may ride in its commit's round trip (``Trainer.train``):
+        #: they go to the store's Redis, and no replica is waited for between the two.
+        self.results_with_commit = (
+            self.result_client is self.store_client
+            and self.store_barrier is None
+            and self.results_barrier is None
+        )
 
 
 _runtime: tuple[int, Runtime] | None = None
+
+
+def flush_timings() -> None:
+    """Send the lock timings this process keeps, if it has a runtime: they ride with the next
+    commit or results otherwise, and an idle worker has none (``pool_fetch``, going idle)."""
+    if _runtime is not None and _runtime[0] == os.getpid():
+        _runtime[1].trainer.flush_timings()
 
 
 def get_runtime() -> Runtime:
@@ -127,8 +143,15 @@ class _Plan:
         self.dead.setdefault(model, []).append(entry)
 
 
-def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
+def run_messages(messages: Sequence[RawMessage], *, results_with_commit: bool = False) -> list[Summary]:
     """Train a group of messages; one summary per message, in order.
+
+    ``results_with_commit``: a batch's results ride in its commit's round trip where they may
+    (``Trainer.train``), and the lock's timings with them. The last critical section's timings
+    then wait for the next round trip that carries any, so the caller sends them when it goes
+    idle (``flush_timings``): a pool process that fetches its own messages does
+    (``pool_fetch``); one that Celery hands jobs to has no such moment, and writes its results
+    after the commit, the timings in front of them.
 
     Raises only when Redis fails (``is_redis_fault``): then nothing of this group is acked, and
     events already committed come back as ``duplicate`` on the redelivery.
@@ -138,28 +161,36 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
     plan = _Plan()
     for m, msg in enumerate(messages):
         _admit(plan, m, msg, rt.settings)
+    # Results in the commit's round trip, unless some must not be written one by one (a chunk's
+    # events have one result; a fire-and-forget message's none).
+    with_commit = (
+        results_with_commit
+        and rt.results_with_commit
+        and not plan.chunks
+        and not any(m.ignore_result for m in messages)
+    )
     with deliveries_known(plan.deliveries):
-        outcomes, owners = _train_and_dead_letter(rt, messages, plan)
-    # The lock's timings ride in front of the results when both go to the same Redis.
+        outcomes, owners = _train_and_dead_letter(rt, messages, plan, with_commit)
+    # The lock's timings ride in front of the results when both go to the same Redis (or, when
+    # every result rode in its commit's round trip, with the next commit).
     timings = rt.trainer.queue_timings if rt.result_client is rt.store_client else None
     if timings is None:
         rt.trainer.flush_timings()
-    write_results(
-        rt.result_client,
-        _wanted(messages, plan, outcomes, owners),
-        rt.settings.result_expires,
-        before=timings,
-    )
+    wanted = _wanted(messages, plan, outcomes, owners)
+    if wanted or not with_commit:
+        write_results(rt.result_client, wanted, rt.settings.result_expires, before=timings)
     if rt.results_barrier is not None:
         rt.results_barrier.cross([j.event.event_id for j in plan.jobs], "results")
     return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
 
 
 def _train_and_dead_letter(
-    rt: Runtime, messages: Sequence[RawMessage], plan: _Plan
+    rt: Runtime, messages: Sequence[RawMessage], plan: _Plan, with_commit: bool
 ) -> tuple[list[Outcome], list[int]]:
-    """Train the plan's jobs one model at a time, answer the refused deliveries and write every
-    dead letter; returns the outcomes and the message index of each."""
+    """Train the plan's jobs one model at a time (``with_commit``: their results ride in the
+    commit's round trip), answer the refused deliveries and write every dead letter; returns the
+    outcomes and the message index of each."""
+    results = rt.settings.result_expires if with_commit else None
     outcomes: list[Outcome] = []
     owners: list[int] = []
     by_model: dict[str, list[int]] = {}
@@ -167,7 +198,7 @@ def _train_and_dead_letter(
         by_model.setdefault(job.event.model, []).append(i)
     for idxs in by_model.values():
         # One model at a time, so an error raised for one event never undoes another model's commit.
-        outcomes.extend(_train_isolated(rt.trainer, [plan.jobs[i] for i in idxs], plan))
+        outcomes.extend(_train_isolated(rt.trainer, [plan.jobs[i] for i in idxs], plan, results))
         owners.extend(plan.owner[i] for i in idxs)
     if plan.late:
         errors = [plan.late_error[m] for m in plan.late_owner]
@@ -192,15 +223,16 @@ def _wanted(
 ) -> list[Outcome | ChunkResult]:
     """The results to write: one per event, and one per message in the chunk form; none for
     messages sent with Celery's ``ignore_result`` (fire-and-forget), whose events are trained and
-    dead-lettered as any other's, and whose task events (Flower) are still sent."""
+    dead-lettered as any other's, and whose task events (Flower) are still sent. None either
+    for outcomes written already, in their commit's round trip (``Outcome.stored``)."""
     ignored = {m for m, msg in enumerate(messages) if msg.ignore_result}
     if not ignored and not plan.chunks:
-        return [*outcomes, *plan.failures]
+        return [*(o for o in outcomes if not o.stored), *plan.failures]
     wanted: list[Outcome | ChunkResult] = []
     of_chunk: dict[int, list[Outcome]] = {m: [] for m in plan.chunks}
     pairs = zip([*outcomes, *plan.failures], [*owners, *plan.failure_owner], strict=True)
     for o, m in pairs:
-        if m in ignored:
+        if m in ignored or o.stored:
             continue
         if m in of_chunk:
             of_chunk[m].append(o)
@@ -271,7 +303,7 @@ def _event_id_hint(payload: Any) -> str | None:
 # -- training, one model at a time ---------------------------------------------------------------
 
 
-def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan) -> list[Outcome]:
+def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan, results: int | None) -> list[Outcome]:
     """``trainer.train(jobs)``; when it raises for a reason that is not Redis's, the jobs are
     trained again in halves until the event that raises is alone, and only that one fails.
 
@@ -279,13 +311,16 @@ def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan) -> list[Outc
     committed (the trainer raises before its commit, or the retry answers them ``duplicate``).
     """
     try:
-        return trainer.train(jobs)
+        return trainer.train(jobs, results=results)
     except Exception as exc:
         if is_redis_fault(exc):
             raise
         if len(jobs) > 1:
             half = len(jobs) // 2
-            return _train_isolated(trainer, jobs[:half], plan) + _train_isolated(trainer, jobs[half:], plan)
+            return [
+                *_train_isolated(trainer, jobs[:half], plan, results),
+                *_train_isolated(trainer, jobs[half:], plan, results),
+            ]
         (job,) = jobs
         logger.exception("task %s: training its event raised", job.task_id)
         error = EventProcessingError(f"training this event raised {type(exc).__name__}: {exc}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -73,6 +73,8 @@ class CommitResult:
     version: int
     first_step: int
     cid: str
+    #: The replies of the commands ``after`` queued behind the commit (``Store.commit``).
+    after: list[Any] = field(default_factory=list)
 
 
 class Store:
@@ -215,11 +217,16 @@ class Store:
         now: float | None = None,
         latency: Sequence[tuple[str, int | float]] = (),
         release: ModelLock | None = None,
+        cid: str | None = None,
+        after: Callable[[Pipeline], None] | None = None,
     ) -> CommitResult:
         """The fenced commit (``lua/commit.lua``); ``ok`` is False when the checkpoint moved on.
         With ``release``, that lock is given back in the same round trip, right after the commit
         (committed or refused); a commit that must be sent again (below) goes without it, fenced
-        as ever.
+        as ever. ``after`` queues commands of the caller's behind the commit and the release in
+        the same round trip (the batch's results, guarded by ``cid``, the commit id this commit
+        writes: new by default); their replies are the result's ``after``, empty when the commit
+        had to be sent again.
         ``evaluation`` is written with the weights (it is needed whenever events trained).
         ``now`` (this host's clock by default) picks the event markers' slots to declare.
         ``result_ids``, one per event (or none), are the ids of the results that answer them: each
@@ -228,7 +235,7 @@ class Store:
         (``worker.engine.latency``)."""
         keys = ModelKeys(model)
         s = self.settings
-        cid = new_cid()
+        cid = cid or new_cid()
         width = slot_seconds(s.dedupe_ttl)
         # The markers go to the slot of Redis's clock; the script may touch only the hashes named
         # here, so name this clock's slot and one each side (hosts' clocks differ a little).
@@ -275,10 +282,11 @@ class Store:
         counters = [keys.latency, keys.dead_errors]
         for _ in range(3):
             markers = [keys.done(expected.gen, first + k) for k in range(3)]
-            ok, version, step0 = self._commit_once([*named, *markers, *counters], args, release)
-            release = None
+            keys_now = [*named, *markers, *counters]
+            (ok, version, step0), theirs = self._commit_once(keys_now, args, release, after)
+            release, after = None, None
             if ok != -1:
-                return CommitResult(ok == 1, int(version), int(step0), cid)
+                return CommitResult(ok == 1, int(version), int(step0), cid, theirs)
             # This host's clock is more than a slot away from Redis's: name Redis's slot (the
             # reply) and its neighbours, and commit again (nothing was written).
             first = args[8] = int(version) - 1
@@ -287,21 +295,35 @@ class Store:
             "(a clock jumping by a quarter of ITRAIN_DEDUPE_TTL?)"
         )
 
-    def _commit_once(self, keys: list[str], args: list[Any], release: ModelLock | None) -> Any:
-        """commit.lua's reply; the lock's release after it in the same round trip, if owned."""
-        if release is None or not release.owned:
-            return self._commit(keys=keys, args=args)
+    def _commit_once(
+        self,
+        keys: list[str],
+        args: list[Any],
+        release: ModelLock | None,
+        after: Callable[[Pipeline], None] | None,
+    ) -> tuple[Any, list[Any]]:
+        """commit.lua's reply, and those of ``after``'s commands; the lock's release after the
+        commit in the same round trip, if owned, then ``after``'s commands."""
+        releasing = release is not None and release.owned
+        if not releasing and after is None:
+            return self._commit(keys=keys, args=args), []
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-        release.queue_release(pipe)
-        reply, released = pipe.execute(raise_on_error=False)
-        release.released(released)
+        if releasing:
+            assert release is not None
+            release.queue_release(pipe)
+        if after is not None:
+            after(pipe)
+        reply, *theirs = pipe.execute(raise_on_error=False)
+        if releasing:
+            assert release is not None
+            release.released(theirs.pop(0))
         if isinstance(reply, NoScriptError):
             # A restarted Redis forgot it (nothing was written): the script object sends it whole.
-            return self._commit(keys=keys, args=args)
+            return self._commit(keys=keys, args=args), []
         if isinstance(reply, Exception):
             raise reply
-        return reply
+        return reply, theirs
 
     def dead_letter(self, model: str, entries: Sequence[bytes]) -> None:
         """Record failed messages in the model's bounded dead-letter list (or the unrouted one)."""

@@ -21,6 +21,7 @@ A ``train_many`` chunk has one result for all its events (``ChunkResult``, whose
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +38,14 @@ from worker.outcome import Outcome, failure_payload
 
 # ``Outcome`` and ``failure_payload`` live in ``worker.outcome`` (the engine makes outcomes and
 # must not import the store); they are named here too, as what ``write_results`` writes.
-__all__ = ["ChunkResult", "Outcome", "failure_payload", "write_results"]
+__all__ = [
+    "ChunkResult",
+    "Outcome",
+    "failure_payload",
+    "guarded_written",
+    "queue_guarded_results",
+    "write_results",
+]
 
 
 class ChunkResult:
@@ -86,9 +94,38 @@ def write_results(
             before(pipe)
             pipe.execute()
         return 0
+    keys, args = _arguments(outcomes, expires, "")
+    written, *met = _run(client, keys, args, before)
+    found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))
+    return int(written) + (_merge_chunks(client, found, expires) if found else 0)
+
+
+def queue_guarded_results(
+    pipe: Pipeline, outcomes: Sequence[Outcome], expires: int, ckpt_key: str, cid: str
+) -> None:
+    """Queue the results of one event each (no chunk's) on ``pipe``, to be written only if the
+    checkpoint ``ckpt_key`` holds commit id ``cid`` when they run: a batch's results ride in its
+    commit's round trip, behind the commit (``Trainer``). The reply goes to ``guarded_written``."""
+    keys, args = _arguments(outcomes, expires, cid)
+    # A restarted Redis that forgot the script answers NOSCRIPT: ``write_results`` writes them then.
+    pipe.evalsha(_SHA, len(keys) + 1, ckpt_key, *keys, *args)
+
+
+def guarded_written(reply: Any) -> int | None:
+    """How many results a ``queue_guarded_results`` wrote; None when its guard refused them all
+    (the commit did not land, or another landed after it) or the script failed."""
+    if isinstance(reply, Exception) or not isinstance(reply, list) or not reply or int(reply[0]) < 0:
+        return None
+    return int(reply[0])
+
+
+def _arguments(
+    outcomes: Sequence[Outcome | ChunkResult], expires: int, guard: str
+) -> tuple[list[str], list[bytes | str | int]]:
+    """write_results.lua's result keys and arguments (see the script) for ``outcomes``."""
     done = datetime.now(UTC).isoformat()
     keys: list[str] = []
-    args: list[bytes | str | int] = [expires]
+    args: list[bytes | str | int] = [expires, guard]
     for o in outcomes:
         keys.append(result_key(o.task_id))
         meta: dict[str, Any]
@@ -102,9 +139,7 @@ def write_results(
         if o.status != "SUCCESS" and o.event_id is not None:
             meta["event_id"] = o.event_id
         args.extend((orjson.dumps(meta), o.event_id or "", 1 if o.trained else 0))
-    written, *met = _run(client, keys, args, before)
-    found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))
-    return int(written) + (_merge_chunks(client, found, expires) if found else 0)
+    return keys, args
 
 
 def _merge_chunks(
@@ -115,7 +150,7 @@ def _merge_chunks(
     again)."""
     written = 0
     for _ in range(attempts):
-        args: list[bytes | str | int] = [expires]
+        args: list[bytes | str | int] = [expires, ""]
         tried: list[tuple[bytes, bytes]] = []
         for key, old, new in found:
             merged = merge_chunk(orjson.loads(old), orjson.loads(new))
@@ -169,3 +204,4 @@ def _script(client: redis.Redis) -> Any:
 
 
 _scripts: dict[int, Any] = {}
+_SHA = hashlib.sha1(load_lua("worker.store", "write_results").encode()).hexdigest()

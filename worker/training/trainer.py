@@ -18,13 +18,22 @@ this module does the I/O around it. Under the lock run only the checkpoint read 
 the event markers), the phases ``plan``, ``step``, ``settle_copies``, ``evaluate``, the guard's
 check (``engine.guard.tripped`` on the worst window of the guard's width that ends in the batch:
 a trip refuses the batch and restores the best recent snapshot instead of committing),
-``history`` and the commit, fenced by the checkpoint version. The trained events' results are
-made after the lock is given back.
+``history`` and the commit, fenced by the checkpoint version.
+
+A batch's results can ride in its commit's round trip (``train(..., results=)``): a commit fenced
+on the version read lands as that version + 1, from the step read on, so every result is known
+before it is sent, but for whether it lands. They go behind the commit and the lock's release,
+written by ``lua/write_results.lua`` only if the checkpoint then holds this commit's id
+(``results.queue_guarded_results``); when it does not (the commit was refused, or another landed
+in between), the caller writes them as ever. A batch costs two round trips so: lock and read,
+commit with its release and results. ``run_messages`` asks for it where the worker's pool process
+fetches its own messages (``ITRAIN_POOL_FETCH``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from bisect import bisect_left
@@ -61,7 +70,8 @@ from worker.engine.mlp import forward, sigmoid
 from worker.outcome import Outcome, failure_payload
 from worker.store.lock import ModelLock
 from worker.store.markers import own_trained
-from worker.store.model_store import CommitResult, ReadResult, Store
+from worker.store.model_store import CommitResult, ReadResult, Store, new_cid
+from worker.store.results import guarded_written, queue_guarded_results
 from worker.store.snapshots import due, take_snapshot
 
 __all__ = ["Committed", "Trainer"]
@@ -78,6 +88,8 @@ class Committed:
     ema: float | None
     #: The value of each marker the read found, by job index (``worker.store.markers``).
     marks: dict[int, bytes] = field(default_factory=dict)
+    #: Every job's outcome, made before the commit when the results rode in its round trip.
+    answered: list[Outcome] | None = None
 
 
 class Trainer:
@@ -101,8 +113,14 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
 
-    def train(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """One outcome per job, in the same order; events of a model train in arrival order."""
+    def train(self, jobs: Sequence[Job], *, results: int | None = None) -> list[Outcome]:
+        """One outcome per job, in the same order; events of a model train in arrival order.
+
+        With ``results`` (their expiry in seconds), each batch's results ride in its commit's round
+        trip, written only if the commit landed (``results.queue_guarded_results``); the outcomes
+        so written say so (``Outcome.stored``), the others are the caller's to write. The
+        caller asks only where the results go to the store's Redis and nothing must come between
+        the commit and them (no replicas to wait for)."""
         by_model: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
             by_model.setdefault(job.event.model, []).append(i)
@@ -110,12 +128,12 @@ class Trainer:
         # An exception escapes: a Redis fault sends the messages back to the queue, anything
         # else is isolated to the event that raises it by ``run_messages`` (it retries in halves).
         for model, idxs in by_model.items():
-            done = self._train_model(model, [jobs[i] for i in idxs])
+            done = self._train_model(model, [jobs[i] for i in idxs], results)
             for i, outcome in zip(idxs, done, strict=True):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def _train_model(self, model: str, jobs: list[Job]) -> list[Outcome]:
+    def _train_model(self, model: str, jobs: list[Job], results: int | None) -> list[Outcome]:
         # Outside the lock: all that needs no shared state (the output count is the one this
         # process saw last; ``plan`` makes the targets again in the rare case it changed).
         prep = prepare(jobs, self._outputs.get(model, 1), self.settings.targets)
@@ -127,7 +145,7 @@ class Trainer:
             except LockTimeoutError as exc:
                 return self._fail_all(model, jobs, exc)
             try:
-                found = self._critical_section(model, prep, read, lock)
+                found = self._critical_section(model, prep, read, lock, results)
             finally:
                 # Given back here unless the commit's round trip already did.
                 held = lock.release()
@@ -164,7 +182,7 @@ class Trainer:
             raise
 
     def _critical_section(
-        self, model: str, prep: Prepared, read: ReadResult, lock: ModelLock
+        self, model: str, prep: Prepared, read: ReadResult, lock: ModelLock, results: int | None
     ) -> Committed | list[Outcome] | None:
         """Plan, step, settle copies, commit, on what was read under the lock: the committed
         batch, the answers of a model that is not initialised, or ``None`` when the fenced
@@ -187,7 +205,9 @@ class Trainer:
         # The lock goes back in the commit's round trip, unless a snapshot is due after it (a
         # snapshot is taken under the lock).
         snapshot = due(batch.base.step, batch.base.step + len(batch.trained), self.settings.snapshot_every)
-        committed = self._commit(batch, update, None if snapshot else lock)
+        # A batch with an event trained by an earlier delivery (``marks``) writes its results
+        # after the commit, as ever: they are made from the markers.
+        committed = self._commit(batch, update, None if snapshot else lock, None if read.marks else results)
         if committed is None:
             return None
         if read.marks:
@@ -198,15 +218,31 @@ class Trainer:
         return committed
 
     def _commit(
-        self, batch: BatchPlan, update: EvalUpdate | None, release: ModelLock | None
+        self,
+        batch: BatchPlan,
+        update: EvalUpdate | None,
+        release: ModelLock | None,
+        results: int | None,
     ) -> Committed | None:
         """The fenced commit of what ``step`` trained, with its history, counters, dead letters and
-        online evaluation, and ``release`` given back in the same round trip. ``None`` (nothing
-        written) when the checkpoint moved on."""
+        online evaluation, ``release`` given back in the same round trip and, with ``results``,
+        the batch's results behind them (``train``). ``None`` (nothing written) when the
+        checkpoint moved on."""
         base, trained, prep = batch.base, batch.trained, batch.prep
         ema = batch.loss_ema(self.settings.loss_ema_alpha)
         every = batch.all_trained()
         now = time.time()
+        # The commit's outcome is known before it is sent, but for whether it lands: fenced on
+        # the version read, it writes version + 1 from step ``base.step`` on (nothing at all when
+        # no event trained), and under a commit id of its own, which the results' guard checks.
+        cid = new_cid() if trained else base.cid
+        answered: list[Outcome] | None = None
+        after = None
+        if results is not None and cid:  # (an empty guard would be none: never sent)
+            version = base.version + 1 if trained else base.version
+            answered = self._outcomes(batch, version, base.step + 1)
+            ckpt_key = ModelKeys(batch.model).ckpt
+            after = functools.partial(self._queue_results, answered, results, ckpt_key, cid)
         result = self.store.commit(
             batch.model,
             expected=base,
@@ -223,9 +259,14 @@ class Trainer:
             evaluation=update,
             latency=latencies(batch, now),
             release=release,
+            cid=cid,
+            after=after,
         )
         if not result.ok:
             return None
+        if answered is not None and result.after and guarded_written(result.after[0]) is not None:
+            for outcome in answered:
+                outcome.stored = True
         # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
         self._cache[batch.model] = (
             Checkpoint(
@@ -243,17 +284,46 @@ class Trainer:
             if trained
             else base
         )
-        return Committed(batch, result, ema)
+        return Committed(batch, result, ema, answered=answered)
+
+    def _queue_results(
+        self, outcomes: list[Outcome], expires: int, ckpt_key: str, cid: str, pipe: Pipeline
+    ) -> None:
+        """Behind the commit: the batch's results, guarded by its commit id, then the lock
+        timings kept so far (they ride in front of the results otherwise: ``queue_timings``)."""
+        queue_guarded_results(pipe, outcomes, expires, ckpt_key, cid)
+        if self.defer_timings:
+            self.queue_timings(pipe)
 
     def _answer(self, committed: Committed) -> list[Outcome]:
-        """Every job's outcome once the commit landed: the trained ones are made here, after the
-        lock is given back."""
+        """Every job's outcome once the commit landed (made before it, when the results rode in
+        its round trip); every ``ITRAIN_LOG_EVERY`` steps a log line."""
         batch, result = committed.batch, committed.result
+        first, log_every = result.first_step + 1, self.settings.log_every
+        outcomes = committed.answered
+        if outcomes is None:
+            outcomes = self._outcomes(batch, result.version, first)
+        for k, (_, loss) in enumerate(batch.trained):
+            if (first + k) % log_every == 0:
+                logger.info(
+                    "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
+                    batch.model,
+                    first + k,
+                    result.version,
+                    loss,
+                    committed.ema,
+                )
+        if committed.marks:
+            self._answer_own_marks(batch, committed.marks, result.version)
+            return batch.results()
+        return outcomes
+
+    @staticmethod
+    def _outcomes(batch: BatchPlan, version: int, first: int) -> list[Outcome]:
+        """Every job's outcome for a commit of ``version`` whose first event is step ``first``."""
         jobs, model, outcomes = batch.jobs, batch.model, batch.outcomes
-        version, first, log_every = result.version, result.first_step + 1, self.settings.log_every
         event_ids = batch.prep.event_ids
         for k, (i, loss) in enumerate(batch.trained):
-            position = first + k
             event_id = event_ids[i]
             outcomes[i] = Outcome(
                 jobs[i].task_id,
@@ -262,23 +332,12 @@ class Trainer:
                     "status": "trained",
                     "model": model,
                     "event_id": event_id,
-                    "step": position,
+                    "step": first + k,
                     "version": version,
                     "loss": loss,
                 },
                 event_id=event_id,
             )
-            if position % log_every == 0:
-                logger.info(
-                    "model=%s step=%d version=%d loss=%.6f loss_ema=%.6f",
-                    model,
-                    position,
-                    version,
-                    loss,
-                    committed.ema,
-                )
-        if committed.marks:
-            self._answer_own_marks(batch, committed.marks, result.version)
         return batch.results()
 
     def _answer_own_marks(self, batch: BatchPlan, marks: dict[int, bytes], version: int) -> None:

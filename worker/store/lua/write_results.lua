@@ -12,11 +12,17 @@
 -- KEYS[k]  the result key of the k-th result (celery-task-meta-<id>). Results of one batch have
 --          unrelated ids, so the keys hash to many Redis Cluster slots: every one is declared
 --          here all the same, as Redis requires of a script.
--- ARGV[1]  ttl, then a (meta json, X, flag) triple for each key in order, where flag is "1"
+-- ARGV[1]  ttl
+-- ARGV[2]  a guard: "" for none, or the commit id a checkpoint must hold for anything to be
+--          written. Then KEYS[1] is that checkpoint (its hash, field "cid") and the results'
+--          keys start at KEYS[2]. The results of a batch ride in its commit's round trip so
+--          (worker.training.trainer): written only if that commit landed.
+-- then     a (meta json, X, flag) triple for each result key in order, where flag is "1"
 --          (trained) or "0" (any other result of one event; X is its event id or ""), "c" (a
 --          chunk's result; X unused) or "r" (replace a chunk's result; X is the value it must
 --          still hold).
--- Returns {number of results written, then (key, stored value, our value) of each chunk met}.
+-- Returns {number of results written, then (key, stored value, our value) of each chunk met};
+-- {-1} when the guard's checkpoint does not hold its commit id (nothing written).
 
 local function replaceable(old, event, trained)
   local ok, meta = pcall(cjson.decode, old)
@@ -77,8 +83,13 @@ local function write(key, value, x, flag)
   end
 end
 
-for k = 1, #KEYS do
-  local i = 3 * k - 1
+local first = 1
+if ARGV[2] ~= '' then
+  if redis.call('HGET', KEYS[1], 'cid') ~= ARGV[2] then return {-1} end
+  first = 2
+end
+for k = first, #KEYS do
+  local i = 3 * (k - first) + 3
   local err = write(KEYS[k], ARGV[i], ARGV[i + 1], ARGV[i + 2])
   if err then return err end
 end
