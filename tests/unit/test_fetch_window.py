@@ -78,3 +78,20 @@ def test_nonsense_is_refused() -> None:
         FetchWindow(-1.0)
     with pytest.raises(ValueError, match="fetch window"):
         FetchWindow(0.01, horizon=0.0)
+
+
+def test_a_takers_share_of_a_fast_stream_opens_the_window_once_told_the_whole() -> None:
+    # Given a taker that took 150 messages/s: its half of a 300/s stream shared with another
+    window = FetchWindow(0.01)
+    now = _fed(150, 1.0, window)
+    assert window.delay(now) == 0.0
+    # When it is told that the queue's takers together took 300/s
+    window.shared(300.0, now)
+    # Then the window follows the whole stream (3 messages in 10 ms), for the horizon
+    assert window.rate(now) == pytest.approx(300)
+    assert window.delay(now) == 0.01
+    # And a told rate lower than its own changes nothing, and is forgotten after the horizon
+    window.shared(10.0, now)
+    assert window.rate(now) == pytest.approx(150, rel=0.05)
+    window.shared(300.0, now)
+    assert window.rate(now + window.horizon + 0.001) < 150

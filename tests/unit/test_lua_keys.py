@@ -28,7 +28,7 @@ SCRIPTS = sorted(p for top in ("worker", "producer") for p in (ROOT / top).rglob
 FIRST = {
     "EXPIREAT", "GET", "HDEL", "HEXISTS", "HGET", "HGETALL", "HINCRBY", "HINCRBYFLOAT", "HLEN", "HMGET",
     "HSET", "HSETNX", "LINDEX", "LLEN", "LPUSH", "LRANGE", "LTRIM", "PTTL", "RPOP", "RPUSH", "SADD", "SET",
-    "SETRANGE", "SISMEMBER", "ZADD", "ZMSCORE", "ZREM", "ZSCORE",
+    "PEXPIRE", "SETRANGE", "SISMEMBER", "ZADD", "ZMSCORE", "ZREM", "ZSCORE",
 }  # fmt: skip
 ALL = {"DEL", "EXISTS"}
 NONE = {"TIME", "PUBLISH"}

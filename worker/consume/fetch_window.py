@@ -34,7 +34,7 @@ HORIZON = 0.25
 class FetchWindow:
     """The rate at which a worker takes messages, and the wait it implies before a fetch."""
 
-    __slots__ = ("_at", "_fast_until", "_mass", "gather", "horizon", "longest")
+    __slots__ = ("_at", "_fast_until", "_mass", "_shared", "_shared_until", "gather", "horizon", "longest")
 
     def __init__(self, longest: float, *, gather: float = GATHER, horizon: float = HORIZON) -> None:
         if longest < 0 or gather <= 0 or horizon <= 0:
@@ -50,6 +50,10 @@ class FetchWindow:
         self._at = 0.0
         #: Until then the stream counts as fast whatever this worker took (``others_gather``).
         self._fast_until = 0.0
+        #: The rate at which all the queue's takers took messages, as last told (``shared``), and
+        #: until when it holds.
+        self._shared = 0.0
+        self._shared_until = 0.0
 
     def _decayed(self, now: float) -> float:
         if now <= self._at:
@@ -66,9 +70,18 @@ class FetchWindow:
         this worker took (while they take turns, each takes only part of it), for ``horizon``."""
         self._fast_until = now + self.horizon
 
+    def shared(self, rate: float, now: float) -> None:
+        """All the takers of the queue together took ``rate`` messages a second lately (told at
+        ``now``, held for ``horizon``): while several take turns, each takes only part of the
+        stream, and the window follows the whole (``pool_fetch``, ``lua/tally.lua``)."""
+        self._shared = rate
+        self._shared_until = now + self.horizon
+
     def rate(self, now: float) -> float:
-        """Messages a second, as remembered at ``now``."""
-        return self._decayed(now) / self.horizon
+        """Messages a second, as remembered at ``now`` (or as told, when the queue's takers
+        together took more)."""
+        own = self._decayed(now) / self.horizon
+        return max(own, self._shared) if now < self._shared_until else own
 
     def delay(self, now: float) -> float:
         """Seconds to wait before fetching after a wake-up at ``now``: the window while it would

@@ -11,7 +11,9 @@ the process starts, that does the whole message path in blocking calls:
 
 1. wait on the queue without taking (``BLMOVE q q RIGHT RIGHT``, as the transport does);
 2. while messages come fast (``FetchWindow``), ask to gather the next window
-   (``lua/gather.lua``: one fetcher of all workers at a time) and wait it out;
+   (``lua/gather.lua``: one fetcher of all workers at a time) and wait it out. How fast is the
+   queue's: each fetch tells ``lua/tally.lua`` what the last one took and hears what all the
+   queue's fetchers took lately (fetchers busy in turn each take only part of a stream);
 3. take the window's messages with ``lua/fetch.lua``, recorded as unacknowledged in the same
    atomic step, as always;
 4. train them with ``runtime.run_messages`` (lock and read, then the commit with its results), or run any
@@ -71,7 +73,7 @@ from worker.consume.task_events import (
     HIDDEN_ARGS,
     TaskEventFields,
 )
-from worker.consume.transport import ACK, FETCH, GATHER, ORPHANS, POOL_FETCHED, Channel
+from worker.consume.transport import ACK, FETCH, GATHER, ORPHANS, POOL_FETCHED, TALLY, Channel
 
 __all__ = ["PoolFetcher", "pool_fetch_queue"]
 
@@ -138,6 +140,10 @@ class PoolFetcher:
     ack_batch = 256
     #: Windows at most that a fetcher told that another gathers waits beyond that window.
     idle_windows = 3
+    #: The queue's take rate (``lua/tally.lua``) is counted in buckets of this many ms, over this
+    #: many buckets before the current one (the window's own memory: ``fetch_window.HORIZON``).
+    tally_ms = 50
+    tally_buckets = 4
 
     def __init__(self, app: Celery, hostname: str, queue: str, events: bool, settings: Settings) -> None:
         self.app = app
@@ -170,6 +176,8 @@ class PoolFetcher:
         self._accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
         #: Acks a lost connection kept from Redis: (tag, score), sent with the next ones.
         self._acks: list[tuple[str, float]] = []
+        #: Messages taken and not yet counted in the queue's tally (told with the next fetch).
+        self._untold = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -330,6 +338,12 @@ class PoolFetcher:
             ack_keys, ack_args = channel.qos.ack_arguments(acks)
             commands.append(("EVALSHA", ACK.sha, len(ack_keys), *ack_keys, *ack_args))
         commands.append(("EVALSHA", FETCH.sha, len(keys), *keys, *args))
+        # What this fetcher took before, told to the queue's tally, which answers how fast all
+        # its fetchers took messages together.
+        told, self._untold = self._untold, 0
+        commands.append(
+            ("EVALSHA", TALLY.sha, 1, channel.tally_key % self.queue, told, self.tally_ms, self.tally_buckets)
+        )
         if claim > 0:
             gather_keys, gather_args = self._gather_arguments(channel, claim)
             commands.append(("EVALSHA", GATHER.sha, len(gather_keys), *gather_keys, *gather_args))
@@ -339,6 +353,7 @@ class PoolFetcher:
             # Its reply is lost, and what it took may be recorded: given back once Redis answers
             # (after the acks, kept for the next try).
             self._acks[:0] = acks
+            self._untold += told
             ORPHANS.add([fetched_at])
             raise
         if acks:
@@ -351,9 +366,14 @@ class PoolFetcher:
                     logger.warning(
                         "could not flush %d ack(s) (%r); retried with the next ones", len(acks), ack_reply
                     )
-        reply = replies[0]
+        reply, tally = replies[0], replies[1]
+        self._tallied(tally, told)
+        if isinstance(tally, redis.exceptions.NoScriptError) and not isinstance(
+            reply, redis.exceptions.NoScriptError
+        ):
+            self._load_scripts(channel)  # (a Redis that had not seen it yet, or restarted)
         if claim > 0:
-            self._gathered(replies[1], now)
+            self._gathered(replies[2], now)
         if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted Redis forgot them
             self._load_scripts(channel)
             reply = self._script(channel, FETCH, keys, args)
@@ -370,6 +390,7 @@ class PoolFetcher:
                 self.window.taken(1, time.monotonic())
             return
         taken = len(reply) // 5
+        self._untold += taken
         self._claiming = True
         self._fetch_next = taken >= want or channel._bytes_reached(reply, lists)
         if self._fetch_next:
@@ -382,9 +403,19 @@ class PoolFetcher:
             ORPHANS.add([fetched_at])
             raise
 
+    def _tallied(self, reply: Any, told: int) -> None:
+        """The queue's tally answered (``lua/tally.lua``): its take rate goes to the window. A
+        refusal (NOSCRIPT after a restart, OOM) keeps the count for the next fetch."""
+        if isinstance(reply, Exception) or not isinstance(reply, list) or len(reply) != 2:
+            self._untold += told
+            return
+        taken, ms = int(reply[0]), int(reply[1])
+        if ms > 0:
+            self.window.shared(taken * 1000.0 / ms, time.monotonic())
+
     def _load_scripts(self, channel: Channel) -> None:
         client = self._client(channel)
-        for script in (ACK, FETCH, GATHER):
+        for script in (ACK, FETCH, GATHER, TALLY):
             client.script_load(script.text)
 
     def _read(self, channel: Channel, reply: list[Any], lists: list[str], fetched_at: float) -> list[_Held]:

@@ -182,6 +182,7 @@ FETCH = _Script("fetch")
 GATHER = _Script("gather")
 GIVEBACK = _Script("giveback")
 RESTORE = _Script("restore")
+TALLY = _Script("tally")
 
 
 class UnreadableEnvelope(ValueError):
@@ -615,6 +616,8 @@ class Channel(kombu_redis.Channel):
     #: Seconds a worker that found another gathering waits past the end of that window before it
     #: asks again: time for the other's fetch to take what came.
     gather_margin = 0.001
+    #: How fast a queue's messages are taken by its pool fetchers together (``lua/tally.lua``).
+    tally_key = "itrain:{_transport}:tally:%s"
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
