@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     fetch_max: int = Field(50, ge=1, le=1000)
     # Bytes one queue gives in that round trip at most (one message at least): the fetch script
     # and the worker's reading of what it took both hold up the other queues for as long.
-    fetch_bytes: int = Field(262_144, ge=1)
+    fetch_bytes: int = Field(131_072, ge=1)
     worker_concurrency: int | None = Field(None, ge=1)
 
     # The secret key of the user-id hash (a feature): without it, a stored feature can be reversed

@@ -50,6 +50,13 @@ def _trips(fwd: Forwarder) -> int:
     return fwd.stats()["round_trips"]
 
 
+def _timing_trainer(client: redis.Redis, redis_url: str, make_model: ModelFactory) -> tuple[str, Trainer]:
+    """A model, and a worker's trainer that records lock timings and keeps them for a round trip
+    it makes anyway."""
+    settings = Settings(redis_url=redis_url, record_timings=True)
+    return make_model(), Trainer(Store(client, settings), settings, defer_timings=True)
+
+
 def test_a_batch_costs_two_round_trips_under_the_lock(
     forwarded: tuple[Forwarder, redis.Redis], settings: Settings, make_model: ModelFactory
 ) -> None:
@@ -73,10 +80,8 @@ def test_the_lock_timings_ride_with_the_results(
     forwarded: tuple[Forwarder, redis.Redis], redis_url: str, make_model: ModelFactory
 ) -> None:
     fwd, client = forwarded
-    settings = Settings(redis_url=redis_url, record_timings=True)
-    model = make_model()
     # Given a worker's trainer, which keeps its lock timings for the results' round trip
-    trainer = Trainer(Store(client, settings), settings, defer_timings=True)
+    model, trainer = _timing_trainer(client, redis_url, make_model)
     write_results(client, trainer.train(_jobs(model, "g", 10)), 60, before=trainer.queue_timings)
     # When it trains a batch and writes its results with the timings in front
     before = _trips(fwd)
@@ -94,10 +99,8 @@ def test_the_results_ride_in_the_commits_round_trip(
     forwarded: tuple[Forwarder, redis.Redis], redis_url: str, make_model: ModelFactory
 ) -> None:
     fwd, client = forwarded
-    settings = Settings(redis_url=redis_url, record_timings=True)
-    model = make_model()
     # Given a worker's trainer whose results may go with its commits (same Redis, no replicas)
-    trainer = Trainer(Store(client, settings), settings, defer_timings=True)
+    model, trainer = _timing_trainer(client, redis_url, make_model)
     trainer.train(_jobs(model, "r", 10), results=60)
     # When it trains the next batch
     before = _trips(fwd)
