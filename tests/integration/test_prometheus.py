@@ -28,7 +28,7 @@ import yaml
 
 from producer.client import TrainingClient
 from tests.helpers import http_get, make_certificates, raw_event, wait_http, wait_until
-from worker.devtools.embedded_redis import free_port
+from worker.devtools.embedded_redis import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "itrain.json"
@@ -38,6 +38,19 @@ pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
     reason="no `prometheus` binary on PATH (Debian: apt-get install prometheus; .ci/run installs it)",
 )
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis of this file's own (the tests' workers, client, exporter and stats all use it). The
+    exporter reports every model of its Redis, and the session's holds hundreds from earlier test
+    files by now: their scrape (0.55 s for 600 models on an idle machine) outlasts the 1 s scrape
+    interval on a busy one, and Prometheus then marks every series stale (CI: a panel's query
+    returned no series)."""
+    server = RedisServer().start()
+    yield server.url
+    server.close()
+
 
 #: Grafana's own variables, as a dashboard of a 1 s scrape would see them.
 GRAFANA_BUILTINS = {
