@@ -33,7 +33,7 @@ from producer.errors import ConfigurationError, ResultTimeoutError
 from producer.events import InteractionData
 from producer.keys import ModelKeys, marker_field
 from producer.settings import Settings
-from worker.devtools.stack import APP, node_name, start_worker, stop_process, wait_for_workers
+from worker.devtools.stack import APP, node_name, start_worker, stop_processes, wait_for_workers
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.mlp import Shape, init_params
 from worker.store.model_store import Store
@@ -229,12 +229,12 @@ class Workers:
         wait_until(lambda: not any(alive(p) for p in members), 20, "killed pool children to exit")
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                self.remember(proc)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGCONT)  # in case a test left it stopped
-                stop_process(proc)
+        live = [proc for proc in self.procs if proc.poll() is None]
+        for proc in live:
+            self.remember(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)  # in case a test left it stopped
+        stop_processes(live)
         # Pool children that outlived their worker: only pids we saw as its children, and only
         # while they are still in that worker's process group.
         for leader, members in self._known.items():
