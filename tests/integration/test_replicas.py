@@ -23,12 +23,19 @@ from producer import (
     ReplicationError,
     TrainingClient,
 )
+from producer.events import InteractionData
+from producer.keys import ModelKeys
 from producer.linger import LingerHandle
 from producer.settings import Settings
-from tests.helpers import make_event, make_events
+from tests.helpers import create_model, make_event, make_events, model_state
 from worker.consume.faults import is_redis_fault
 from worker.devtools.embedded_redis import ReplicaSet
+from worker.devtools.forwarder import Forwarder
+from worker.engine.batch import Job
+from worker.store.model_store import Store
 from worker.store.replicas import ReplicaBarrier
+from worker.store.results import write_results
+from worker.training.trainer import Trainer
 
 #: Generous on a shared, busy machine: a healthy replica acknowledges in well under a millisecond.
 HEALTHY_MS = 4000
@@ -278,15 +285,17 @@ def test_a_user_without_wait_is_told_the_events_were_enqueued(replicas: ReplicaS
 # -- the worker's barrier -------------------------------------------------------------------------
 
 
-def test_worker_barrier_only_where_the_broker_is_not(replicas: ReplicaSet) -> None:
+def test_worker_barrier_wherever_replicas_are_wanted(replicas: ReplicaSet) -> None:
     client = redis.Redis.from_url(replicas.url)
     s = Settings(redis_url=replicas.url, min_replicas=1)
-    # The broker's own Redis: its acks follow the writes there, nothing waits
-    assert ReplicaBarrier.of(client, s, s.store) is None
-    # Nothing wanted: nothing waits
+    # The broker's own Redis waits too: in a failover the ack can reach another server than the
+    # commit did (worker.store.replicas)
+    assert ReplicaBarrier.of(client, s, s.store) is not None
     other = s.model_copy(update={"store_url": replicas.url.replace("/0", "/1")})
-    assert ReplicaBarrier.of(client, other.model_copy(update={"min_replicas": 0}), other.store) is None
     assert ReplicaBarrier.of(client, other, other.store) is not None
+    # Nothing wanted: nothing waits
+    assert ReplicaBarrier.of(client, other.model_copy(update={"min_replicas": 0}), other.store) is None
+    assert ReplicaBarrier.of(client, s.model_copy(update={"min_replicas": 0}), s.store) is None
     client.close()
 
 
@@ -306,3 +315,52 @@ def test_worker_barrier_covers_writes_of_other_connections(paused: ReplicaSet) -
     assert is_redis_fault(short.value)  # the worker puts its messages back
     writer.close()
     waiter.close()
+
+
+def _jobs(model: str, tag: str, n: int) -> list[Job]:
+    events = [InteractionData.model_validate(make_event(model, i, tag)) for i in range(n)]
+    return [Job(f"task-{tag}-{i}", event) for i, event in enumerate(events)]
+
+
+def test_a_commit_and_its_results_wait_for_the_replicas_in_their_own_round_trips(
+    replicas: ReplicaSet,
+) -> None:
+    # Given a worker's store and results on the broker's own Redis (one URL), wanting both
+    # replicas, reached through a forwarder that counts round trips
+    s = settings_for(replicas, 2)
+    with Forwarder(replicas.master.port, delay_ms=1) as fwd:
+        client = redis.Redis(port=fwd.port, socket_timeout=10)
+        barrier = ReplicaBarrier.of(client, s, s.store)
+        assert barrier is not None
+        # (a worker's trainer: its lock timings go in front of the results)
+        trainer = Trainer(Store(client, s, barrier=barrier), s, defer_timings=True)
+        model = create_model(client, s)
+        # (its checkpoint cached, the results' script loaded)
+        write_results(client, trainer.train(_jobs(model, "a", 10)), 60, before=trainer.queue_timings)
+        # When it trains a batch and writes its results
+        before = fwd.stats()["round_trips"]
+        outcomes = trainer.train(_jobs(model, "b", 10))
+        trained = fwd.stats()["round_trips"] - before
+        write_results(client, outcomes, 60, before=trainer.queue_timings, barrier=barrier, event_ids=["b"])
+        # Then each wait rode in the round trip of what it waits for: lock + read, commit +
+        # release + wait, results + wait (there is no round trip of its own to lose its way)
+        assert (trained, fwd.stats()["round_trips"] - before - trained) == (2, 1)
+        assert model_state(client, model)["step"] == 20
+        # And when a replica stops acknowledging, the next commit lands but raises: a Redis fault,
+        # so the worker does not ack its messages (they come back as duplicates of the markers)
+        replicas.pause(1)
+        try:
+            short = s.model_copy(update={"replica_timeout_ms": SHORT_MS})
+            barrier.wait = ReplicaBarrier.of(client, short, s.store).wait  # type: ignore[union-attr]
+            with pytest.raises(ReplicationError) as error:
+                trainer.train(_jobs(model, "c", 10))
+            assert "the commit of 10 event(s)" in str(error.value)
+            assert model_state(client, model)["step"] == 30
+            assert not client.exists(ModelKeys(model).lock)  # (given back in the commit's trip)
+            with pytest.raises(ReplicationError) as results:
+                write_results(client, outcomes, 60, barrier=barrier, event_ids=["r1", "r2"])
+            assert results.value.event_ids == ["r1", "r2"]
+        finally:
+            replicas.resume(1)
+            replicas.wait_synced()
+        client.close()

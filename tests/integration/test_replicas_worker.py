@@ -1,6 +1,7 @@
 """``ITRAIN_MIN_REPLICAS`` on the worker side: with the model store on a Redis of its own (not the
 broker's) that has a replica, a real worker acknowledges its messages only once the replica
-holds the commit. With the replica stopped the commit lands on the master but the messages go
+holds the commit (the broker has a replica too: the worker waits for those of every Redis it
+writes to). With the replica stopped the commit lands on the master but the messages go
 back to the queue, unanswered; once it is back they train exactly once (the redelivery finds
 the markers), nothing is dead-lettered, and the model's step is the number of events."""
 
@@ -33,15 +34,22 @@ def store_set() -> Iterator[ReplicaSet]:
         yield rs
 
 
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """A broker with a replica of its own (its results, and in the second test its store)."""
+    with ReplicaSet(1) as rs:
+        yield rs.url
+
+
 def test_worker_acks_only_once_the_store_replica_holds_the_commit(
-    redis_url: str, store_set: ReplicaSet, workers: Workers
+    broker_url: str, store_set: ReplicaSet, workers: Workers
 ) -> None:
-    # Given a broker (the session's Redis) and a store with one replica, and a worker that wants
-    # one replica to hold each commit
+    # Given a broker and a store, each with one replica, and a worker that wants one replica to
+    # hold each commit
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, store_url=store_set.url, queue=queue)
+    settings = Settings(redis_url=broker_url, store_url=store_set.url, queue=queue)
     store = redis.Redis.from_url(store_set.url)
-    broker = redis.Redis.from_url(redis_url)
+    broker = redis.Redis.from_url(broker_url)
     model = create_model(store, settings)
     env = {
         "ITRAIN_STORE_URL": store_set.url,
@@ -49,8 +57,8 @@ def test_worker_acks_only_once_the_store_replica_holds_the_commit(
         "ITRAIN_MIN_REPLICAS": "1",
         "ITRAIN_REPLICA_TIMEOUT_MS": "300",
     }
-    workers.start(1, redis_url=redis_url, env=env)
-    with TrainingClient(settings=settings) as client:  # (the broker has no replicas: 0 here)
+    workers.start(1, redis_url=broker_url, env=env)
+    with TrainingClient(settings=settings) as client:  # (the client itself waits for none)
         # When the replica is there, events train as usual
         first = client.train_many(make_events(model, 20, "ok"))
         assert statuses(wait_results(client, first, 90, workers)) == {"trained": 20}
@@ -91,12 +99,12 @@ def test_worker_acks_only_once_the_store_replica_holds_the_commit(
 
 
 def test_worker_acks_only_once_the_backend_replica_holds_the_results(
-    redis_url: str, store_set: ReplicaSet, workers: Workers
+    broker_url: str, store_set: ReplicaSet, workers: Workers
 ) -> None:
-    # Given results on a Redis of their own with one replica (broker and store: the session's)
+    # Given results on a Redis of their own with one replica (broker and store: another)
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, result_backend=store_set.url, queue=queue)
-    broker = redis.Redis.from_url(redis_url)
+    settings = Settings(redis_url=broker_url, result_backend=store_set.url, queue=queue)
+    broker = redis.Redis.from_url(broker_url)
     model = create_model(broker, settings)
     env = {
         "ITRAIN_RESULT_BACKEND": store_set.url,
@@ -104,7 +112,7 @@ def test_worker_acks_only_once_the_backend_replica_holds_the_results(
         "ITRAIN_MIN_REPLICAS": "1",
         "ITRAIN_REPLICA_TIMEOUT_MS": "300",
     }
-    workers.start(1, redis_url=redis_url, env=env)
+    workers.start(1, redis_url=broker_url, env=env)
     with TrainingClient(settings=settings) as client:
         # When the replica stops acknowledging and events come
         store_set.pause(0)

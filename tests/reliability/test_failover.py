@@ -1,5 +1,6 @@
 """Failovers under a stream of events: a master, two replicas and three sentinels of our own
-(``down-after-milliseconds 1000``), two real workers and producer threads on the sentinel URL.
+(``down-after-milliseconds 1000``), two real workers (``ITRAIN_MIN_REPLICAS=2``) and producer
+threads on the sentinel URL.
 
 In one run, one after the other: a bare ``SENTINEL FAILOVER``, a ``kill -9`` of the master (then
 restarted as a replica of the new one, so that ``ITRAIN_MIN_REPLICAS=2`` can be met again), a
@@ -217,7 +218,9 @@ def test_every_accepted_event_trains_once_across_four_kinds_of_failover(
         url = group.url(master_name=True)
         settings = Settings(redis_url=url, history_max=100_000)
         model = create_model(connect(settings.store, 5), settings)
-        procs = workers.start(2, redis_url=url, env=evidence_env(VISIBILITY))
+        # (the workers too wait for both replicas, before they ack: worker.store.replicas)
+        env = {**evidence_env(VISIBILITY), "ITRAIN_MIN_REPLICAS": "2"}
+        procs = workers.start(2, redis_url=url, env=env)
         run = Run(group, workers, procs, model)
 
         # When the sentinels are asked to fail over (a planned failover, no pause)

@@ -356,16 +356,14 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
     # already written (an event committed before the process died) is left alone.
     rt.store.dead_letter(model, [entry])
-    # With ITRAIN_MIN_REPLICAS, on a Redis other than the broker's (``worker.store.replicas``):
-    # a shortfall raises, and the caller puts the message back on the queue.
+    # With ITRAIN_MIN_REPLICAS (``worker.store.replicas``): a shortfall raises, and the caller
+    # puts the message back on the queue.
     if rt.store_barrier is not None:
         rt.store_barrier.cross([], "dead letter")
     if not raw.ignore_result:  # fire-and-forget: the dead letter only
         failed = failure_payload(error)
         failures = [Outcome(task_id, "FAILURE", failed, keep_existing=True) for task_id in ids]
-        write_results(rt.result_client, failures, rt.settings.result_expires)
-        if rt.results_barrier is not None:
-            rt.results_barrier.cross([], "results")
+        write_results(rt.result_client, failures, rt.settings.result_expires, barrier=rt.results_barrier)
     logger.error("task %s dead-lettered: %s", _printable(raw.task_id), error)
     return str(error), shown
 

@@ -84,19 +84,15 @@ class Runtime:
             if settings.backend == settings.store
             else connect(settings.backend, settings.publish_timeout)
         )
-        self.store = Store(self.store_client, settings)
-        # The lock's timings go in the results' round trip (``run_messages``).
-        self.trainer = Trainer(self.store, settings, defer_timings=True)
-        # None where nothing waits (no replicas wanted, or the broker's own Redis).
+        # None where nothing waits (no replicas wanted). The commit waits in its own round trip.
         self.store_barrier = ReplicaBarrier.of(self.store_client, settings, settings.store)
         self.results_barrier = ReplicaBarrier.of(self.result_client, settings, settings.backend)
+        self.store = Store(self.store_client, settings, barrier=self.store_barrier)
+        # The lock's timings go in the results' round trip (``run_messages``).
+        self.trainer = Trainer(self.store, settings, defer_timings=True)
         #: Whether a batch's results may ride in its commit's round trip (``Trainer.train``):
-        #: they go to the store's Redis, and no replica is waited for between the two.
-        self.results_with_commit = (
-            self.result_client is self.store_client
-            and self.store_barrier is None
-            and self.results_barrier is None
-        )
+        #: they go to the store's Redis, ahead of the commit's barrier, which then covers them.
+        self.results_with_commit = self.result_client is self.store_client
 
 
 _runtime: tuple[int, Runtime] | None = None
@@ -178,9 +174,14 @@ def run_messages(messages: Sequence[RawMessage], *, results_with_commit: bool = 
         rt.trainer.flush_timings()
     wanted = _wanted(messages, plan, outcomes, owners)
     if wanted or not with_commit:
-        write_results(rt.result_client, wanted, rt.settings.result_expires, before=timings)
-    if rt.results_barrier is not None:
-        rt.results_barrier.cross([j.event.event_id for j in plan.jobs], "results")
+        write_results(
+            rt.result_client,
+            wanted,
+            rt.settings.result_expires,
+            before=timings,
+            barrier=rt.results_barrier if wanted else None,
+            event_ids=[j.event.event_id for j in plan.jobs],
+        )
     return _summaries(messages, plan, outcomes, owners, time.perf_counter() - start)
 
 
@@ -213,8 +214,9 @@ def _train_and_dead_letter(
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
     for model, entries in plan.dead.items():
         rt.store.dead_letter(model, entries)
-    if rt.store_barrier is not None:
-        rt.store_barrier.cross([j.event.event_id for j in plan.jobs], "commit")
+    # (each commit waited for the replicas in its round trip; dead letters, when written, here)
+    if rt.store_barrier is not None and plan.dead:
+        rt.store_barrier.cross([j.event.event_id for j in plan.jobs], "dead letters")
     return outcomes, owners
 
 

@@ -37,6 +37,7 @@ from worker.engine.guard import Reference, parse_guard, parse_reference
 from worker.lua import load_lua
 from worker.store.lock import ModelLock
 from worker.store.markers import result_digest
+from worker.store.replicas import ReplicaBarrier
 
 __all__ = ["CommitResult", "ReadResult", "Restored", "Store"]
 
@@ -80,9 +81,14 @@ class CommitResult:
 class Store:
     """Redis I/O for models; one instance per process, shared by its tasks."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, client: redis.Redis, settings: Settings, barrier: ReplicaBarrier | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
+        #: The wait for replicas that follows every commit that lands, in its round trip
+        #: (``ITRAIN_MIN_REPLICAS``, ``worker.store.replicas``); None: nothing waits.
+        self.barrier = barrier
         # The scripts and what their KEYS and ARGV are: worker/store/lua/*.lua.
         self._read = client.register_script(load_lua(__package__, "read"))
         self._done = client.register_script(load_lua(__package__, "done"))
@@ -226,7 +232,9 @@ class Store:
         as ever. ``after`` queues commands of the caller's behind the commit and the release in
         the same round trip (the batch's results, guarded by ``cid``, the commit id this commit
         writes: new by default); their replies are the result's ``after``, empty when the commit
-        had to be sent again.
+        had to be sent again. The store's ``barrier``, if any, comes last in that round trip, and
+        a commit that landed raises ``ReplicationError`` (a Redis fault) when too few replicas
+        hold it in time.
         ``evaluation`` is written with the weights (it is needed whenever events trained).
         ``now`` (this host's clock by default) picks the event markers' slots to declare.
         ``result_ids``, one per event (or none), are the ids of the results that answer them: each
@@ -283,7 +291,7 @@ class Store:
         for _ in range(3):
             markers = [keys.done(expected.gen, first + k) for k in range(3)]
             keys_now = [*named, *markers, *counters]
-            (ok, version, step0), theirs = self._commit_once(keys_now, args, release, after)
+            (ok, version, step0), theirs = self._commit_once(keys_now, args, release, after, event_ids)
             release, after = None, None
             if ok != -1:
                 return CommitResult(ok == 1, int(version), int(step0), cid, theirs)
@@ -301,28 +309,40 @@ class Store:
         args: list[Any],
         release: ModelLock | None,
         after: Callable[[Pipeline], None] | None,
+        event_ids: Sequence[str],
     ) -> tuple[Any, list[Any]]:
         """commit.lua's reply, and those of ``after``'s commands; the lock's release after the
-        commit in the same round trip, if owned, then ``after``'s commands."""
-        releasing = release is not None and release.owned
-        if not releasing and after is None:
+        commit in the same round trip, if owned, then ``after``'s commands, then the barrier."""
+        barrier = self.barrier
+        if release is None or not release.owned:
+            release = None
+        if release is None and after is None and barrier is None:
             return self._commit(keys=keys, args=args), []
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-        if releasing:
-            assert release is not None
+        if release is not None:
             release.queue_release(pipe)
         if after is not None:
             after(pipe)
+        if barrier is not None:
+            barrier.queue(pipe)
         reply, *theirs = pipe.execute(raise_on_error=False)
-        if releasing:
-            assert release is not None
+        crossed = theirs[-2:] if barrier is not None else []
+        if barrier is not None:
+            del theirs[-2:]
+        if release is not None:
             release.released(theirs.pop(0))
         if isinstance(reply, NoScriptError):
             # A restarted Redis forgot it (nothing was written): the script object sends it whole.
-            return self._commit(keys=keys, args=args), []
+            reply, theirs = self._commit(keys=keys, args=args), []
+            if barrier is not None and int(reply[0]) == 1:
+                barrier.cross(event_ids, "commit")
+            return reply, theirs
         if isinstance(reply, Exception):
             raise reply
+        # Only a commit that landed has anything to lose (a refused one wrote nothing).
+        if barrier is not None and int(reply[0]) == 1:
+            barrier.check(crossed, event_ids, "commit")
         return reply, theirs
 
     def dead_letter(self, model: str, entries: Sequence[bytes]) -> None:

@@ -35,6 +35,7 @@ from producer.chunks import chunk_result, merge_chunk, parse_handle_id
 from producer.protocol import result_key
 from worker.lua import load_lua
 from worker.outcome import Outcome, failure_payload
+from worker.store.replicas import ReplicaBarrier
 
 # ``Outcome`` and ``failure_payload`` live in ``worker.outcome`` (the engine makes outcomes and
 # must not import the store); they are named here too, as what ``write_results`` writes.
@@ -84,10 +85,14 @@ def write_results(
     expires: int,
     *,
     before: Callable[[Pipeline], None] | None = None,
+    barrier: ReplicaBarrier | None = None,
+    event_ids: Sequence[str] = (),
 ) -> int:
     """Write each outcome's result under the precedence rule; returns how many were written (the
     others were refused: an earlier result stands). ``before`` queues commands of the caller's
-    to go first in the same round trip (they run before any result is written)."""
+    to go first in the same round trip (they run before any result is written). ``barrier``
+    (``ITRAIN_MIN_REPLICAS``) follows the results in their round trip: ``ReplicationError``, a
+    Redis fault, when too few replicas hold them in time (``event_ids`` are named in it)."""
     if not outcomes:
         if before is not None:
             pipe = client.pipeline(transaction=False)
@@ -95,9 +100,14 @@ def write_results(
             pipe.execute()
         return 0
     keys, args = _arguments(outcomes, expires, "")
-    written, *met = _run(client, keys, args, before)
+    written, *met = _run(client, keys, args, before, barrier, event_ids)
     found = list(zip(met[0::3], met[1::3], met[2::3], strict=True))
-    return int(written) + (_merge_chunks(client, found, expires) if found else 0)
+    if not found:
+        return int(written)
+    merged = _merge_chunks(client, found, expires)
+    if barrier is not None:  # (a redelivered chunk's merge: rare, a round trip of its own)
+        barrier.cross(event_ids, "results")
+    return int(written) + merged
 
 
 def queue_guarded_results(
@@ -174,24 +184,37 @@ def _run(
     keys: list[str],
     args: list[bytes | str | int],
     before: Callable[[Pipeline], None] | None,
+    barrier: ReplicaBarrier | None,
+    event_ids: Sequence[str],
 ) -> Any:
-    """write_results.lua's reply, after ``before``'s commands in the same round trip."""
+    """write_results.lua's reply, after ``before``'s commands and before ``barrier`` in the same
+    round trip."""
     script = _script(client)
-    if before is None:
+    if before is None and barrier is None:
         # ``client=`` always: a cached Script must never run on a client other than this one.
         return script(keys=keys, args=args, client=client)
     pipe = client.pipeline(transaction=False)
-    before(pipe)
+    if before is not None:
+        before(pipe)
     # EVALSHA itself: a script object on a pipeline costs a SCRIPT EXISTS round trip first.
     pipe.evalsha(script.sha, len(keys), *keys, *args)
-    *theirs, reply = pipe.execute(raise_on_error=False)
+    if barrier is not None:
+        barrier.queue(pipe)
+    replies = pipe.execute(raise_on_error=False)
+    crossed = replies[-2:] if barrier is not None else []
+    *theirs, reply = replies[:-2] if barrier is not None else replies
     for r in theirs:
         if isinstance(r, Exception):
             raise r
     if isinstance(reply, NoScriptError):  # a restarted Redis forgot it: sent whole this once
-        return script(keys=keys, args=args, client=client)
+        reply = script(keys=keys, args=args, client=client)
+        if barrier is not None:
+            barrier.cross(event_ids, "results")
+        return reply
     if isinstance(reply, Exception):
         raise reply
+    if barrier is not None:
+        barrier.check(crossed, event_ids, "results")
     return reply
 
 
