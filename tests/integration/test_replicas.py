@@ -32,6 +32,7 @@ from worker.consume.faults import is_redis_fault
 from worker.devtools.embedded_redis import ReplicaSet
 from worker.devtools.forwarder import Forwarder
 from worker.engine.batch import Job
+from worker.outcome import dead_letter_entry
 from worker.store.model_store import Store
 from worker.store.replicas import ReplicaBarrier
 from worker.store.results import write_results
@@ -360,6 +361,11 @@ def test_a_commit_and_its_results_wait_for_the_replicas_in_their_own_round_trips
             with pytest.raises(ReplicationError) as results:
                 write_results(client, outcomes, 60, barrier=barrier, event_ids=["r1", "r2"])
             assert results.value.event_ids == ["r1", "r2"]
+            # (and a dead letter: written, then the shortfall raised)
+            entry = dead_letter_entry("t1", ValueError("bad"), model=model, event_id="e1")
+            with pytest.raises(ReplicationError):
+                trainer.store.dead_letter(model, [entry])
+            assert client.llen(ModelKeys(model).dead) == 1
         finally:
             replicas.resume(1)
             replicas.wait_synced()

@@ -354,12 +354,10 @@ def dead_letter_culprit(raw: RawMessage, exc: BaseException) -> tuple[str, str]:
         _printable(raw.task_id), error, model=model, event_id=event_id, extra=extra, deliveries=raw.deliveries
     )
     # Dead letter first: whoever sees the FAILURE result also sees its dead letter. A result
-    # already written (an event committed before the process died) is left alone.
+    # already written (an event committed before the process died) is left alone. With
+    # ITRAIN_MIN_REPLICAS (``worker.store.replicas``) each waits for the replicas in its round
+    # trip: a shortfall raises, and the caller puts the message back on the queue.
     rt.store.dead_letter(model, [entry])
-    # With ITRAIN_MIN_REPLICAS (``worker.store.replicas``): a shortfall raises, and the caller
-    # puts the message back on the queue.
-    if rt.store_barrier is not None:
-        rt.store_barrier.cross([], "dead letter")
     if not raw.ignore_result:  # fire-and-forget: the dead letter only
         failed = failure_payload(error)
         failures = [Outcome(task_id, "FAILURE", failed, keep_existing=True) for task_id in ids]

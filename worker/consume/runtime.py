@@ -214,9 +214,6 @@ def _train_and_dead_letter(
     # Dead letters first: whoever sees a FAILURE result also sees its dead letter.
     for model, entries in plan.dead.items():
         rt.store.dead_letter(model, entries)
-    # (each commit waited for the replicas in its round trip; dead letters, when written, here)
-    if rt.store_barrier is not None and plan.dead:
-        rt.store_barrier.cross([j.event.event_id for j in plan.jobs], "dead letters")
     return outcomes, owners
 
 

@@ -346,14 +346,27 @@ class Store:
         return reply, theirs
 
     def dead_letter(self, model: str, entries: Sequence[bytes]) -> None:
-        """Record failed messages in the model's bounded dead-letter list (or the unrouted one)."""
+        """Record failed messages in the model's bounded dead-letter list (or the unrouted one);
+        the store's barrier, if any, in the same round trip (``ReplicationError`` on a shortfall)."""
         if not entries:
             return
         keys = ModelKeys(model)
-        self._dead(
-            keys=[MODELS, keys.dead, keys.stats, UNROUTED_DEAD, keys.dead_errors, UNROUTED_DEAD_ERRORS],
-            args=[model, self.settings.dead_letter_max, *entries],
-        )
+        names = [MODELS, keys.dead, keys.stats, UNROUTED_DEAD, keys.dead_errors, UNROUTED_DEAD_ERRORS]
+        args: list[bytes | str | int] = [model, self.settings.dead_letter_max, *entries]
+        if self.barrier is None:
+            self._dead(keys=names, args=args)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(self._dead.sha, len(names), *names, *args)
+        self.barrier.queue(pipe)
+        reply, *crossed = pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):  # a restarted Redis forgot it: sent whole, then waited
+            self._dead(keys=names, args=args)
+            self.barrier.cross([], "dead letters")
+        elif isinstance(reply, Exception):
+            raise reply
+        else:
+            self.barrier.check(crossed, [], "dead letters")
 
     def create(self, model: str, ckpt: Checkpoint, *, force: bool) -> int:
         """Write a new model's first checkpoint; returns its version.
