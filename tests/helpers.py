@@ -228,13 +228,17 @@ class Workers:
         members = self._known.get(proc.pid, set())
         wait_until(lambda: not any(alive(p) for p in members), 20, "killed pool children to exit")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 8.0) -> None:
+        """Stop every worker still running: a warm shutdown (SIGTERM), all at once, then SIGKILL
+        for those still running after ``timeout`` seconds. A warm shutdown takes ~2 s here; one
+        whose Redis a test already stopped retries its connection until killed (20 s a test, at
+        the former timeout). Tests that check the warm shutdown itself do it themselves."""
         live = [proc for proc in self.procs if proc.poll() is None]
         for proc in live:
             self.remember(proc)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGCONT)  # in case a test left it stopped
-        stop_processes(live)
+        stop_processes(live, timeout)
         # Pool children that outlived their worker: only pids we saw as its children, and only
         # while they are still in that worker's process group.
         for leader, members in self._known.items():

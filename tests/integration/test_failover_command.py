@@ -146,6 +146,7 @@ def test_itrain_failover_loses_no_accepted_event(tmp_path: Path, workers: Worker
         assert int(old["master_port"]) == second
         workers.assert_alive([proc])
         assert set(workers.pool(proc)) == pool, "the worker's pool was restarted"
+        workers.close()  # (while its Redis still runs: a warm shutdown without one hangs)
 
 
 def _master_row(env: dict[str, str], model: str) -> str:

@@ -270,6 +270,7 @@ def test_every_accepted_event_trains_once_across_four_kinds_of_failover(
         run.scenario("planned", 1, lambda: done.append(_itrain_failover(group.url(), group.name)))
         assert done[0].returncode == 0, done[0].stdout + done[0].stderr
         assert group.master_port() != fourth
+        workers.close()  # (while their Redis still runs: a warm shutdown without one hangs)
 
 
 def test_a_push_on_a_sentinel_url_waits_for_the_masters_replicas(tmp_path: Path) -> None:
@@ -321,3 +322,4 @@ def test_workers_carry_on_after_their_master_was_stopped_for_a_minute(
             after = client.train_many([make_event(model, i, "after") for i in range(20)])
             results = client.wait_all(after, timeout=90)
         assert Counter(r["status"] for r in results) == {"trained": 20}
+        workers.close()  # (while their Redis still runs: a warm shutdown without one hangs)

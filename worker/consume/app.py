@@ -144,5 +144,6 @@ def _tune_gc(**_: Any) -> None:
 worker_init.connect(_tune_gc, weak=False)  # after _compile_kernel: its objects are frozen too
 celeryd_after_setup.connect(_log_kernel, weak=False)
 
-# ITRAIN_POOL_FETCH: its signal handlers decide at worker_init and start each pool process's fetcher.
-from worker.consume import pool_fetch  # noqa: E402, F401
+# Signal receivers: ITRAIN_POOL_FETCH's decide at worker_init and start each pool process's
+# fetcher; shutdown_wake's makes SIGTERM wake the event loop.
+from worker.consume import pool_fetch, shutdown_wake  # noqa: E402, F401
