@@ -19,7 +19,10 @@ encoding 30,000 events takes ~0.3-0.5 s of a core. Encoding them meanwhile, in b
 or so, put a second CPU hog beside the worker whenever the machine had one already: under one
 hog, half to 85% of B's calls over 40 ms came during those bursts, which cover a quarter of the
 time. What reaches Redis is unchanged: each top-up is one ``LPUSH`` of the messages
-``train_many`` would push.
+``train_many`` would push. For the same reason A's producer runs at the lowest CPU priority
+(``nice 19``): beside one CPU-bound process outside the test, B's loaded p99 was 175 ms in one run
+without it, and 32, 237, 51 and 34 ms in four runs with it (unloaded: 11.6-17.7 ms); a machine
+that busy can still fail the bound, since B's worker shares the cores with the flood's training.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ def test_a_flooded_queue_leaves_another_queues_latency_within_bounds(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: os.nice(19),
+        preexec_fn=lambda: os.nice(19),  # (another host's, in a real deployment)
     )
     try:
         assert feeder.stdout is not None
