@@ -78,7 +78,7 @@ _ROOM = "itrain-tests-{}-room"
 
 @pytest.fixture(autouse=True)
 def alone_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Under pytest-xdist (``-n 2``), a test marked ``alone`` runs while no other test does: it
+    """Under pytest-xdist (``-n 3``), a test marked ``alone`` runs while no other test does: it
     measures latency against a baseline it took itself, which a neighbour's load would skew.
     Every test holds the room shared, an ``alone`` test holds it exclusively; the turnstile makes
     a waiting ``alone`` test go next, before other tests start (no starvation). Without xdist it
