@@ -335,13 +335,14 @@ class Store:
         if isinstance(reply, NoScriptError):
             # A restarted Redis forgot it (nothing was written): the script object sends it whole.
             reply, theirs = self._commit(keys=keys, args=args), []
-            if barrier is not None and int(reply[0]) == 1:
+            if barrier is not None and int(reply[0]) == 1 and event_ids:
                 barrier.cross(event_ids, "commit")
             return reply, theirs
         if isinstance(reply, Exception):
             raise reply
-        # Only a commit that landed has anything to lose (a refused one wrote nothing).
-        if barrier is not None and int(reply[0]) == 1:
+        # Only a commit that landed and marked events has anything to lose: a refused one wrote
+        # nothing, one that trained no event only counters (its answers wait for their own).
+        if barrier is not None and int(reply[0]) == 1 and event_ids:
             barrier.check(crossed, event_ids, "commit")
         return reply, theirs
 
