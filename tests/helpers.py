@@ -34,6 +34,7 @@ from producer.events import InteractionData
 from producer.keys import ModelKeys, marker_field
 from producer.settings import Settings
 from worker.devtools.stack import APP, node_name, start_worker, stop_processes, wait_for_workers
+from worker.engine.batch import Job
 from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.mlp import Shape, init_params
 from worker.store.model_store import Store
@@ -291,6 +292,12 @@ def make_events(
 def make_interaction(**overrides: Any) -> InteractionData:
     """``make_event(**overrides)`` validated, for tests of the engine's pure functions."""
     return InteractionData.model_validate(make_event(**overrides))
+
+
+def make_jobs(model: str, tag: str, n: int) -> list[Job]:
+    """A worker's jobs (task ``task-<tag>-<i>``) for events 0 .. n - 1 of ``make_event``'s
+    sequence: what a ``Trainer`` trains."""
+    return [Job(f"task-{tag}-{i}", make_interaction(model=model, i=i, tag=tag)) for i in range(n)]
 
 
 def statuses(results: Iterable[Any]) -> Counter[str]:

@@ -23,15 +23,13 @@ from producer import (
     ReplicationError,
     TrainingClient,
 )
-from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.linger import LingerHandle
 from producer.settings import Settings
-from tests.helpers import create_model, make_event, make_events, model_state
+from tests.helpers import create_model, make_event, make_events, make_jobs, model_state
 from worker.consume.faults import is_redis_fault
 from worker.devtools.embedded_redis import ReplicaSet
 from worker.devtools.forwarder import Forwarder
-from worker.engine.batch import Job
 from worker.outcome import dead_letter_entry
 from worker.store.model_store import Store
 from worker.store.replicas import ReplicaBarrier
@@ -318,11 +316,6 @@ def test_worker_barrier_covers_writes_of_other_connections(paused: ReplicaSet) -
     waiter.close()
 
 
-def _jobs(model: str, tag: str, n: int) -> list[Job]:
-    events = [InteractionData.model_validate(make_event(model, i, tag)) for i in range(n)]
-    return [Job(f"task-{tag}-{i}", event) for i, event in enumerate(events)]
-
-
 def test_a_commit_and_its_results_wait_for_the_replicas_in_their_own_round_trips(
     replicas: ReplicaSet,
 ) -> None:
@@ -337,10 +330,10 @@ def test_a_commit_and_its_results_wait_for_the_replicas_in_their_own_round_trips
         trainer = Trainer(Store(client, s, barrier=barrier), s, defer_timings=True)
         model = create_model(client, s)
         # (its checkpoint cached, the results' script loaded)
-        write_results(client, trainer.train(_jobs(model, "a", 10)), 60, before=trainer.queue_timings)
+        write_results(client, trainer.train(make_jobs(model, "a", 10)), 60, before=trainer.queue_timings)
         # When it trains a batch and writes its results
         before = fwd.stats()["round_trips"]
-        outcomes = trainer.train(_jobs(model, "b", 10))
+        outcomes = trainer.train(make_jobs(model, "b", 10))
         trained = fwd.stats()["round_trips"] - before
         write_results(client, outcomes, 60, before=trainer.queue_timings, barrier=barrier, event_ids=["b"])
         # Then each wait rode in the round trip of what it waits for: lock + read, commit +
@@ -354,7 +347,7 @@ def test_a_commit_and_its_results_wait_for_the_replicas_in_their_own_round_trips
             short = s.model_copy(update={"replica_timeout_ms": SHORT_MS})
             barrier.wait = ReplicaBarrier.of(client, short, s.store).wait  # type: ignore[union-attr]
             with pytest.raises(ReplicationError) as error:
-                trainer.train(_jobs(model, "c", 10))
+                trainer.train(make_jobs(model, "c", 10))
             assert "the commit of 10 event(s)" in str(error.value)
             assert model_state(client, model)["step"] == 30
             assert not client.exists(ModelKeys(model).lock)  # (given back in the commit's trip)

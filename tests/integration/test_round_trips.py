@@ -14,14 +14,12 @@ import orjson
 import pytest
 import redis
 
-from producer.events import InteractionData
 from producer.keys import ModelKeys
 from producer.protocol import result_key
 from producer.settings import Settings
 from tests.conftest import ModelFactory
-from tests.helpers import make_event
+from tests.helpers import make_jobs
 from worker.devtools.forwarder import Forwarder
-from worker.engine.batch import Job
 from worker.store.lock import ModelLock
 from worker.store.model_store import Store
 from worker.store.results import Outcome, guarded_written, queue_guarded_results, write_results
@@ -38,12 +36,6 @@ def forwarded(redis_url: str, redis_client: redis.Redis) -> Iterator[tuple[Forwa
         client = redis.Redis(port=fwd.port, socket_timeout=10)
         yield fwd, client
         client.close()
-
-
-def _jobs(model: str, tag: str, n: int) -> list[Job]:
-    return [
-        Job(f"task-{tag}-{i}", InteractionData.model_validate(make_event(model, i, tag))) for i in range(n)
-    ]
 
 
 def _trips(fwd: Forwarder) -> int:
@@ -64,11 +56,11 @@ def test_a_batch_costs_two_round_trips_under_the_lock(
     model = make_model()
     trainer = Trainer(Store(client, settings), settings)
     # Given a worker that has trained a batch of this model (its checkpoint cached)
-    first = trainer.train(_jobs(model, "a", 50))
+    first = trainer.train(make_jobs(model, "a", 50))
     assert {o.result["status"] for o in first} == {"trained"}
     # When it trains the next batch
     before = _trips(fwd)
-    second = trainer.train(_jobs(model, "b", 50))
+    second = trainer.train(make_jobs(model, "b", 50))
     trips = _trips(fwd) - before
     # Then every event trained, in three round trips: lock + read, commit + release, the timings
     assert [o.result["step"] for o in second] == list(range(51, 101))
@@ -82,10 +74,10 @@ def test_the_lock_timings_ride_with_the_results(
     fwd, client = forwarded
     # Given a worker's trainer, which keeps its lock timings for the results' round trip
     model, trainer = _timing_trainer(client, redis_url, make_model)
-    write_results(client, trainer.train(_jobs(model, "g", 10)), 60, before=trainer.queue_timings)
+    write_results(client, trainer.train(make_jobs(model, "g", 10)), 60, before=trainer.queue_timings)
     # When it trains a batch and writes its results with the timings in front
     before = _trips(fwd)
-    outcomes = trainer.train(_jobs(model, "h", 10))
+    outcomes = trainer.train(make_jobs(model, "h", 10))
     trained = _trips(fwd) - before
     written = write_results(client, outcomes, 60, before=trainer.queue_timings)
     # Then the batch cost two round trips, the results one, and the timings are there
@@ -101,10 +93,10 @@ def test_the_results_ride_in_the_commits_round_trip(
     fwd, client = forwarded
     # Given a worker's trainer whose results may go with its commits (same Redis, no replicas)
     model, trainer = _timing_trainer(client, redis_url, make_model)
-    trainer.train(_jobs(model, "r", 10), results=60)
+    trainer.train(make_jobs(model, "r", 10), results=60)
     # When it trains the next batch
     before = _trips(fwd)
-    outcomes = trainer.train(_jobs(model, "s", 10), results=60)
+    outcomes = trainer.train(make_jobs(model, "s", 10), results=60)
     # Then the batch cost two round trips in all, its results are written, each says so, and
     # the timings of the batch before rode with them
     assert _trips(fwd) - before == 2
@@ -123,7 +115,7 @@ def test_results_guarded_by_a_commit_id_are_written_only_while_the_checkpoint_ho
 ) -> None:
     model = make_model()
     trainer = Trainer(Store(redis_client, settings), settings)
-    (done,) = trainer.train(_jobs(model, "u", 1))
+    (done,) = trainer.train(make_jobs(model, "u", 1))
     ckpt = ModelKeys(model).ckpt
     cid = (redis_client.hget(ckpt, "cid") or b"").decode()
     answers = [Outcome.success(f"task-guarded-{n}", {"status": "trained", "event_id": n}) for n in "ab"]
@@ -153,7 +145,7 @@ def test_a_batch_waits_for_a_held_lock_then_trains(
     releaser.start()
     # When a batch arrives meanwhile
     start = time.perf_counter()
-    outcomes = trainer.train(_jobs(model, "c", 20))
+    outcomes = trainer.train(make_jobs(model, "c", 20))
     releaser.join()
     # Then it waited for the lock, trained every event on the weights then current, and gave the lock back
     assert time.perf_counter() - start >= 0.3
@@ -170,7 +162,7 @@ def test_a_snapshot_due_is_taken_under_the_lock_before_it_is_given_back(
     model = make_model()
     trainer = Trainer(Store(redis_client, settings), settings)
     # When a batch crosses a multiple of ITRAIN_SNAPSHOT_EVERY
-    outcomes = trainer.train(_jobs(model, "d", 15))
+    outcomes = trainer.train(make_jobs(model, "d", 15))
     # Then it trained, a snapshot was kept, and the lock is free
     assert [o.result["step"] for o in outcomes] == list(range(1, 16))
     assert redis_client.keys(ModelKeys(model).snapshot_prefix + "*")
@@ -182,11 +174,11 @@ def test_the_critical_section_survives_a_redis_that_forgot_its_scripts(
 ) -> None:
     model = make_model()
     trainer = Trainer(Store(redis_client, settings), settings)
-    trainer.train(_jobs(model, "e", 5))
+    trainer.train(make_jobs(model, "e", 5))
     # Given a Redis whose script cache was emptied (as after a restart or a failover)
     redis_client.script_flush()
     # When the next batch trains
-    outcomes = trainer.train(_jobs(model, "f", 5))
+    outcomes = trainer.train(make_jobs(model, "f", 5))
     # Then it trains whole and gives the lock back
     assert [o.result["step"] for o in outcomes] == list(range(6, 11))
     assert not redis_client.exists(ModelKeys(model).lock)
