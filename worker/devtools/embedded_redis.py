@@ -9,6 +9,7 @@ scripts and ``BLMOVE`` fail, and a worker on it could not fetch a message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -32,6 +33,7 @@ __all__ = [
     "embedded_server_binary",
     "find_redis_server",
     "free_port",
+    "free_ports",
     "is_reachable",
 ]
 
@@ -105,9 +107,20 @@ def find_redis_server() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports of 127.0.0.1, for servers started together: each is held while
+    the next is picked (ports picked one by one can repeat: a sentinel of a group once got its
+    neighbour's port and exited at start, ``Address already in use``)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def is_reachable(url: str, timeout: float = 0.5) -> bool:
@@ -268,13 +281,14 @@ class ReplicaSet:
         self, replicas: int = 2, *, extra: list[str] | None = None, binary: str | None = None
     ) -> None:
         binary = binary or find_redis_server()
+        port, *ports = free_ports(replicas + 1)
         # No delay before a full sync (5 s by default): a replica is in sync in milliseconds.
-        self.master = RedisServer(extra=["--repl-diskless-sync-delay", "0", *(extra or [])], binary=binary)
+        self.master = RedisServer(
+            port=port, extra=["--repl-diskless-sync-delay", "0", *(extra or [])], binary=binary
+        )
         self.replicas = [
-            RedisServer(
-                extra=["--replicaof", "127.0.0.1", str(self.master.port), *(extra or [])], binary=binary
-            )
-            for _ in range(replicas)
+            RedisServer(port=p, extra=["--replicaof", "127.0.0.1", str(port), *(extra or [])], binary=binary)
+            for p in ports
         ]
         self._paused: set[int] = set()
 

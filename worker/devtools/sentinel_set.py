@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from producer.errors import ConfigurationError
-from worker.devtools.embedded_redis import RedisServer, find_redis_server, free_port
+from worker.devtools.embedded_redis import RedisServer, find_redis_server, free_ports
 
 __all__ = ["SentinelSet", "sentinel_fields"]
 
@@ -71,11 +71,19 @@ class SentinelSet:
         self.dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.binary = binary
         auth = ["--masterauth", password] if password else []
+        # Every port of the group at once, so that no two of them are the same (``free_ports``).
+        ports = free_ports(replicas + 1 + sentinels)
         self.servers = [
-            RedisServer(password=password, extra=auth, data_dir=self.dir / f"redis{i}", tls_dir=self.tls_dir)
+            RedisServer(
+                port=ports[i],
+                password=password,
+                extra=auth,
+                data_dir=self.dir / f"redis{i}",
+                tls_dir=self.tls_dir,
+            )
             for i in range(replicas + 1)
         ]
-        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinel_ports = ports[replicas + 1 :]
         self.sentinel_procs: list[subprocess.Popen[bytes] | None] = [None] * sentinels
 
     # -- addresses --------------------------------------------------------------------------------
