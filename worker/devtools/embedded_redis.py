@@ -356,7 +356,11 @@ class ReplicaSet:
         self.master.close()
 
     def __enter__(self) -> ReplicaSet:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # (what did start is stopped: a test's failed setup leaves no server behind)
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -292,7 +292,11 @@ class SentinelSet:
             self._tmp.cleanup()
 
     def __enter__(self) -> SentinelSet:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # (what did start is stopped: a test's failed setup leaves no server behind)
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
