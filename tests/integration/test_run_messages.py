@@ -566,3 +566,36 @@ def test_non_terminal_state_is_replaced_and_a_foreign_key_is_left_alone(redis_cl
     assert meta(redis_client, started)["status"] == "FAILURE"
     assert redis_client.hgetall(result_key(foreign)) == {b"not": b"ours"}
     assert meta(redis_client, plain)["result"]["status"] == "trained"
+
+
+# -- the lock's timings when the results ride with the commit --------------------------------------
+
+
+def test_the_last_jobs_lock_timings_are_written_once_the_process_is_idle(
+    own_runtime, make_model, redis_client, app
+) -> None:
+    """A job whose results ride in its commit's round trip leaves its lock timings for the next
+    round trip; with no next job, the process writes them ``IDLE_FLUSH_SECONDS`` later."""
+    # Given a model
+    model = make_model()
+    # When one job trains three events, its results riding with the commit, and no job follows
+    ids = [new_id() for _ in range(3)]
+    run_messages(
+        [step_message(i, raw_event(model, f"idle-{k}")) for k, i in enumerate(ids)],
+        results_with_commit=True,
+    )
+    # Then every result is stored
+    assert [meta(redis_client, i)["result"]["status"] for i in ids] == ["trained"] * 3
+    # And the section's lock wait and hold reach the exporter's histograms without another job
+
+    def counted() -> dict[str, float]:
+        raw = redis_client.hgetall(ModelKeys(model).lock_stats)
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    deadline = time.monotonic() + 10
+    while not counted() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = counted()
+    assert sum(v for k, v in stats.items() if k.startswith("w:") and k != "w:sum") == 1
+    assert sum(v for k, v in stats.items() if k.startswith("h:") and k != "h:sum") == 1
+    assert not own_runtime.trainer.timings_waiting

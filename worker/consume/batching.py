@@ -207,6 +207,8 @@ class _Buffer:
         return self.pool.apply_async(
             run_messages,
             args=([p.raw for p in items],),
+            # The results ride in the commit's round trip (one round trip a job fewer).
+            kwargs={"results_with_commit": True},
             callback=partial(_then, finished, partial(self._on_done, items)),
             error_callback=partial(_then, finished, partial(self._on_error, items, alone)),
         )

@@ -5,7 +5,8 @@ its valid events as jobs, its refused items with their errors), set aside the jo
 ``redelivery.refusal`` refuses (too many, or too old for the de-duplication window), train the
 rest in one critical section per model, then write every event's result and every dead letter
 (with ``results_with_commit``, a batch's results ride in its commit's round trip where they may:
-``Trainer.train``).
+``Trainer.train``; the last section's lock timings are then written once the process is idle,
+``idle_flush``).
 It returns a small summary per message for the main process, which acks the messages and sends
 their task events (Flower).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from producer.redis_conn import connect
 from producer.settings import Settings, get_settings
 from worker.consume.admission import admit
 from worker.consume.faults import is_redis_fault
+from worker.consume.idle_flush import IdleFlush
 from worker.consume.messages import RawMessage, model_hint, printable
 from worker.consume.redelivery import answer_refused, refusal
 from worker.engine.batch import Job
@@ -50,6 +53,10 @@ from worker.training.trainer import Trainer
 __all__ = ["ErrorText", "Runtime", "Summary", "flush_timings", "get_runtime", "run_messages", "shown_args"]
 
 logger = logging.getLogger("itrain.runtime")
+
+#: Seconds without a job after which a process writes the lock timings its last job left
+#: (``IdleFlush``): the exporter's lock histograms lag a stream's end by about this much.
+IDLE_FLUSH_SECONDS = 0.2
 
 #: (task id, state, result or ``ErrorText``, runtime in seconds, args to show), one per message.
 #: The args are built by the worker from the validated event (never the message header's
@@ -93,6 +100,14 @@ class Runtime:
         #: Whether a batch's results may ride in its commit's round trip (``Trainer.train``):
         #: they go to the store's Redis, ahead of the commit's barrier, which then covers them.
         self.results_with_commit = self.result_client is self.store_client
+        #: Held by ``run_messages`` and by the idle flush, so the two never use the trainer at once.
+        self.lock = threading.Lock()
+        self.idle = IdleFlush(self.flush_timings, IDLE_FLUSH_SECONDS)
+
+    def flush_timings(self) -> None:
+        """Write the lock timings kept for the next round trip (none waiting: nothing sent)."""
+        with self.lock:
+            self.trainer.flush_timings()
 
 
 _runtime: tuple[int, Runtime] | None = None
@@ -102,7 +117,7 @@ def flush_timings() -> None:
     """Send the lock timings this process keeps, if it has a runtime: they ride with the next
     commit or results otherwise, and an idle worker has none (``pool_fetch``, going idle)."""
     if _runtime is not None and _runtime[0] == os.getpid():
-        _runtime[1].trainer.flush_timings()
+        _runtime[1].flush_timings()
 
 
 def get_runtime() -> Runtime:
@@ -144,15 +159,23 @@ def run_messages(messages: Sequence[RawMessage], *, results_with_commit: bool = 
 
     ``results_with_commit``: a batch's results ride in its commit's round trip where they may
     (``Trainer.train``), and the lock's timings with them. The last critical section's timings
-    then wait for the next round trip that carries any, so the caller sends them when it goes
-    idle (``flush_timings``): a pool process that fetches its own messages does
-    (``pool_fetch``); one that Celery hands jobs to has no such moment, and writes its results
-    after the commit, the timings in front of them.
+    then wait for the next round trip that carries any: a process that goes idle writes them
+    ``IDLE_FLUSH_SECONDS`` after its last job (``Runtime.idle``), and a pool fetcher as soon
+    as it waits on an empty queue (``flush_timings``). Without it (a task called directly),
+    the results go after the commit, the timings in front of them.
 
     Raises only when Redis fails (``is_redis_fault``): then nothing of this group is acked, and
     events already committed come back as ``duplicate`` on the redelivery.
     """
     rt = get_runtime()
+    with rt.lock:
+        summaries = _run_messages(rt, messages, results_with_commit)
+    if rt.trainer.timings_waiting:
+        rt.idle.touch()
+    return summaries
+
+
+def _run_messages(rt: Runtime, messages: Sequence[RawMessage], results_with_commit: bool) -> list[Summary]:
     start = time.perf_counter()
     plan = _Plan()
     for m, msg in enumerate(messages):

@@ -479,6 +479,11 @@ class Trainer:
         if not self.defer_timings:
             self.flush_timings()
 
+    @property
+    def timings_waiting(self) -> bool:
+        """Whether timings are kept for a round trip still to come (``defer_timings``)."""
+        return bool(self._timings)
+
     def flush_timings(self) -> None:
         """Write the timings kept so far, in one round trip."""
         if self._timings:
