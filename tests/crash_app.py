@@ -29,7 +29,7 @@ __all__ = ["app"]
 _run_messages = batching.run_messages
 
 
-def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
+def run_messages(messages: Sequence[RawMessage], **options: bool) -> list[Summary]:
     log = os.environ.get("ITRAIN_TEST_JOB_LOG")
     if log:
         with open(log, "a") as out:
@@ -40,7 +40,7 @@ def run_messages(messages: Sequence[RawMessage]) -> list[Summary]:
     if marker and not marker.exists() and any(b"redis-fault" in m.body for m in messages):
         marker.touch()
         raise redis.exceptions.ConnectionError("injected: Redis unreachable")
-    return _run_messages(messages)
+    return _run_messages(messages, **options)
 
 
 batching.run_messages = run_messages

@@ -29,6 +29,7 @@ from tests.helpers import (
     send_from_threads,
     statuses,
     wait_results,
+    wait_until,
 )
 from worker.consume.transport import FETCH, GATHER, Channel
 
@@ -106,8 +107,14 @@ class Stream:
             handles = send_from_threads(client, make_events(model, events, "w"), rate, threads)
             assert statuses(wait_results(client, handles, 60, self.workers)) == {"trained": events}
         assert int(model_state(self.redis_client, model)["step"]) == events
-        sections = self.redis_client.lrange(ModelKeys(model).prefix + "timings", 0, -1)
-        assert sum(int(row.split()[2]) for row in sections) == events
+        timings = ModelKeys(model).prefix + "timings"
+
+        def timed() -> int:  # events of the sections whose timings are in
+            return sum(int(row.split()[2]) for row in self.redis_client.lrange(timings, 0, -1))
+
+        # (The last section's timings are written once its pool process is idle: ``idle_flush``.)
+        wait_until(lambda: timed() == events, 30, "every section's timings")
+        sections = self.redis_client.lrange(timings, 0, -1)
         sizes = [int(row.split()[2]) for row in sections]
         # The job an event was trained in, on average over events (lone jobs while the rate is
         # being learnt weigh little).
