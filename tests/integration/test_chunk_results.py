@@ -3,8 +3,11 @@ handles read it (``producer.handles.ChunkHandle``), and the write-once rule entr
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,10 +18,13 @@ from producer.chunks import handle_id
 from producer.client import TrainingClient
 from producer.errors import InvalidEventError, LockTimeoutError
 from producer.protocol import TASK_TRAIN_BATCH, result_key
+from producer.settings import Settings
 from tests.helpers import raw_event
 from tests.integration.test_run_messages import body_of, meta, own_runtime, result_keys, step, step_message
+from worker.consume import runtime
 from worker.consume.messages import RawMessage
-from worker.consume.runtime import run_messages
+from worker.consume.runtime import Runtime, Summary, run_messages
+from worker.devtools.forwarder import Forwarder
 from worker.store.results import ChunkResult, Outcome, write_results
 
 __all__ = ["own_runtime"]  # the fixture, imported for the tests below
@@ -40,6 +46,13 @@ def chunk_message(
     )
 
 
+@pytest.fixture(params=[False, True], ids=["results-after", "results-with-commit"])
+def run(request: pytest.FixtureRequest) -> Callable[[list[RawMessage]], list[Summary]]:
+    """``run_messages``, with the results written after the commit or riding in its round trip
+    (as a worker runs it): a chunk's result rides when its commit answers all of its events."""
+    return functools.partial(run_messages, results_with_commit=request.param)
+
+
 @pytest.fixture
 def reader(redis_url: str) -> Any:
     with TrainingClient(redis_url) as client:
@@ -47,7 +60,7 @@ def reader(redis_url: str) -> Any:
 
 
 def test_chunk_writes_one_result_that_every_handle_reads(
-    own_runtime, make_model, redis_client, reader
+    run, own_runtime, make_model, redis_client, reader
 ) -> None:
     # Given a chunk of three events, the second with a date before year 1 in UTC
     model = make_model()
@@ -55,7 +68,7 @@ def test_chunk_writes_one_result_that_every_handle_reads(
     msg = chunk_message(events)
     before = result_keys(redis_client)
     # When the pool-process code runs it
-    (summary,) = run_messages([msg])
+    (summary,) = run([msg])
     # Then the message reports its counts, and exactly one result key was written: the chunk's
     assert summary[2] == {"events": 3, "trained": 2, "failed": 1}
     assert result_keys(redis_client) == before + 1
@@ -89,7 +102,7 @@ def test_chunk_writes_one_result_that_every_handle_reads(
     assert step(redis_client, model) == 2
 
 
-def test_handle_get_wakes_when_the_chunk_result_lands(own_runtime, make_model, reader) -> None:
+def test_handle_get_wakes_when_the_chunk_result_lands(run, own_runtime, make_model, reader) -> None:
     # Given a caller already waiting on the last event of a chunk that has not run yet
     model = make_model()
     msg = chunk_message([raw_event(model, f"w{i}") for i in range(4)])
@@ -100,7 +113,7 @@ def test_handle_get_wakes_when_the_chunk_result_lands(own_runtime, make_model, r
     waiter = threading.Thread(target=lambda: got.append(handle.get(timeout=20)))
     waiter.start()
     # When the chunk runs
-    run_messages([msg])
+    run([msg])
     waiter.join(25)
     # Then the waiting get() returned that event's result
     assert not waiter.is_alive()
@@ -108,15 +121,15 @@ def test_handle_get_wakes_when_the_chunk_result_lands(own_runtime, make_model, r
     assert got[0]["status"] == "trained"
 
 
-def test_redelivered_chunk_keeps_trained_entries(own_runtime, make_model, redis_client) -> None:
+def test_redelivered_chunk_keeps_trained_entries(run, own_runtime, make_model, redis_client) -> None:
     # Given a chunk that trained
     model = make_model()
     msg = chunk_message([raw_event(model, "r1"), raw_event(model, "r2")])
-    run_messages([msg])
+    run([msg])
     first = redis_client.get(result_key(msg.task_id))
     # When it is delivered again (its events' markers name this very chunk: they answer trained,
     # with their steps, as after a failover that lost the result; worker.store.markers)
-    (summary,) = run_messages([msg])
+    (summary,) = run([msg])
     # Then its stored result is unchanged: nothing replaces trained
     assert summary[2] == {"events": 2, "trained": 2}
     assert redis_client.get(result_key(msg.task_id)) == first
@@ -124,7 +137,7 @@ def test_redelivered_chunk_keeps_trained_entries(own_runtime, make_model, redis_
 
 
 def test_trained_entry_replaces_an_earlier_failure_of_that_event(
-    own_runtime, make_model, redis_client
+    run, own_runtime, make_model, redis_client
 ) -> None:
     # Given a chunk whose first delivery ended its first event as a lock_timeout FAILURE (the
     # worker then died before acking), the second event not answered at all
@@ -134,35 +147,65 @@ def test_trained_entry_replaces_an_earlier_failure_of_that_event(
     write_results(redis_client, [ChunkResult(msg.task_id, 2, [timeout])], 60)
     assert meta(redis_client, msg.task_id)["result"]["results"][0]["exc_type"] == "LockTimeoutError"
     # When the redelivery trains both
-    run_messages([msg])
+    run([msg])
     # Then both entries say trained, with their steps
     entries = meta(redis_client, msg.task_id)["result"]["results"]
     assert [e[0] for e in entries] == [1, 2]
 
 
 def test_results_of_one_event_and_of_a_chunk_never_replace_each_other(
-    own_runtime, make_model, redis_client
+    run, own_runtime, make_model, redis_client
 ) -> None:
     # Given a trained chunk, and a train_step message that names the chunk's id
     model = make_model()
     chunk = chunk_message([raw_event(model, "k1")])
-    run_messages([chunk])
+    run([chunk])
     stored = redis_client.get(result_key(chunk.task_id))
-    run_messages([step_message(chunk.task_id, raw_event(model, "k2"))])
+    run([step_message(chunk.task_id, raw_event(model, "k2"))])
     # Then the chunk's result stands
     assert redis_client.get(result_key(chunk.task_id)) == stored
     # And given a train_step result, a chunk naming its id does not replace it either
     single = str(uuid.uuid4())
-    run_messages([step_message(single, raw_event(model, "k3"))])
+    run([step_message(single, raw_event(model, "k3"))])
     stored = redis_client.get(result_key(single))
-    run_messages([chunk_message([raw_event(model, "k4")], single)])
+    run([chunk_message([raw_event(model, "k4")], single)])
     assert redis_client.get(result_key(single)) == stored
     assert orjson.loads(stored)["result"]["event_id"] == "k3"
 
 
-def test_fire_and_forget_chunk_writes_nothing(own_runtime, make_model, redis_client: redis.Redis) -> None:
+def test_fire_and_forget_chunk_writes_nothing(
+    run, own_runtime, make_model, redis_client: redis.Redis
+) -> None:
     model = make_model()
     msg = chunk_message([raw_event(model, "s1"), raw_event(model, "s2")], ignore_result=True)
-    (summary,) = run_messages([msg])
+    (summary,) = run([msg])
     assert summary[2] == {"events": 2, "trained": 2}
     assert redis_client.exists(result_key(msg.task_id)) == 0
+
+
+def test_a_chunks_result_rides_in_its_commits_round_trip(
+    redis_client: redis.Redis, make_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker process whose Redis is reached through a forwarder that counts round trips
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    with Forwarder(port, delay_ms=1) as fwd:
+        rt = Runtime(Settings(redis_url=f"redis://127.0.0.1:{fwd.port}/0"))
+        rt.idle.delay = 60.0  # (the last lock timings wait: no round trip of theirs in the counts)
+        monkeypatch.setattr(runtime, "_runtime", (os.getpid(), rt))
+        model = make_model()
+        # (its checkpoint cached, the scripts loaded)
+        run_messages([chunk_message([raw_event(model, "warm")])], results_with_commit=True)
+        # When a chunk of five events runs with its result written after the commit, then one
+        # with its result riding in the commit's round trip
+        trips: dict[bool, int] = {}
+        for ride in (False, True):
+            msg = chunk_message([raw_event(model, f"{ride}-{i}") for i in range(5)])
+            before = fwd.stats()["round_trips"]
+            (summary,) = run_messages([msg], results_with_commit=ride)
+            trips[ride] = fwd.stats()["round_trips"] - before
+            # Then every event trained and the chunk's one result names each with its step
+            assert summary[2] == {"events": 5, "trained": 5}
+            entries = meta(redis_client, msg.task_id)["result"]["results"]
+            assert [e[0] for e in entries] == [step(redis_client, model) - 4 + i for i in range(5)]
+        # And riding saved the results' round trip: lock + read, then commit + release + results
+        assert trips == {False: 3, True: 2}

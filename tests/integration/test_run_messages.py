@@ -35,7 +35,7 @@ from worker.engine.checkpoint import Checkpoint, ModelConfig
 from worker.engine.mlp import init_params
 from worker.store.model_store import Store
 from worker.store.results import Outcome, write_results
-from worker.training.trainer import Trainer
+from worker.training.trainer import ResultsAlong, Trainer
 
 BAD_TIMESTAMP = "0001-01-01T00:00:00+01:00"
 
@@ -240,7 +240,7 @@ def test_error_raised_while_training_one_event_fails_only_that_event(
     model = make_model()
 
     class Tripwire(Trainer):
-        def train(self, jobs: Sequence[Job], *, results: int | None = None) -> list[Outcome]:
+        def train(self, jobs: Sequence[Job], *, results: int | ResultsAlong | None = None) -> list[Outcome]:
             if any(j.event.event_id == "poison" for j in jobs):
                 raise OverflowError("synthetic overflow")
             return super().train(jobs, results=results)

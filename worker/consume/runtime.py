@@ -48,7 +48,7 @@ from worker.outcome import dead_letter_entry, deliveries_known
 from worker.store.model_store import Store
 from worker.store.replicas import ReplicaBarrier
 from worker.store.results import ChunkResult, Outcome, write_results
-from worker.training.trainer import Trainer
+from worker.training.trainer import Compose, ResultsAlong, Trainer
 
 __all__ = ["ErrorText", "Runtime", "Summary", "flush_timings", "get_runtime", "run_messages", "shown_args"]
 
@@ -180,14 +180,8 @@ def _run_messages(rt: Runtime, messages: Sequence[RawMessage], results_with_comm
     plan = _Plan()
     for m, msg in enumerate(messages):
         _admit(plan, m, msg, rt.settings)
-    # Results in the commit's round trip, unless some must not be written one by one (a chunk's
-    # events have one result; a fire-and-forget message's none).
-    with_commit = (
-        results_with_commit
-        and rt.results_with_commit
-        and not plan.chunks
-        and not any(m.ignore_result for m in messages)
-    )
+    # Results in the commit's round trip where they may (``_composer`` says which).
+    with_commit = results_with_commit and rt.results_with_commit
     with deliveries_known(plan.deliveries):
         outcomes, owners = _train_and_dead_letter(rt, messages, plan, with_commit)
     # The lock's timings ride in front of the results when both go to the same Redis (or, when
@@ -214,7 +208,7 @@ def _train_and_dead_letter(
     """Train the plan's jobs one model at a time (``with_commit``: their results ride in the
     commit's round trip), answer the refused deliveries and write every dead letter; returns the
     outcomes and the message index of each."""
-    results = rt.settings.result_expires if with_commit else None
+    results = ResultsAlong(rt.settings.result_expires, _composer(messages, plan)) if with_commit else None
     outcomes: list[Outcome] = []
     owners: list[int] = []
     by_model: dict[str, list[int]] = {}
@@ -240,13 +234,46 @@ def _train_and_dead_letter(
     return outcomes, owners
 
 
+def _composer(messages: Sequence[RawMessage], plan: _Plan) -> Compose:
+    """Which of a critical section's outcomes ride in its commit's round trip: each event's own
+    result, and a chunk's one result when the section answers every event of the chunk (its
+    invalid items, refused before training, or events of another model, keep it for after);
+    nothing for fire-and-forget messages (``ignore_result``)."""
+    ignored = {m for m, msg in enumerate(messages) if msg.ignore_result}
+    owner = {id(job): m for job, m in zip(plan.jobs, plan.owner, strict=True)}
+
+    def compose(
+        jobs: Sequence[Job], outcomes: list[Outcome]
+    ) -> tuple[list[Outcome | ChunkResult], list[Outcome]]:
+        written: list[Outcome | ChunkResult] = []
+        covered: list[Outcome] = []
+        of_chunk: dict[int, list[Outcome]] = {}
+        for job, o in zip(jobs, outcomes, strict=True):
+            m = owner.get(id(job))
+            if m is None or m in ignored:
+                continue
+            if m in plan.chunks:
+                of_chunk.setdefault(m, []).append(o)
+            else:
+                written.append(o)
+                covered.append(o)
+        for m, mine in of_chunk.items():
+            if len(mine) == plan.chunks[m] and m not in plan.message_error:
+                written.append(ChunkResult(messages[m].task_id, plan.chunks[m], mine))
+                covered.extend(mine)
+        return written, covered
+
+    return compose
+
+
 def _wanted(
     messages: Sequence[RawMessage], plan: _Plan, outcomes: list[Outcome], owners: list[int]
 ) -> list[Outcome | ChunkResult]:
     """The results to write: one per event, and one per message in the chunk form; none for
     messages sent with Celery's ``ignore_result`` (fire-and-forget), whose events are trained and
     dead-lettered as any other's, and whose task events (Flower) are still sent. None either
-    for outcomes written already, in their commit's round trip (``Outcome.stored``)."""
+    for results written already, in their commit's round trip (``Outcome.stored``: a chunk's
+    when each of its outcomes is)."""
     ignored = {m for m, msg in enumerate(messages) if msg.ignore_result}
     if not ignored and not plan.chunks:
         return [*(o for o in outcomes if not o.stored), *plan.failures]
@@ -254,15 +281,17 @@ def _wanted(
     of_chunk: dict[int, list[Outcome]] = {m: [] for m in plan.chunks}
     pairs = zip([*outcomes, *plan.failures], [*owners, *plan.failure_owner], strict=True)
     for o, m in pairs:
-        if m in ignored or o.stored:
+        if m in ignored:
             continue
         if m in of_chunk:
             of_chunk[m].append(o)
-        else:
+        elif not o.stored:
             wanted.append(o)
     for m, size in plan.chunks.items():
-        if m not in ignored and m not in plan.message_error:
-            wanted.append(ChunkResult(messages[m].task_id, size, of_chunk[m]))
+        mine = of_chunk[m]
+        if m in ignored or m in plan.message_error or (mine and all(o.stored for o in mine)):
+            continue
+        wanted.append(ChunkResult(messages[m].task_id, size, mine))
     return wanted
 
 
@@ -325,7 +354,9 @@ def _event_id_hint(payload: Any) -> str | None:
 # -- training, one model at a time ---------------------------------------------------------------
 
 
-def _train_isolated(trainer: Trainer, jobs: list[Job], plan: _Plan, results: int | None) -> list[Outcome]:
+def _train_isolated(
+    trainer: Trainer, jobs: list[Job], plan: _Plan, results: ResultsAlong | None
+) -> list[Outcome]:
     """``trainer.train(jobs)``; when it raises for a reason that is not Redis's, the jobs are
     trained again in halves until the event that raises is alone, and only that one fails.
 

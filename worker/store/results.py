@@ -111,11 +111,11 @@ def write_results(
 
 
 def queue_guarded_results(
-    pipe: Pipeline, outcomes: Sequence[Outcome], expires: int, ckpt_key: str, cid: str
+    pipe: Pipeline, outcomes: Sequence[Outcome | ChunkResult], expires: int, ckpt_key: str, cid: str
 ) -> None:
-    """Queue the results of one event each (no chunk's) on ``pipe``, to be written only if the
-    checkpoint ``ckpt_key`` holds commit id ``cid`` when they run: a batch's results ride in its
-    commit's round trip, behind the commit (``Trainer``). The reply goes to ``guarded_written``."""
+    """Queue ``outcomes``' results on ``pipe``, to be written only if the checkpoint ``ckpt_key``
+    holds commit id ``cid`` when they run: a batch's results ride in its commit's round trip,
+    behind the commit (``Trainer``). The reply goes to ``guarded_written``."""
     keys, args = _arguments(outcomes, expires, cid)
     # A restarted Redis that forgot the script answers NOSCRIPT: ``write_results`` writes them then.
     pipe.evalsha(_SHA, len(keys) + 1, ckpt_key, *keys, *args)
@@ -123,8 +123,10 @@ def queue_guarded_results(
 
 def guarded_written(reply: Any) -> int | None:
     """How many results a ``queue_guarded_results`` wrote; None when its guard refused them all
-    (the commit did not land, or another landed after it) or the script failed."""
-    if isinstance(reply, Exception) or not isinstance(reply, list) or not reply or int(reply[0]) < 0:
+    (the commit did not land, or another landed after it), the script failed, or a chunk's result
+    met one stored already (a redelivered chunk): then the caller writes them all with
+    ``write_results``, which merges the chunk's and leaves the others' as they stand."""
+    if isinstance(reply, Exception) or not isinstance(reply, list) or len(reply) != 1 or int(reply[0]) < 0:
         return None
     return int(reply[0])
 

@@ -26,8 +26,9 @@ before it is sent, but for whether it lands. They go behind the commit and the l
 written by ``lua/write_results.lua`` only if the checkpoint then holds this commit's id
 (``results.queue_guarded_results``); when it does not (the commit was refused, or another landed
 in between), the caller writes them as ever. A batch costs two round trips so: lock and read,
-commit with its release and results. ``run_messages`` asks for it where the worker's pool process
-fetches its own messages (``ITRAIN_POOL_FETCH``).
+commit with its release and results. ``run_messages`` asks for it in a worker (``ResultsAlong``:
+which results ride, a ``train_many`` chunk's one result only when this commit answers all of its
+events).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,12 +72,34 @@ from worker.outcome import Outcome, failure_payload
 from worker.store.lock import ModelLock
 from worker.store.markers import own_trained
 from worker.store.model_store import CommitResult, ReadResult, Store, new_cid
-from worker.store.results import guarded_written, queue_guarded_results
+from worker.store.results import ChunkResult, guarded_written, queue_guarded_results
 from worker.store.snapshots import due, take_snapshot
 
-__all__ = ["Committed", "Trainer"]
+__all__ = ["Committed", "Compose", "ResultsAlong", "Trainer"]
 
 logger = logging.getLogger("itrain.trainer")
+
+
+#: Of a batch's jobs and their outcomes, the results to write in the commit's round trip and the
+#: outcomes they answer (``ResultsAlong.compose``).
+Compose = Callable[[Sequence[Job], list[Outcome]], tuple[list[Outcome | ChunkResult], list[Outcome]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsAlong:
+    """Results that ride in a commit's round trip: their expiry in seconds, and which to write
+    there (``compose``; by default every outcome, a result each). An outcome written so says so
+    (``Outcome.stored``); the others are the caller's to write after the commit."""
+
+    expires: int
+    compose: Compose | None = None
+
+    def results(
+        self, jobs: Sequence[Job], outcomes: list[Outcome]
+    ) -> tuple[list[Outcome | ChunkResult], list[Outcome]]:
+        if self.compose is None:
+            return list(outcomes), outcomes
+        return self.compose(jobs, outcomes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +136,15 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
 
-    def train(self, jobs: Sequence[Job], *, results: int | None = None) -> list[Outcome]:
+    def train(self, jobs: Sequence[Job], *, results: int | ResultsAlong | None = None) -> list[Outcome]:
         """One outcome per job, in the same order; events of a model train in arrival order.
 
-        With ``results`` (their expiry in seconds), each batch's results ride in its commit's round
-        trip, written only if the commit landed (``results.queue_guarded_results``); the outcomes
-        so written say so (``Outcome.stored``), the others are the caller's to write. The
-        caller asks only where the results go to the store's Redis and nothing must come between
-        the commit and them (no replicas to wait for)."""
+        With ``results`` (their expiry in seconds, or a ``ResultsAlong``), each batch's results
+        ride in its commit's round trip, written only if the commit landed
+        (``results.queue_guarded_results``); the outcomes so written say so (``Outcome.stored``),
+        the others are the caller's to write. The caller asks only where the results go to the
+        store's Redis (the store's replica barrier, if any, comes after them)."""
+        along = ResultsAlong(results) if isinstance(results, int) else results
         by_model: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
             by_model.setdefault(job.event.model, []).append(i)
@@ -128,12 +152,12 @@ class Trainer:
         # An exception escapes: a Redis fault sends the messages back to the queue, anything
         # else is isolated to the event that raises it by ``run_messages`` (it retries in halves).
         for model, idxs in by_model.items():
-            done = self._train_model(model, [jobs[i] for i in idxs], results)
+            done = self._train_model(model, [jobs[i] for i in idxs], along)
             for i, outcome in zip(idxs, done, strict=True):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
 
-    def _train_model(self, model: str, jobs: list[Job], results: int | None) -> list[Outcome]:
+    def _train_model(self, model: str, jobs: list[Job], along: ResultsAlong | None) -> list[Outcome]:
         # Outside the lock: all that needs no shared state (the output count is the one this
         # process saw last; ``plan`` makes the targets again in the rare case it changed).
         prep = prepare(jobs, self._outputs.get(model, 1), self.settings.targets)
@@ -145,7 +169,7 @@ class Trainer:
             except LockTimeoutError as exc:
                 return self._fail_all(model, jobs, exc)
             try:
-                found = self._critical_section(model, prep, read, lock, results)
+                found = self._critical_section(model, prep, read, lock, along)
             finally:
                 # Given back here unless the commit's round trip already did.
                 held = lock.release()
@@ -182,7 +206,7 @@ class Trainer:
             raise
 
     def _critical_section(
-        self, model: str, prep: Prepared, read: ReadResult, lock: ModelLock, results: int | None
+        self, model: str, prep: Prepared, read: ReadResult, lock: ModelLock, along: ResultsAlong | None
     ) -> Committed | list[Outcome] | None:
         """Plan, step, settle copies, commit, on what was read under the lock: the committed
         batch, the answers of a model that is not initialised, or ``None`` when the fenced
@@ -207,7 +231,7 @@ class Trainer:
         snapshot = due(batch.base.step, batch.base.step + len(batch.trained), self.settings.snapshot_every)
         # A batch with an event trained by an earlier delivery (``marks``) writes its results
         # after the commit, as ever: they are made from the markers.
-        committed = self._commit(batch, update, None if snapshot else lock, None if read.marks else results)
+        committed = self._commit(batch, update, None if snapshot else lock, None if read.marks else along)
         if committed is None:
             return None
         if read.marks:
@@ -222,7 +246,7 @@ class Trainer:
         batch: BatchPlan,
         update: EvalUpdate | None,
         release: ModelLock | None,
-        results: int | None,
+        along: ResultsAlong | None,
     ) -> Committed | None:
         """The fenced commit of what ``step`` trained, with its history, counters, dead letters and
         online evaluation, ``release`` given back in the same round trip and, with ``results``,
@@ -237,12 +261,15 @@ class Trainer:
         # no event trained), and under a commit id of its own, which the results' guard checks.
         cid = new_cid() if trained else base.cid
         answered: list[Outcome] | None = None
+        covered: list[Outcome] = []
         after = None
-        if results is not None and cid:  # (an empty guard would be none: never sent)
+        if along is not None and cid:  # (an empty guard would be none: never sent)
             version = base.version + 1 if trained else base.version
             answered = self._outcomes(batch, version, base.step + 1)
-            ckpt_key = ModelKeys(batch.model).ckpt
-            after = functools.partial(self._queue_results, answered, results, ckpt_key, cid)
+            written, covered = along.results(batch.jobs, answered)
+            if written:
+                ckpt_key = ModelKeys(batch.model).ckpt
+                after = functools.partial(self._queue_results, written, along.expires, ckpt_key, cid)
         result = self.store.commit(
             batch.model,
             expected=base,
@@ -264,8 +291,8 @@ class Trainer:
         )
         if not result.ok:
             return None
-        if answered is not None and result.after and guarded_written(result.after[0]) is not None:
-            for outcome in answered:
+        if after is not None and result.after and guarded_written(result.after[0]) is not None:
+            for outcome in covered:
                 outcome.stored = True
         # Nothing trained means nothing written: the checkpoint (and its tag) is unchanged.
         self._cache[batch.model] = (
@@ -287,7 +314,7 @@ class Trainer:
         return Committed(batch, result, ema, answered=answered)
 
     def _queue_results(
-        self, outcomes: list[Outcome], expires: int, ckpt_key: str, cid: str, pipe: Pipeline
+        self, outcomes: list[Outcome | ChunkResult], expires: int, ckpt_key: str, cid: str, pipe: Pipeline
     ) -> None:
         """Behind the commit: the batch's results, guarded by its commit id, then the lock
         timings kept so far (they ride in front of the results otherwise: ``queue_timings``)."""
