@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,9 +26,13 @@ from producer import (
 )
 from producer.keys import ModelKeys
 from producer.linger import LingerHandle
+from producer.protocol import TASK_TRAIN_STEP, result_key
 from producer.settings import Settings
 from tests.helpers import create_model, make_event, make_events, make_jobs, model_state
+from worker.consume import runtime
 from worker.consume.faults import is_redis_fault
+from worker.consume.messages import RawMessage
+from worker.consume.runtime import Runtime, run_messages
 from worker.devtools.embedded_redis import ReplicaSet
 from worker.devtools.forwarder import Forwarder
 from worker.outcome import dead_letter_entry
@@ -363,3 +368,37 @@ def test_a_commit_and_its_results_wait_for_the_replicas_in_their_own_round_trips
             replicas.resume(1)
             replicas.wait_synced()
         client.close()
+
+
+def test_a_worker_waiting_for_replicas_writes_results_only_after_the_commits_wait(
+    replicas: ReplicaSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's results ride in its commit's round trip only where nothing waits between them: with
+    ``ITRAIN_MIN_REPLICAS`` a caller must never read ``trained`` of a commit the replicas do not
+    hold yet (a failover would take it back)."""
+    # Given a worker process wanting both replicas, that has trained (its scripts loaded)
+    s = settings_for(replicas, 2, SHORT_MS)
+    rt = Runtime(s)
+    monkeypatch.setattr(runtime, "_runtime", (os.getpid(), rt))
+    model = create_model(rt.store_client, s)
+
+    def message(i: int) -> RawMessage:
+        body = orjson.dumps([[make_event(model, i)], {}, {}])
+        return RawMessage(TASK_TRAIN_STEP, str(uuid.uuid4()), "application/json", "utf-8", None, body)
+
+    first = message(0)
+    run_messages([first], results_with_commit=True)
+    assert rt.store_client.exists(result_key(first.task_id))
+    # When one replica stops acknowledging and it trains the next message, its results asked to
+    # ride with the commit
+    late = message(1)
+    replicas.pause(1)
+    try:
+        with pytest.raises(ReplicationError, match="the commit of 1 event"):
+            run_messages([late], results_with_commit=True)
+        # Then the commit landed (the redelivery will find its marker), and no result was written
+        assert model_state(rt.store_client, model)["step"] == 2
+        assert not rt.store_client.exists(result_key(late.task_id))
+    finally:
+        replicas.resume(1)
+        replicas.wait_synced()

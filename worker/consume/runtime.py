@@ -97,9 +97,11 @@ class Runtime:
         self.store = Store(self.store_client, settings, barrier=self.store_barrier)
         # The lock's timings go in the results' round trip (``run_messages``).
         self.trainer = Trainer(self.store, settings, defer_timings=True)
-        #: Whether a batch's results may ride in its commit's round trip (``Trainer.train``):
-        #: they go to the store's Redis, ahead of the commit's barrier, which then covers them.
-        self.results_with_commit = self.result_client is self.store_client
+        #: Whether a batch's results may ride in its commit's round trip (``Trainer.train``): they
+        #: go to the store's Redis, and no replica barrier comes between the commit and them
+        #: (with ``ITRAIN_MIN_REPLICAS`` a caller reads ``trained`` only of a commit the replicas
+        #: hold: the results follow the commit's wait).
+        self.results_with_commit = self.result_client is self.store_client and self.store_barrier is None
         #: Held by ``run_messages`` and by the idle flush, so the two never use the trainer at once.
         self.lock = threading.Lock()
         self.idle = IdleFlush(self.flush_timings, IDLE_FLUSH_SECONDS)
