@@ -20,12 +20,14 @@ from typing import Any
 
 import orjson
 import redis
+from celery.events.dispatcher import EventDispatcher
 
 from producer.celery_config import make_celery
 from producer.client import TrainingClient
 from producer.protocol import TASK_TRAIN_STEP, encode_envelope, new_task_id, result_key
 from producer.settings import Settings
 from tests.helpers import create_model, make_events, wait_until
+from worker.consume.task_events import JsonDispatcher
 
 N = 300
 WAIT = 120.0
@@ -191,3 +193,45 @@ def test_events_of_the_last_jobs_are_published_at_warm_shutdown(
             10,
             "the succeeded events of every finished task",
         )
+
+
+def test_the_orjson_dispatcher_publishes_what_celerys_would(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """``JsonDispatcher`` encodes a batch with orjson; the events Celery's receiver (Flower) reads
+    are those Celery's own dispatcher would have published, and a value orjson cannot encode goes
+    Celery's way."""
+    app = make_celery(Settings(redis_url=redis_url), main="itrain-test-dispatch")
+    fields = {"result": "{'status': 'trained', 'step': 7}", "runtime": 0.0012, "args": "[1 events]"}
+    sent: dict[str, set[str]] = {}
+    with _listeners(redis_url, redis_client) as (publishes, receiver), app.connection_for_write() as conn:
+        # When each dispatcher publishes a batch of two task events, and ours one with an integer
+        # beyond 64 bits besides
+        for cls in (EventDispatcher, JsonDispatcher):
+            dispatcher = cls(conn, app=app, hostname="h@test", buffer_group=["task"], buffer_limit=100)
+            ids = [f"{cls.__name__}-{k}-{uuid.uuid4().hex[:6]}" for k in range(2)]
+            for task_id in ids:
+                dispatcher.send("task-succeeded", uuid=task_id, name=TASK_TRAIN_STEP, **fields)
+            dispatcher.flush()
+            sent[cls.__name__] = set(ids)
+        big = f"big-{uuid.uuid4().hex[:6]}"
+        dispatcher.send("task-succeeded", uuid=big, name=TASK_TRAIN_STEP, huge=2**70, **fields)
+        dispatcher.flush()
+        everything = set().union(*sent.values(), {big})
+        wait_until(lambda: set(receiver.seen) >= everything, 30, "every event received")
+        wait_until(lambda: len(publishes.carrying(everything)) == 3, 30, "three publishes")
+    # Then Celery's receiver read each event, and each batch was one publish of the same JSON
+    assert publishes.errors == []
+    assert {k: receiver.seen[k] for k in everything} == {k: ["task-succeeded"] for k in everything}
+    bodies = {cls: publishes.carrying(ids) for cls, ids in sent.items()}
+
+    def comparable(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        drop = {"uuid", "clock", "timestamp", "utcoffset", "pid"}
+        return [{k: v for k, v in e.items() if k not in drop} for e in events]
+
+    (theirs,), (ours,) = bodies["EventDispatcher"], bodies["JsonDispatcher"]
+    assert comparable(ours) == comparable(theirs)
+    assert sorted(ours[0]) == sorted(theirs[0])
+    (fallback,) = publishes.carrying({big})
+    assert fallback[0]["huge"] == 2**70
+    app.close()

@@ -71,6 +71,7 @@ from worker.consume.task_events import (
     FLUSH_SIZE,
     GROUP,
     HIDDEN_ARGS,
+    JsonDispatcher,
     TaskEventFields,
 )
 from worker.consume.transport import ACK, FETCH, GATHER, ORPHANS, POOL_FETCHED, TALLY, Channel
@@ -99,8 +100,9 @@ class _Events(TaskEventFields):
     def __init__(self, app: Celery, hostname: str, enabled: bool) -> None:
         self._connection = app.connection_for_write()
         self._enabled = enabled
-        self._dispatcher = app.events.Dispatcher(
+        self._dispatcher = JsonDispatcher(
             self._connection,
+            app=app,
             hostname=hostname,
             enabled=enabled,
             buffer_group=[GROUP],
