@@ -41,11 +41,14 @@ class IdleFlush:
         """A job left something to flush: flush it ``delay`` seconds from now, unless another
         job comes first (and touches again)."""
         with self._cond:
-            self._due = time.monotonic() + self.delay
+            idle, self._due = self._due is None, time.monotonic() + self.delay
             if self._pid != os.getpid():  # (a thread does not survive a fork)
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="itrain-idle-flush", daemon=True).start()
-            self._cond.notify()
+            elif idle:
+                # Only a thread with nothing due needs waking; one waiting for an earlier deadline
+                # finds the later one when it wakes, and waits again (no wake-up per job).
+                self._cond.notify()
 
     def _run(self) -> None:
         with self._cond:
