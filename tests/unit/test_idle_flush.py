@@ -10,15 +10,22 @@ import pytest
 from worker.consume.idle_flush import IdleFlush
 
 
+class Recorder:
+    """A flush that records when it ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.flushed = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls.append(time.monotonic())
+        self.flushed.set()
+
+
 def test_a_touch_flushes_once_after_the_delay() -> None:
     # Given an idle flush of 50 ms
-    calls: list[float] = []
-    flushed = threading.Event()
-
-    def flush() -> None:
-        calls.append(time.monotonic())
-        flushed.set()
-
+    flush = Recorder()
+    calls, flushed = flush.calls, flush.flushed
     idle = IdleFlush(flush, 0.05)
     # When a job leaves something to flush
     touched = time.monotonic()
@@ -32,13 +39,8 @@ def test_a_touch_flushes_once_after_the_delay() -> None:
 
 def test_jobs_that_keep_coming_postpone_the_flush() -> None:
     # Given an idle flush of 1 s
-    calls: list[float] = []
-    flushed = threading.Event()
-
-    def flush() -> None:
-        calls.append(time.monotonic())
-        flushed.set()
-
+    flush = Recorder()
+    calls, flushed = flush.calls, flush.flushed
     idle = IdleFlush(flush, 1.0)
     # When jobs keep coming every 50 ms for half a second, each leaving something to flush
     for _ in range(10):

@@ -143,7 +143,8 @@ class Trainer:
         ride in its commit's round trip, written only if the commit landed
         (``results.queue_guarded_results``); the outcomes so written say so (``Outcome.stored``),
         the others are the caller's to write. The caller asks only where the results go to the
-        store's Redis (the store's replica barrier, if any, comes after them)."""
+        store's Redis and may be read before the store's replicas hold the commit: a replica
+        barrier, if any, comes after them (``Runtime.results_with_commit`` asks for none then)."""
         along = ResultsAlong(results) if isinstance(results, int) else results
         by_model: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
