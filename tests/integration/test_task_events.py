@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import signal
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -195,6 +196,22 @@ def test_events_of_the_last_jobs_are_published_at_warm_shutdown(
         )
 
 
+def _until_listening(publishes: _Publishes, receiver: _Receiver, conn: Any, app: Any) -> None:
+    """Returns once both listeners hear a probe event: a receiver ready to consume has not always
+    subscribed to the fanout channel yet, and an event published before is heard by no one."""
+    probe = EventDispatcher(conn, app=app, hostname="probe@test")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        task_id = f"probe-{uuid.uuid4().hex[:6]}"
+        probe.send("task-received", uuid=task_id, name=TASK_TRAIN_STEP)
+        heard = time.monotonic() + 0.5
+        while time.monotonic() < heard:
+            if task_id in receiver.seen and publishes.carrying({task_id}):
+                return
+            time.sleep(0.02)
+    raise AssertionError("the event listeners heard no probe within 30 s")
+
+
 def test_the_orjson_dispatcher_publishes_what_celerys_would(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -205,6 +222,7 @@ def test_the_orjson_dispatcher_publishes_what_celerys_would(
     fields = {"result": "{'status': 'trained', 'step': 7}", "runtime": 0.0012, "args": "[1 events]"}
     sent: dict[str, set[str]] = {}
     with _listeners(redis_url, redis_client) as (publishes, receiver), app.connection_for_write() as conn:
+        _until_listening(publishes, receiver, conn, app)
         # When each dispatcher publishes a batch of two task events, and ours one with an integer
         # beyond 64 bits besides
         for cls in (EventDispatcher, JsonDispatcher):
